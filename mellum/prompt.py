@@ -1,0 +1,163 @@
+"""Prompt formats as data: one definition lays out both training samples and serving prompts.
+
+What the model was trained on is exactly what it is served (ARCHITECTURE.md). A format is a handful of
+templates with named fields; nothing here is chosen by matching a model's name — the model's config names
+its format (`prompt_format`), looked up in `FORMATS`.
+
+Mellum (REFERENCE.md §1, model card): suffix-prefix-middle order, one `<filename>` block per context
+file, nearest file last, then the current file's name and the FIM section:
+
+    <filename>utils.py\\n<utils.py><filename>example.py\\n<fim_suffix><suffix><fim_prefix><prefix><fim_middle>
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+_FIELD = re.compile(r"\{(path|text|repo|prefix|suffix)\}")
+
+
+def _render(template: str, **values: str) -> str:
+    """Substitute `{name}` fields in one pass, so braces or field names inside code are left alone."""
+    return _FIELD.sub(lambda m: values[m.group(1)], template)
+
+
+@dataclass(frozen=True)
+class ContextFile:
+    """A piece of project context: a file (or a chunk of one) shown to the model before the current file."""
+
+    path: str
+    text: str
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """Templates of one model family's FIM prompt.
+
+    `fim` holds `{prefix}` and `{suffix}` and ends where the model starts generating the middle.
+    `context_file` renders one context file; `current_file` the header of the file being completed;
+    `repo` (optional) the repository name at the very start. `eos` ends a training middle; generation stops
+    at any of `stop`.
+    """
+
+    name: str
+    fim: str
+    context_file: str
+    current_file: str
+    repo: str = ""
+    eos: str = "<|endoftext|>"
+    stop: tuple[str, ...] = ()
+    fim_tokens: tuple[str, ...] = ()  # the FIM control tokens this format uses (for data checks)
+    supports_suffix: bool = True
+
+    @property
+    def order(self) -> str:
+        """'spm' when the suffix comes before the prefix, 'psm' otherwise, 'plain' with no suffix."""
+        if not self.supports_suffix:
+            return "plain"
+        return "spm" if self.fim.index("{suffix}") < self.fim.index("{prefix}") else "psm"
+
+    def render_context(self, files: Iterable[ContextFile]) -> str:
+        return "".join(_render(self.context_file, path=f.path, text=f.text) for f in files)
+
+    def render(
+        self,
+        path: str,
+        prefix: str,
+        suffix: str = "",
+        context: Sequence[ContextFile] = (),
+        repo: str | None = None,
+    ) -> str:
+        """The full prompt: repo header, context files in the given order (most relevant last), the FIM section."""
+        head = _render(self.repo, repo=repo) if (self.repo and repo) else ""
+        current = _render(self.current_file, path=path)
+        fim = _render(self.fim, prefix=prefix, suffix=suffix if self.supports_suffix else "")
+        return head + self.render_context(context) + current + fim
+
+    def training_text(
+        self,
+        path: str,
+        prefix: str,
+        middle: str,
+        suffix: str,
+        context: Sequence[ContextFile] = (),
+        repo: str | None = None,
+    ) -> tuple[str, str]:
+        """(prompt, target) of a FIM training sample: the target is the middle followed by `eos`."""
+        return self.render(path, prefix, suffix, context, repo), middle + self.eos
+
+
+_MELLUM_STOP = ("<|endoftext|>", "<filename>", "<reponame>", "<fim_prefix>", "<fim_suffix>", "<fim_middle>", "<fim_pad>")
+
+FORMATS: dict[str, PromptFormat] = {
+    # Mellum model card layout (REFERENCE.md §1): newline after the current file's name.
+    "mellum": PromptFormat(
+        name="mellum",
+        fim="<fim_suffix>{suffix}<fim_prefix>{prefix}<fim_middle>",
+        context_file="<filename>{path}\n{text}",
+        current_file="<filename>{path}\n",
+        repo="<reponame>{repo}\n",
+        stop=_MELLUM_STOP,
+        fim_tokens=("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),
+    ),
+    # JetBrains' SDK omits the newline after the current file's name (REFERENCE.md §1).
+    "mellum-sdk": PromptFormat(
+        name="mellum-sdk",
+        fim="<fim_suffix>{suffix}<fim_prefix>{prefix}<fim_middle>",
+        context_file="<filename>{path}\n{text}",
+        current_file="<filename>{path}",
+        repo="<reponame>{repo}\n",
+        stop=_MELLUM_STOP,
+        fim_tokens=("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),
+    ),
+    # Same tokens in prefix-suffix-middle order (used for PSM training samples).
+    "mellum-psm": PromptFormat(
+        name="mellum-psm",
+        fim="<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>",
+        context_file="<filename>{path}\n{text}",
+        current_file="<filename>{path}\n",
+        repo="<reponame>{repo}\n",
+        stop=_MELLUM_STOP,
+        fim_tokens=("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),
+    ),
+    # Qwen2.5-Coder repository-level FIM (PSM with repo and file separators).
+    "qwen2.5-coder": PromptFormat(
+        name="qwen2.5-coder",
+        fim="<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>",
+        context_file="<|file_sep|>{path}\n{text}\n",
+        current_file="<|file_sep|>{path}\n",
+        repo="<|repo_name|>{repo}\n",
+        eos="<|endoftext|>",
+        stop=("<|endoftext|>", "<|file_sep|>", "<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>", "<|repo_name|>"),
+        fim_tokens=("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),
+    ),
+    # StarCoder2: the current file's path sits inside the FIM prefix section.
+    "starcoder2": PromptFormat(
+        name="starcoder2",
+        fim="<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>",
+        context_file="<file_sep>{path}\n{text}",
+        current_file="<file_sep>",
+        repo="<repo_name>{repo}",
+        stop=("<|endoftext|>", "<file_sep>", "<fim_prefix>", "<fim_suffix>", "<fim_middle>", "<repo_name>"),
+        fim_tokens=("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),
+    ),
+    # Plain left-to-right: context files as comments-free blocks, then the prefix; the suffix is not shown.
+    "plain": PromptFormat(
+        name="plain",
+        fim="{prefix}",
+        context_file="# file: {path}\n{text}\n",
+        current_file="# file: {path}\n",
+        stop=("<|endoftext|>",),
+        supports_suffix=False,
+    ),
+}
+
+
+def get_format(name: str) -> PromptFormat:
+    """Look a format up by exact name; the error lists the known ones."""
+    try:
+        return FORMATS[name]
+    except KeyError:
+        raise ValueError(f"unknown prompt format {name!r}; known: {', '.join(sorted(FORMATS))}") from None

@@ -1,0 +1,36 @@
+"""Shared fixtures: a small BPE tokenizer trained on real code (the standard library), paths to shared data."""
+
+from __future__ import annotations
+
+import os
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+SHARED_BENCHMARKS = Path(os.environ.get("MELLUM_BENCHMARKS", REPO_ROOT.parent / "shared" / "benchmarks"))
+
+# Real Python files to train the test tokenizer on: small, stable modules of the standard library.
+_TOKENIZER_TRAIN_FILES = ["argparse.py", "json/decoder.py", "json/encoder.py", "textwrap.py", "dataclasses.py", "functools.py"]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A 1,024-token byte-level BPE with the Mellum special tokens, trained on a few stdlib modules."""
+    from mellum.tokenizer import train_bpe
+
+    texts = [(STDLIB / name).read_text(encoding="utf-8") for name in _TOKENIZER_TRAIN_FILES]
+    return train_bpe(texts, vocab_size=1024)
+
+
+@pytest.fixture(scope="session")
+def shared_benchmarks() -> Path:
+    if not SHARED_BENCHMARKS.is_dir():
+        pytest.skip(f"benchmark data not found at {SHARED_BENCHMARKS} (set MELLUM_BENCHMARKS)")
+    return SHARED_BENCHMARKS
