@@ -1,0 +1,143 @@
+"""Telemetry store: durable events, crash safety, and DPO pairs rebuilt from the log."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from mellum.serve.telemetry import (
+    PreferenceExportConfig,
+    TelemetryEvent,
+    TelemetryStore,
+    context_key,
+    export_preferences,
+)
+
+CONTEXT = [{"path": "utils.py", "text": "def helper():\n    return 1\n"}]
+
+
+def _served(store, cid, text, prefix="def add(a, b):\n    return ", suffix="\n", prompt=None):
+    store.record_completion(
+        cid, path="m.py", prefix=prefix, suffix=suffix, text=text, context=CONTEXT, prompt=prompt, model="tiny"
+    )
+
+
+def test_events_are_stored_and_counted(tmp_path):
+    with TelemetryStore(tmp_path / "t.db") as store:
+        _served(store, "c1", "a + b")
+        assert store.record_events([TelemetryEvent("c1", "shown"), TelemetryEvent("c1", "accepted")]) == 2
+        assert store.counts() == {"completions": 1, "shown": 1, "accepted": 1}
+        assert [e["event"] for e in store.events("c1")] == ["shown", "accepted"]
+        assert store.completion("c1")["text"] == "a + b"
+        assert store.completion("nope") is None
+
+
+def test_unknown_event_kind_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown telemetry event 'clicked'"):
+        TelemetryEvent("c1", "clicked")
+    with pytest.raises(ValueError, match="completion id"):
+        TelemetryEvent("", "shown")
+
+
+def test_wal_mode_and_lone_surrogates(tmp_path):
+    with TelemetryStore(tmp_path / "t.db") as store:
+        _served(store, "c1", "x = '\ud800'")  # half a UTF-16 pair, as an editor may send
+        assert store.completion("c1")["text"] == "x = '?'"
+    import sqlite3
+
+    assert sqlite3.connect(tmp_path / "t.db").execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_export_pairs_accepted_against_rejected_and_ignored(tmp_path):
+    db, out = tmp_path / "t.db", tmp_path / "pairs.jsonl"
+    with TelemetryStore(db) as store:
+        _served(store, "good", "a + b", prompt="<exact prompt>")
+        _served(store, "bad", "a - b", prompt="<exact prompt>")
+        _served(store, "meh", "None", prompt="<exact prompt>")
+        _served(store, "other", "zzz", prefix="different context")  # no partner: no pair
+        store.record_events(
+            [
+                TelemetryEvent("good", "shown"),
+                TelemetryEvent("good", "accepted"),
+                TelemetryEvent("bad", "shown"),
+                TelemetryEvent("bad", "rejected"),
+                TelemetryEvent("meh", "shown"),  # shown and ignored
+                TelemetryEvent("other", "rejected"),
+            ]
+        )
+    assert export_preferences(db, out) == 2
+    pairs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {(p["chosen"], p["rejected"], p["rejected_kind"]) for p in pairs} == {
+        ("a + b", "a - b", "rejected"),
+        ("a + b", "None", "ignored"),
+    }
+    assert all(p["prompt"] == "<exact prompt>" and p["context"] == CONTEXT for p in pairs)
+    assert export_preferences(db, out, PreferenceExportConfig(include_ignored=False)) == 1
+
+
+def test_export_partial_and_typed_replacement(tmp_path):
+    db, out = tmp_path / "t.db", tmp_path / "pairs.jsonl"
+    with TelemetryStore(db) as store:
+        _served(store, "p", "a + b\n    print(a)")
+        _served(store, "r", "0")
+        store.record_events(
+            [
+                TelemetryEvent("p", "partial", accepted_text="a + b"),
+                TelemetryEvent("r", "rejected", replacement="int(a) + int(b)"),
+            ]
+        )
+    export_preferences(db, out)
+    pairs = {(p["chosen_kind"], p["chosen"], p["rejected"]) for p in map(json.loads, out.read_text().splitlines())}
+    assert ("partial", "a + b", "a + b\n    print(a)") in pairs  # kept part beats the full suggestion
+    assert ("partial", "a + b", "0") in pairs
+    assert ("typed", "int(a) + int(b)", "0") in pairs
+    # Without a recorded prompt, the Mellum format is rendered from the stored pieces.
+    prompt = json.loads(out.read_text().splitlines()[0])["prompt"]
+    assert prompt.startswith("<filename>utils.py\n") and prompt.endswith("<fim_prefix>def add(a, b):\n    return <fim_middle>")
+
+
+def test_context_key_separates_contexts():
+    assert context_key("a.py", "x", "y") == context_key("a.py", "x", "y")
+    assert context_key("a.py", "x", "y") != context_key("a.py", "xy", "")
+    assert context_key("a.py", "x", "y") != context_key("a.py", "x", "y", CONTEXT)
+
+
+def test_export_missing_db_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no telemetry database"):
+        export_preferences(tmp_path / "missing.db", tmp_path / "out.jsonl")
+
+
+def test_acknowledged_events_survive_kill_9(tmp_path):
+    """A writer process acknowledges each event after `record_event` returns; SIGKILL loses none of them."""
+    db = tmp_path / "t.db"
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from mellum.serve.telemetry import TelemetryStore, TelemetryEvent
+        store = TelemetryStore({str(db)!r})
+        store.record_completion("c", path="a.py", prefix="p", suffix="s", text="t")
+        i = 0
+        while True:
+            store.record_event(TelemetryEvent("c", "shown", client=str(i)))
+            print(i, flush=True)
+            i += 1
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    acked = -1
+    for line in proc.stdout:
+        acked = int(line)
+        if acked >= 30:
+            break
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+    with TelemetryStore(db) as store:
+        clients = {int(e["client"]) for e in store.events("c")}
+    assert set(range(acked + 1)) <= clients
