@@ -1,0 +1,155 @@
+"""Open editor buffers: full and incremental text sync, and LSP positions (UTF-16 code units) to string offsets.
+
+LSP positions count UTF-16 code units by default (LSP 3.17 §Position), Python strings count code points, so a
+character outside the Basic Multilingual Plane (an emoji, many CJK extensions) is 2 units in the editor and 1
+here. Positions from a client may also be wrong: past the end of a line or of the document (clamped to the
+end, as the specification says for the line case), negative (clamped to 0), or inside a surrogate pair
+(snapped to the start of that character). Nothing here raises on a bad position: a completion at a clamped
+position is better than an error popup while typing.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+
+def line_starts(text: str) -> list[int]:
+    """Offsets where each line begins; lines end at \\n, \\r\\n or a lone \\r (LSP 3.17 §TextDocuments)."""
+    starts = [0]
+    i, n = 0, len(text)
+    find_n, find_r = text.find, text.find
+    while i < n:
+        nl, cr = find_n("\n", i), find_r("\r", i)
+        if nl < 0 and cr < 0:
+            break
+        if cr >= 0 and (nl < 0 or cr < nl):
+            i = cr + 2 if text.startswith("\r\n", cr) else cr + 1
+        else:
+            i = nl + 1
+        starts.append(i)
+    return starts
+
+
+def _line_end(text: str, starts: list[int], line: int) -> int:
+    """Offset of the end of `line`, before its line break."""
+    end = starts[line + 1] if line + 1 < len(starts) else len(text)
+    if end > starts[line] and text[end - 1] == "\n":
+        end -= 1
+    if end > starts[line] and text[end - 1] == "\r":
+        end -= 1
+    return end
+
+
+def offset_at(text: str, line: int, character: int, starts: list[int] | None = None) -> int:
+    """String offset of an LSP position (UTF-16 `character`), clamped into the document."""
+    starts = starts if starts is not None else line_starts(text)
+    if line < 0:
+        return 0
+    if line >= len(starts):
+        return len(text)
+    start, end = starts[line], _line_end(text, starts, line)
+    if character <= 0:
+        return start
+    units = 0
+    for i in range(start, end):
+        width = 2 if ord(text[i]) > 0xFFFF else 1
+        if units + width > character:  # `character` falls inside this character's surrogate pair
+            return i
+        units += width
+        if units == character:
+            return i + 1
+    return end
+
+
+def position_at(text: str, offset: int, starts: list[int] | None = None) -> tuple[int, int]:
+    """LSP (line, UTF-16 character) of a string offset."""
+    starts = starts if starts is not None else line_starts(text)
+    offset = max(0, min(offset, len(text)))
+    line = bisect.bisect_right(starts, offset) - 1
+    character = sum(2 if ord(c) > 0xFFFF else 1 for c in text[starts[line]:offset])
+    return line, character
+
+
+def uri_to_path(uri: str) -> str:
+    """A file path for a `file://` URI; other schemes (untitled:, ...) keep their path part as a name."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        return str(Path(unquote(parsed.path)))
+    return unquote(parsed.path or uri)
+
+
+@dataclass
+class Document:
+    uri: str
+    text: str
+    version: int = 0
+    language_id: str = ""
+    _starts: list[int] | None = field(default=None, repr=False)
+
+    @property
+    def path(self) -> str:
+        return uri_to_path(self.uri)
+
+    @property
+    def starts(self) -> list[int]:
+        if self._starts is None:
+            self._starts = line_starts(self.text)
+        return self._starts
+
+    def offset(self, line: int, character: int) -> int:
+        return offset_at(self.text, line, character, self.starts)
+
+    def apply(self, text: str, rng: tuple[int, int, int, int] | None = None) -> None:
+        """Apply one content change: the whole text (rng None) or a replacement of (l0, c0, l1, c1)."""
+        if rng is None:
+            self.text = text
+        else:
+            a, b = self.offset(rng[0], rng[1]), self.offset(rng[2], rng[3])
+            if b < a:
+                a, b = b, a
+            self.text = self.text[:a] + text + self.text[b:]
+        self._starts = None
+
+
+class DocumentStore:
+    """The buffers the editor has open, keyed by URI; safe to read from worker threads."""
+
+    def __init__(self):
+        self._docs: dict[str, Document] = {}
+        self._lock = threading.Lock()
+
+    def open(self, uri: str, text: str, version: int = 0, language_id: str = "") -> Document:
+        with self._lock:
+            doc = self._docs[uri] = Document(uri, text, version, language_id)
+        return doc
+
+    def change(self, uri: str, changes: list[tuple[str, tuple[int, int, int, int] | None]], version: int) -> Document:
+        """Apply changes in order (LSP sends them in the order they were made)."""
+        with self._lock:
+            doc = self._docs.get(uri)
+            if doc is None:  # a change for a buffer we never saw opened: start from empty
+                doc = self._docs[uri] = Document(uri, "")
+            for text, rng in changes:
+                doc.apply(text, rng)
+            doc.version = version
+        return doc
+
+    def close(self, uri: str) -> None:
+        with self._lock:
+            self._docs.pop(uri, None)
+
+    def get(self, uri: str) -> Document | None:
+        with self._lock:
+            return self._docs.get(uri)
+
+    def snapshot(self) -> dict[str, str]:
+        """Path → text of every open buffer (unsaved edits feed the project index)."""
+        with self._lock:
+            return {d.path: d.text for d in self._docs.values()}
+
+    def __len__(self) -> int:
+        return len(self._docs)
