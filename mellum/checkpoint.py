@@ -1,0 +1,293 @@
+"""Hugging Face checkpoints ⇄ `mellum.model.Transformer`: config.json + safetensors (single file or sharded).
+
+The key table is strict and shared by both families: every tensor in a checkpoint must map to exactly one
+parameter of the model built from its config.json, and every parameter must be present with the right shape;
+anything else is a `ValueError` naming the key. Loading builds the model on the meta device and assigns the
+tensors read from disk, so a 4B checkpoint needs its own size in memory, not twice that.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from mellum.config import ModelConfig
+
+# Our parameter name -> checkpoint key. Main-model modules are named as in transformers minus the "model."
+# prefix; the output head and the MTP layer (REFERENCE.md §2: "mtp.*", unconfirmed names) sit at the top level.
+_KEY_RULES: tuple[tuple[str, str], ...] = (
+    (r"^lm_head\.(.*)$", r"lm_head.\1"),
+    (r"^mtp\.(.*)$", r"mtp.\1"),
+    (r"^(.*)$", r"model.\1"),
+)
+# Checkpoint tensors that are derived data, not weights (older Llama exports store rotary tables): skipped by name.
+_DERIVED_KEYS = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def checkpoint_key(name: str) -> str:
+    """The checkpoint key of one of our parameter names (fused expert tensors keep their fused name)."""
+    for pattern, repl in _KEY_RULES:
+        if re.match(pattern, name):
+            return re.sub(pattern, repl, name)
+    raise AssertionError(name)
+
+
+class Piece(NamedTuple):
+    """Where a checkpoint tensor goes: our parameter `name`, optionally one expert's slice of a fused tensor."""
+
+    name: str
+    expert: int | None = None
+    part: str | None = None  # "gate" | "up" | "down" for per-expert tensors
+
+
+def key_table(model: torch.nn.Module) -> dict[str, Piece]:
+    """Checkpoint key -> destination, for every tensor of the model as transformers writes it (a tied head is absent).
+
+    transformers 5 holds experts fused in memory (`experts.gate_up_proj` [E, 2I, C], `experts.down_proj`
+    [E, C, I]) but saves them per expert (`experts.{e}.gate_proj.weight` [I, C], `up_proj` [I, C], `down_proj`
+    [C, I]), the layout of Qwen3-MoE checkpoints; that per-expert layout is the table. `fused_keys` lists the
+    fused names, also accepted when loading.
+    """
+    table: dict[str, Piece] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if name == "lm_head.weight" and model.config.tie_word_embeddings:
+            continue
+        key = checkpoint_key(name)
+        if name.endswith("experts.gate_up_proj"):
+            base = key.removesuffix("gate_up_proj")
+            for e in range(tensor.shape[0]):
+                table[f"{base}{e}.gate_proj.weight"] = Piece(name, e, "gate")
+                table[f"{base}{e}.up_proj.weight"] = Piece(name, e, "up")
+        elif name.endswith("experts.down_proj"):
+            base = key.removesuffix("down_proj")
+            for e in range(tensor.shape[0]):
+                table[f"{base}{e}.down_proj.weight"] = Piece(name, e, "down")
+        else:
+            table[key] = Piece(name)
+    return table
+
+
+def fused_keys(model: torch.nn.Module) -> dict[str, str]:
+    """Fused expert checkpoint key -> our parameter name (an alternative layout accepted on load)."""
+    return {checkpoint_key(n): n for n in model.state_dict(keep_vars=True)
+            if n.endswith(("experts.gate_up_proj", "experts.down_proj"))}
+
+
+def _piece_view(full: torch.Tensor, piece: Piece) -> torch.Tensor:
+    """The slice of a fused expert tensor that a per-expert checkpoint tensor fills."""
+    if piece.expert is None:
+        return full
+    half = full.shape[1] // 2
+    if piece.part == "gate":
+        return full[piece.expert, :half]
+    if piece.part == "up":
+        return full[piece.expert, half:]
+    return full[piece.expert]
+
+
+def resolve_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+# ---- loading ----------------------------------------------------------------------------------------------
+def resolve_path(path: str | os.PathLike) -> Path:
+    """A local directory, or a hub id downloaded with huggingface_hub when no such path exists."""
+    local = Path(path).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise NotADirectoryError(f"{local} is not a directory (expected a model directory with config.json)")
+        return local
+    text = str(path)
+    if text.startswith((".", "/", "~")) or text.count("/") != 1:
+        raise FileNotFoundError(f"model directory {text} does not exist (and it is not a hub id like 'owner/name')")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as exc:
+        raise FileNotFoundError(
+            f"{text} is not a local directory; downloading it from the hub needs `pip install mellum[hub]`"
+        ) from exc
+    try:
+        return Path(snapshot_download(text, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
+    except Exception as exc:  # offline, unknown repo, gated: one user-facing message
+        raise FileNotFoundError(f"{text} is not a local directory and could not be downloaded from the hub: {exc}") from exc
+
+
+def load_config(path: str | os.PathLike) -> ModelConfig:
+    """The ModelConfig of a model directory's config.json."""
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{path} has no config.json (not a Hugging Face model directory)")
+    try:
+        hf = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{file} is not valid JSON: {exc}") from exc
+    return ModelConfig.from_hf_config(hf)
+
+
+def weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (path / f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{path}: shard files listed in {index.name} are missing: {', '.join(missing)}")
+        return [path / f for f in files]
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise FileNotFoundError(f"{path} has no model.safetensors or model.safetensors.index.json")
+
+
+def load_pretrained(path: str | os.PathLike, dtype=None, device=None):
+    """Build a `Transformer` from a Hugging Face directory (or hub id). dtype default float32; device default cpu.
+
+    Only config.json and the safetensors files are read; a tokenizer in the same directory is left to
+    `mellum.tokenizer.Tokenizer.from_pretrained`.
+    """
+    from safetensors import safe_open
+
+    from mellum.model import Transformer
+
+    root = resolve_path(path)
+    config = load_config(root)
+    dtype = resolve_dtype(dtype) or torch.float32
+    device = torch.device(device or "cpu")
+    with torch.device("meta"):
+        model = Transformer(config)
+    table, fused = key_table(model), fused_keys(model)
+    expected = model.state_dict(keep_vars=True)
+    state: dict[str, torch.Tensor] = {}  # our name -> tensor on the target device (fused experts filled in place)
+    seen: set[str] = set()
+    for file in weight_files(root):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                if _DERIVED_KEYS.match(key):
+                    continue
+                if key in seen:
+                    raise ValueError(f"{file.name}: tensor {key!r} appears in more than one file")
+                seen.add(key)
+                piece = table.get(key) or (Piece(fused[key]) if key in fused else None)
+                if piece is None:
+                    raise ValueError(f"{file.name}: unexpected tensor {key!r} (no such parameter in a "
+                                     f"{config.architecture} model with this config.json)")
+                want = tuple(_piece_view(expected[piece.name], piece).shape)
+                shape = tuple(f.get_slice(key).get_shape())
+                if shape != want:
+                    raise ValueError(f"{file.name}: tensor {key!r} has shape {list(shape)}, "
+                                     f"the config.json implies {list(want)}")
+                tensor = f.get_tensor(key)
+                if piece.expert is None and piece.name not in state:
+                    state[piece.name] = tensor.to(device=device, dtype=dtype)
+                    continue
+                if piece.name not in state:
+                    state[piece.name] = torch.empty(expected[piece.name].shape, dtype=dtype, device=device)
+                _piece_view(state[piece.name], piece).copy_(tensor)
+    for key, name in fused.items():
+        if key in seen and any(k in seen for k, p in table.items() if p.name == name):
+            raise ValueError(f"{root}: {key!r} is stored both fused and per expert")
+    missing = [key for key, piece in table.items() if key not in seen and not _fused_present(piece, seen)]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
+        raise ValueError(f"{root}: checkpoint is missing tensors: {shown}")
+    if config.tie_word_embeddings:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight  # assign=True replaced the shared Parameter: re-tie
+    model.to(device)  # rotary tables (non-persistent buffers) follow the weights
+    return model.eval()
+
+
+def _fused_present(piece: Piece, seen: set[str]) -> bool:
+    return piece.expert is not None and checkpoint_key(piece.name) in seen
+
+
+# ---- saving -----------------------------------------------------------------------------------------------
+def save_pretrained(model, path: str | os.PathLike, dtype=None, max_shard_size_mb: float | None = None) -> None:
+    """Write config.json, generation_config.json and safetensors weights in the layout transformers writes
+    (experts per expert), sharded with model.safetensors.index.json when `max_shard_size_mb` is given. Each
+    file is written atomically; weight files of an earlier save that this one does not use are removed; other
+    files in the directory (a tokenizer) are left alone."""
+    from safetensors.torch import save_file
+
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = resolve_dtype(dtype) or model.dtype
+    state = model.state_dict()
+    pieces = list(key_table(model).items())
+    sizes = {key: _piece_view(state[p.name], p).numel() * dtype.itemsize for key, p in pieces}
+    shards = _shard(pieces, sizes, max_shard_size_mb)
+
+    def materialise(shard):  # one shard's tensors at a time: saving needs at most one shard of extra memory
+        return {key: _piece_view(state[p.name], p).detach().to("cpu", dtype, copy=True).contiguous() for key, p in shard}
+
+    written: list[str] = []
+    if len(shards) == 1:
+        _atomic(out / "model.safetensors", lambda f: save_file(materialise(shards[0]), f, metadata={"format": "pt"}))
+        written.append("model.safetensors")
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            _atomic(out / name, lambda f, s=shard: save_file(materialise(s), f, metadata={"format": "pt"}))
+            weight_map.update({key: name for key, _ in shard})
+            written.append(name)
+        index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": dict(sorted(weight_map.items()))}
+        _write_json(out / "model.safetensors.index.json", index)
+        written.append("model.safetensors.index.json")
+    config = model.config
+    _write_json(out / "config.json", config.to_hf_config(dtype=str(dtype).removeprefix("torch.")))
+    generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+                  "pad_token_id": config.eos_token_id}
+    _write_json(out / "generation_config.json", generation)
+    for stale in list(out.glob("model*.safetensors")) + list(out.glob("model.safetensors.index.json")):
+        if stale.name not in written:
+            stale.unlink()
+
+
+def _shard(pieces: list, sizes: dict[str, int], max_shard_size_mb: float | None) -> list[list]:
+    if max_shard_size_mb is None:
+        return [pieces]
+    limit = max_shard_size_mb * 1024 * 1024
+    shards: list[list] = [[]]
+    size = 0
+    for key, piece in pieces:
+        nbytes = sizes[key]
+        # A tensor larger than the limit gets a shard of its own (as transformers does); tensors are never split.
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append((key, piece))
+        size += nbytes
+    return shards
+
+
+def _atomic(target: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_json(target: Path, data) -> None:
+    _atomic(target, lambda p: Path(p).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8"))
