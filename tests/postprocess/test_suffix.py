@@ -1,0 +1,43 @@
+from mellum.postprocess import drop_suffix_overlap
+
+
+def test_auto_closed_bracket_dropped(at):
+    assert drop_suffix_overlap("a, b)", at("foo(█)\n")) == "a, b"
+
+
+def test_bracket_the_completion_needs_is_kept(at):
+    # `print(foo(` with one `)` auto-inserted: `x)` closes foo(, the suffix's `)` closes print(.
+    assert drop_suffix_overlap("x)", at("print(foo(█)\n")) == "x)"
+    assert drop_suffix_overlap("x))", at("print(foo(█)\n")) == "x)"
+
+
+def test_several_closers_and_separator(at):
+    assert drop_suffix_overlap("[1, 2]);", at("f(█]);\n", path="a.js")) == "[1, 2"
+
+
+def test_closing_quote_dropped(at):
+    assert drop_suffix_overlap('world"', at('s = "hello █"\n')) == "world"
+
+
+def test_short_text_overlap_is_not_dropped(at):
+    assert drop_suffix_overlap("bar", at("foo█r = 1\n")) == "bar"
+
+
+def test_long_text_overlap_is_dropped(at):
+    assert drop_suffix_overlap("x = compute_total", at("█compute_total(items)\n")) == "x = "
+
+
+def test_line_the_suffix_already_has(at):
+    cur = at("def f(x):█\n    return x\n")
+    assert drop_suffix_overlap("\n    y = x * 2\n    return x", cur) == "\n    y = x * 2"
+
+
+def test_closing_line_already_in_suffix(at):
+    cur = at("if (a) {█\n}\n", path="a.c")
+    assert drop_suffix_overlap("\n    b();\n}", cur) == "\n    b();"
+
+
+def test_inner_closer_at_other_indent_is_kept(at):
+    cur = at("void f() {\n    █\n}\n", path="a.c")
+    text = "if (a) {\n        b();\n    }"
+    assert drop_suffix_overlap(text, cur) == text
