@@ -1,0 +1,133 @@
+"""Key/value cache addressed by token position: full-length buffers for full-attention layers, rings of
+`window + slack` entries for sliding-window layers, one row per concurrent sequence.
+
+The model's attention calls `view.update(layer_idx, k, v, positions)` (docs/interfaces.md, "KV-cache protocol") and
+gets back every stored key/value of its rows plus a boolean mask computed from the stored key positions, so the
+cached and uncached paths share one masking rule. Each stored entry remembers its position (-1 = empty): rolling
+back rejected speculative tokens needs no copy, because entries written after the accepted length are in the
+future of every later query (masked as non-causal) and are overwritten in order.
+
+Ring slack: a sliding layer keeps `window + slack` entries, so that (a) a speculative verify of up to `slack`
+tokens never overwrites a key that a later query still needs after a rejection, and (b) the prefix cache can copy
+the last `window` keys of a prompt's complete blocks out of the ring after prefill (REFERENCE.md §4: a ring of
+exactly `window` entries cannot rewind).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mellum.model.attention import attention_mask
+
+
+@dataclass
+class LayerKV:
+    """One layer's storage: k, v [R, Hkv, S, D]; positions [R, S] (-1 = empty). Ring when S < max_len."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    pos: torch.Tensor
+    window: int | None
+    ring: bool
+
+    @property
+    def size(self) -> int:
+        return self.k.shape[2]
+
+
+class KVCache:
+    """Per-layer KV storage for `rows` sequences of up to `max_len` tokens. `windows[i]` is None for full attention."""
+
+    def __init__(self, windows: list[int | None], rows: int, max_len: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", slack: int = 64):
+        self.windows = list(windows)
+        self.rows, self.max_len, self.slack = rows, max_len, slack
+        self.num_kv_heads, self.head_dim, self.dtype, self.device = num_kv_heads, head_dim, dtype, torch.device(device)
+        self.layers: list[LayerKV] = []
+        for window in self.windows:
+            size = max_len if window is None else min(max_len, window + slack)
+            shape = (rows, num_kv_heads, size, head_dim)
+            self.layers.append(LayerKV(
+                k=torch.zeros(shape, dtype=dtype, device=self.device),
+                v=torch.zeros(shape, dtype=dtype, device=self.device),
+                pos=torch.full((rows, size), -1, dtype=torch.long, device=self.device),
+                window=window, ring=size < max_len,
+            ))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for layer in self.layers for t in (layer.k, layer.v, layer.pos))
+
+    def reset(self, row: int) -> None:
+        """Forget everything stored for one row (a new sequence takes the slot)."""
+        for layer in self.layers:
+            layer.pos[row].fill_(-1)
+
+    def view(self, rows: list[int], kv_len: int) -> "CacheView":
+        """The cache seen by one forward over `rows`; `kv_len` = 1 + the largest position written in it."""
+        if kv_len > self.max_len:
+            raise ValueError(f"sequence of {kv_len} tokens exceeds the cache length {self.max_len}")
+        return CacheView(self, rows, kv_len)
+
+    # ---- copying spans in and out (prefix cache) -------------------------------------------------------
+    def read(self, layer_idx: int, row: int, start: int, end: int) -> torch.Tensor:
+        """KV of positions [start, end) of one row and layer as one tensor [2, Hkv, end-start, D] (a copy)."""
+        layer = self.layers[layer_idx]
+        slots = torch.arange(start, end, device=self.device) % layer.size
+        if layer.ring and not bool((layer.pos[row, slots] == torch.arange(start, end, device=self.device)).all()):
+            raise ValueError(f"positions [{start}, {end}) are no longer in layer {layer_idx}'s ring")
+        return torch.stack([layer.k[row, :, slots], layer.v[row, :, slots]])
+
+    def write(self, layer_idx: int, row: int, start: int, kv: torch.Tensor) -> None:
+        """Store kv [2, Hkv, n, D] at positions [start, start + n) of one row and layer."""
+        layer = self.layers[layer_idx]
+        positions = torch.arange(start, start + kv.shape[2], device=self.device)
+        slots = positions % layer.size
+        layer.k[row, :, slots] = kv[0].to(layer.k.dtype)
+        layer.v[row, :, slots] = kv[1].to(layer.v.dtype)
+        layer.pos[row, slots] = positions
+
+
+class CacheView:
+    """The slice of a `KVCache` used by one forward pass: a set of rows and the current key length."""
+
+    def __init__(self, cache: KVCache, rows: list[int], kv_len: int):
+        self.cache, self.kv_len = cache, kv_len
+        lo = rows[0]
+        # Contiguous rows are a basic slice (a view, no copy); others gather (a copy per layer).
+        self._slice = slice(lo, lo + len(rows)) if rows == list(range(lo, lo + len(rows))) else None
+        self._rows = torch.tensor(rows, dtype=torch.long, device=cache.device)
+
+    def _take(self, t: torch.Tensor) -> torch.Tensor:
+        return t[self._slice] if self._slice is not None else t[self._rows]
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
+        """Store k, v [B, Hkv, T, D] at `positions` [B, T]; return (k_all, v_all [B, Hkv, S, D], mask [B, 1, T, S])."""
+        layer = self.cache.layers[layer_idx]
+        B, _, T, _ = k.shape
+        slots = positions % layer.size  # [B, T]
+        rows = self._rows[:, None].expand(B, T)  # [B, T]
+        k_new = k.transpose(1, 2).to(layer.k.dtype)  # [B, T, Hkv, D]
+        v_new = v.transpose(1, 2).to(layer.v.dtype)
+        if layer.ring and T > self.cache.slack + 1:
+            # A chunk longer than the slack would overwrite keys its own earlier queries need: attend over the old
+            # ring plus the new chunk, then keep the chunk's last entries in the ring.
+            k_all = torch.cat([self._take(layer.k), k.to(layer.k.dtype)], dim=2)
+            v_all = torch.cat([self._take(layer.v), v.to(layer.v.dtype)], dim=2)
+            k_pos = torch.cat([self._take(layer.pos), positions], dim=1)
+            keep = slice(T - min(T, layer.size), T)
+            layer.k[rows[:, keep], :, slots[:, keep]] = k_new[:, keep]
+            layer.v[rows[:, keep], :, slots[:, keep]] = v_new[:, keep]
+            layer.pos[rows[:, keep], slots[:, keep]] = positions[:, keep]
+        else:
+            layer.k[rows, :, slots] = k_new
+            layer.v[rows, :, slots] = v_new
+            layer.pos[rows, slots] = positions
+            size = layer.size if layer.ring else self.kv_len
+            k_all = self._take(layer.k)[:, :, :size]
+            v_all = self._take(layer.v)[:, :, :size]
+            k_pos = self._take(layer.pos)[:, :size]
+        mask = attention_mask(positions, k_pos, layer.window)
+        return k_all, v_all, mask

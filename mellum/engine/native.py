@@ -1,0 +1,271 @@
+"""The native backend: runs a `mellum.model.Transformer` in-process over token ids, with the KV and prefix caches,
+chunked prefill, batched decoding, speculative decoding (prompt lookup or MTP) and int8 weights on CPU."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, fields
+from typing import Callable, Sequence as Seq
+
+import torch
+
+from mellum.engine.api import GenerationResult
+from mellum.engine.kv_cache import KVCache
+from mellum.engine.prefix_cache import PrefixCache
+from mellum.engine.sampling import SamplingParams, make_generator, probabilities, sample
+from mellum.engine.scheduler import Scheduler, Sequence
+from mellum.engine.speculative import DraftLength, NgramDrafter, accept_greedy, accept_sampled
+
+SPECULATIVE_MODES = (None, "lookup", "mtp")
+
+
+@dataclass
+class EngineOptions:
+    """Budgets and knobs of the native engine (token counts unless named otherwise)."""
+
+    max_batch: int = 4  # concurrent sequences (cache rows)
+    max_seq_len: int | None = None  # tokens per sequence; None: the model's context, at most 8192
+    prefill_chunk: int = 512  # prompt tokens per prefill forward (interleaved with decode steps)
+    prefix_cache_mb: float = 256.0  # byte budget of the cross-request prefix cache (0 disables it)
+    block_tokens: int = 16  # prefix-cache granularity
+    ring_slack: int = 64  # extra ring entries of sliding layers (speculative rollback, prefix-cache copy-out)
+    speculative: str | None = "lookup"  # None | "lookup" (prompt n-grams) | "mtp" (the model's MTP layer)
+    max_draft: int = 8  # longest prompt-lookup draft
+    min_ngram: int = 2
+    max_ngram: int = 4
+
+
+class NativeEngine:
+    """In-process inference over token ids; `generate` is thread-safe and requests are batched continuously.
+
+    `newline_ids`: ids whose text contains a newline (for `SamplingParams.max_lines`); the engine never sees text.
+    """
+
+    def __init__(self, model, config=None, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                 quantize: str | None = None, compile: bool = False, newline_ids: Seq[int] = (), **options):
+        known = {f.name for f in fields(EngineOptions)}
+        unknown = set(options) - known
+        if unknown:
+            raise ValueError(f"unknown engine options {sorted(unknown)}; known: {sorted(known)}")
+        self.options = opts = EngineOptions(**options)
+        if opts.speculative not in SPECULATIVE_MODES:
+            raise ValueError(f"speculative must be one of {SPECULATIVE_MODES}, got {opts.speculative!r}")
+        self.config = config = config if config is not None else model.config
+        if opts.speculative == "mtp" and not getattr(config, "num_mtp_layers", 0):
+            raise ValueError("speculative='mtp' needs a model with an MTP layer (config.num_mtp_layers = 1)")
+        if quantize not in (None, "int8"):
+            raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
+        self.device = torch.device(device)
+        if dtype is None:
+            dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.dtype = dtype
+        self.model = model.to(device=self.device, dtype=dtype).eval()
+        if quantize == "int8":
+            from mellum.engine.quant import quantize_int8
+
+            quantize_int8(self.model)
+        self.vocab_size = config.vocab_size
+        self.max_len = opts.max_seq_len or min(config.max_position_embeddings, 8192)
+        self.newline_ids = frozenset(int(i) for i in newline_ids)
+        # Cache layers: the main layers, plus the MTP layer (index num_layers) when it drafts.
+        n_layers = config.num_layers + (1 if opts.speculative == "mtp" else 0)
+        self.windows = [config.window(i) for i in range(n_layers)]
+        self.cache = KVCache(self.windows, rows=opts.max_batch, max_len=self.max_len,
+                             num_kv_heads=config.num_kv_heads, head_dim=config.head_dim, dtype=dtype,
+                             device=self.device, slack=max(opts.ring_slack, opts.max_draft + 1, 2 * opts.block_tokens))
+        self.prefix_cache = PrefixCache(int(opts.prefix_cache_mb * 2**20), opts.block_tokens, self.windows)
+        self._layered = hasattr(self.model, "layers") and hasattr(self.model, "layer_inputs")
+        self._forward_layers = self._layers_forward
+        if compile:
+            self._forward_layers = torch.compile(self._layers_forward, dynamic=True)
+        self.scheduler = Scheduler(self, opts.max_batch, speculative=opts.speculative is not None)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_pretrained(cls, path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, **kwargs):
+        """Load weights and config from a model directory (see `mellum.load_pretrained`)."""
+        from mellum import load_pretrained
+
+        if dtype is None:
+            dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        model = load_pretrained(path, dtype=dtype, device=device)
+        return cls(model, model.config, device=device, dtype=dtype, **kwargs)
+
+    # ---- public interface -------------------------------------------------------------------------------
+    def submit(self, prompt_ids: Seq[int], params: SamplingParams, cancel: threading.Event | None = None,
+               on_token: Callable[[int], None] | None = None) -> Sequence:
+        """Queue a request and return at once; `seq.done` is set when it finished (see `wait`)."""
+        prompt = self._check_prompt(prompt_ids)
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        params.validate_ids(self.vocab_size)
+        seq = Sequence(prompt, params, cancel, on_token, self.newline_ids, self.max_len)
+        return self.scheduler.submit(seq)
+
+    def wait(self, seq: Sequence) -> GenerationResult:
+        # Poll so that a cancel is answered within a step even when the caller's thread is the waiter.
+        while not seq.done.wait(0.05):
+            if seq.cancel is not None and seq.cancel.is_set():
+                self.scheduler.wake()
+        if seq.stop_reason == "error" and seq.error is not None:
+            raise RuntimeError(f"generation failed: {seq.error}") from seq.error
+        return seq.result()
+
+    def generate(self, prompt_ids: Seq[int], params: SamplingParams, cancel: threading.Event | None = None,
+                 on_token: Callable[[int], None] | None = None) -> GenerationResult:
+        """Generate after `prompt_ids`; blocks until a stop condition. `on_token` runs on the engine thread."""
+        return self.wait(self.submit(prompt_ids, params, cancel, on_token))
+
+    @property
+    def busy_slots(self) -> int:
+        return self.scheduler.busy_slots
+
+    def close(self) -> None:
+        self.scheduler.close()
+
+    def _check_prompt(self, prompt_ids) -> list[int]:
+        if isinstance(prompt_ids, torch.Tensor):
+            prompt_ids = prompt_ids.reshape(-1).tolist()
+        prompt = list(prompt_ids)
+        if not prompt:
+            raise ValueError("the prompt is empty: at least one token id is needed to generate from")
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in prompt):
+            bad = next(i for i in prompt if not isinstance(i, int) or isinstance(i, bool))
+            raise ValueError(f"prompt token ids must be integers, got {bad!r} ({type(bad).__name__})")
+        bad = [i for i in prompt if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt has token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
+        if len(prompt) >= self.max_len:
+            raise ValueError(f"the prompt has {len(prompt)} tokens but the context window holds {self.max_len} "
+                             "(prompt plus at least one generated token): shorten the context before calling the engine")
+        return prompt
+
+    # ---- model calls ----------------------------------------------------------------------------------
+    def _layers_forward(self, ids: torch.Tensor, positions: torch.Tensor, view, last_only: bool):
+        """The transformer's forward (mellum.model.Transformer) computing logits only where needed:
+        [B, T] ids → (logits [B, 1 or T, V], hidden [B, T, C]). Long prefills skip T×V output-head work."""
+        m = self.model
+        x = m.embed_tokens(ids)  # [B, T, C]
+        positions, inputs = m.layer_inputs(positions, None, view, ids.shape, x.dtype)
+        for layer in m.layers:
+            x, _ = layer(x, *inputs[layer.layer_type], positions, view)
+        out = x[:, -1:] if last_only else x
+        return m.lm_head(m.norm(out)), x
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, view, last_only: bool = False):
+        if self._layered:
+            return self._forward_layers(ids, positions, view, last_only)
+        out = self.model(ids, positions, view)  # any model with the Transformer interface (e.g. test stubs)
+        return (out.logits[:, -1:] if last_only else out.logits), out.hidden
+
+    def _mtp(self, hidden: torch.Tensor, next_ids: list[int], start: int, row: int) -> torch.Tensor:
+        """Run the MTP layer over positions [start, start + n) of one row (filling its cache); logits [V] of the last."""
+        ids = torch.tensor([next_ids], device=self.device)  # [1, n]
+        positions = torch.arange(start, start + len(next_ids), device=self.device)[None]  # [1, n]
+        view = self.cache.view([row], start + len(next_ids))
+        return self.model.mtp(hidden, ids, positions, view)[0, -1].float()
+
+    def _tensor(self, rows: list[list[int]]) -> torch.Tensor:
+        return torch.tensor(rows, dtype=torch.long, device=self.device)
+
+    # ---- runner interface used by the scheduler -------------------------------------------------------
+    def start(self, seq: Sequence) -> None:
+        """Claim the row: reset it, copy the longest cached prompt prefix into it."""
+        self.cache.reset(seq.row)
+        seq.generator = make_generator(seq.params, self.device)
+        # The last prompt token is always recomputed: its logits start the generation.
+        match = self.prefix_cache.match(seq.prompt, len(seq.prompt) - 1)
+        self.prefix_cache.load(match, self.cache, seq.row)
+        seq.filled = seq.cached = match.tokens
+        if self.options.speculative == "lookup":
+            seq.state["drafter"] = NgramDrafter(seq.prompt, self.options.min_ngram, self.options.max_ngram)
+            seq.state["draft_len"] = DraftLength(maximum=self.options.max_draft, current=min(4, self.options.max_draft))
+        seq.state["mtp"] = self.options.speculative == "mtp"
+
+    def prefill_chunk(self, seq: Sequence) -> None:
+        t0 = time.perf_counter()
+        n = len(seq.prompt)
+        a, b = seq.filled, min(n, seq.filled + self.options.prefill_chunk)
+        ids = self._tensor([seq.prompt[a:b]])  # [1, T]
+        positions = torch.arange(a, b, device=self.device)[None]  # [1, T]
+        last = b == n
+        logits, hidden = self._forward(ids, positions, self.cache.view([seq.row], b), last_only=True)
+        seq.filled = b
+        if seq.state["mtp"] and not last:
+            self._mtp(hidden, seq.prompt[a + 1:b + 1], a, seq.row)
+        if not last:
+            seq.prefill_s += time.perf_counter() - t0
+            return
+        token = int(sample(logits[:, -1], seq.params, seq.generator, seq.params.allowed_first_ids)[0])
+        if seq.state["mtp"]:
+            seq.state["mtp_logits"] = self._mtp(hidden, seq.prompt[a + 1:] + [token], a, seq.row)
+        # Blocks ending before the last prompt token: their KV (MTP layer included) depends on prompt tokens only.
+        self.prefix_cache.insert(seq.prompt, n - 1, self.cache, seq.row, seq.filled)
+        seq.prefilling = False
+        seq.prefill_s += time.perf_counter() - t0
+        seq.emit(token)
+
+    def decode_step(self, seqs: list[Sequence]) -> None:
+        """One token for every sequence in the batch (the last token of each gets its KV)."""
+        if len(seqs) == 1 and seqs[0].state.get("mtp"):
+            self._verify(seqs[0], [], None)
+            return
+        rows = [s.row for s in seqs]
+        ids = self._tensor([[s.tokens[-1]] for s in seqs])  # [B, 1]
+        positions = self._tensor([[s.filled] for s in seqs])  # [B, 1]
+        view = self.cache.view(rows, max(s.filled for s in seqs) + 1)
+        logits, _ = self._forward(ids, positions, view, last_only=True)  # [B, 1, V]
+        for i, seq in enumerate(seqs):
+            seq.state["mtp"] = False  # batched steps do not run the MTP layer; its cache would have gaps
+            seq.filled += 1
+            seq.emit(int(sample(logits[i:i + 1, -1], seq.params, seq.generator)[0]))
+
+    def speculative_step(self, seq: Sequence) -> None:
+        """Draft, verify in one forward, accept (exactly for greedy, by rejection sampling otherwise)."""
+        room = min(seq.params.max_new_tokens - len(seq.generated), self.max_len - seq.filled - 1) - 1
+        if seq.state.get("mtp"):
+            draft_logits = seq.state["mtp_logits"]
+            if room < 1:
+                self._verify(seq, [], None)
+            elif seq.params.greedy:
+                self._verify(seq, [int(torch.argmax(draft_logits))], None)
+            else:
+                q = probabilities(draft_logits[None], seq.params)  # [1, V]
+                self._verify(seq, [int(torch.multinomial(q[0], 1, generator=seq.generator))], q)
+            return
+        drafter: NgramDrafter = seq.state.get("drafter")
+        if drafter is None:
+            self.decode_step([seq])
+            return
+        drafter.extend(seq.tokens[len(drafter.tokens):])
+        draft = drafter.propose(min(seq.state["draft_len"].current, room))
+        if not draft:
+            self.decode_step([seq])
+            return
+        self._verify(seq, draft, None)
+
+    def _verify(self, seq: Sequence, draft: list[int], draft_probs: torch.Tensor | None) -> None:
+        """Run [last token, *draft] at positions filled.., accept a prefix, emit it plus one target token."""
+        k, start = len(draft), seq.filled
+        ids = self._tensor([[seq.tokens[-1]] + draft])  # [1, k+1]
+        positions = torch.arange(start, start + k + 1, device=self.device)[None]  # [1, k+1]
+        logits, hidden = self._forward(ids, positions, self.cache.view([seq.row], start + k + 1))
+        logits = logits[0].float()  # [k+1, V]
+        if seq.params.greedy:
+            n, token = accept_greedy(draft, logits)
+        else:
+            n, token = accept_sampled(draft, probabilities(logits, seq.params), draft_probs, seq.generator)
+        seq.filled = start + n + 1  # KV of the last token and the accepted drafts is valid; the rest is masked
+        if k:
+            seq.draft_tokens += k
+            seq.accepted_tokens += n
+            if "draft_len" in seq.state:
+                seq.state["draft_len"].update(k, n)
+        emitted = draft[:n] + [token]
+        for t in emitted:
+            if seq.emit(t):
+                return
+        if seq.state.get("mtp"):
+            # MTP at position p reads the main model's hidden state at p and token p+1 (mellum.model.mtp).
+            seq.state["mtp_logits"] = self._mtp(hidden[:, :n + 1], emitted, start, seq.row)

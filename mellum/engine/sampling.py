@@ -1,0 +1,110 @@
+"""Token sampling: the request's decoding parameters and the logits → next-token rule (greedy or sampled)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request decodes. `temperature == 0` is greedy; `top_k == 0` and `top_p == 1` disable those filters.
+
+    `stop_ids`: generation ends when one of these ids is produced (it is not part of the output).
+    `max_lines`: end after the token that completes this many lines (needs the engine's `newline_ids`).
+    `deadline_s`: wall-clock budget from submission, in seconds. `allowed_first_ids`: the first generated token
+    must be one of these (token healing: the completion must start by re-typing the text backed off the prompt).
+    """
+
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop_ids: tuple[int, ...] = ()
+    max_lines: int | None = None
+    deadline_s: float | None = None
+    allowed_first_ids: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        # Accept lists/sets from callers; store tuples so params stay hashable and immutable.
+        object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
+        if self.allowed_first_ids is not None:
+            object.__setattr__(self, "allowed_first_ids", tuple(int(i) for i in self.allowed_first_ids))
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be a non-negative integer (0 = off), got {self.top_k!r}")
+        if self.max_lines is not None and (not isinstance(self.max_lines, int) or self.max_lines < 1):
+            raise ValueError(f"max_lines must be a positive integer or None, got {self.max_lines!r}")
+        if self.deadline_s is not None and not (self.deadline_s > 0):
+            raise ValueError(f"deadline_s must be > 0 seconds or None, got {self.deadline_s!r}")
+        if self.allowed_first_ids is not None and len(self.allowed_first_ids) == 0:
+            raise ValueError("allowed_first_ids is empty: no first token could be generated")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate_ids(self, vocab_size: int) -> None:
+        """Raise ValueError if a stop or allowed id lies outside the vocabulary."""
+        for name, ids in (("stop_ids", self.stop_ids), ("allowed_first_ids", self.allowed_first_ids or ())):
+            bad = [i for i in ids if not 0 <= i < vocab_size]
+            if bad:
+                raise ValueError(f"{name} contains ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
+
+
+def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -> torch.Generator | None:
+    """A private RNG for the request (reproducible with `seed`), or None for greedy decoding."""
+    if params.greedy:
+        return None
+    gen = torch.Generator(device=device)
+    if params.seed is not None:
+        gen.manual_seed(params.seed)
+    else:
+        gen.seed()
+    return gen
+
+
+def constrain(logits: torch.Tensor, allowed_ids: tuple[int, ...] | None) -> torch.Tensor:
+    """Logits [..., V] with every id outside `allowed_ids` set to -inf (no-op when None)."""
+    if allowed_ids is None:
+        return logits
+    keep = torch.full_like(logits, float("-inf"))
+    idx = torch.tensor(allowed_ids, device=logits.device)
+    keep[..., idx] = 0.0
+    return logits + keep
+
+
+def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution sampled from: softmax(logits / T) restricted to the top-k and the top-p nucleus. [..., V]."""
+    logits = logits.float() / params.temperature
+    vocab = logits.shape[-1]
+    if 0 < params.top_k < vocab:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]  # [..., 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        # Nucleus (Holtzman et al. 2020): the smallest set of most likely tokens whose mass reaches top_p.
+        sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+        mass_before = torch.cumsum(sorted_p, dim=-1) - sorted_p  # mass of strictly more likely tokens
+        sorted_p = sorted_p.masked_fill(mass_before >= params.top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
+           allowed_ids: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Next token ids [B] from logits [B, V]: argmax when greedy, else a draw from `probabilities`."""
+    logits = constrain(logits, allowed_ids)
+    if params.greedy:
+        return torch.argmax(logits, dim=-1)
+    probs = probabilities(logits, params)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
