@@ -1,0 +1,454 @@
+"""The completion service: request → context → prompt → token healing → engine → stop strings → filters → result.
+
+It sees strings and never speaks a protocol (ARCHITECTURE.md): the LSP and HTTP servers call `complete` or
+`stream`. The service keeps no per-request state, and the engine's `generate` is thread-safe, so one service
+answers concurrent requests from many threads; the only shared state (the token-healing table per tokenizer)
+is built once under a lock.
+"""
+
+from __future__ import annotations
+
+import bisect
+import queue
+import threading
+import time
+import uuid
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from mellum.postprocess import Cursor, Pipeline, is_multiline, pipeline
+from mellum.prompt import ContextFile, PromptFormat, get_format
+
+# Splits a rendered prompt around the prefix (a string no code contains: NUL bytes and a private-use character).
+_PREFIX_MARK = "\x00\ue000prefix\ue000\x00"
+
+
+@dataclass
+class CompletionRequest:
+    """One completion at a cursor: the file's text before (`prefix`) and after (`suffix`) it, plus context.
+
+    `multiline` forces single/multi-line (None: decided from the cursor position); `stop` adds stop strings;
+    `deadline_ms` bounds the whole request; `return_prompt` puts the exact prompt text in the result.
+    """
+
+    path: str
+    prefix: str
+    suffix: str = ""
+    project_root: str | None = None
+    extra_context: list[ContextFile] = field(default_factory=list)
+    open_files: dict[str, str] = field(default_factory=dict)
+    max_new_tokens: int | None = None
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    multiline: bool | None = None
+    stop: list[str] = field(default_factory=list)
+    deadline_ms: float | None = None
+    return_prompt: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.path, str) or not self.path:
+            raise ValueError("the request needs the path of the file being completed (a non-empty string)")
+        if not isinstance(self.prefix, str) or not isinstance(self.suffix, str):
+            raise ValueError("prefix and suffix must be strings")
+        if self.max_new_tokens is not None and (not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1):
+            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if self.deadline_ms is not None and not self.deadline_ms > 0:
+            raise ValueError(f"deadline_ms must be > 0, got {self.deadline_ms!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty strings")
+        for piece in self.extra_context:
+            if not isinstance(piece, ContextFile):
+                raise ValueError(f"extra_context takes ContextFile(path, text) items, got {type(piece).__name__}")
+
+
+@dataclass
+class Completion:
+    """The answer: `text` to insert at the cursor, and what it cost.
+
+    `stop_reason` is the engine's ("stop", "length", "lines", "deadline", "cancelled", "context") or "filter"
+    (the post-processing filters ended the block) or "stop_string". `truncated` says the prompt did not fit
+    the model's window and context (then prefix/suffix far from the cursor) was cut. `raw_text` is the model's
+    output before post-processing; `healed` the text backed off the prefix for token healing.
+    """
+
+    id: str
+    text: str
+    prompt: str | None
+    prompt_tokens: int
+    cached_tokens: int
+    generated_tokens: int
+    stop_reason: str
+    timings_ms: dict[str, float]
+    truncated: bool = False
+    multiline: bool = False
+    raw_text: str = ""
+    healed: str = ""
+    context_paths: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ServiceConfig:
+    """Budgets of the completion service (tokens unless named otherwise)."""
+
+    max_new_tokens: int = 64  # default when the request does not say
+    max_lines: int = 24  # a multi-line completion ends after this many lines
+    token_healing: bool = True
+    heal_tokens: int = 1  # prefix tokens backed off at most
+    suffix_share: float = 0.25  # when the cursor's file alone overflows the window, the suffix keeps at most this
+    early_stop: bool = True  # stop decoding as soon as the filters have cut the block
+
+
+def newline_ids(tokenizer) -> list[int]:
+    """Ids whose text contains a newline: the engine counts lines with them (`SamplingParams.max_lines`)."""
+    return [i for i, s in enumerate(tokenizer.token_strings) if "\n" in s and i not in tokenizer.special_ids]
+
+
+class HealingTable:
+    """Token strings sorted for the two token-healing queries: ids whose text starts with a string, and ids
+    whose text is a prefix of it. Built once per tokenizer (`healing_table`)."""
+
+    def __init__(self, tokenizer):
+        special = tokenizer.special_ids
+        pairs = sorted((s, i) for i, s in enumerate(tokenizer.token_strings) if s and i not in special)
+        self.strings = [s for s, _ in pairs]
+        self.ids = [i for _, i in pairs]
+        self.by_string: dict[str, list[int]] = {}
+        for s, i in pairs:
+            self.by_string.setdefault(s, []).append(i)
+
+    def extending(self, text: str) -> list[int]:
+        """Ids whose text starts with `text` (a contiguous run of the sorted strings)."""
+        lo = bisect.bisect_left(self.strings, text)
+        hi = lo
+        while hi < len(self.strings) and self.strings[hi].startswith(text):
+            hi += 1
+        return self.ids[lo:hi]
+
+    def prefixes(self, text: str) -> list[int]:
+        """Ids whose text is a non-empty proper prefix of `text`."""
+        return [i for n in range(1, len(text)) for i in self.by_string.get(text[:n], ())]
+
+
+_TABLES: "weakref.WeakKeyDictionary[object, HealingTable]" = weakref.WeakKeyDictionary()
+_TABLES_LOCK = threading.Lock()
+
+
+def healing_table(tokenizer) -> HealingTable:
+    with _TABLES_LOCK:
+        table = _TABLES.get(tokenizer)
+        if table is None:
+            table = _TABLES[tokenizer] = HealingTable(tokenizer)
+        return table
+
+
+@dataclass
+class Prompt:
+    """A prompt as token ids in three parts (head | prefix | tail) so healing and truncation can edit one part."""
+
+    head: list[int]
+    prefix: list[int]
+    tail: list[int]
+    prefix_text: str
+    suffix_text: str
+    context: list[ContextFile]
+    truncated: bool
+    healed: str = ""
+    allowed_first_ids: tuple[int, ...] | None = None
+
+    @property
+    def ids(self) -> list[int]:
+        return self.head + self.prefix + self.tail
+
+
+class _Either(threading.Event):
+    """Set when either this event or the caller's cancel event is: lets the service stop the engine early."""
+
+    def __init__(self, other: threading.Event | None):
+        super().__init__()
+        self._other = other
+
+    def is_set(self) -> bool:
+        return super().is_set() or (self._other is not None and self._other.is_set())
+
+
+class CompletionService:
+    """Completes code at a cursor with a model; thread-safe (see the module docstring)."""
+
+    def __init__(self, engine, tokenizer, model_config, config: ServiceConfig | None = None,
+                 context_config=None, postprocess: Pipeline | None = None):
+        self.engine, self.tokenizer, self.model_config = engine, tokenizer, model_config
+        self.config = config or ServiceConfig()
+        self.context_config = context_config
+        self.postprocess = postprocess or pipeline()
+        self.format: PromptFormat = get_format(model_config.prompt_format)
+        if tokenizer.vocab_size > model_config.vocab_size:
+            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                             f"{model_config.vocab_size}: they do not belong together")
+        self.window = int(getattr(engine, "max_len", None) or model_config.max_position_embeddings)
+        ids = {tokenizer.token_to_id(s) for s in self.format.stop} | {tokenizer.eos_id}
+        self.stop_ids = tuple(sorted(i for i in ids if i is not None))
+        self._has_newline_ids = bool(getattr(engine, "newline_ids", None))
+
+    @classmethod
+    def from_pretrained(cls, model_dir, device: str = "cpu", quantize: str | None = None, compile: bool = False,
+                        config: ServiceConfig | None = None, context_config=None, **engine_options):
+        """Load the model and the tokenizer saved beside it, and start a native engine on `device`."""
+        from mellum.engine import NativeEngine
+        from mellum.tokenizer import Tokenizer
+
+        model_dir = Path(model_dir)
+        if not (model_dir / "config.json").is_file():
+            raise FileNotFoundError(f"no model at {model_dir} (expected config.json and safetensors weights)")
+        tokenizer = Tokenizer.from_pretrained(model_dir)
+        engine = NativeEngine.from_pretrained(model_dir, device=device, quantize=quantize, compile=compile,
+                                              newline_ids=newline_ids(tokenizer), **engine_options)
+        return cls(engine, tokenizer, engine.config, config, context_config)
+
+    def close(self) -> None:
+        self.engine.close()
+
+    # ---- public interface -------------------------------------------------------------------------------
+    def complete(self, request: CompletionRequest, cancel: threading.Event | None = None) -> Completion:
+        """Run one request to the end and return the post-processed completion."""
+        stream = self.stream(request, cancel)
+        while True:
+            try:
+                next(stream)
+            except StopIteration as done:
+                return done.value
+
+    def stream(self, request: CompletionRequest, cancel: threading.Event | None = None) -> Iterator[str]:
+        """Yield the completion's text in pieces as the model writes it; the generator's return value (the
+        `StopIteration.value`) is the final `Completion`, whose text is exactly the yielded pieces joined.
+
+        A line is yielded once the next one is complete and the filters keep it, so pieces never need taking
+        back. Closing the generator early cancels the request.
+        """
+        t0 = time.perf_counter()
+        cursor = Cursor(request.prefix, request.suffix, path=request.path, multiline=request.multiline)
+        multiline = is_multiline(cursor)
+        max_new = request.max_new_tokens or self.config.max_new_tokens
+        prompt = self._prompt(request, max_new)
+        cursor.prefix_brackets  # computed here, not on the engine thread  # noqa: B018
+        t_context = time.perf_counter()
+
+        from mellum.engine import SamplingParams
+
+        deadline_s = None
+        if request.deadline_ms is not None:
+            deadline_s = request.deadline_ms / 1000.0 - (t_context - t0)
+            if deadline_s <= 0:
+                return self._result(request, prompt, [], "", "", "deadline", {}, t0, t_context, multiline)
+        params = SamplingParams(
+            max_new_tokens=max_new, temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
+            seed=request.seed, stop_ids=self.stop_ids, deadline_s=deadline_s,
+            max_lines=(self.config.max_lines if multiline else 1) if self._has_newline_ids else None,
+            allowed_first_ids=prompt.allowed_first_ids,
+        )
+        stop_event = _Either(cancel)
+        tokens: "queue.Queue[int | None]" = queue.Queue()
+        outcome: dict = {}
+
+        def run() -> None:
+            try:
+                outcome["result"] = self.engine.generate(prompt.ids, params, stop_event, tokens.put)
+            except BaseException as exc:  # re-raised on the caller's thread
+                outcome["error"] = exc
+            finally:
+                tokens.put(None)
+
+        worker = threading.Thread(target=run, name="mellum-complete", daemon=True)
+        worker.start()
+        generated: list[int] = []
+        yielded = ""
+        stop_reason = None
+        lines_seen = 0
+        try:
+            while True:
+                token = tokens.get()
+                if token is None:
+                    break
+                generated.append(token)
+                raw = self.tokenizer.decode(generated)
+                visible, consistent = _unheal(raw, prompt.healed)
+                if not consistent:
+                    stop_reason = "healing_mismatch"
+                    stop_event.set()
+                    continue
+                cut = _first_stop(visible, request.stop)
+                if cut is not None:
+                    stop_reason = "stop_string"
+                    stop_event.set()
+                    visible = visible[:cut]
+                lines = visible.count("\n")
+                if lines == lines_seen and cut is None:
+                    continue  # the filters only decide on complete lines
+                lines_seen = lines
+                if cut is None and self.config.early_stop and self.postprocess.ended(visible, cursor):
+                    stop_reason = "filter"
+                    stop_event.set()
+                # Commit the lines before the last complete one, as the filters keep them.
+                done = visible[: visible.rfind("\n") + 1]
+                commit = self.postprocess(done, cursor) if done.strip() else ""
+                commit = commit[: commit.rfind("\n") + 1] if "\n" in commit else ""
+                if commit.startswith(yielded) and len(commit) > len(yielded):
+                    piece, yielded = commit[len(yielded):], commit
+                    yield piece
+        finally:
+            stop_event.set()  # a consumer that stopped early cancels the request
+            worker.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        result = outcome["result"]
+        raw = self.tokenizer.decode(result.tokens)
+        visible, consistent = _unheal(raw, prompt.healed)
+        cut = _first_stop(visible, request.stop)
+        if cut is not None:
+            visible, stop_reason = visible[:cut], "stop_string"
+        text = self.postprocess(visible, cursor) if consistent else ""
+        if not text.startswith(yielded):
+            text = yielded  # the filters changed their mind about committed lines: keep what the user saw
+        if len(text) > len(yielded):
+            yield text[len(yielded):]
+        reason = stop_reason or result.stop_reason
+        return self._result(request, prompt, result.tokens, raw, text, reason, result, t0, t_context, multiline)
+
+    # ---- prompt -------------------------------------------------------------------------------------------
+    def _context(self, request: CompletionRequest) -> list[ContextFile]:
+        """Context files, least relevant first: open buffers, then the caller's extra context."""
+        files = [ContextFile(path, text) for path, text in request.open_files.items() if path != request.path and text]
+        return files + [f for f in request.extra_context if f.text]
+
+    def _prompt(self, request: CompletionRequest, max_new: int) -> Prompt:
+        budget = self.window - max_new
+        if budget < 8:
+            raise ValueError(f"max_new_tokens={max_new} leaves no room for a prompt in the model's "
+                             f"{self.window}-token window")
+        context = self._context(request)
+        prefix, suffix = request.prefix, request.suffix
+        prompt = self._encode(request.path, prefix, suffix, context, truncated=False)
+        # Over budget: drop context files, least relevant first, then cut the file's text far from the cursor.
+        while len(prompt.ids) > budget and context:
+            context = context[1:]
+            prompt = self._encode(request.path, prefix, suffix, context, truncated=True)
+        for _ in range(4):  # re-tokenising cut text can shift a token or two
+            excess = len(prompt.ids) - budget
+            if excess <= 0:
+                break
+            prefix, suffix = self._trim_file(prompt, excess)
+            prompt = self._encode(request.path, prefix, suffix, context, truncated=True)
+        if len(prompt.ids) > budget:
+            raise ValueError(f"the prompt does not fit the model's {self.window}-token window even without context")
+        if self.config.token_healing:
+            self._heal(prompt)
+        return prompt
+
+    def _encode(self, path: str, prefix: str, suffix: str, context: list[ContextFile], truncated: bool) -> Prompt:
+        rendered = self.format.render(path, _PREFIX_MARK, suffix, context)
+        head, tail = rendered.split(_PREFIX_MARK)
+        enc = self.tokenizer.encode
+        return Prompt(enc(head, allow_special=True), enc(prefix, allow_special=True), enc(tail, allow_special=True),
+                      prefix, suffix, list(context), truncated)
+
+    def _trim_file(self, prompt: Prompt, excess: int) -> tuple[str, str]:
+        """Prefix cut from the left and suffix from the right so the prompt loses `excess` tokens; the suffix keeps
+        at most `suffix_share` of what the file may use, the prefix the rest (the text at the cursor stays)."""
+        tok = self.tokenizer
+        suffix_ids = tok.encode(prompt.suffix_text, allow_special=True) if prompt.suffix_text else []
+        fixed = len(prompt.ids) - len(prompt.prefix) - len(suffix_ids)  # markers, path, suffix-free parts
+        room = max(0, len(prompt.ids) - excess - fixed)  # tokens prefix + suffix may use together
+        keep_suffix = min(len(suffix_ids), max(int(room * self.config.suffix_share), room - len(prompt.prefix)))
+        keep_prefix = max(0, room - keep_suffix)
+        prefix = _tail_text(tok, prompt.prefix, keep_prefix)
+        suffix = _head_text(tok, suffix_ids, keep_suffix)
+        return prefix, suffix
+
+    def _heal(self, prompt: Prompt) -> None:
+        """Back off the prefix's last token(s) when a longer token could cover them (`self.get_us` → `self.get`
+        + a first token that starts with `_us`), constraining the first generated token to fit (issue #4 item 6)."""
+        n = min(self.config.heal_tokens, len(prompt.prefix))
+        special = self.tokenizer.special_ids
+        while n > 0:
+            removed_ids = prompt.prefix[-n:]
+            removed = self.tokenizer.decode(removed_ids)
+            if any(i in special for i in removed_ids) or "\n" in removed or "\ufffd" in removed or not removed:
+                n -= 1
+                continue
+            table = healing_table(self.tokenizer)
+            extending = table.extending(removed)
+            if len(extending) < 2:  # only the token itself: nothing to heal
+                n -= 1
+                continue
+            allowed = sorted(set(extending) | set(table.prefixes(removed)))
+            prompt.prefix = prompt.prefix[:-n]
+            prompt.healed = removed
+            prompt.allowed_first_ids = tuple(allowed)
+            return
+
+    # ---- result -------------------------------------------------------------------------------------------
+    def _result(self, request, prompt: Prompt, tokens, raw, text, stop_reason, result, t0, t_context, multiline):
+        engine_ms = getattr(result, "timings_ms", None) or {}
+        total = (time.perf_counter() - t0) * 1000.0
+        timings = {
+            "context": (t_context - t0) * 1000.0,
+            "queue": float(engine_ms.get("queue", 0.0)),
+            "prefill": float(engine_ms.get("prefill", 0.0)),
+            "decode": float(engine_ms.get("decode", 0.0)),
+            "total": total,
+        }
+        return Completion(
+            id=uuid.uuid4().hex,
+            text=text,
+            prompt=self._prompt_text(prompt) if request.return_prompt else None,
+            prompt_tokens=len(prompt.ids),
+            cached_tokens=int(getattr(result, "cached_tokens", 0) or 0),
+            generated_tokens=len(tokens),
+            stop_reason=stop_reason,
+            timings_ms=timings,
+            truncated=prompt.truncated,
+            multiline=multiline,
+            raw_text=raw,
+            healed=prompt.healed,
+            context_paths=[f.path for f in prompt.context],
+        )
+
+    def _prompt_text(self, prompt: Prompt) -> str:
+        """The exact text the model saw (after healing, before generation)."""
+        return self.tokenizer.decode(prompt.ids)
+
+
+def _unheal(raw: str, healed: str) -> tuple[str, bool]:
+    """The completion after the healed text: ('', True) while the output is still re-typing it, ('', False) once
+    it diverged from it."""
+    if not healed:
+        return raw, True
+    if raw.startswith(healed):
+        return raw[len(healed):], True
+    return "", healed.startswith(raw)
+
+
+def _first_stop(text: str, stops: Sequence[str]) -> int | None:
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _tail_text(tokenizer, ids: list[int], keep: int) -> str:
+    """The text of the last `keep` tokens, starting at a line boundary when one is near (whole lines read better)."""
+    if keep <= 0:
+        return ""
+    text = tokenizer.decode(ids[-keep:]).lstrip("\ufffd")
+    newline = text.find("\n")
+    return text[newline + 1 :] if 0 <= newline < len(text) // 4 else text
+
+
+def _head_text(tokenizer, ids: list[int], keep: int) -> str:
+    """The text of the first `keep` tokens, ending at a line boundary when one is near."""
+    if keep <= 0:
+        return ""
+    text = tokenizer.decode(ids[:keep]).rstrip("\ufffd")
+    newline = text.rfind("\n")
+    return text[: newline + 1] if newline >= 0 and newline > len(text) * 3 // 4 else text
