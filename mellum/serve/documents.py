@@ -44,8 +44,18 @@ def _line_end(text: str, starts: list[int], line: int) -> int:
     return end
 
 
-def offset_at(text: str, line: int, character: int, starts: list[int] | None = None) -> int:
-    """String offset of an LSP position (UTF-16 `character`), clamped into the document."""
+def char_width(c: str, encoding: str = "utf-16") -> int:
+    """Code units of one code point in the negotiated position encoding (LSP 3.17 `PositionEncodingKind`)."""
+    cp = ord(c)
+    if encoding == "utf-16":
+        return 2 if cp > 0xFFFF else 1
+    if encoding == "utf-8":
+        return 1 if cp < 0x80 else 2 if cp < 0x800 else 3 if cp < 0x10000 else 4
+    return 1  # utf-32: code points, like Python
+
+
+def offset_at(text: str, line: int, character: int, starts: list[int] | None = None, encoding: str = "utf-16") -> int:
+    """String offset of an LSP position (`character` in `encoding` units), clamped into the document."""
     starts = starts if starts is not None else line_starts(text)
     if line < 0:
         return 0
@@ -54,10 +64,12 @@ def offset_at(text: str, line: int, character: int, starts: list[int] | None = N
     start, end = starts[line], _line_end(text, starts, line)
     if character <= 0:
         return start
+    if encoding == "utf-32":
+        return min(start + character, end)
     units = 0
     for i in range(start, end):
-        width = 2 if ord(text[i]) > 0xFFFF else 1
-        if units + width > character:  # `character` falls inside this character's surrogate pair
+        width = char_width(text[i], encoding)
+        if units + width > character:  # `character` falls inside this character (a surrogate pair, a UTF-8 run)
             return i
         units += width
         if units == character:
@@ -65,12 +77,12 @@ def offset_at(text: str, line: int, character: int, starts: list[int] | None = N
     return end
 
 
-def position_at(text: str, offset: int, starts: list[int] | None = None) -> tuple[int, int]:
-    """LSP (line, UTF-16 character) of a string offset."""
+def position_at(text: str, offset: int, starts: list[int] | None = None, encoding: str = "utf-16") -> tuple[int, int]:
+    """LSP (line, character in `encoding` units) of a string offset."""
     starts = starts if starts is not None else line_starts(text)
     offset = max(0, min(offset, len(text)))
     line = bisect.bisect_right(starts, offset) - 1
-    character = sum(2 if ord(c) > 0xFFFF else 1 for c in text[starts[line]:offset])
+    character = sum(char_width(c, encoding) for c in text[starts[line]:offset])
     return line, character
 
 
@@ -88,6 +100,7 @@ class Document:
     text: str
     version: int = 0
     language_id: str = ""
+    encoding: str = "utf-16"
     _starts: list[int] | None = field(default=None, repr=False)
 
     @property
@@ -101,7 +114,7 @@ class Document:
         return self._starts
 
     def offset(self, line: int, character: int) -> int:
-        return offset_at(self.text, line, character, self.starts)
+        return offset_at(self.text, line, character, self.starts, self.encoding)
 
     def apply(self, text: str, rng: tuple[int, int, int, int] | None = None) -> None:
         """Apply one content change: the whole text (rng None) or a replacement of (l0, c0, l1, c1)."""
@@ -118,13 +131,14 @@ class Document:
 class DocumentStore:
     """The buffers the editor has open, keyed by URI; safe to read from worker threads."""
 
-    def __init__(self):
+    def __init__(self, encoding: str = "utf-16"):
+        self.encoding = encoding  # set from the position encoding negotiated at `initialize`
         self._docs: dict[str, Document] = {}
         self._lock = threading.Lock()
 
     def open(self, uri: str, text: str, version: int = 0, language_id: str = "") -> Document:
         with self._lock:
-            doc = self._docs[uri] = Document(uri, text, version, language_id)
+            doc = self._docs[uri] = Document(uri, text, version, language_id, self.encoding)
         return doc
 
     def change(self, uri: str, changes: list[tuple[str, tuple[int, int, int, int] | None]], version: int) -> Document:
@@ -132,7 +146,7 @@ class DocumentStore:
         with self._lock:
             doc = self._docs.get(uri)
             if doc is None:  # a change for a buffer we never saw opened: start from empty
-                doc = self._docs[uri] = Document(uri, "")
+                doc = self._docs[uri] = Document(uri, "", encoding=self.encoding)
             for text, rng in changes:
                 doc.apply(text, rng)
             doc.version = version

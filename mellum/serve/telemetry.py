@@ -60,6 +60,14 @@ CREATE INDEX IF NOT EXISTS events_completion ON events(completion_id);
 """
 
 
+def default_path() -> Path:
+    """`$MELLUM_TELEMETRY`, else `$XDG_STATE_HOME/mellum/telemetry.db` (~/.local/state/mellum/telemetry.db)."""
+    if os.environ.get("MELLUM_TELEMETRY"):
+        return Path(os.environ["MELLUM_TELEMETRY"])
+    state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(state) / "mellum" / "telemetry.db"
+
+
 @dataclass(frozen=True)
 class TelemetryEvent:
     """One editor event about a served completion."""

@@ -38,15 +38,23 @@ def test_offset_at(line, character, expected):
     assert offset_at(TEXT, line, character) == expected
 
 
-def test_position_round_trip():
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-8", "utf-32"])
+def test_position_round_trip(encoding):
     rng = random.Random(0)
     text = "".join(rng.choice("ab \n😀é\r") for _ in range(300))
     starts = line_starts(text)
     for offset in range(len(text) + 1):
         if offset and text[offset - 1] == "\r" and text[offset : offset + 1] == "\n":
             continue  # between \r and \n is not a position
-        line, character = position_at(text, offset, starts)
-        assert offset_at(text, line, character, starts) == offset
+        line, character = position_at(text, offset, starts, encoding)
+        assert offset_at(text, line, character, starts, encoding) == offset
+
+
+def test_utf8_positions_count_bytes():
+    assert offset_at("é😀x", 0, 2, encoding="utf-8") == 1  # é is 2 bytes
+    assert offset_at("é😀x", 0, 4, encoding="utf-8") == 1  # inside the emoji's 4 bytes: snapped back
+    assert offset_at("é😀x", 0, 6, encoding="utf-8") == 2
+    assert offset_at("é😀x", 0, 2, encoding="utf-32") == 2
 
 
 def test_incremental_changes_match_full_text():

@@ -1,0 +1,52 @@
+"""`mellum lsp`: the language server (inline completion) over stdio, or TCP with --tcp HOST:PORT."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from mellum.commands.serve import add_model_arguments, model_dir, open_telemetry
+
+
+def configure(parser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--tcp", metavar="HOST:PORT",
+                        help="listen on TCP instead of stdio (e.g. 127.0.0.1:2087)")
+    parser.add_argument("--log-file", metavar="FILE", help="write the server's log here (stdout carries LSP)")
+    parser.add_argument("--debounce-ms", type=float, default=None,
+                        help="wait after an automatic trigger before computing (default 75; clients may override)")
+
+
+def run(args) -> int:
+    from mellum.serve.lsp import LspConfig, create_server
+
+    host = port = None
+    if args.tcp:
+        host, _, port_text = args.tcp.rpartition(":")
+        if not host or not port_text.isdigit():
+            raise ValueError(f"--tcp takes HOST:PORT, e.g. 127.0.0.1:2087; got {args.tcp!r}")
+        port = int(port_text)
+    logging.basicConfig(filename=args.log_file, level=logging.INFO if args.log_file else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        stream=None if args.log_file else sys.stderr)
+    config = LspConfig() if args.debounce_ms is None else LspConfig(debounce_ms=args.debounce_ms)
+    telemetry = open_telemetry(args)
+    path = model_dir(args)
+    server = create_server(path, telemetry=telemetry, config=config, workers=args.workers,
+                           load_service=lambda p: _load(p, args.device))
+    try:
+        if host:
+            print(f"mellum: language server on {host}:{port}", file=sys.stderr, flush=True)
+            server.start_tcp(host, port)
+        else:
+            server.start_io()
+    finally:
+        if telemetry is not None:
+            telemetry.close()
+    return 0
+
+
+def _load(path, device):
+    from mellum.complete import CompletionService
+
+    return CompletionService.from_pretrained(path, device=device)

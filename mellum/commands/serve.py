@@ -1,0 +1,86 @@
+"""`mellum serve`: the HTTP completion server (OpenAI-compatible /v1/completions, native /v1/fim, telemetry)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+
+def add_model_arguments(parser) -> None:
+    """Model and telemetry options shared by `mellum serve` and `mellum lsp`."""
+    parser.add_argument("--model", metavar="DIR",
+                        help="model directory (config.json, safetensors, tokenizer.json); default: the bundled "
+                             "mellum-tiny, or $MELLUM_MODEL")
+    parser.add_argument("--device", default="cpu", help="torch device for the engine (default: cpu)")
+    parser.add_argument("--telemetry", metavar="DB",
+                        help="SQLite file for completion telemetry (default: $MELLUM_TELEMETRY or "
+                             "~/.local/state/mellum/telemetry.db)")
+    parser.add_argument("--no-telemetry", action="store_true", help="record nothing about served completions")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="engine worker threads (default 1: one request computes at a time, others queue)")
+
+
+def model_dir(args) -> Path:
+    from mellum.assets import default_model_dir
+
+    if args.model:
+        path = Path(args.model)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"no model at {path} (expected config.json, safetensors weights, tokenizer.json)")
+        return path
+    return default_model_dir()
+
+
+def open_telemetry(args):
+    if args.no_telemetry:
+        return None
+    from mellum.serve.telemetry import TelemetryStore, default_path
+
+    return TelemetryStore(args.telemetry or default_path())
+
+
+def configure(parser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (default 127.0.0.1: only this machine; 0.0.0.0 exposes the model)")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    parser.add_argument("--api-key", default=os.environ.get("MELLUM_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on every route but /health "
+                             "(default: $MELLUM_API_KEY; none when unset)")
+    parser.add_argument("--workspace", action="append", default=[], metavar="DIR",
+                        help="a project root clients may name as project_root in /v1/fim (repeatable); "
+                             "context is never read outside these")
+    parser.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024,
+                        help="largest request body accepted (default 4 MiB)")
+    parser.add_argument("--max-tokens-limit", type=int, default=2048, help="largest max_tokens a client may ask for")
+
+
+def run(args) -> int:
+    from mellum.complete import CompletionService
+    from mellum.serve.http import HttpConfig, create_app, run_server
+
+    for w in args.workspace:
+        if not Path(w).is_dir():
+            raise NotADirectoryError(f"--workspace {w} is not a directory")
+    if args.port < 0 or args.port > 65535:
+        raise ValueError(f"--port must be 0-65535, got {args.port}")
+    path = model_dir(args)
+    print(f"mellum: loading {path}", file=sys.stderr, flush=True)
+    service = CompletionService.from_pretrained(path, device=args.device)
+    telemetry = open_telemetry(args)
+    config = HttpConfig(host=args.host, port=args.port, api_key=args.api_key or None,
+                        max_body_bytes=args.max_body_bytes, max_tokens_limit=args.max_tokens_limit,
+                        workspaces=tuple(args.workspace), model_name=path.name)
+    app = create_app(service, config, telemetry=telemetry, workers=args.workers)
+    auth = "bearer key required" if config.api_key else "no auth"
+    where = f"telemetry → {telemetry.path}" if telemetry else "telemetry off"
+    print(f"mellum: serving {path.name} on http://{args.host}:{args.port} ({auth}; {where})", file=sys.stderr,
+          flush=True)
+    try:
+        run_server(app, config)
+    finally:
+        service.close()
+        if telemetry is not None:
+            telemetry.close()
+    return 0

@@ -1,0 +1,459 @@
+"""HTTP completion API: a FastAPI app over the completion service (OpenAI-compatible and native FIM endpoints).
+
+Routes: `POST /v1/completions` (OpenAI text completions: prompt = code before the cursor, suffix = code after;
+SSE streaming), `POST /v1/fim` (native: file path, prefix, suffix, project root, extra context pieces like
+Tabby's segments, options; returns the completion id, timings and optionally the exact prompt),
+`POST /v1/chat/completions` (chat template from the tokenizer config), `POST /v1/telemetry`, `GET /health`,
+`GET /metrics` (Prometheus). Handlers stay thin: they validate, build a `CompletionRequest`, and hand it to
+the `Runner`. Errors are JSON in the OpenAI shape `{"error": {"message", "type", "code"}}`.
+"""
+
+
+import asyncio
+import hmac
+import json
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Union
+
+from mellum.serve.metrics import Metrics
+from mellum.serve.runner import Cancelled, Runner
+
+API_KEY_ENV = "MELLUM_API_KEY"
+
+
+@dataclass
+class HttpConfig:
+    """Server settings; every limit is a field here, not a literal in a handler."""
+
+    host: str = "127.0.0.1"  # loopback by default: exposing a model to the network is an explicit choice
+    port: int = 8000
+    api_key: str | None = None  # when set, every route but /health needs `Authorization: Bearer <key>`
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_tokens_limit: int = 2048  # the largest max_tokens a client may ask for
+    default_max_tokens: int = 64  # /v1/fim and chat when the client does not say
+    workspaces: tuple[str, ...] = ()  # project roots clients may name; context is never read outside them
+    model_name: str = "mellum"
+    disconnect_poll_s: float = 0.05
+    open_paths: tuple[str, ...] = field(default=("/health",))  # reachable without the key
+
+
+# ---- request and response bodies ------------------------------------------------------------------------
+def _models():
+    """Pydantic models, built lazily so that importing this module does not require the `serve` extra."""
+    from pydantic import BaseModel, ConfigDict, Field
+
+    class Lenient(BaseModel):
+        model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (user, n=1, ...)
+
+    class CompletionsBody(Lenient):
+        model: str | None = None
+        prompt: Union[str, list[str]] = Field("", description="Code before the cursor (a one-element list is accepted)")
+        suffix: str | None = Field(None, description="Code after the cursor")
+        max_tokens: int | None = Field(16, ge=0, description="OpenAI's default is 16")
+        temperature: float | None = Field(None, ge=0, le=2, description="Default 0 (greedy), unlike OpenAI's 1")
+        top_p: float = Field(1.0, gt=0, le=1)
+        n: int = Field(1, ge=1, le=1)
+        stream: bool = False
+        stop: Union[str, list[str], None] = None
+        seed: int | None = None
+        path: str | None = Field(None, description="mellum extension: the file being completed (for the prompt)")
+
+    class ContextPiece(Lenient):
+        path: str = Field(..., min_length=1, max_length=4096)
+        text: str
+
+    class FimOptions(Lenient):
+        max_tokens: int | None = Field(None, ge=0)
+        temperature: float = Field(0.0, ge=0, le=2)
+        top_p: float = Field(1.0, gt=0, le=1)
+        top_k: int = Field(0, ge=0)
+        seed: int | None = None
+        multiline: bool | None = None
+        stop: list[str] = Field(default_factory=list, max_length=16)
+        deadline_ms: float | None = Field(None, gt=0)
+        return_prompt: bool = False
+
+    class FimBody(Lenient):
+        path: str = Field(..., min_length=1, max_length=4096, description="Path of the file being completed")
+        prefix: str
+        suffix: str = ""
+        project_root: str | None = Field(None, description="A workspace the server was started with (--workspace)")
+        extra_context: list[ContextPiece] = Field(default_factory=list, description="Snippets/files, most relevant last")
+        open_files: dict[str, str] = Field(default_factory=dict, description="Unsaved buffers: path -> text")
+        options: FimOptions = Field(default_factory=FimOptions)
+
+    class Usage(BaseModel):
+        prompt_tokens: int = 0
+        cached_tokens: int = 0
+        generated_tokens: int = 0
+
+    class FimResponse(BaseModel):
+        id: str
+        completion: str
+        stop_reason: str
+        timings_ms: dict[str, float]
+        usage: Usage
+        prompt: str | None = None
+
+    class ChatMessage(Lenient):
+        role: Literal["system", "user", "assistant", "tool"]
+        content: str
+
+    class ChatBody(Lenient):
+        model: str | None = None
+        messages: list[ChatMessage] = Field(..., min_length=1)
+        max_tokens: int | None = Field(None, ge=0)
+        temperature: float | None = Field(None, ge=0, le=2)
+        top_p: float = Field(1.0, gt=0, le=1)
+        n: int = Field(1, ge=1, le=1)
+        stop: Union[str, list[str], None] = None
+        seed: int | None = None
+        stream: Literal[False] = False
+
+    class TelemetryEventBody(Lenient):
+        id: str = Field(..., min_length=1, max_length=256, description="The completion id from a response")
+        event: Literal["shown", "accepted", "partial", "rejected", "ignored"]
+        accepted_text: str | None = Field(None, description="For 'partial': the part that was kept")
+        replacement: str | None = Field(None, description="What the developer wrote instead, if known")
+
+    class TelemetryBody(Lenient):
+        events: list[TelemetryEventBody] = Field(..., min_length=1, max_length=1000)
+
+    return dict(
+        CompletionsBody=CompletionsBody, FimBody=FimBody, FimResponse=FimResponse, ChatBody=ChatBody,
+        TelemetryBody=TelemetryBody, TelemetryEventBody=TelemetryEventBody, Usage=Usage,
+    )
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code = status, message, type_, code
+
+
+def _error_body(message: str, type_: str, code: str | None, **extra) -> dict:
+    return {"error": {"message": message, "type": type_, "code": code, "param": None}, **extra}
+
+
+# ---- middleware: auth and body size ---------------------------------------------------------------------
+class _Guard:
+    """ASGI middleware: bearer-token check and request body limit, before any route parses anything."""
+
+    def __init__(self, app, config: HttpConfig):
+        self.app, self.config = app, config
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if self.config.api_key and scope.get("path") not in self.config.open_paths:
+            token = headers.get("authorization", "")
+            scheme, _, value = token.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), self.config.api_key.encode()):
+                return await _send_json(
+                    send, 401, _error_body("missing or wrong API key: send 'Authorization: Bearer <key>'",
+                                           "authentication_error", "invalid_api_key"),
+                    extra_headers=[(b"www-authenticate", b"Bearer")],
+                )
+        limit = self.config.max_body_bytes
+        length = headers.get("content-length")
+        if length is not None:
+            if not length.isdigit() or int(length) > limit:
+                return await _send_json(send, 413, _too_large(limit))
+            return await self.app(scope, receive, send)
+        if scope.get("method") in ("GET", "HEAD", "DELETE", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        # Chunked upload without a length: read it here, up to the limit, then replay it to the app.
+        messages, size = [], 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            size += len(message.get("body", b""))
+            if size > limit:
+                return await _send_json(send, 413, _too_large(limit))
+            if message["type"] != "http.request" or not message.get("more_body"):
+                break
+
+        async def replay():
+            return messages.pop(0) if messages else await receive()
+
+        return await self.app(scope, replay, send)
+
+
+def _too_large(limit: int) -> dict:
+    return _error_body(f"request body larger than the server's limit of {limit} bytes", "invalid_request_error",
+                       "request_too_large")
+
+
+async def _send_json(send, status: int, body: dict, extra_headers=()):
+    data = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+                            *extra_headers]})
+    await send({"type": "http.response.body", "body": data})
+
+
+# ---- the app ----------------------------------------------------------------------------------------------
+def create_app(service, config: HttpConfig | None = None, telemetry=None, metrics: Metrics | None = None,
+               workers: int = 1):
+    """Build the FastAPI app around a loaded `CompletionService` (and an optional `TelemetryStore`)."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    from mellum import __version__
+    from mellum.complete import CompletionRequest
+    from mellum.prompt import ContextFile
+    from mellum.serve.telemetry import TelemetryEvent
+
+    config = config or HttpConfig()
+    m = _models()
+    runner = Runner(service, metrics, telemetry, workers=workers, model_name=config.model_name)
+    workspaces = [Path(w).resolve() for w in config.workspaces]
+    started = time.time()
+
+    app = FastAPI(
+        title="mellum",
+        version=__version__,
+        description="Code completion with fill-in-the-middle models: OpenAI-compatible and native FIM endpoints.",
+    )
+    app.state.runner = runner
+    app.add_middleware(_Guard, config=config)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, exc: ApiError):
+        runner.metrics.record(runner.metrics.requests.inc, endpoint=request.url.path, status=str(exc.status))
+        return JSONResponse(_error_body(exc.message, exc.type, exc.code), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, exc: RequestValidationError):
+        errors = exc.errors()
+        parts = []
+        for e in errors[:5]:
+            where = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
+            parts.append(f"{where}: {e.get('msg')}")
+        runner.metrics.record(runner.metrics.requests.inc, endpoint=request.url.path, status="422")
+        detail = json.loads(json.dumps(errors, default=str))  # keep FastAPI's `detail` for schema conformance
+        return JSONResponse(_error_body("invalid request: " + "; ".join(parts), "invalid_request_error",
+                                        "invalid_request", detail=detail), status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc: StarletteHTTPException):
+        return JSONResponse(_error_body(str(exc.detail), "invalid_request_error", None), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _crash(request, exc: Exception):
+        runner.metrics.record(runner.metrics.requests.inc, endpoint=request.url.path, status="500")
+        return JSONResponse(_error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error", None),
+                            status_code=500)
+
+    def _max_tokens(value: int | None, default: int) -> int:
+        value = default if value is None else value
+        if value > config.max_tokens_limit:
+            raise ApiError(400, f"max_tokens {value} exceeds this server's limit of {config.max_tokens_limit}")
+        return value
+
+    def _project_root(root: str | None) -> str | None:
+        # Security: a client may only name a workspace the server was started with (or a folder inside one);
+        # the context index then never reads outside that root.
+        if root is None:
+            return None
+        resolved = Path(root).resolve()
+        for w in workspaces:
+            if resolved == w or w in resolved.parents:
+                if not resolved.is_dir():
+                    raise ApiError(400, f"project_root {root!r} is not a directory")
+                return str(resolved)
+        raise ApiError(403, f"project_root {root!r} is outside the server's workspaces; start the server with "
+                            "--workspace DIR to allow it", "permission_error", "project_root_forbidden")
+
+    def _stops(stop) -> list[str]:
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if len(stops) > 16 or any(not s for s in stops):
+            raise ApiError(400, "stop must be at most 16 non-empty strings")
+        return stops
+
+    async def _run(http_request: Request, request, endpoint: str):
+        """Complete while watching the connection: a client that hangs up cancels the engine work."""
+        cancel = threading.Event()
+        task = asyncio.ensure_future(runner.complete(request, cancel, endpoint, source="http"))
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=config.disconnect_poll_s)
+                if done:
+                    return task.result().completion
+                if await http_request.is_disconnected():
+                    cancel.set()
+                    task.cancel()
+                    raise ApiError(499, "client closed the request", "cancelled", "client_closed")
+        except Cancelled:
+            raise ApiError(499, "request cancelled", "cancelled", "cancelled") from None
+        except ValueError as exc:  # the service's user-facing errors (bad path, too long, ...)
+            raise ApiError(400, str(exc)) from None
+        finally:
+            if not task.done():
+                task.cancel()
+
+    def _ok(endpoint: str):
+        runner.metrics.record(runner.metrics.requests.inc, endpoint=endpoint, status="200")
+
+    @app.get("/health", summary="Liveness and the loaded model")
+    async def health():
+        return {"status": "ok", "model": config.model_name, "version": __version__,
+                "uptime_s": round(time.time() - started, 3), "queue_depth": runner.queue_depth}
+
+    @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
+    async def metrics_route():
+        return PlainTextResponse(runner.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.post("/v1/completions", summary="OpenAI-compatible text completion (prompt = prefix, suffix = suffix)")
+    async def completions(body: m["CompletionsBody"], http_request: Request):
+        prompt = body.prompt
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise ApiError(400, "prompt as a list must hold exactly one string (n=1 only)")
+            prompt = prompt[0]
+        request = CompletionRequest(
+            path=body.path or "untitled", prefix=prompt, suffix=body.suffix or "",
+            max_new_tokens=_max_tokens(body.max_tokens, 16), temperature=body.temperature or 0.0,
+            top_p=body.top_p, seed=body.seed, stop=_stops(body.stop),
+        )
+        created = int(time.time())
+        if body.stream:
+            return StreamingResponse(_sse(request, created, body.model), media_type="text/event-stream")
+        completion = await _run(http_request, request, "/v1/completions")
+        _ok("/v1/completions")
+        return {
+            "id": completion.id, "object": "text_completion", "created": created,
+            "model": body.model or config.model_name,
+            "choices": [{"text": completion.text, "index": 0, "logprobs": None,
+                         "finish_reason": _finish_reason(completion.stop_reason)}],
+            "usage": {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.generated_tokens,
+                      "total_tokens": completion.prompt_tokens + completion.generated_tokens},
+        }
+
+    async def _sse(request, created: int, model: str | None):
+        cid = uuid.uuid4().hex
+        cancel = threading.Event()
+
+        def chunk(text: str, finish: str | None) -> str:
+            data = {"id": cid, "object": "text_completion", "created": created, "model": model or config.model_name,
+                    "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
+            return f"data: {json.dumps(data)}\n\n"
+
+        try:
+            async for piece in runner.stream(request, cancel, "/v1/completions", "http", cid):
+                yield chunk(piece, None)
+            yield chunk("", "stop")
+            _ok("/v1/completions")
+        except (Cancelled, ValueError) as exc:
+            yield f"data: {json.dumps(_error_body(str(exc) or 'cancelled', 'invalid_request_error', None))}\n\n"
+        finally:
+            cancel.set()
+        yield "data: [DONE]\n\n"
+
+    @app.post("/v1/fim", response_model=m["FimResponse"], response_model_exclude_none=True,
+              summary="Native fill-in-the-middle completion with project context")
+    async def fim(body: m["FimBody"], http_request: Request):
+        o = body.options
+        request = CompletionRequest(
+            path=body.path, prefix=body.prefix, suffix=body.suffix, project_root=_project_root(body.project_root),
+            extra_context=[ContextFile(p.path, p.text) for p in body.extra_context], open_files=dict(body.open_files),
+            max_new_tokens=_max_tokens(o.max_tokens, config.default_max_tokens), temperature=o.temperature,
+            top_p=o.top_p, top_k=o.top_k, seed=o.seed, multiline=o.multiline, stop=_stops(o.stop),
+            deadline_ms=o.deadline_ms, return_prompt=o.return_prompt,
+        )
+        completion = await _run(http_request, request, "/v1/fim")
+        _ok("/v1/fim")
+        return {
+            "id": completion.id, "completion": completion.text, "stop_reason": str(completion.stop_reason),
+            "timings_ms": {k: float(v) for k, v in (completion.timings_ms or {}).items()},
+            "usage": {"prompt_tokens": completion.prompt_tokens, "cached_tokens": completion.cached_tokens,
+                      "generated_tokens": completion.generated_tokens},
+            "prompt": completion.prompt if o.return_prompt else None,
+        }
+
+    @app.post("/v1/chat/completions", summary="OpenAI-compatible chat (chat template from the tokenizer config)")
+    async def chat(body: m["ChatBody"], http_request: Request):
+        messages = [{"role": x.role, "content": x.content} for x in body.messages]
+        max_tokens = _max_tokens(body.max_tokens, config.default_max_tokens)
+        cancel = threading.Event()
+        loop = asyncio.get_running_loop()
+        try:
+            text, prompt_tokens, generated, reason = await loop.run_in_executor(
+                runner._pool, chat_sync, service, messages, max_tokens, body.temperature or 0.0, body.top_p,
+                body.seed, _stops(body.stop), cancel)
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from None
+        except asyncio.CancelledError:
+            cancel.set()
+            raise
+        _ok("/v1/chat/completions")
+        return {
+            "id": "chatcmpl-" + uuid.uuid4().hex, "object": "chat.completion", "created": int(time.time()),
+            "model": body.model or config.model_name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "finish_reason": _finish_reason(reason)}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": generated,
+                      "total_tokens": prompt_tokens + generated},
+        }
+
+    @app.post("/v1/telemetry", summary="Record what the developer did with completions (durable on 200)")
+    async def telemetry_route(body: Union[m["TelemetryBody"], m["TelemetryEventBody"]]):
+        if runner.telemetry is None:
+            raise ApiError(503, "telemetry is disabled on this server (started with --no-telemetry)",
+                           "unavailable", "telemetry_disabled")
+        items = body.events if hasattr(body, "events") else [body]
+        events = [TelemetryEvent(e.id, e.event, e.accepted_text, e.replacement, client="http") for e in items]
+        # Committed (fsync'd WAL) before we answer: an acknowledged event survives a crash.
+        n = await asyncio.get_running_loop().run_in_executor(None, runner.telemetry.record_events, events)
+        for e in events:
+            runner.metrics.record(runner.metrics.telemetry.inc, event=e.event)
+        _ok("/v1/telemetry")
+        return {"recorded": n}
+
+    return app
+
+
+def _finish_reason(stop_reason) -> str:
+    return "length" if str(stop_reason) in ("length", "max_tokens", "max_new_tokens") else "stop"
+
+
+def chat_sync(service, messages, max_tokens, temperature, top_p, seed, stops, cancel):
+    """Render the chat template from the tokenizer config, generate on the engine, cut at stop strings."""
+    from mellum.engine import SamplingParams
+
+    tokenizer = service.tokenizer
+    template = tokenizer.config.get("chat_template")
+    if not template:
+        raise ValueError("this model's tokenizer has no chat_template: use /v1/completions or /v1/fim")
+    import jinja2.sandbox
+
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    prompt = env.from_string(template).render(messages=messages, add_generation_prompt=True,
+                                              bos_token="", eos_token=tokenizer.config.get("eos_token", ""))
+    ids = tokenizer.encode(prompt, allow_special=True)
+    stop_ids = [i for t in ("<|im_end|>", "<|endoftext|>") if (i := tokenizer.token_to_id(t)) is not None]
+    params = SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                            stop_ids=stop_ids)
+    result = service.engine.generate(ids, params, cancel=cancel)
+    tokens = [t for t in result.tokens if t not in stop_ids]
+    text = tokenizer.decode(tokens)
+    for s in stops:
+        if s in text:
+            text, result.stop_reason = text[: text.index(s)], "stop"
+    return text, len(ids), len(result.tokens), result.stop_reason
+
+
+def run_server(app, config: HttpConfig) -> None:
+    """Serve with uvicorn until interrupted."""
+    import uvicorn
+
+    uvicorn.run(app, host=config.host, port=config.port, log_level=os.environ.get("MELLUM_LOG_LEVEL", "info"),
+                timeout_graceful_shutdown=2)

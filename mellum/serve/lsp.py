@@ -1,0 +1,453 @@
+"""Language server: inline code completion for any LSP editor, built on pygls over the completion service.
+
+What the editor sees: `textDocument/inlineCompletion` (LSP 3.18, advertised through `InlineCompletionOptions`)
+and a `textDocument/completion` fallback for editors without inline suggestions; incremental document sync;
+`$/cancelRequest` and superseding keystrokes stop the engine (a `threading.Event` handed to the service);
+a debounce for automatic triggers; a suggestion cache that answers at once while the developer types the first
+characters of a suggestion already shown (Tabby and Continue do the same, REFERENCE.md §3); the custom
+notification `mellum/telemetry` (shown / accepted / partial / rejected / ignored with the completion id), the
+command `mellum.accepted` (run by clients when an item is accepted) and the request `mellum/status`.
+Configuration comes from `initializationOptions` and `workspace/configuration` (section "mellum").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from mellum.serve.documents import DocumentStore
+from mellum.serve.metrics import Metrics
+from mellum.serve.runner import Cancelled, Runner
+
+log = logging.getLogger("mellum.lsp")
+
+MULTILINE = {"auto": None, "always": True, "never": False}
+
+
+@dataclass(frozen=True)
+class LspConfig:
+    """Client-tunable settings; camelCase keys from the editor map onto these fields (`maxNewTokens` ...)."""
+
+    max_new_tokens: int = 64
+    multiline: str = "auto"  # auto (decided from the cursor position) | always | never
+    temperature: float = 0.0
+    debounce_ms: float = 75.0  # wait this long after an automatic trigger before starting the engine
+    deadline_ms: float | None = 3000.0  # the engine stops and returns what it has after this long
+    max_prefix_chars: int = 24_000  # text handed to the service around the cursor (it cuts further by tokens)
+    max_suffix_chars: int = 8_000
+    max_open_file_chars: int = 500_000  # larger open buffers are not offered as context
+    cache_entries: int = 100  # Tabby keeps an LRU of 100 suggestions
+    cache_tail_chars: int = 2_000  # how much of the prefix a cache entry checks to still be the same place
+    project_context: bool = True  # pass the workspace folder so the service can index the project
+
+    def merged(self, options) -> "LspConfig":
+        """A copy with the recognised keys of an options dict (camelCase or snake_case) applied."""
+        if not isinstance(options, dict):
+            return self
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        changes = {}
+        for key, value in options.items():
+            name = _snake(str(key))
+            if name not in fields or value is None:
+                continue
+            try:
+                current = getattr(self, name)
+                if name == "multiline" and value not in MULTILINE:
+                    raise ValueError(value)
+                changes[name] = type(current)(value) if current is not None else float(value)
+            except (TypeError, ValueError):
+                log.warning("ignoring setting %s=%r", key, value)
+        return dataclasses.replace(self, **changes)
+
+
+def _snake(name: str) -> str:
+    return "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")
+
+
+@dataclass
+class _Shown:
+    """A suggestion given to the editor, kept to answer the next keystrokes that type it."""
+
+    completion_id: str
+    text: str
+    prefix_tail: str  # the text just before where the suggestion starts
+    suffix_head: str  # and just after it
+
+
+class SuggestionCache:
+    """LRU of recent suggestions per document position; `lookup` finds one the developer is typing through."""
+
+    def __init__(self, entries: int, tail_chars: int):
+        self.entries, self.tail_chars = entries, tail_chars
+        self._items: OrderedDict[tuple[str, int], _Shown] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def put(self, uri: str, text: str, offset: int, completion_id: str, completion: str) -> None:
+        if not completion:
+            return
+        item = _Shown(completion_id, completion, text[max(0, offset - self.tail_chars):offset],
+                      text[offset:offset + self.tail_chars])
+        with self._lock:
+            self._items[(uri, offset)] = item
+            self._items.move_to_end((uri, offset))
+            while len(self._items) > self.entries:
+                self._items.popitem(last=False)
+
+    def lookup(self, uri: str, text: str, offset: int) -> tuple[str, str] | None:
+        """(completion id, remaining text) when the cursor sits inside a shown suggestion, typed as suggested."""
+        with self._lock:
+            candidates = [(k[1], v) for k, v in self._items.items() if k[0] == uri and 0 <= offset - k[1] < len(v.text)]
+        for start, item in sorted(candidates, key=lambda c: -c[0]):  # the nearest start first
+            typed = text[start:offset]
+            if not item.text.startswith(typed):
+                continue
+            if text[start - len(item.prefix_tail):start] != item.prefix_tail:
+                continue
+            # What follows the cursor must still be what followed the suggestion (auto-closed brackets differ).
+            if text[offset:offset + self.tail_chars] != item.suffix_head:
+                continue
+            with self._lock:
+                if (uri, start) in self._items:
+                    self._items.move_to_end((uri, start))
+            return item.completion_id, item.text[len(typed):]
+        return None
+
+
+def _plain(value):
+    """pygls hands custom-method params over as namedtuples; turn them back into dicts and lists."""
+    if hasattr(value, "_asdict"):
+        return {k: _plain(v) for k, v in value._asdict().items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def create_server(model_dir=None, telemetry=None, config: LspConfig | None = None, service=None,
+                  load_service=None, workers: int = 1):
+    """Build the pygls server. The model loads in the background after `initialized` (or is given as `service`).
+
+    `load_service(model_dir)` builds the completion service (default: `CompletionService.from_pretrained`);
+    `initializationOptions.model` may name another model directory than `model_dir`.
+    """
+    from lsprotocol import types
+    from pygls.exceptions import JsonRpcException, JsonRpcInvalidParams
+    from pygls.lsp.server import LanguageServer
+    from pygls.protocol import LanguageServerProtocol
+
+    from mellum import __version__
+    from mellum.serve.telemetry import EVENTS, TelemetryEvent
+
+    class _Protocol(LanguageServerProtocol):
+        """Answers requests whose params do not validate (negative positions, wrong types) with an error.
+
+        pygls would only log them, and the client would wait for a reply forever.
+        """
+
+        def structure_message(self, data):
+            try:
+                return super().structure_message(data)
+            except JsonRpcException as exc:
+                if isinstance(data, dict) and "id" in data and "method" in data:
+                    return _Invalid(data["id"], exc)
+                raise
+
+        def handle_message(self, message):
+            if isinstance(message, _Invalid):
+                self._send_response(message.id, error=message.error.to_response_error())
+                return
+            super().handle_message(message)
+
+    server = LanguageServer("mellum", __version__, protocol_cls=_Protocol, max_workers=4)
+    state = _State(config or LspConfig(), model_dir, telemetry, service, load_service, workers)
+    server.mellum = state  # for tests and the status request
+
+    # ---- lifecycle and configuration -------------------------------------------------------------------
+    @server.feature(types.INITIALIZE)
+    def on_initialize(ls, params: types.InitializeParams):
+        state.config = state.config.merged(params.initialization_options)
+        if isinstance(params.initialization_options, dict) and params.initialization_options.get("model"):
+            state.model_dir = params.initialization_options["model"]
+
+    @server.feature(types.INITIALIZED)
+    async def on_initialized(ls, params):
+        state.documents.encoding = str(getattr(ls.server_capabilities.position_encoding, "value",
+                                               ls.server_capabilities.position_encoding or "utf-16"))
+        state.start_loading()
+        await _pull_configuration(ls)
+
+    async def _pull_configuration(ls):
+        caps = ls.client_capabilities.workspace
+        if not (caps and caps.configuration):
+            return
+        try:
+            result = await asyncio.wait_for(ls.workspace_configuration_async(
+                types.ConfigurationParams(items=[types.ConfigurationItem(section="mellum")])), timeout=5)
+        except Exception as exc:  # a client that cannot answer keeps the settings it gave at initialize
+            log.warning("workspace/configuration failed: %s", exc)
+            return
+        if result:
+            state.config = state.config.merged(_plain(result[0]))
+
+    @server.feature(types.WORKSPACE_DID_CHANGE_CONFIGURATION)
+    async def on_configuration(ls, params: types.DidChangeConfigurationParams):
+        settings = _plain(params.settings)
+        if isinstance(settings, dict) and isinstance(settings.get("mellum"), dict):
+            state.config = state.config.merged(settings["mellum"])
+        else:
+            await _pull_configuration(ls)
+
+    # ---- documents -----------------------------------------------------------------------------------
+    @server.feature(types.TEXT_DOCUMENT_DID_OPEN)
+    def did_open(ls, params: types.DidOpenTextDocumentParams):
+        d = params.text_document
+        state.documents.open(d.uri, d.text, d.version, d.language_id)
+
+    @server.feature(types.TEXT_DOCUMENT_DID_CHANGE)
+    def did_change(ls, params: types.DidChangeTextDocumentParams):
+        changes = []
+        for c in params.content_changes:
+            rng = getattr(c, "range", None)
+            span = None if rng is None else (rng.start.line, rng.start.character, rng.end.line, rng.end.character)
+            changes.append((c.text, span))
+        state.documents.change(params.text_document.uri, changes, params.text_document.version)
+        # A keystroke makes any running request for this document stale (Continue: abort on keystroke).
+        state.supersede(params.text_document.uri)
+
+    @server.feature(types.TEXT_DOCUMENT_DID_CLOSE)
+    def did_close(ls, params: types.DidCloseTextDocumentParams):
+        state.supersede(params.text_document.uri)
+        state.documents.close(params.text_document.uri)
+
+    # ---- completion ----------------------------------------------------------------------------------
+    @server.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions())
+    async def inline_completion(ls, params: types.InlineCompletionParams):
+        automatic = params.context.trigger_kind == types.InlineCompletionTriggerKind.Automatic
+        found = await state.suggest(ls, params.text_document.uri, params.position, automatic, "lsp/inline")
+        if found is None:
+            return types.InlineCompletionList(items=[])
+        cid, text = found
+        pos = params.position
+        return types.InlineCompletionList(items=[types.InlineCompletionItem(
+            insert_text=text, range=types.Range(pos, pos),
+            command=types.Command(title="mellum: accepted", command="mellum.accepted", arguments=[cid]),
+        )])
+
+    @server.feature(types.TEXT_DOCUMENT_COMPLETION, types.CompletionOptions(trigger_characters=[".", "(", " "]))
+    async def completion(ls, params: types.CompletionParams):
+        found = await state.suggest(ls, params.text_document.uri, params.position, False, "lsp/completion")
+        if found is None or not found[1].strip():
+            return types.CompletionList(is_incomplete=True, items=[])
+        cid, text = found
+        first = text.strip().splitlines()[0]
+        pos = params.position
+        item = types.CompletionItem(
+            label=first[:80], kind=types.CompletionItemKind.Snippet, detail="mellum",
+            documentation=types.MarkupContent(kind=types.MarkupKind.Markdown, value=f"```\n{text}\n```"),
+            text_edit=types.TextEdit(range=types.Range(pos, pos), new_text=text),
+            filter_text=first, sort_text="0", data={"id": cid},
+            command=types.Command(title="mellum: accepted", command="mellum.accepted", arguments=[cid]),
+        )
+        return types.CompletionList(is_incomplete=True, items=[item])
+
+    # ---- telemetry and status ------------------------------------------------------------------------
+    @server.feature("mellum/telemetry")
+    def on_telemetry(ls, params):
+        # Synchronous on purpose: the commit happens before the server reads its next message, so any
+        # reply the client gets afterwards (e.g. to mellum/status) proves the event is durable.
+        body = _plain(params) or {}
+        items = body.get("events") if isinstance(body, dict) and "events" in body else [body]
+        events = []
+        for e in items if isinstance(items, list) else []:
+            if not isinstance(e, dict) or e.get("event") not in EVENTS or not isinstance(e.get("id"), str):
+                raise JsonRpcInvalidParams(f"telemetry event needs 'id' and 'event' in {EVENTS}: {e!r}")
+            events.append(TelemetryEvent(e["id"], e["event"], e.get("acceptedText", e.get("accepted_text")),
+                                         e.get("replacement"), client="lsp"))
+        return {"recorded": state.record(events)}
+
+    @server.command("mellum.accepted")
+    def on_accepted(ls, args):
+        args = _plain(args) or []
+        cid = args[0] if args and isinstance(args[0], str) else None
+        if cid:
+            state.record([TelemetryEvent(cid, "accepted", client="lsp")])
+
+    @server.feature("mellum/status")
+    def status(ls, params):
+        return state.status()
+
+    return server
+
+
+class _Invalid:
+    def __init__(self, msg_id, error):
+        self.id, self.error = msg_id, error
+
+
+class _State:
+    """Everything the handlers share: documents, the runner, in-flight requests, the suggestion cache."""
+
+    def __init__(self, config: LspConfig, model_dir, telemetry, service, load_service, workers: int):
+        self.config = config
+        self.model_dir = model_dir
+        self.telemetry = telemetry
+        self.documents = DocumentStore()
+        self.metrics = Metrics()
+        self.cache = SuggestionCache(config.cache_entries, config.cache_tail_chars)
+        self.inflight: dict[str, threading.Event] = {}
+        self.runner: Runner | None = Runner(service, self.metrics, telemetry, workers) if service else None
+        self._load_service = load_service
+        self._workers = workers
+        self._loading: asyncio.Future | None = None
+        self.load_error: str | None = None
+        self.started = time.time()
+        self.served = 0
+        self.last_latency_ms: float | None = None
+
+    # ---- model ---------------------------------------------------------------------------------------
+    def start_loading(self) -> None:
+        if self.runner is not None or self._loading is not None:
+            return
+        loop = asyncio.get_running_loop()
+        self._loading = loop.run_in_executor(None, self._load)
+
+    def _load(self) -> None:
+        try:
+            if self._load_service is not None:
+                service = self._load_service(self.model_dir)
+            else:
+                from mellum.complete import CompletionService
+
+                service = CompletionService.from_pretrained(self.model_dir)
+            self.runner = Runner(service, self.metrics, self.telemetry, self._workers, model_name=str(self.model_dir))
+        except Exception as exc:
+            self.load_error = f"could not load the model from {self.model_dir}: {exc}"
+            log.error(self.load_error)
+
+    async def ready(self) -> Runner:
+        if self.runner is None:
+            self.start_loading()
+            await asyncio.shield(self._loading)
+        if self.runner is None:
+            raise Cancelled(self.load_error or "model not loaded")
+        return self.runner
+
+    # ---- requests ------------------------------------------------------------------------------------
+    def supersede(self, uri: str) -> None:
+        event = self.inflight.pop(uri, None)
+        if event is not None:
+            event.set()
+            self.metrics.record(self.metrics.cancelled.inc, endpoint="superseded")
+
+    def _workspace_root(self, ls, path: str) -> str | None:
+        """The workspace folder holding `path` (the innermost one); None outside every workspace."""
+        roots = []
+        try:
+            ws = ls.workspace
+            roots = [f.uri for f in ws.folders.values()] + ([ws.root_uri] if ws.root_uri else [])
+        except Exception:
+            return None
+        from mellum.serve.documents import uri_to_path
+
+        best = None
+        target = Path(path)
+        for uri in roots:
+            root = Path(uri_to_path(uri))
+            if (target == root or root in target.parents) and (best is None or len(str(root)) > len(str(best))):
+                best = root
+        return str(best) if best else None
+
+    def _open_files(self, root: str | None, skip: str) -> dict[str, str]:
+        if root is None:
+            return {}
+        try:
+            from mellum.context.ignore import is_secret
+        except ImportError:  # the context package decides again; this is a second line of defence
+            def is_secret(path, text=None):
+                return Path(path).name.startswith(".env")
+        out = {}
+        for path, text in self.documents.snapshot().items():
+            inside = Path(path).is_relative_to(root)
+            if path != skip and inside and len(text) <= self.config.max_open_file_chars and not is_secret(path, text):
+                out[path] = text
+        return out
+
+    async def suggest(self, ls, uri: str, position, automatic: bool, endpoint: str) -> tuple[str, str] | None:
+        """(completion id, text) at a position, from the cache or the engine; None when there is nothing."""
+        doc = self.documents.get(uri)
+        if doc is None:
+            return None
+        cfg = self.config
+        text = doc.text
+        offset = doc.offset(position.line, position.character)
+        prefix, suffix = text[max(0, offset - cfg.max_prefix_chars):offset], text[offset:offset + cfg.max_suffix_chars]
+        hit = self.cache.lookup(uri, text, offset)
+        if hit is not None:
+            self.metrics.record(self.metrics.cache.inc, result="hit")
+            return hit
+        self.metrics.record(self.metrics.cache.inc, result="miss")
+        self.supersede(uri)
+        cancel = threading.Event()
+        self.inflight[uri] = cancel
+        try:
+            if automatic and cfg.debounce_ms > 0:
+                await asyncio.sleep(cfg.debounce_ms / 1000)
+                if cancel.is_set():
+                    return None
+            runner = await self.ready()
+            root = self._workspace_root(ls, doc.path) if cfg.project_context else None
+            from mellum.complete import CompletionRequest
+
+            path = str(Path(doc.path).relative_to(root)) if root else Path(doc.path).name or "untitled"
+            request = CompletionRequest(
+                path=path, prefix=prefix, suffix=suffix, project_root=root,
+                open_files=self._open_files(root, doc.path), max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature, multiline=MULTILINE.get(cfg.multiline), deadline_ms=cfg.deadline_ms,
+            )
+            served = await runner.complete(request, cancel, endpoint, source="lsp")
+        except Cancelled:
+            return None
+        except ValueError as exc:  # the service's user-facing errors: no suggestion, keep serving
+            log.warning("completion failed: %s", exc)
+            return None
+        finally:
+            if self.inflight.get(uri) is cancel:
+                del self.inflight[uri]
+        completion = served.completion
+        self.served += 1
+        self.last_latency_ms = served.latency_ms
+        self.cache.put(uri, text, offset, completion.id, completion.text)
+        return completion.id, completion.text
+
+    # ---- telemetry and status ------------------------------------------------------------------------
+    def record(self, events) -> int:
+        if self.telemetry is None or not events:
+            return 0
+        n = self.telemetry.record_events(events)
+        for e in events:
+            self.metrics.record(self.metrics.telemetry.inc, event=e.event)
+        return n
+
+    def status(self) -> dict:
+        m = self.metrics
+        return {
+            "model": str(self.model_dir) if self.model_dir else None,
+            "ready": self.runner is not None,
+            "loadError": self.load_error,
+            "uptimeS": round(time.time() - self.started, 3),
+            "documents": len(self.documents),
+            "served": self.served,
+            "inflight": len(self.inflight),
+            "queueDepth": self.runner.queue_depth if self.runner else 0,
+            "lastLatencyMs": self.last_latency_ms,
+            "cacheHits": int(m.cache.get(result="hit")),
+            "cacheMisses": int(m.cache.get(result="miss")),
+            "cancelled": int(sum(m.cancelled.values.values())),
+            "telemetry": self.telemetry.counts() if self.telemetry is not None else None,
+            "config": dataclasses.asdict(self.config),
+        }

@@ -1,0 +1,186 @@
+"""Completion runner: the bridge from async protocol handlers (HTTP, LSP) to the blocking completion service.
+
+Calls run on a small thread pool (the engine is compute-bound; one worker by default keeps requests from
+fighting over two CPU cores). Each call carries a `threading.Event`: when the client goes away, the LSP
+client cancels, or a newer keystroke supersedes the request, the event is set and the engine stops at its next
+token. A request cancelled while still queued never reaches the engine. The runner also keeps the metrics
+and writes served completions to the telemetry store, so both servers record the same facts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import AsyncIterator
+
+from mellum.serve.metrics import Metrics
+
+
+class Cancelled(Exception):
+    """The request was cancelled (client gone, $/cancelRequest, or superseded by a newer request)."""
+
+
+@dataclass
+class Served:
+    """What a protocol handler needs back: the service's Completion plus the end-to-end latency."""
+
+    completion: object  # mellum.complete.Completion
+    latency_ms: float
+
+
+class Runner:
+    def __init__(self, service, metrics: Metrics | None = None, telemetry=None, workers: int = 1, model_name: str = ""):
+        self.service = service
+        self.metrics = metrics or Metrics()
+        self.telemetry = telemetry
+        self.model_name = model_name
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mellum-engine")
+        self._depth = 0
+        self._depth_lock = threading.Lock()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def queue_depth(self) -> int:
+        return self._depth
+
+    def _enter(self, delta: int) -> None:
+        with self._depth_lock:
+            self._depth += delta
+            self.metrics.record(self.metrics.queue_depth.set, self._depth)
+
+    # ---- one completion ------------------------------------------------------------------------------
+    def complete_sync(self, request, cancel: threading.Event) -> object:
+        """Run the service on the calling thread (a worker); raises Cancelled when cancelled."""
+        if cancel.is_set():
+            raise Cancelled()
+        # The prompt is always asked for when telemetry is on: it is what a DPO pair is built from.
+        wanted = request.return_prompt
+        if self.telemetry is not None and not wanted:
+            request = replace(request, return_prompt=True)
+        completion = self.service.complete(request, cancel=cancel)
+        if cancel.is_set():
+            raise Cancelled()
+        return completion, wanted
+
+    async def complete(self, request, cancel: threading.Event, endpoint: str, source: str) -> Served:
+        """Complete on a worker thread; asyncio cancellation of the caller sets `cancel` for the engine."""
+        loop = asyncio.get_running_loop()
+        start = time.perf_counter()
+        self._enter(+1)
+        try:
+            future = loop.run_in_executor(self._pool, self.complete_sync, request, cancel)
+            try:
+                completion, wanted = await asyncio.shield(future)
+            except asyncio.CancelledError:
+                cancel.set()  # the engine stops at its next token; the worker frees itself
+                self.metrics.record(self.metrics.cancelled.inc, endpoint=endpoint)
+                raise
+            except Cancelled:
+                self.metrics.record(self.metrics.cancelled.inc, endpoint=endpoint)
+                raise
+        finally:
+            self._enter(-1)
+        latency_ms = (time.perf_counter() - start) * 1000
+        self._observe(completion, endpoint, latency_ms)
+        prompt = getattr(completion, "prompt", None)
+        if self.telemetry is not None:
+            await loop.run_in_executor(None, self._record, request, completion.id, completion.text, prompt,
+                                       completion, source, latency_ms)
+        if not wanted and prompt is not None:
+            completion = replace(completion, prompt=None)
+        return Served(completion, latency_ms)
+
+    # ---- streaming -----------------------------------------------------------------------------------
+    async def stream(
+        self, request, cancel: threading.Event, endpoint: str, source: str, completion_id: str
+    ) -> AsyncIterator[str]:
+        """Yield text pieces as the engine produces them; closing the iterator cancels the engine.
+
+        The service streams text only, so the caller names the completion (`completion_id`) for telemetry.
+        """
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        done = object()
+        start = time.perf_counter()
+        final: dict = {}
+
+        def produce():
+            try:
+                if cancel.is_set():
+                    raise Cancelled()
+                if self.telemetry is not None and not request.return_prompt:
+                    req = replace(request, return_prompt=True)
+                else:
+                    req = request
+                pieces = self.service.stream(req, cancel=cancel)
+                while True:
+                    try:
+                        piece = next(pieces)
+                    except StopIteration as finished:  # the service returns the final Completion
+                        final["completion"] = finished.value
+                        break
+                    loop.call_soon_threadsafe(queue.put_nowait, piece)
+                    if cancel.is_set():
+                        pieces.close()
+                        break
+                loop.call_soon_threadsafe(queue.put_nowait, done)
+            except BaseException as exc:  # handed to the consumer, raised there
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+
+        self._enter(+1)
+        pieces: list[str] = []
+        try:
+            loop.run_in_executor(self._pool, produce)
+            while True:
+                item = await queue.get()
+                if item is done:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                pieces.append(item)
+                yield item
+        except (asyncio.CancelledError, GeneratorExit):
+            cancel.set()
+            self.metrics.record(self.metrics.cancelled.inc, endpoint=endpoint)
+            raise
+        finally:
+            self._enter(-1)
+        latency_ms = (time.perf_counter() - start) * 1000
+        completion = final.get("completion")
+        if completion is not None:
+            self._observe(completion, endpoint, latency_ms)
+        if self.telemetry is not None:
+            prompt = getattr(completion, "prompt", None)
+            await loop.run_in_executor(
+                None, self._record, request, completion_id, "".join(pieces), prompt, completion, source, latency_ms
+            )
+
+    # ---- bookkeeping ---------------------------------------------------------------------------------
+    def _observe(self, completion, endpoint: str, latency_ms: float) -> None:
+        m = self.metrics
+        m.record(m.latency.observe, latency_ms / 1000, endpoint=endpoint)
+        m.record(m.prompt_tokens.inc, getattr(completion, "prompt_tokens", 0) or 0)
+        m.record(m.cached_tokens.inc, getattr(completion, "cached_tokens", 0) or 0)
+        m.record(m.generated_tokens.inc, getattr(completion, "generated_tokens", 0) or 0)
+
+    def _record(self, request, cid, text, prompt, completion, source, latency_ms) -> None:
+        context = [{"path": f.path, "text": f.text} for f in (request.extra_context or [])]
+        self.telemetry.record_completion(
+            cid,
+            path=request.path,
+            prefix=request.prefix,
+            suffix=request.suffix,
+            text=text,
+            context=context,
+            prompt=prompt,
+            source=source,
+            model=self.model_name,
+            prompt_tokens=getattr(completion, "prompt_tokens", None),
+            generated_tokens=getattr(completion, "generated_tokens", None),
+            latency_ms=latency_ms,
+        )

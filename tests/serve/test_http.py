@@ -1,0 +1,144 @@
+"""HTTP API on the real app and a real tiny model (in-process ASGI client): routes, auth, limits, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+KEY = "s3cret-key"
+
+
+@pytest.fixture(scope="module")
+def app_and_store(tiny_service, tmp_path_factory):
+    from mellum.serve.http import HttpConfig, create_app
+    from mellum.serve.telemetry import TelemetryStore
+
+    tmp = tmp_path_factory.mktemp("http")
+    workspace = tmp / "project"
+    (workspace / "pkg").mkdir(parents=True)
+    store = TelemetryStore(tmp / "telemetry.db")
+    config = HttpConfig(api_key=KEY, max_body_bytes=64_000, max_tokens_limit=64, workspaces=(str(workspace),),
+                        model_name="tiny")
+    app = create_app(tiny_service, config, telemetry=store)
+    yield app, store, workspace
+    store.close()
+
+
+@pytest.fixture(scope="module")
+def client(app_and_store):
+    from fastapi.testclient import TestClient
+
+    with TestClient(app_and_store[0], headers={"Authorization": f"Bearer {KEY}"}) as c:
+        yield c
+
+
+def test_health_is_open_and_everything_else_needs_the_key(client):
+    from fastapi.testclient import TestClient
+
+    bare = TestClient(client.app)
+    assert bare.get("/health").json()["status"] == "ok"
+    for method, path in [("post", "/v1/completions"), ("post", "/v1/fim"), ("get", "/metrics"), ("get", "/openapi.json"),
+                         ("post", "/v1/telemetry")]:
+        r = getattr(bare, method)(path, **({"json": {}} if method == "post" else {}))
+        assert r.status_code == 401, path
+        assert r.json()["error"]["code"] == "invalid_api_key"
+    assert bare.post("/v1/completions", json={"prompt": "x"}, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert client.get("/openapi.json").json()["paths"].keys() >= {"/v1/completions", "/v1/fim", "/v1/telemetry"}
+
+
+def test_openai_completion_shape(client):
+    r = client.post("/v1/completions", json={"prompt": "def add(a, b):\n    return ", "suffix": "\n", "max_tokens": 8})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "text_completion" and body["model"] == "tiny"
+    choice = body["choices"][0]
+    assert isinstance(choice["text"], str) and choice["finish_reason"] in ("stop", "length")
+    assert body["usage"]["completion_tokens"] <= 8 and body["usage"]["prompt_tokens"] > 0
+
+
+def test_streaming_matches_the_whole_answer(client):
+    req = {"prompt": "import os\n\ndef main():\n", "max_tokens": 24, "temperature": 0}
+    whole = client.post("/v1/completions", json=req).json()["choices"][0]["text"]
+    with client.stream("POST", "/v1/completions", json={**req, "stream": True}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert "".join(c["choices"][0]["text"] for c in chunks) == whole
+
+
+def test_fim_returns_id_timings_and_the_exact_prompt(client):
+    r = client.post("/v1/fim", json={
+        "path": "pkg/m.py", "prefix": "def f():\n    return ", "suffix": "\n",
+        "extra_context": [{"path": "pkg/util.py", "text": "HELPER = 1\n"}],
+        "options": {"max_tokens": 6, "return_prompt": True},
+    })
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["id"]) >= 8 and body["timings_ms"]["total"] > 0
+    assert "<filename>pkg/util.py\nHELPER = 1\n" in body["prompt"]
+    # (token healing may back the last token off the prompt: "return " ends as "return")
+    assert "<fim_suffix>\n<fim_prefix>def f():\n    return" in body["prompt"]
+    assert body["prompt"].endswith("<fim_middle>")
+    # Without return_prompt the prompt stays server-side (telemetry keeps it).
+    r2 = client.post("/v1/fim", json={"path": "m.py", "prefix": "x = ", "options": {"max_tokens": 4}})
+    assert "prompt" not in r2.json()
+
+
+def test_project_root_must_be_a_workspace(client, app_and_store, tmp_path):
+    workspace = app_and_store[2]
+    ok = client.post("/v1/fim", json={"path": "pkg/a.py", "prefix": "x", "project_root": str(workspace / "pkg"),
+                                      "options": {"max_tokens": 2}})
+    assert ok.status_code == 200, ok.text
+    for root in [str(tmp_path), str(workspace / ".." / ".."), "/"]:
+        r = client.post("/v1/fim", json={"path": "a.py", "prefix": "x", "project_root": root})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "project_root_forbidden", root
+
+
+def test_clear_4xx_errors(client):
+    r = client.post("/v1/fim", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["error"]["message"].startswith("invalid request")
+    r = client.post("/v1/fim", json={"prefix": "x"})
+    assert r.status_code == 422 and "path" in r.json()["error"]["message"]
+    r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1000})
+    assert r.status_code == 400 and "limit of 64" in r.json()["error"]["message"]
+    r = client.post("/v1/completions", json={"prompt": "x" * 70_000})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    r = client.post("/v1/completions", json={"prompt": ["a", "b"]})
+    assert r.status_code == 400
+    assert client.get("/nope").status_code == 404
+
+
+def test_telemetry_round_trip_and_metrics(client, app_and_store):
+    store = app_and_store[1]
+    cid = client.post("/v1/fim", json={"path": "t.py", "prefix": "y = ", "options": {"max_tokens": 3}}).json()["id"]
+    row = store.completion(cid)
+    assert row is not None and row["prefix"] == "y = " and "<fim_middle>" in row["prompt"]
+    r = client.post("/v1/telemetry", json={"events": [{"id": cid, "event": "shown"}, {"id": cid, "event": "accepted"}]})
+    assert r.json() == {"recorded": 2}
+    assert client.post("/v1/telemetry", json={"id": cid, "event": "rejected"}).json() == {"recorded": 1}
+    assert [e["event"] for e in store.events(cid)] == ["shown", "accepted", "rejected"]
+    assert client.post("/v1/telemetry", json={"id": cid, "event": "clicked"}).status_code == 422
+    text = client.get("/metrics").text
+    assert 'mellum_request_latency_seconds_bucket{endpoint="/v1/fim",le="+Inf"}' in text
+    assert "mellum_queue_depth 0" in text and 'mellum_telemetry_events_total{event="accepted"} 1' in text
+
+
+def test_chat_uses_the_tokenizer_template(client):
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["choices"][0]["message"]["role"] == "assistant"
+    assert 0 < body["usage"]["completion_tokens"] <= 4
+
+
+def test_telemetry_disabled_is_503(tiny_service):
+    from fastapi.testclient import TestClient
+
+    from mellum.serve.http import create_app
+
+    with TestClient(create_app(tiny_service)) as c:
+        r = c.post("/v1/telemetry", json={"id": "x", "event": "shown"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "telemetry_disabled"
