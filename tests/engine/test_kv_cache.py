@@ -1,0 +1,57 @@
+import pytest
+import torch
+
+from mellum.engine import KVCache, NativeEngine, SamplingParams
+from mellum.model import DenseKVCache
+from tests.engine.helpers import reference_greedy, tiny_model
+
+
+@pytest.mark.parametrize("preset", ["tiny-dense", "tiny-moe"])
+@pytest.mark.parametrize("chunk", [7, 100])  # 100 > ring slack: the concatenating prefill path of sliding layers
+def test_cached_decoding_equals_uncached_greedy(preset, chunk):
+    model = tiny_model(preset)
+    g = torch.Generator().manual_seed(1)
+    engine = NativeEngine(model, speculative=None, prefill_chunk=chunk, prefix_cache_mb=0)
+    try:
+        for length in (5, 40, 150):  # tiny-moe's window is 16: most prompts are longer
+            prompt = torch.randint(0, model.config.vocab_size, (length,), generator=g).tolist()
+            result = engine.generate(prompt, SamplingParams(max_new_tokens=24))
+            assert result.tokens == reference_greedy(model, prompt, 24)
+            assert result.stop_reason == "length" and result.prompt_tokens == length
+    finally:
+        engine.close()
+
+
+@torch.no_grad()
+def test_ring_cache_matches_the_dense_reference_cache():
+    """Same model, same token stream (chunks, then single tokens): ring + full cache vs the model's dense cache."""
+    model = tiny_model("tiny-moe")
+    config = model.config
+    windows = [config.window(i) for i in range(config.num_layers)]
+    ring = KVCache(windows, rows=1, max_len=256, num_kv_heads=config.num_kv_heads, head_dim=config.head_dim, slack=8)
+    assert any(layer.ring and layer.size == 16 + 8 for layer in ring.layers)
+    dense = DenseKVCache(config, 1, 256)
+    ids = torch.randint(0, config.vocab_size, (1, 120))
+    start = 0
+    for size in (30, 9, 1, 1, 5, 40, 1, 1):  # 30 and 40 exceed the slack; 5 and 9 use the in-place path
+        chunk = ids[:, start:start + size]
+        positions = torch.arange(start, start + size)[None]
+        a = model(chunk, positions, ring.view([0], start + size)).logits
+        b = model(chunk, positions, dense).logits
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        start += size
+
+
+def test_rows_are_independent_in_a_batched_view():
+    model = tiny_model("tiny-moe")
+    config = model.config
+    windows = [config.window(i) for i in range(config.num_layers)]
+    cache = KVCache(windows, rows=3, max_len=64, num_kv_heads=config.num_kv_heads, head_dim=config.head_dim)
+    ids = torch.randint(0, config.vocab_size, (2, 20))
+    with torch.no_grad():
+        # Rows 0 and 2 (a gathered, non-contiguous view) against each row alone.
+        batched = model(ids, torch.arange(20).expand(2, 20), cache.view([0, 2], 20)).logits
+        alone = model(ids[1:], torch.arange(20)[None], cache.view([1], 20)).logits
+    torch.testing.assert_close(batched[1], alone[0], atol=1e-5, rtol=1e-5)
+    # Gathered rows are written back: row 2 holds the KV of sequence 1.
+    torch.testing.assert_close(cache.layers[0].k[2, :, :20], cache.layers[0].k[1, :, :20])

@@ -1,0 +1,65 @@
+import torch
+
+from mellum.engine import NativeEngine, SamplingParams
+from tests.engine.helpers import tiny_model
+
+
+def test_prefix_hits_give_the_same_tokens_as_cold_requests():
+    for preset in ("tiny-dense", "tiny-moe"):
+        model = tiny_model(preset)
+        g = torch.Generator().manual_seed(3)
+        base = torch.randint(0, model.config.vocab_size, (90,), generator=g).tolist()
+        # A keystroke sequence: the prompt grows by a few tokens and its last token changes each time.
+        prompts = [base[:60 + 3 * i] + [i + 1] for i in range(6)]
+        warm = NativeEngine(model, speculative=None, prefill_chunk=32, prefix_cache_mb=16)
+        cold = NativeEngine(model, speculative=None, prefill_chunk=32, prefix_cache_mb=0)
+        params = SamplingParams(max_new_tokens=12)
+        try:
+            cached = []
+            for prompt in prompts:
+                a, b = warm.generate(prompt, params), cold.generate(prompt, params)
+                assert a.tokens == b.tokens, preset
+                assert b.cached_tokens == 0
+                cached.append(a.cached_tokens)
+            assert cached[0] == 0 and min(cached[1:]) >= 48, (preset, cached)  # block-aligned reuse of the prefix
+            assert warm.prefix_cache.hits >= 5
+        finally:
+            warm.close()
+            cold.close()
+
+
+def test_sliding_layers_keep_only_recent_blocks():
+    model = tiny_model("tiny-moe")  # window 16, blocks of 16 tokens
+    engine = NativeEngine(model, speculative=None, prefix_cache_mb=16, block_tokens=16, ring_slack=32)
+    try:
+        engine.generate(list(range(1, 300)), SamplingParams(max_new_tokens=2))
+        blocks = sorted(engine.prefix_cache._walk(), key=lambda b: b.depth)
+        assert len(blocks) == 298 // 16
+        with_sliding = [b.depth for b in blocks if b.sliding_kv is not None]
+        # Only blocks inside the final ring (window 16 + slack 32 = 48 tokens) keep sliding-layer KV.
+        assert 1 <= len(with_sliding) <= 3 and with_sliding[-1] == blocks[-1].depth
+        # A prompt that diverges early can reuse nothing (its matched blocks lack sliding KV): still correct.
+        other = list(range(1, 100)) + [7, 7, 7]
+        a = engine.generate(other, SamplingParams(max_new_tokens=6))
+        assert a.cached_tokens == 0
+    finally:
+        engine.close()
+
+
+def test_the_prefix_cache_respects_its_byte_budget_and_evicts_lru():
+    model = tiny_model("tiny-dense")
+    budget_mb = 0.05
+    engine = NativeEngine(model, speculative=None, prefix_cache_mb=budget_mb, block_tokens=8)
+    g = torch.Generator().manual_seed(5)
+    try:
+        prompts = [torch.randint(0, 1024, (120,), generator=g).tolist() for _ in range(8)]
+        for prompt in prompts:
+            engine.generate(prompt, SamplingParams(max_new_tokens=2))
+            pc = engine.prefix_cache
+            assert pc.nbytes <= budget_mb * 2**20
+            assert pc.nbytes == sum(b.nbytes for b in pc._walk())  # accounting matches the tensors held
+        # The newest prompt survived eviction; the oldest did not.
+        assert engine.generate(prompts[-1], SamplingParams(max_new_tokens=2)).cached_tokens > 0
+        assert engine.generate(prompts[0] + [1], SamplingParams(max_new_tokens=2)).cached_tokens == 0
+    finally:
+        engine.close()

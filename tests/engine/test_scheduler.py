@@ -1,0 +1,104 @@
+import threading
+import time
+
+import pytest
+import torch
+
+from mellum.engine import NativeEngine, SamplingParams
+from tests.engine.helpers import StubModel, stub_config, tiny_model
+
+
+@pytest.fixture(scope="module")
+def engine():
+    eng = NativeEngine(tiny_model("tiny-moe"), speculative="lookup", max_batch=4, prefill_chunk=32)
+    yield eng
+    eng.close()
+
+
+def test_concurrent_requests_give_the_same_tokens_as_sequential_ones(engine):
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(0, 1024, (int(n),), generator=g).tolist() for n in (20, 70, 35, 50, 90, 10)]
+    params = SamplingParams(max_new_tokens=16)
+    sequential = [engine.generate(p, params).tokens for p in prompts]
+    engine.prefix_cache.clear()
+    handles = [engine.submit(p, params) for p in prompts]  # 6 requests, 4 slots: batched, queued, joined mid-run
+    assert [engine.wait(h).tokens for h in handles] == sequential
+    assert engine.busy_slots == 0
+
+
+def test_a_thousand_cancellations_leave_no_slot_behind(engine):
+    g = torch.Generator().manual_seed(12)
+    cancels, handles = [], []
+    for i in range(1000):
+        cancel = threading.Event()
+        if i % 2 == 0:
+            cancel.set()  # cancelled before it starts
+        prompt = torch.randint(0, 1024, (8 + i % 40,), generator=g).tolist()
+        handles.append(engine.submit(prompt, SamplingParams(max_new_tokens=200), cancel=cancel))
+        cancels.append(cancel)
+        if i % 2 == 1 and i % 7 == 0:
+            time.sleep(0.001)
+    for cancel in cancels:  # the rest are cancelled while queued or decoding
+        cancel.set()
+    results = [engine.wait(h) for h in handles]
+    assert all(r.stop_reason == "cancelled" for r in results[::2])
+    assert {r.stop_reason for r in results} <= {"cancelled", "length"}
+    assert engine.busy_slots == 0 and not engine.scheduler.waiting
+    assert sorted(engine.scheduler.free_rows) == list(range(4))
+
+
+def test_streaming_stop_ids_lines_and_deadline():
+    vocab = 16
+    # Target: next = token + 1; token 5 is the end of text, tokens 3 and 9 "contain a newline".
+    model = StubModel(stub_config(vocab, mtp=False),
+                      lambda t: torch.nn.functional.one_hot(torch.tensor((t + 1) % vocab), vocab).float())
+    engine = NativeEngine(model, speculative=None, newline_ids=[3, 9], prefix_cache_mb=0)
+    try:
+        streamed = []
+        r = engine.generate([1], SamplingParams(max_new_tokens=10, stop_ids=[5]), on_token=streamed.append)
+        assert (r.tokens, r.stop_reason, streamed) == ([2, 3, 4], "stop", [2, 3, 4])
+        r = engine.generate([6], SamplingParams(max_new_tokens=10, max_lines=1))
+        assert (r.tokens, r.stop_reason) == ([7, 8, 9], "lines")
+        r = engine.generate([6], SamplingParams(max_new_tokens=3))
+        assert (r.tokens, r.stop_reason) == ([7, 8, 9], "length")
+        r = engine.generate([6], SamplingParams(max_new_tokens=3, allowed_first_ids=[12, 13]))
+        assert r.tokens == [12, 13, 14]  # the constraint applies to the first token only
+        def on_token(_):
+            time.sleep(0.02)
+
+        r = engine.generate([1], SamplingParams(max_new_tokens=10_000, deadline_s=0.2), on_token=on_token)
+        assert r.stop_reason == "deadline" and 0 < len(r.tokens) < 100
+        assert engine.busy_slots == 0
+    finally:
+        engine.close()
+
+
+def test_generation_stops_at_the_context_window():
+    engine = NativeEngine(tiny_model("tiny-dense"), speculative=None, max_seq_len=40, prefix_cache_mb=0)
+    try:
+        r = engine.generate(list(range(30)), SamplingParams(max_new_tokens=100))
+        assert r.stop_reason == "context" and len(r.tokens) == 10
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("prompt, message", [
+    ([], "empty"),
+    ([1, 2, 5000], "outside the vocabulary"),
+    ([1, -3], "outside the vocabulary"),
+    ([1, 2.5], "integers"),
+    (list(range(1, 600)), "context window"),
+])
+def test_bad_input_is_refused_with_a_clear_message(engine, prompt, message):
+    with pytest.raises(ValueError, match=message):
+        engine.generate(prompt, SamplingParams(max_new_tokens=4))
+
+
+def test_bad_options_are_refused():
+    model = tiny_model("tiny-dense")
+    with pytest.raises(ValueError, match="MTP"):
+        NativeEngine(model, speculative="mtp")
+    with pytest.raises(ValueError, match="unknown engine options"):
+        NativeEngine(model, prefil_chunk=3)
+    with pytest.raises(ValueError, match="quantize"):
+        NativeEngine(model, quantize="int4")
