@@ -200,6 +200,10 @@ def load_pretrained(path: str | os.PathLike, dtype=None, device=None):
         if key in seen and any(k in seen for k, p in table.items() if p.name == name):
             raise ValueError(f"{root}: {key!r} is stored both fused and per expert")
     missing = [key for key, piece in table.items() if key not in seen and not _fused_present(piece, seen)]
+    if missing and all(k.startswith("mtp.") for k in missing):
+        raise ValueError(f"{root}: config.json declares {config.num_mtp_layers} MTP layer(s) but the checkpoint has "
+                         "no mtp.* tensors (re-saving with transformers drops them); set num_nextn_predict_layers "
+                         "to 0 in config.json to load the model without its MTP head")
     if missing:
         shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
         raise ValueError(f"{root}: checkpoint is missing tensors: {shown}")

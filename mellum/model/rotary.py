@@ -22,7 +22,7 @@ def yarn_inv_freq(head_dim: int, theta: float, scaling: dict) -> tuple[torch.Ten
     factor = float(scaling["factor"])
     original = float(scaling["original_max_position_embeddings"])
     beta_fast, beta_slow = float(scaling.get("beta_fast", 32.0)), float(scaling.get("beta_slow", 1.0))
-    pos_freqs = theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    pos_freqs = theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim)
     extrapolate, interpolate = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
 
     def correction_dim(rotations: float) -> float:  # the dimension that rotates `rotations` times over `original`
@@ -34,7 +34,7 @@ def yarn_inv_freq(head_dim: int, theta: float, scaling: dict) -> tuple[torch.Ten
     low, high = max(low, 0), min(high, head_dim - 1)
     if low == high:
         high += 0.001  # avoid a zero-width ramp
-    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
     keep = 1.0 - ramp  # 1: extrapolate (high-frequency dims), 0: interpolate
     inv_freq = interpolate * (1 - keep) + extrapolate * keep
     attention_factor = scaling.get("attention_factor")

@@ -1,0 +1,108 @@
+"""Bad checkpoints and paths fail with errors that name the problem."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mellum.checkpoint import key_table, load_pretrained, save_pretrained
+from mellum.config import get_config
+from mellum.model import Transformer
+
+
+@pytest.fixture()
+def saved(tmp_path):
+    torch.manual_seed(0)
+    model = Transformer(get_config("tiny-moe"))
+    save_pretrained(model, tmp_path)
+    return tmp_path
+
+
+def rewrite(path, change):
+    tensors = load_file(str(path / "model.safetensors"))
+    change(tensors)
+    save_file(tensors, str(path / "model.safetensors"))
+
+
+def test_directory_without_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_pretrained(tmp_path / "nope")
+
+
+def test_unsupported_architecture(saved):
+    config = json.loads((saved / "config.json").read_text())
+    config.update(architectures=["MistralForCausalLM"], model_type="mistral")
+    (saved / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="unsupported model architecture"):
+        load_pretrained(saved)
+
+
+def test_missing_tensor_is_named(saved):
+    rewrite(saved, lambda t: t.pop("model.layers.2.self_attn.k_norm.weight"))
+    with pytest.raises(ValueError, match=r"missing tensors: model\.layers\.2\.self_attn\.k_norm\.weight"):
+        load_pretrained(saved)
+
+
+def test_missing_expert_is_named(saved):
+    rewrite(saved, lambda t: t.pop("model.layers.3.mlp.experts.5.up_proj.weight"))
+    with pytest.raises(ValueError, match=r"model\.layers\.3\.mlp\.experts\.5\.up_proj\.weight"):
+        load_pretrained(saved)
+
+
+def test_wrong_shape_is_named(saved):
+    rewrite(saved, lambda t: t.update({"model.norm.weight": torch.ones(65)}))
+    with pytest.raises(ValueError, match=r"'model\.norm\.weight' has shape \[65\].*\[64\]"):
+        load_pretrained(saved)
+
+
+def test_unexpected_tensor_is_named(saved):
+    rewrite(saved, lambda t: t.update({"model.layers.0.mlp.shared_expert.weight": torch.ones(3)}))
+    with pytest.raises(ValueError, match="unexpected tensor 'model.layers.0.mlp.shared_expert.weight'"):
+        load_pretrained(saved)
+
+
+def test_mtp_declared_but_absent(saved):
+    rewrite(saved, lambda t: [t.pop(k) for k in list(t) if k.startswith("mtp.")])
+    with pytest.raises(ValueError, match="no mtp.. tensors"):
+        load_pretrained(saved)
+
+
+def test_fused_expert_layout_is_accepted(saved):
+    model = load_pretrained(saved)
+
+    def fuse(t):
+        for i in (1, 2, 3):
+            p = f"model.layers.{i}.mlp.experts."
+            gate = torch.stack([t.pop(f"{p}{e}.gate_proj.weight") for e in range(8)])
+            up = torch.stack([t.pop(f"{p}{e}.up_proj.weight") for e in range(8)])
+            t[p + "gate_up_proj"] = torch.cat([gate, up], 1)  # [E, 2I, C]
+            t[p + "down_proj"] = torch.stack([t.pop(f"{p}{e}.down_proj.weight") for e in range(8)])  # [E, C, I]
+
+    rewrite(saved, fuse)
+    fused = load_pretrained(saved)
+    for name, p in model.state_dict().items():
+        assert torch.equal(p, fused.state_dict()[name]), name
+
+
+def test_key_table_covers_every_parameter_once():
+    model = Transformer(get_config("tiny-moe").replace(tie_word_embeddings=True))
+    table = key_table(model)
+    assert "lm_head.weight" not in table  # tied: stored once, as the embedding
+    names = {piece.name for piece in table.values()}
+    assert names == set(model.state_dict()) - {"lm_head.weight"}
+
+
+def test_tied_embeddings_round_trip(tmp_path):
+    torch.manual_seed(1)
+    model = Transformer(get_config("tiny-dense").replace(tie_word_embeddings=True))
+    save_pretrained(model, tmp_path)
+    loaded = load_pretrained(tmp_path)
+    assert loaded.lm_head.weight is loaded.embed_tokens.weight
+    ids = torch.randint(0, 1024, (1, 10))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)

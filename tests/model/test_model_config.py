@@ -1,0 +1,100 @@
+"""ModelConfig: presets, validation errors, Hugging Face config.json mapping, and `mellum info` counts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mellum.cli import main
+from mellum.config import PRESETS, ModelConfig, get_config
+
+
+def test_presets_build_and_are_independent_copies():
+    for name in PRESETS:
+        config = get_config(name)
+        assert len(config.layer_types) == len(config.mlp_types) == config.num_layers
+    tiny = get_config("tiny-moe")
+    # tiny-moe exercises every feature of Mellum 2
+    assert {"sliding_attention", "full_attention"} == set(tiny.layer_types)
+    assert {"dense", "sparse"} == set(tiny.mlp_types)
+    assert tiny.num_kv_heads < tiny.num_heads and tiny.qk_norm and tiny.num_mtp_layers == 1
+    assert tiny.rope_theta != tiny.rope_theta_sliding and tiny.sliding_window == 16
+    tiny.num_layers = 99
+    assert get_config("tiny-moe").num_layers == 4
+    m2 = get_config("mellum2-12b-a2.5b")
+    assert m2.layer_types[:4] == ("sliding_attention",) * 3 + ("full_attention",)
+    with pytest.raises(ValueError, match="unknown model preset"):
+        get_config("mellum-5b")
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"architecture": "gpt2"}, "unsupported architecture"),
+        ({"num_kv_heads": 5}, "not a multiple"),
+        ({"layer_types": ("full_attention", "sliding")}, "unknown entries"),
+        ({"layer_types": ("sliding_attention",) * 2, "architecture": "mellum", "qk_norm": True}, "sliding_window"),
+        ({"mlp_types": ("sparse", "dense")}, "num_experts"),
+        ({"qk_norm": True}, "architecture 'mellum'"),
+        ({"rope_scaling": {"factor": 4.0}}, "original_max_position_embeddings"),
+        ({"num_mtp_layers": 2}, "num_mtp_layers"),
+    ],
+)
+def test_invalid_configs_are_rejected_with_clear_errors(changes, message):
+    with pytest.raises(ValueError, match=message):
+        get_config("tiny-dense").replace(**changes)
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_hf_config_round_trip(name):
+    config = get_config(name)
+    assert ModelConfig.from_hf_config(json.loads(json.dumps(config.to_hf_config()))) == config
+
+
+def test_hf_config_reading_details():
+    llama4 = {  # a transformers 4 style Llama config.json (rope_theta at top level, no head_dim)
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 98304, "hidden_size": 3072,
+        "intermediate_size": 8256, "num_hidden_layers": 30, "num_attention_heads": 24, "num_key_value_heads": 24,
+        "rms_norm_eps": 1e-6, "rope_theta": 500000, "rope_scaling": None, "max_position_embeddings": 8192,
+        "bos_token_id": 0, "eos_token_id": 0, "tie_word_embeddings": False, "hidden_act": "silu",
+    }
+    assert ModelConfig.from_hf_config(llama4) == get_config("mellum-4b")
+    with pytest.raises(ValueError, match="unsupported model architecture"):
+        ModelConfig.from_hf_config({**llama4, "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"})
+    with pytest.raises(ValueError, match="unsupported RoPE type 'llama3'"):
+        ModelConfig.from_hf_config({**llama4, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
+    yarn = ModelConfig.from_hf_config(
+        {**llama4, "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8192}}
+    )
+    assert yarn.rope_scaling == {"factor": 4.0, "original_max_position_embeddings": 8192, "beta_fast": 32.0, "beta_slow": 1.0}
+    mellum = get_config("tiny-moe").to_hf_config()
+    mellum["rope_parameters"]["sliding_attention"] = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0,
+                                                      "original_max_position_embeddings": 64}
+    with pytest.raises(ValueError, match="sliding_attention"):
+        ModelConfig.from_hf_config(mellum)
+
+
+def info_json(capsys, name) -> dict:
+    assert main(["info", name, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_info_parameter_counts(capsys):
+    # Mellum-4B: embeddings 2 x 98304 x 3072 + 30 x (4 x 3072^2 + 3 x 3072 x 8256 + 2 x 3072) + 3072
+    m4 = info_json(capsys, "mellum-4b")
+    assert m4["total_params"] == m4["active_params"] == 4_019_248_128
+    m2 = info_json(capsys, "mellum2-12b-a2.5b")
+    assert m2["total_params"] == 11_802_959_104 and m2["active_params"] == 2_438_913_280
+    assert m2["mtp_params"] == 428_371_456
+    tiny = info_json(capsys, "tiny-moe")
+    per_expert = 3 * 64 * 32
+    assert tiny["total_params"] - tiny["active_params"] == 3 * per_expert * (8 - 2)
+
+
+def test_info_on_directory_and_bad_input(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps(get_config("tiny-dense").to_hf_config()))
+    assert main(["info", str(tmp_path)]) == 0
+    assert "llama, 2 layers" in capsys.readouterr().out
+    assert main(["info", str(tmp_path / "missing")]) == 2
+    assert "neither a preset" in capsys.readouterr().err
