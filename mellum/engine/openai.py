@@ -1,0 +1,129 @@
+"""The remote backend: the engine interface over any OpenAI-compatible `/v1/completions` server (vLLM,
+llama.cpp server, ...), for users who serve the model at scale.
+
+Prompts travel as token-id arrays (the completions API accepts them), so the server sees exactly the prompt
+the native engine would. Generated ids come back as `token_ids` (vLLM, with `return_token_ids`) or `tokens`
+(llama.cpp, with `return_tokens`); for servers that return only text, pass `encode` (text → ids), which the
+completion service takes from its tokenizer — the engine itself never imports one. Streaming (SSE) gives
+`on_token`, cancellation, deadlines and `max_lines` on the client side. `allowed_first_ids` (token healing)
+becomes a one-token request with `logit_bias`, then the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Callable, Sequence
+
+from mellum.engine.api import GenerationResult
+from mellum.engine.sampling import SamplingParams
+
+# OpenAI's logit_bias accepts values in [-100, 100]; +100 makes the listed tokens the only likely ones.
+_FORCE_BIAS = 100
+
+
+class OpenAIEngine:
+    """`generate` against `base_url` (e.g. http://localhost:8000/v1) serving `model`."""
+
+    def __init__(self, base_url: str, model: str, api_key: str | None = None, newline_ids: Sequence[int] = (),
+                 encode: Callable[[str], list[int]] | None = None, timeout_s: float = 60.0, vocab_size: int | None = None):
+        import httpx  # the `serve` extra
+
+        if not base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
+        self.url = base_url.rstrip("/") + ("/completions" if base_url.rstrip("/").endswith("/v1") else "/v1/completions")
+        self.model, self.encode, self.vocab_size = model, encode, vocab_size
+        self.newline_ids = frozenset(int(i) for i in newline_ids)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._client = httpx.Client(headers=headers, timeout=timeout_s)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def generate(self, prompt_ids: Sequence[int], params: SamplingParams, cancel: threading.Event | None = None,
+                 on_token: Callable[[int], None] | None = None) -> GenerationResult:
+        prompt = [int(i) for i in prompt_ids]
+        if not prompt:
+            raise ValueError("the prompt is empty: at least one token id is needed to generate from")
+        if self.vocab_size is not None:
+            if bad := [i for i in prompt if not 0 <= i < self.vocab_size]:
+                raise ValueError(f"prompt has token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
+            params.validate_ids(self.vocab_size)
+        t0 = time.perf_counter()
+        deadline = t0 + params.deadline_s if params.deadline_s is not None else None
+        tokens: list[int] = []
+        state = {"lines": 0, "first": None}
+
+        def take(token: int) -> str | None:  # returns a stop reason or None
+            if state["first"] is None:
+                state["first"] = time.perf_counter()
+            if token in params.stop_ids:
+                return "stop"
+            tokens.append(token)
+            if on_token is not None:
+                on_token(token)
+            if token in self.newline_ids:
+                state["lines"] += 1
+                if params.max_lines is not None and state["lines"] >= params.max_lines:
+                    return "lines"
+            return "length" if len(tokens) >= params.max_new_tokens else None
+
+        reason = None
+        if params.allowed_first_ids is not None:
+            bias = {str(i): _FORCE_BIAS for i in params.allowed_first_ids}
+            reason = self._stream(prompt, params, 1, bias, take, cancel, deadline)
+            if reason == "length" and len(tokens) < params.max_new_tokens:
+                reason = None
+        if reason is None:
+            reason = self._stream(prompt + tokens, params, params.max_new_tokens - len(tokens), None, take, cancel,
+                                  deadline)
+        end = time.perf_counter()
+        first = state["first"] or end
+        timings = {"first_token": (first - t0) * 1e3, "decode": (end - first) * 1e3, "total": (end - t0) * 1e3}
+        return GenerationResult(tokens=tokens, stop_reason=reason, prompt_tokens=len(prompt), timings_ms=timings)
+
+    def _stream(self, prompt, params, max_tokens, logit_bias, take, cancel, deadline) -> str:
+        body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": params.temperature,
+                "top_p": params.top_p, "stream": True, "return_token_ids": True, "return_tokens": True}
+        if params.top_k:
+            body["top_k"] = params.top_k
+        if params.seed is not None:
+            body["seed"] = params.seed
+        if params.stop_ids:
+            body["stop_token_ids"] = list(params.stop_ids)
+        if logit_bias:
+            body["logit_bias"] = logit_bias
+        with self._client.stream("POST", self.url, json=body) as response:
+            if response.status_code != 200:
+                raise RuntimeError(f"{self.url} answered {response.status_code}: {response.read()[:500]!r}")
+            for line in response.iter_lines():
+                if cancel is not None and cancel.is_set():
+                    return "cancelled"
+                if deadline is not None and time.perf_counter() >= deadline:
+                    return "deadline"
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                choice = (chunk.get("choices") or [{}])[0]
+                for token in self._ids(choice, chunk):
+                    if (reason := take(token)) is not None:
+                        return reason
+                if choice.get("finish_reason") is not None:
+                    return "length" if choice["finish_reason"] == "length" else "stop"
+        return "stop"
+
+    def _ids(self, choice: dict, chunk: dict) -> list[int]:
+        for key in ("token_ids", "tokens"):
+            ids = choice.get(key, chunk.get(key))
+            if ids and all(isinstance(i, int) for i in ids):
+                return ids
+        text = choice.get("text") or ""
+        if not text:
+            return []
+        if self.encode is None:
+            raise RuntimeError("the server returned text without token ids; pass encode= (the tokenizer's encode)")
+        return self.encode(text)

@@ -1,0 +1,74 @@
+"""The remote backend against a real HTTP server speaking the OpenAI completions stream (backed by the native engine)."""
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from mellum.engine import NativeEngine, SamplingParams
+from tests.engine.helpers import tiny_model
+
+pytest.importorskip("httpx")
+
+
+@pytest.fixture(scope="module")
+def served():
+    native = NativeEngine(tiny_model("tiny-dense"), speculative=None)
+    requests = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            requests.append(body)
+            if self.path != "/v1/completions":
+                self.send_error(404)
+                return
+            bias = body.get("logit_bias")
+            params = SamplingParams(max_new_tokens=body["max_tokens"], temperature=body["temperature"],
+                                    stop_ids=body.get("stop_token_ids", ()),
+                                    allowed_first_ids=[int(k) for k in bias] if bias else None)
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            result = native.generate(body["prompt"], params)
+            for token in result.tokens:
+                chunk = {"choices": [{"index": 0, "text": "", "token_ids": [token], "finish_reason": None}]}
+                self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            finish = "length" if result.stop_reason == "length" else "stop"
+            self.wfile.write(f"data: {json.dumps({'choices': [{'text': '', 'finish_reason': finish}]})}\n\n".encode())
+            self.wfile.write(b"data: [DONE]\n\n")
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1", native, requests
+    server.shutdown()
+    native.close()
+
+
+def test_remote_backend_returns_what_the_server_generates(served):
+    from mellum.engine.openai import OpenAIEngine
+
+    url, native, requests = served
+    remote = OpenAIEngine(url, model="tiny", vocab_size=1024, newline_ids=[])
+    try:
+        prompt = list(range(3, 40))
+        params = SamplingParams(max_new_tokens=10)
+        streamed = []
+        got = remote.generate(prompt, params, on_token=streamed.append)
+        want = native.generate(prompt, params)
+        assert got.tokens == want.tokens == streamed and got.stop_reason == "length"
+        assert requests[-1]["prompt"] == prompt  # token ids on the wire
+        healed = remote.generate(prompt, SamplingParams(max_new_tokens=5, allowed_first_ids=[77]))
+        assert healed.tokens[0] == 77 and len(healed.tokens) == 5
+        assert requests[-2]["max_tokens"] == 1 and requests[-2]["logit_bias"] == {"77": 100}
+        with pytest.raises(ValueError, match="empty"):
+            remote.generate([], params)
+        with pytest.raises(ValueError, match="vocabulary"):
+            remote.generate([5000], params)
+    finally:
+        remote.close()
