@@ -72,7 +72,8 @@ class Completion:
     `stop_reason` is the engine's ("stop", "length", "lines", "deadline", "cancelled", "context") or "filter"
     (the post-processing filters ended the block) or "stop_string". `truncated` says the prompt did not fit
     the model's window and context (then prefix/suffix far from the cursor) was cut. `raw_text` is the model's
-    output before post-processing; `healed` the text backed off the prefix for token healing.
+    output before post-processing; `healed` the text backed off the prefix for token healing; `tokens` the
+    generated ids.
     """
 
     id: str
@@ -88,6 +89,7 @@ class Completion:
     raw_text: str = ""
     healed: str = ""
     context_paths: list[str] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)  # generated ids (telemetry, debugging)
 
 
 @dataclass
@@ -414,6 +416,7 @@ class CompletionService:
             raw_text=raw,
             healed=prompt.healed,
             context_paths=[f.path for f in prompt.context],
+            tokens=list(tokens),
         )
 
     def _prompt_text(self, prompt: Prompt) -> str:

@@ -1,0 +1,341 @@
+"""The completion service end to end: a tiny random model saved to disk (real tensors, gibberish text) for the
+real path, and a hand-written stub model whose logits spell a chosen script for exact behaviour."""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+
+import pytest
+import torch
+from torch import nn
+
+import mellum
+from mellum.complete import CompletionRequest, CompletionService, ServiceConfig, healing_table, newline_ids
+from mellum.config import get_config
+from mellum.engine import NativeEngine
+from mellum.model import ModelOutput, Transformer
+from mellum.postprocess import Cursor, pipeline
+from mellum.prompt import ContextFile, get_format
+
+CODE = (
+    "import json\n\n\nclass Store:\n    def __init__(self, path):\n        self.path = path\n\n"
+    "    def load(self):\n        with open(self.path) as f:\n            return json.load(f)\n"
+)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tiny_tokenizer):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-dense")
+    mellum.save_pretrained(Transformer(get_config("tiny-dense")), path)
+    tiny_tokenizer.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def service(model_dir):
+    svc = CompletionService.from_pretrained(model_dir, max_batch=4)
+    yield svc
+    svc.close()
+
+
+def visible(completion) -> str:
+    return completion.raw_text[len(completion.healed):]
+
+
+# ---- the real path: tiny random model ------------------------------------------------------------------------
+def test_ids_timings_and_counts(service):
+    req = CompletionRequest("store.py", CODE, "\n", max_new_tokens=12)
+    a, b = service.complete(req), service.complete(req)
+    assert uuid.UUID(a.id) and a.id != b.id
+    for key in ("context", "prefill", "decode", "total"):
+        assert a.timings_ms[key] >= 0.0
+    assert a.timings_ms["total"] >= a.timings_ms["prefill"]
+    assert 1 <= a.generated_tokens <= 12 and a.generated_tokens == len(a.tokens)
+    assert a.prompt_tokens > 0 and a.prompt is None
+    assert a.raw_text == b.raw_text  # greedy: the same answer (the second from the prefix cache)
+    assert b.cached_tokens > 0
+
+
+def test_return_prompt_is_the_exact_prompt(service, tiny_tokenizer):
+    prefix = CODE + "\n"  # ends with a newline: no token healing
+    req = CompletionRequest("store.py", prefix, "x = 1\n", return_prompt=True, max_new_tokens=4,
+                            extra_context=[ContextFile("util.py", "def helper():\n    pass\n")])
+    c = service.complete(req)
+    assert c.healed == ""
+    fmt = get_format("mellum")
+    assert c.prompt == fmt.render("store.py", prefix, "x = 1\n", [ContextFile("util.py", "def helper():\n    pass\n")])
+    assert c.prompt_tokens == len(tiny_tokenizer.encode(c.prompt, allow_special=True))
+    assert c.context_paths == ["util.py"]
+
+
+def test_postprocessing_is_applied(service):
+    cases = [("x = json.lo", "\n", None), ("def f(a):", "\n", None), ("value = compute(", ")\n", None),
+             ("", "", True)]
+    for prefix, suffix, multiline in cases:
+        req = CompletionRequest("a.py", CODE + prefix, suffix, max_new_tokens=24, multiline=multiline)
+        c = service.complete(req)
+        cursor = Cursor(CODE + prefix, suffix, path="a.py", multiline=multiline)
+        assert c.text == pipeline()(visible(c), cursor)
+        if not c.multiline:
+            assert "\n" not in c.text
+
+
+def test_token_healing_constrains_the_first_token(service, tiny_tokenizer):
+    table = healing_table(tiny_tokenizer)
+    strings = tiny_tokenizer.token_strings
+    for temperature, seed in [(0.0, None), (1.0, 1), (1.0, 2), (1.0, 3)]:
+        req = CompletionRequest("a.py", CODE + "        self.pa", "\n", max_new_tokens=6, temperature=temperature,
+                                seed=seed, return_prompt=True)
+        c = service.complete(req)
+        assert c.healed, "the prefix ends inside a longer token"
+        assert len(table.extending(c.healed)) >= 2
+        first = strings[c.tokens[0]]
+        assert first.startswith(c.healed) or c.healed.startswith(first)
+        assert c.prompt.endswith(("self.pa"[: -len(c.healed)] if len(c.healed) < 7 else "") + "<fim_middle>")
+        if c.raw_text.startswith(c.healed):
+            assert c.stop_reason != "healing_mismatch"
+        else:
+            assert c.text == "" and c.stop_reason == "healing_mismatch"
+
+
+def test_healing_table_queries(tiny_tokenizer):
+    table = healing_table(tiny_tokenizer)
+    assert healing_table(tiny_tokenizer) is table  # cached per tokenizer
+    strings = tiny_tokenizer.token_strings
+    for i in table.extending("se"):
+        assert strings[i].startswith("se")
+    assert set(table.extending("se")) == {i for i, s in enumerate(strings)
+                                           if s.startswith("se") and i not in tiny_tokenizer.special_ids}
+    assert all("self"[: len(strings[i])] == strings[i] and len(strings[i]) < 4 for i in table.prefixes("self"))
+    assert newline_ids(tiny_tokenizer) and all("\n" in strings[i] for i in newline_ids(tiny_tokenizer))
+
+
+def test_overlong_prompt_is_truncated_far_from_the_cursor(service, tiny_tokenizer):
+    body = "".join(f"def function_{i}(a, b):\n    return a * {i} + b\n\n" for i in range(200))
+    prefix = body + "def area(radius):\n    return 3.14 * rad"
+    suffix = "\n\n" + body
+    big = [ContextFile(f"ctx{i}.py", body[:2000]) for i in range(3)]
+    req = CompletionRequest("geo.py", prefix, suffix, extra_context=big, max_new_tokens=16, return_prompt=True)
+    c = service.complete(req)
+    assert c.truncated
+    assert c.prompt_tokens <= service.window - 16
+    assert c.context_paths == []  # context goes first
+    kept_prefix = c.prompt.split("<fim_prefix>")[1].split("<fim_middle>")[0]
+    assert (kept_prefix + c.healed).endswith("def area(radius):\n    return 3.14 * rad")
+    kept_suffix = c.prompt.split("<fim_suffix>")[1].split("<fim_prefix>")[0]
+    assert kept_suffix.startswith("\n\ndef function_0(a, b):")
+    assert len(kept_prefix) < len(prefix) and len(kept_suffix) < len(suffix)
+
+
+def test_context_dropped_before_the_file(service):
+    small = "def f():\n    return 1\n"
+    ctx = [ContextFile(f"c{i}.py", "x = 1\n" * 60) for i in range(6)]
+    c = service.complete(CompletionRequest("a.py", small, "", extra_context=ctx, max_new_tokens=8))
+    assert c.truncated and 0 < len(c.context_paths) < 6
+    assert c.context_paths == [f.path for f in ctx][-len(c.context_paths):]  # the most relevant (last) stay
+
+
+def test_stream_pieces_join_to_the_text(service):
+    req = CompletionRequest("a.py", CODE, "", max_new_tokens=40, multiline=True)
+    gen = service.stream(req)
+    pieces = []
+    with pytest.raises(StopIteration) as done:
+        while True:
+            pieces.append(next(gen))
+    assert "".join(pieces) == done.value.value.text
+
+
+def test_cancel_and_early_close_free_the_slot(service):
+    cancel = threading.Event()
+    cancel.set()
+    c = service.complete(CompletionRequest("a.py", CODE, "", max_new_tokens=40), cancel=cancel)
+    assert c.stop_reason == "cancelled" and c.generated_tokens <= 1
+    gen = service.stream(CompletionRequest("a.py", CODE, "", max_new_tokens=200, multiline=True))
+    next(gen, None)
+    gen.close()
+    assert service.engine.busy_slots == 0
+
+
+def test_concurrent_requests_match_sequential(service):
+    reqs = [CompletionRequest("a.py", CODE + tail, "\n", max_new_tokens=10) for tail in ("x = ", "y = js", "def g(", "#")]
+    expected = [service.complete(r).raw_text for r in reqs]
+    got: dict[int, str] = {}
+
+    def work(i):
+        got[i] = service.complete(reqs[i]).raw_text
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(reqs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [got[i] for i in range(len(reqs))] == expected
+
+
+def test_bad_requests(service):
+    with pytest.raises(ValueError, match="path"):
+        CompletionRequest("", "x", "")
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        CompletionRequest("a.py", "x", "", max_new_tokens=0)
+    with pytest.raises(ValueError, match="window"):
+        service.complete(CompletionRequest("a.py", "x", "", max_new_tokens=service.window))
+    with pytest.raises(ValueError, match="temperature"):
+        service.complete(CompletionRequest("a.py", "x", "", temperature=-1.0))
+    with pytest.raises(ValueError, match="top_p"):
+        service.complete(CompletionRequest("a.py", "x", "", top_p=0.0))
+    c = service.complete(CompletionRequest("a.py", CODE, "", deadline_ms=1e-6))
+    assert c.stop_reason == "deadline" and c.text == ""
+
+
+# ---- exact behaviour: a stub model that writes a chosen script -----------------------------------------------
+class ScriptModel(nn.Module):
+    """Hand-written logits: after a prompt of n tokens, position n-1+k predicts `script[k]` (cache ignored).
+
+    Prefix caching is off in these engines, so each request's first forward starts at position 0 and tells
+    the stub where its prompt ends."""
+
+    def __init__(self, config, script: list[int]):
+        super().__init__()
+        self.config, self.script = config, script
+        self.anchor = nn.Parameter(torch.zeros(1))
+        self.prompt_end = 0
+
+    def forward(self, input_ids, positions=None, cache=None, doc_ids=None):
+        b, t = input_ids.shape
+        if positions is None:
+            positions = torch.arange(t)[None]
+        if int(positions[0, 0]) == 0:
+            self.prompt_end = t - 1
+        logits = torch.full((b, t, self.config.vocab_size), -1e4)
+        for j, p in enumerate(positions[0].tolist()):
+            k = p - self.prompt_end
+            if 0 <= k < len(self.script):
+                logits[:, j, self.script[k]] = 1e4
+        return ModelOutput(logits, torch.zeros(b, t, 4), [])
+
+
+def scripted(tokenizer, text: str, config: ServiceConfig | None = None, first_ids: list[int] | None = None):
+    script = (first_ids or []) + tokenizer.encode(text) + [tokenizer.eos_id]
+    model = ScriptModel(get_config("tiny-dense"), script)
+    engine = NativeEngine(model, model.config, newline_ids=newline_ids(tokenizer), prefix_cache_mb=0,
+                          speculative=None, max_batch=2, prefill_chunk=4096)
+    # Healing off unless asked: it would replace the script's first token.
+    return CompletionService(engine, tokenizer, model.config, config or ServiceConfig(token_healing=False)), model
+
+
+def test_filters_stop_decoding_at_the_block_end(tiny_tokenizer):
+    text = "\n    return x + 1\n\ndef g(y):\n    return y\n" * 3
+    svc, _ = scripted(tiny_tokenizer, text)
+    try:
+        c = svc.complete(CompletionRequest("a.py", "def f(x):", "\n", max_new_tokens=64))
+        assert c.text == "\n    return x + 1"
+        assert c.stop_reason == "filter"
+        assert c.generated_tokens < len(tiny_tokenizer.encode(text))
+        off = CompletionService(svc.engine, tiny_tokenizer, svc.model_config,
+                                ServiceConfig(early_stop=False, token_healing=False))
+        full = off.complete(CompletionRequest("a.py", "def f(x):", "\n", max_new_tokens=64))
+        assert full.text == c.text and full.generated_tokens > c.generated_tokens
+    finally:
+        svc.close()
+
+
+def test_stop_strings_and_single_line(tiny_tokenizer):
+    svc, _ = scripted(tiny_tokenizer, "total = 1  # STOP now\nnext_line()")
+    try:
+        c = svc.complete(CompletionRequest("a.py", "def f():\n    ", "\n", stop=["# STOP"], max_new_tokens=32))
+        assert c.text == "total = 1" and c.stop_reason == "stop_string"
+        c = svc.complete(CompletionRequest("a.py", "x = 1\ny = ", "\n", max_new_tokens=32))
+        assert not c.multiline and c.text == "total = 1  # STOP now"
+        assert c.stop_reason == "lines"  # the engine stopped at the first newline token
+    finally:
+        svc.close()
+
+
+def test_midline_completion_drops_auto_closed_bracket(tiny_tokenizer):
+    svc, _ = scripted(tiny_tokenizer, "items, key)\nprint(value)")
+    try:
+        c = svc.complete(CompletionRequest("a.py", "value = compute(", ")\n", max_new_tokens=32))
+        assert c.text == "items, key"
+    finally:
+        svc.close()
+
+
+def test_healing_forces_a_consistent_first_token(tiny_tokenizer):
+    prefix = "x = json.lo"  # ends in the token "lo"; "load", "loat", "lobals" are longer ones
+    healing = ServiceConfig(token_healing=True)
+    token = tiny_tokenizer.id_of
+    # The script's first token "(" contradicts the typed text: the constraint must override it.
+    svc, _ = scripted(tiny_tokenizer, "ad(f)\n", healing, first_ids=[token("(")])
+    try:
+        c = svc.complete(CompletionRequest("a.py", prefix, "\n", max_new_tokens=8, return_prompt=True))
+        assert c.healed == "lo" and c.prompt.endswith("x = json.<fim_middle>")
+        first = tiny_tokenizer.token_strings[c.tokens[0]]
+        assert first != "(" and (first.startswith("lo") or "lo".startswith(first))
+    finally:
+        svc.close()
+    # Re-typing the healed text, then continuing: the completion is the continuation only.
+    svc, _ = scripted(tiny_tokenizer, "ad(f)\n", healing, first_ids=[token("lo")])
+    try:
+        c = svc.complete(CompletionRequest("a.py", prefix, "\n", max_new_tokens=8))
+        assert c.raw_text.startswith("load(f)") and c.text == "ad(f)"
+    finally:
+        svc.close()
+    # A first token that is a prefix of the healed text ("l") but a continuation that contradicts it.
+    svc, _ = scripted(tiny_tokenizer, "ist\n", healing, first_ids=[token("l")])
+    try:
+        c = svc.complete(CompletionRequest("a.py", prefix, "\n", max_new_tokens=8))
+        assert c.text == "" and c.stop_reason == "healing_mismatch" and c.raw_text.startswith("list")
+    finally:
+        svc.close()
+
+
+def test_stream_yields_lines_as_they_complete(tiny_tokenizer):
+    text = "\n    a = 1\n    b = 2\n    c = 3\n    return a + b + c\n"
+    svc, _ = scripted(tiny_tokenizer, text)
+    try:
+        gen = svc.stream(CompletionRequest("a.py", "def f():", "\n", max_new_tokens=64))
+        pieces = []
+        with pytest.raises(StopIteration) as done:
+            while True:
+                pieces.append(next(gen))
+        assert len(pieces) >= 3
+        assert "".join(pieces) == done.value.value.text == text.rstrip()
+    finally:
+        svc.close()
+
+
+# ---- the command ----------------------------------------------------------------------------------------------
+def test_split_at_positions():
+    from mellum.commands.complete import split_at
+
+    assert split_at("ab\ncd\n", 2, 2) == ("ab\nc", "d\n")
+    assert split_at("ab\ncd\n", 3, 1) == ("ab\ncd\n", "")
+    assert split_at("ab\r\ncd", 1, 3) == ("ab", "\r\ncd")
+    with pytest.raises(ValueError, match="line 4 is outside"):
+        split_at("ab\ncd\n", 4, 1)
+    with pytest.raises(ValueError, match="column 4 is outside line 1"):
+        split_at("ab\ncd\n", 1, 4)
+    with pytest.raises(ValueError, match="column 0"):
+        split_at("ab", 1, 0)
+
+
+def test_complete_command(model_dir, tmp_path, capsys):
+    from mellum.cli import main
+
+    src = tmp_path / "proj" / "store.py"
+    src.parent.mkdir()
+    src.write_text(CODE + "x = json.lo\n")
+    line = CODE.count("\n") + 1
+    rc = main(["complete", "--model", str(model_dir), "--file", str(src), "--line", str(line), "--column", "12",
+               "--project", str(src.parent), "--json", "--max-new-tokens", "5", "--show-prompt"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["generated_tokens"] <= 5 and out["id"] and "total" in out["timings_ms"]
+    assert "<filename>store.py\n" in out["prompt"]
+    assert main(["complete", "--model", str(model_dir), "--file", str(src), "--line", "99", "--column", "1"]) == 2
+    assert "line 99 is outside" in capsys.readouterr().err
+    assert main(["complete", "--model", str(tmp_path), "--file", str(src), "--line", "1", "--column", "1"]) == 2
+    assert "no model" in capsys.readouterr().err
