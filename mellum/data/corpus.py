@@ -241,6 +241,7 @@ class _Report:
         self.duplicate_examples: list[dict] = []
         self.bytes_read = 0
         self.excluded_files = 0
+        self.files_with_secrets = 0
         self.elapsed = 0.0
 
     def add_project(self, project: Project, allowed: bool) -> dict:
@@ -276,6 +277,7 @@ class _Report:
         entry["bytes_kept"] += n
         found = sum(result["secrets"].values())
         entry["secrets"] += found
+        self.files_with_secrets += found > 0
         self.secrets.update(result["secrets"])
         self.languages[result["language"]]["files"] += 1
         self.languages[result["language"]]["bytes"] += n
@@ -305,7 +307,7 @@ class _Report:
                 "exact_duplicates": self.duplicates["exact duplicate"],
                 "near_duplicates": self.duplicates["near duplicate"],
                 "secrets_redacted": sum(self.secrets.values()),
-                "files_with_secrets": sum(1 for p in projects if p["secrets"]),
+                "files_with_secrets": self.files_with_secrets,
                 "elapsed_s": round(self.elapsed, 2),
                 "mb_per_s": round(self.bytes_read / 1e6 / max(self.elapsed, 1e-9), 2),
             },
@@ -339,7 +341,7 @@ def render_markdown(report: dict) -> str:
         f"{t['files_in_excluded_projects']} in excluded projects",
         f"- Duplicates removed: {t['exact_duplicates']} exact, {t['near_duplicates']} near "
         f"(Jaccard ≥ {report['config']['dedup']['threshold']})",
-        f"- Secrets redacted: {t['secrets_redacted']} in {t['files_with_secrets']} projects "
+        f"- Secrets redacted: {t['secrets_redacted']} in {t['files_with_secrets']} files "
         + (f"({', '.join(f'{k} {v}' for k, v in report['secrets_by_kind'].items())})" if report["secrets_by_kind"] else ""),
         f"- Bytes: {t['bytes_read'] / 1e6:.1f} MB read, {t['bytes_kept'] / 1e6:.1f} MB kept; "
         f"{t['elapsed_s']} s ({t['mb_per_s']} MB/s)",

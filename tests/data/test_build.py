@@ -1,0 +1,169 @@
+"""`mellum data build` on fixture projects with known licenses, planted duplicates and planted secrets."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from mellum.cli import main
+from mellum.data.corpus import BuildConfig, build_corpus, read_corpus, read_report
+
+FIXTURES = Path(__file__).parent / "fixtures"
+PROJECTS = ["mit_project", "apache_project", "gpl_project", "nolicense_project", "site"]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = tmp_path_factory.mktemp("build") / "corpus"
+    report = build_corpus([str(FIXTURES / p) for p in PROJECTS], out, BuildConfig(workers=1), progress=False)
+    return out, report, list(read_corpus(out))
+
+
+def test_licenses_decide_which_projects_are_kept(built):
+    out, report, records = built
+    projects = {p["name"]: p for p in report["projects"]}
+    assert {n for n, p in projects.items() if p["kept"]} == {"mit_project", "apache_project", "okdist", "dualdist", "classicdist"}
+    assert report["excluded_by_reason"] == {
+        "license not allowed: GPL-3.0-only": ["gpldist"],
+        "license not allowed: GPL-3.0-or-later": ["gpl_project"],
+        "license unknown": ["nolicense_project"],
+    }
+    assert projects["mit_project"]["license"] == "MIT" and projects["mit_project"]["license_source"] == "license file"
+    assert projects["okdist"]["license_source"] == "License-Expression"
+    assert projects["classicdist"]["license"] == "MIT" and projects["classicdist"]["license_source"] == "classifiers"
+    assert projects["dualdist"]["license"] == "MIT OR GPL-2.0-only"  # one permissive alternative suffices
+    assert not any(r["project"] in ("gpl_project", "gpldist", "nolicense_project") for r in records)
+    # Per-file SPDX headers override the project license: the GPL file is dropped, the MIT one kept as MIT.
+    by_path = {(r["project"], r["path"]): r for r in records}
+    assert ("apache_project", "src/gpl_part.py") not in by_path
+    assert by_path[("apache_project", "src/mit_part.py")]["license"] == "MIT"
+    assert by_path[("apache_project", "src/app.py")]["license"] == "Apache-2.0"
+    assert by_path[("okdist", "okdist/__init__.py")]["language"] == "python"
+
+
+def test_exact_set_of_kept_files_and_skip_reasons(built):
+    _, report, records = built
+    assert sorted((r["project"], r["path"]) for r in records) == sorted([
+        ("mit_project", "pkg/__init__.py"), ("mit_project", "pkg/core.py"), ("mit_project", "pkg/keys.py"),
+        ("mit_project", "pkg/settings.py"), ("apache_project", "src/app.py"), ("apache_project", "src/mit_part.py"),
+        ("classicdist", "classicdist.py"), ("dualdist", "dualdist/core.py"), ("okdist", "okdist/__init__.py"),
+    ])
+    assert report["skipped_by_reason"] == {
+        "not a selected language": 3, "generated": 2, "minified": 1, "vendored": 1, "file license GPL-2.0-only": 1,
+    }
+    for r in records:
+        assert set(r) == {"project", "path", "language", "license", "source", "text"}
+
+
+def test_duplicates_removed_within_and_across_projects(built):
+    _, report, _ = built
+    assert report["totals"]["exact_duplicates"] == 2 and report["totals"]["near_duplicates"] == 1
+    assert {(d["kind"], d["file"], d["original"]) for d in report["duplicate_examples"]} == {
+        ("exact duplicate", "mit_project/pkg/core_copy.py", "mit_project/pkg/core.py"),
+        ("near duplicate", "mit_project/pkg/core_near.py", "mit_project/pkg/core.py"),
+        ("exact duplicate", "apache_project/src/geometry.py", "mit_project/pkg/core.py"),
+    }
+
+
+def test_secrets_redacted_and_counted(built):
+    _, report, records = built
+    assert report["secrets_by_kind"] == {"PRIVATE_KEY": 1, "AWS_ACCESS_KEY": 1, "GITHUB_TOKEN": 1, "PASSWORD": 1}
+    assert report["totals"]["files_with_secrets"] == 2
+    text = {r["path"]: r["text"] for r in records}
+    settings = text["pkg/settings.py"]
+    assert 'AWS_ACCESS_KEY_ID = "<AWS_ACCESS_KEY>"' in settings
+    assert 'DATABASE_PASSWORD = "<PASSWORD>"' in settings
+    assert 'GITHUB_TOKEN = "<GITHUB_TOKEN>"' in settings
+    assert 'password = "password"' in settings and "token = get_token()" in settings  # not secrets
+    assert "AKIA" not in settings and "Xk9#" not in settings
+    assert 'KEY = """<PRIVATE_KEY>"""' in text["pkg/keys.py"] and "MIIBOg" not in text["pkg/keys.py"]
+
+
+def test_report_files_written(built):
+    out, report, _ = built
+    assert read_report(out) == json.loads(json.dumps(report))
+    md = (out / "report.md").read_text()
+    assert "license not allowed: GPL-3.0-or-later" in md and "| mit_project | directory | MIT |" in md
+    assert sorted(p.name for p in out.iterdir()) == ["files.jsonl.zst", "report.json", "report.md"]
+
+
+def test_existing_corpus_is_not_overwritten_without_force(tmp_path, capsys):
+    out = tmp_path / "corpus"
+    shutil.copytree(FIXTURES / "site", tmp_path / "site")
+    args = ["data", "build", "--quiet", "--workers", "1", "--source", str(tmp_path / "site"), "--out", str(out)]
+    assert main(args) == 0
+    first = (out / "report.json").read_text()
+    assert main(args) == 2
+    assert "already exists; pass --force" in capsys.readouterr().err
+    assert (out / "report.json").read_text() == first
+    assert main(args + ["--force"]) == 0
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".corpus")]  # no temp or backup left
+
+
+def test_bad_sources_give_clear_errors(tmp_path, capsys):
+    out = str(tmp_path / "c")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    loop = tmp_path / "loop"
+    os.symlink(loop, loop)
+    cases = [
+        (str(tmp_path / "missing"), "does not exist"),
+        (str(empty), "contains no files"),
+        (str(loop), "cannot be read"),
+        (str(FIXTURES / "mit_project" / "LICENSE"), "is not a directory"),
+    ]
+    for source, message in cases:
+        assert main(["data", "build", "--quiet", "--source", source, "--out", out]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "c").exists()
+
+
+def test_unreadable_invalid_and_looping_files_are_reported(tmp_path):
+    project = tmp_path / "proj"
+    shutil.copytree(FIXTURES / "apache_project", project)
+    (project / "src" / "latin1.py").write_bytes(b"# caf\xe9\nx = 1\n")
+    (project / "src" / "blob.py").write_bytes(b"\x00\x01\x02binary")
+    os.symlink(project / "src" / "self_loop.py", project / "src" / "self_loop.py")
+    os.symlink("/etc/hostname", project / "src" / "outside.py")
+    (project / "src" / "locked.py").write_text("x = 1\n")
+    os.chmod(project / "src" / "locked.py", 0)
+    report = build_corpus([str(project)], tmp_path / "c", BuildConfig(workers=1), progress=False)
+    skipped = report["projects"][0]["skipped"]
+    assert skipped["invalid utf-8"] == 1 and skipped["binary"] == 1
+    assert skipped["broken symlink or symlink loop"] == 1 and skipped["symlink points outside the source"] == 1
+    if os.geteuid() != 0:  # root reads anything
+        assert skipped["unreadable"] == 1
+    kept = {r["path"] for r in read_corpus(tmp_path / "c")}
+    assert "src/app.py" in kept and "src/latin1.py" not in kept
+
+
+def test_failed_build_leaves_nothing(tmp_path, monkeypatch):
+    import mellum.data.corpus as corpus
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(corpus, "render_markdown", boom)
+    with pytest.raises(RuntimeError):
+        build_corpus([str(FIXTURES / "apache_project")], tmp_path / "c", BuildConfig(workers=1), progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_worker_pool_gives_the_same_corpus(tmp_path, built):
+    out, report, records = built
+    many = BuildConfig(workers=2, chunk_files=1)
+    # Enough tasks to use the pool (it is skipped below 64 files): repeat the fixture projects under new names.
+    for i in range(8):
+        for p in ("mit_project", "apache_project"):
+            shutil.copytree(FIXTURES / p, tmp_path / f"{p}{i}")
+    sources = [str(FIXTURES / p) for p in PROJECTS] + [str(tmp_path / f"{p}{i}") for i in range(8) for p in ("mit_project", "apache_project")]
+    pooled = build_corpus(sources, tmp_path / "c", many, progress=False)
+    assert list(read_corpus(tmp_path / "c"))[: len(records)] == records
+    assert pooled["totals"]["files_kept"] == report["totals"]["files_kept"]  # every copy is an exact duplicate
+    # Each copy of mit_project repeats 6 candidate files (core_near included), each apache_project copy 3.
+    assert pooled["totals"]["exact_duplicates"] == report["totals"]["exact_duplicates"] + 8 * (6 + 3)
+    assert pooled["totals"]["near_duplicates"] == report["totals"]["near_duplicates"]

@@ -1,0 +1,158 @@
+"""License detection and policy, quality filters, secret patterns and MinHash dedup, case by case."""
+
+from __future__ import annotations
+
+import email.parser
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mellum.data.dedup import DedupConfig, Deduplicator, MinHasher, exact_key, jaccard
+from mellum.data.filters import FilterConfig, content_reason, language_of, path_reason
+from mellum.data.license import LicensePolicy, detect_text, from_metadata, normalize, spdx_header
+from mellum.data.secrets import SecretRedactor
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+BSD3 = """Redistribution and use in source and binary forms, with or without modification, are permitted provided
+that the following conditions are met: ... Neither the name of the copyright holder nor the names of its
+contributors may be used to endorse or promote products derived from this software."""
+BSD2 = "Redistribution and use in source and binary forms, with or without modification, are permitted provided..."
+ISC = """Permission to use, copy, modify, and/or distribute this software for any purpose with or without fee is
+hereby granted, provided that the above copyright notice and this permission notice appear in all copies."""
+ZERO_BSD = """Permission to use, copy, modify, and/or distribute this software for any purpose with or without fee is
+hereby granted. THE SOFTWARE IS PROVIDED "AS IS" AND THE AUTHOR DISCLAIMS ALL WARRANTIES."""
+
+
+@pytest.mark.parametrize(
+    "text, spdx",
+    [
+        ((FIXTURES / "mit_project" / "LICENSE").read_text(), "MIT"),
+        ((FIXTURES / "apache_project" / "LICENSE").read_text(), "Apache-2.0"),
+        ((FIXTURES / "gpl_project" / "COPYING").read_text(), "GPL-3.0-or-later"),
+        (BSD3, "BSD-3-Clause"),
+        (BSD2, "BSD-2-Clause"),
+        (ISC, "ISC"),
+        (ZERO_BSD, "0BSD"),
+        ("This is free and unencumbered software released into the public domain.", "Unlicense"),
+        ("GNU LESSER GENERAL PUBLIC LICENSE\nVersion 3, 29 June 2007 ... the GNU General Public License", "LGPL-3.0-or-later"),
+        ("GNU AFFERO GENERAL PUBLIC LICENSE Version 3", "AGPL-3.0-or-later"),
+        ("Mozilla Public License Version 2.0", "MPL-2.0"),
+        ("Altered source versions must be plainly marked as such, and must not be misrepresented. "
+         "This notice may not be removed or altered from any source distribution.", "Zlib"),
+        # A permissive license that appends a bundled GPL component's text is judged by its own (first) text.
+        (BSD3 + "\n\nBundled: GNU GENERAL PUBLIC LICENSE Version 3", "BSD-3-Clause"),
+        ("All rights reserved.", None),
+    ],
+)
+def test_license_text_detection(text, spdx):
+    assert detect_text(text) == spdx
+
+
+def test_real_stdlib_license_is_psf():
+    license_txt = Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt"
+    if not license_txt.is_file():
+        pytest.skip("this Python ships no LICENSE.txt")
+    assert detect_text(license_txt.read_text()) == "PSF-2.0"
+
+
+def _meta(headers: str):
+    return email.parser.Parser().parsestr(headers, headersonly=True)
+
+
+def test_license_from_metadata():
+    assert from_metadata(_meta("License-Expression: MIT OR Apache-2.0\nLicense: BSD\n")) == ("MIT OR Apache-2.0", "License-Expression")
+    assert from_metadata(_meta("License: Apache 2.0\n")) == ("Apache-2.0", "License")
+    assert from_metadata(_meta(
+        "License: UNKNOWN\nClassifier: License :: OSI Approved :: BSD License\n"
+        "Classifier: License :: OSI Approved :: GNU General Public License v2 (GPLv2)\n"
+    )) == ("BSD-3-Clause AND GPL-2.0-only", "classifiers")
+    assert from_metadata(_meta("Name: x\n")) == (None, "none")
+
+
+def test_policy_evaluates_expressions():
+    policy = LicensePolicy()
+    assert policy.allows("MIT") and policy.allows("MIT OR GPL-3.0-only") and policy.allows("Apache-2.0 AND BSD-3-Clause")
+    assert policy.allows("Apache-2.0 WITH LLVM-exception")
+    assert not policy.allows("MIT AND GPL-3.0-only") and not policy.allows("MPL-2.0") and not policy.allows(None)
+    assert not policy.allows("LicenseRef-Proprietary")
+    assert LicensePolicy(frozenset({"MPL-2.0"})).allows("MPL-2.0") and not LicensePolicy(frozenset({"MPL-2.0"})).allows("MIT")
+    assert normalize("mit or apache-2.0") == "MIT OR Apache-2.0"
+
+
+def test_spdx_header():
+    assert spdx_header("#!/usr/bin/env python\n# SPDX-License-Identifier: Apache-2.0 OR MIT\nx = 1\n") == "Apache-2.0 OR MIT"
+    assert spdx_header("/* SPDX-License-Identifier: GPL-2.0-only */\nint x;\n") == "GPL-2.0-only"
+    assert spdx_header("x = 1\n" * 40 + "# SPDX-License-Identifier: MIT\n") is None  # only the head counts
+
+
+def test_filters():
+    config = FilterConfig()
+    assert language_of("a/b.py") == "python" and language_of("Makefile") == "makefile" and language_of("x.bin") is None
+    assert path_reason("pkg/_vendor/six.py", config) == "vendored"
+    assert path_reason("web/app.min.js", config) == "minified"
+    assert path_reason("api/service_pb2.py", config) == "generated"
+    assert path_reason("notes.txt", config) == "not a selected language"
+    assert path_reason("pkg/core.py", config) is None
+    good = b"def f(x):\n    return x + 1\n"
+    assert content_reason(good, config) == (good.decode(), None)
+    assert content_reason(b"", config) == (None, "empty")
+    assert content_reason(b"\n\n  \n", config) == (None, "empty")
+    assert content_reason(b"x\0y", config) == (None, "binary")
+    assert content_reason(b"caf\xe9 = 1\n", config) == (None, "invalid utf-8")
+    assert content_reason(b"x = 1\n" * 200_000, config) == (None, "oversized")
+    assert content_reason(b"x = '" + b"a" * 2000 + b"'\n", config) == (None, "minified")
+    assert content_reason(b"x = [\n" + b"  1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18,\n" * 3 + b"]\n", config)[1] is None
+    assert content_reason(b"# " + b"=" * 300 + b"\n" + b"# " + b"-" * 300 + b"\n", config)[1] in ("low alphanumeric", "long lines")
+    assert content_reason(b"{}[]();:,.\n" * 30, config) == (None, "low alphanumeric")
+    assert content_reason(b"# Code generated by protoc. DO NOT EDIT.\nx = 1\n", config) == (None, "generated")
+
+
+@pytest.mark.parametrize(
+    "line, kind",
+    [
+        ('key = "AKIAQWERTYUIOPASDFGH"', "AWS_ACCESS_KEY"),
+        ("slack = 'xoxb-1234567890-abcdefghij'", "SLACK_TOKEN"),
+        ('g = "AIzaSyA1234567890abcdefghijklmnopqrstuv"', "GOOGLE_API_KEY"),
+        ('HF = "hf_abcdefghijklmnopqrstuvwxyzABCDEFGH"', "HF_TOKEN"),
+        ('stripe = "sk_live_abcdefghijklmnopqrstuvwx"', "STRIPE_KEY"),
+        ('jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U"', "JWT"),
+        ('db_password: "Tr0ub4dor&3x"', "PASSWORD"),
+        ("API_KEY=4f9a8b7c6d5e4f3a2b1c", "SECRET"),
+    ],
+)
+def test_secret_patterns(line, kind):
+    redacted, found = SecretRedactor().redact(line + "\n")
+    assert found == {kind: 1}, (line, redacted)
+    assert f"<{kind}>" in redacted
+
+
+@pytest.mark.parametrize(
+    "line",
+    ['password = "password"', "token = get_token()", "token_type = 'invalid-obs-local-part'",
+     "ENV_TOKEN = 'AWS_SESSION_TOKEN'", "secret = self.config.secret_value", 'api_key = os.environ["API_KEY"]',
+     "password=password_input", "max_tokens = 1024"],
+)
+def test_secret_false_positives_left_alone(line):
+    assert SecretRedactor().redact(line) == (line, {})
+
+
+def test_minhash_near_and_exact_dedup():
+    config = DedupConfig(threshold=0.8)
+    hasher = MinHasher(config)
+    base = "".join(f"def function_{i}(a, b):\n    return a * {i} + b\n\n" for i in range(60))
+    near = base.replace("return a * 7 + b", "return a * 7 - b")
+    other = "".join(f"class Model{i}:\n    weight = {i * 13}\n\n" for i in range(60))
+    sa, sb, sc = hasher.signature(base), hasher.signature(near), hasher.signature(other)
+    assert sa.dtype == np.uint32 and sa.shape == (128,)
+    assert np.array_equal(sa, hasher.signature(base))  # deterministic
+    assert jaccard(sa, sb) > 0.9 and jaccard(sa, sc) < 0.2
+    dedup = Deduplicator(config)
+    assert dedup.check("a", exact_key(base), sa) is None
+    assert dedup.check("c", exact_key(other), sc) is None
+    assert dedup.check("b", exact_key(near), sb) == ("near duplicate", "a")
+    assert dedup.check("a2", exact_key(base), sa) == ("exact duplicate", "a")
+    exact_only = Deduplicator(DedupConfig(near=False))
+    assert exact_only.check("a", exact_key(base), None) is None and exact_only.check("b", exact_key(near), None) is None
