@@ -3,8 +3,9 @@
 Moonlight (arXiv:2502.16982 §2.2) scales Muon's orthogonalised update by 0.2·sqrt(max(A, B)) so its RMS matches
 AdamW's (≈ 0.2); then one learning rate and weight decay serve both optimizers, as in Mellum 2 (REFERENCE.md §2).
 Muon only suits matrices that act on hidden states: embeddings, the output head, norms, biases and MoE routers
-stay with AdamW (Keller Jordan's Muon notes; Moonlight §2). `torch.optim.Muon` (torch ≥ 2.9) handles 2-D matrices;
-`NewtonSchulzMuon` below is the same algorithm for torches without it and for stacked 3-D expert weights [E, A, B].
+stay with AdamW (Keller Jordan's Muon notes; Moonlight §2). `torch.optim.Muon` (torch ≥ 2.9) handles 2-D matrices on GPUs;
+`NewtonSchulzMuon` below is the same algorithm for torches without it, for CPUs (fp32), for FSDP-sharded
+parameters and for stacked 3-D expert weights [E, A, B].
 """
 
 from __future__ import annotations
@@ -139,7 +140,9 @@ def build_optimizers(model: nn.Module, config: OptimConfig) -> list[torch.optim.
     matrices = [p for _, p in groups["muon"]]
     if matrices:
         muon_cls = getattr(torch.optim, "Muon", None)
-        if muon_cls is not None and not _is_dtensor(matrices[0]):
+        # torch.optim.Muon iterates in bf16, which this kind of CPU computes ~500× slower than fp32: CPUs (and
+        # FSDP's DTensors, which torch's Muon does not take) use our fp32/gathering implementation instead.
+        if muon_cls is not None and matrices[0].is_cuda and not _is_dtensor(matrices[0]):
             optimizers.append(muon_cls(matrices, lr=config.lr, weight_decay=config.weight_decay,
                                        momentum=config.muon_momentum, ns_steps=config.muon_ns_steps,
                                        adjust_lr_fn="match_rms_adamw"))

@@ -70,7 +70,7 @@ def test_only_hidden_matrices_use_muon():
     assert len(muon) + len(adamw) == n_params
     opts = build_optimizers(model, OptimConfig())
     kinds = {type(o).__name__ for o in opts}
-    assert "AdamW" in kinds and ({"Muon", "NewtonSchulzMuon"} & kinds)
+    assert kinds == {"AdamW", "NewtonSchulzMuon"}  # on CPU our fp32 Muon (torch's iterates in bf16)
     adamw_only = build_optimizers(model, OptimConfig(muon=False))
     assert [type(o).__name__ for o in adamw_only] == ["AdamW"]
 

@@ -1,0 +1,22 @@
+"""`mellum train pretrain`: pre-train a model from a recipe (FIM shards, Muon + AdamW, WSD, exact resume, export).
+
+Several processes: `torchrun --nproc-per-node N -m mellum.train.pretrain ...` takes the same arguments.
+"""
+
+from __future__ import annotations
+
+HELP = "pre-train a model (FIM, MoE losses, MTP) from a recipe"
+
+
+def configure(parser) -> None:
+    from mellum.train.pretrain import configure as configure_pretrain
+
+    parser.epilog = ("recipes: mellum-4b, mellum2 (published), mellum-tiny (reference model, GPU), mellum-tiny-cpu, "
+                     "mellum-tiny-long (YaRN long-context stage), tiny-cpu, tiny-moe-cpu, tiny-long-cpu")
+    configure_pretrain(parser)
+
+
+def run(args) -> int:
+    from mellum.train.pretrain import run as run_pretrain
+
+    return run_pretrain(args)

@@ -1,0 +1,1 @@
+"""Training: pre-training loop, optimizers, schedules, losses, checkpoints, distributed setup and recipes."""

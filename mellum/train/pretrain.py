@@ -1,0 +1,385 @@
+"""The pre-training loop: packed FIM/code shards → model → losses → Muon/AdamW steps, with exact resume and export.
+
+Run as `mellum train pretrain --recipe NAME` or `python -m mellum.train.pretrain --recipe NAME` (also under
+`torchrun --nproc-per-node N`). One optimizer step = the recipe's global batch, split into micro-batches of
+`micro_batch` sequences per rank (gradient accumulation; the batch ramp changes the count). The LR follows
+Warmup-Hold-Decay over the run's progress — steps, or wall-clock time when `max_minutes` is set. Checkpoints
+hold everything the next step depends on; the finished model is exported in the Hugging Face format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mellum.train import checkpointing
+from mellum.train.distributed import DistEnv, all_reduce_sum, barrier, init_distributed, shard_model, shutdown
+from mellum.train.losses import IGNORE, LossWeights, pretraining_loss, token_loss_sum, valid_targets
+from mellum.train.metrics import Metrics
+from mellum.train.optim import build_optimizers, set_lr_factor
+from mellum.train.recipes import RECIPES, TrainConfig, get_recipe
+from mellum.train.schedule import Progress
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """One pre-training run: builds model, optimizers and data from a `TrainConfig` and steps until done."""
+
+    def __init__(self, config: TrainConfig, out_dir: str | os.PathLike, env: DistEnv, bar: bool = True):
+        self.config, self.env = config, env
+        self.out = Path(out_dir)
+        seed_everything(config.seed)  # same initial weights on every rank
+        self.model = self._build_model()
+        self.weights = LossWeights.from_config(config.model)
+        self.optimizers = build_optimizers(self.model, config.optim)
+        self.progress = Progress(config.max_steps, config.max_minutes * 60 if config.max_minutes else None)
+        self.phase = -1
+        self.loader = None
+        self.bar = bar
+        self.autocast = self._autocast_context()
+
+    # ---- construction ---------------------------------------------------------------------------------
+    def _build_model(self) -> torch.nn.Module:
+        from mellum.model import Transformer
+
+        cfg, env = self.config, self.env
+        model = Transformer(cfg.model)
+        if cfg.init_from:
+            self._load_initial_weights(model, cfg.init_from)
+        model.to(env.device)
+        if cfg.fp8:
+            model = _float8(model, env)
+        model = shard_model(model, env)
+        if cfg.compile:
+            for block in model.layers:
+                block.compile()
+        return model
+
+    def _load_initial_weights(self, model, path: str) -> None:
+        from mellum.checkpoint import load_pretrained
+
+        source = load_pretrained(path, dtype=torch.float32)
+        # Rotary tables are buffers computed from this run's config (YaRN in the long-context stage): keep ours.
+        missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
+        if unexpected or [k for k in missing if "rotary" not in k]:
+            raise ValueError(f"{path} does not match the recipe's model: missing {missing}, unexpected {unexpected}")
+
+    def _autocast_context(self):
+        precision = self.config.precision
+        if precision == "auto":
+            precision = "bf16" if self.env.device.type == "cuda" else "fp32"
+        if precision == "bf16":
+            return lambda: torch.autocast(self.env.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext
+
+    def _phase_data(self, index: int) -> str:
+        return self.config.phases[index].data if self.config.phases else self.config.data
+
+    def _current_phase(self) -> int:
+        if not self.config.phases:
+            return 0
+        fraction = self.progress.fraction()
+        for i, phase in enumerate(self.config.phases):
+            if fraction < phase.until:
+                return i
+        return len(self.config.phases) - 1
+
+    def _open_loader(self, index: int, state: dict | None = None):
+        from mellum.data.shards import PackedLoader
+
+        cfg, env = self.config, self.env
+        loader = PackedLoader(self._phase_data(index), cfg.seq_len, cfg.micro_batch, seed=cfg.seed + 1000 * index,
+                              rank=env.rank, world_size=env.world_size)
+        if loader.shards.vocab_size > cfg.model.vocab_size:
+            raise ValueError(f"shards in {self._phase_data(index)} use a vocabulary of {loader.shards.vocab_size}, "
+                             f"larger than the model's {cfg.model.vocab_size}")
+        if state is not None:
+            loader.load_state_dict(state)
+        self.phase, self.loader, self._batches = index, loader, iter(loader)
+
+    # ---- state ------------------------------------------------------------------------------------------
+    def resume(self) -> bool:
+        """Load the newest checkpoint under the output directory; False when there is none."""
+        path = checkpointing.latest_checkpoint(self.out)
+        if path is None:
+            return False
+        trainer_state, loader_state = checkpointing.load_checkpoint(path, self.model, self.optimizers)
+        self.progress.load_state_dict(trainer_state["progress"])
+        self._open_loader(loader_state["phase"], loader_state["loader"])
+        return True
+
+    def save(self) -> Path:
+        trainer_state = {"step": self.progress.step, "progress": self.progress.state_dict()}
+        loader_state = {"phase": self.phase, "loader": self.loader.state_dict()}
+        meta = {"recipe": self.config.name, "world_size": self.env.world_size}
+        return checkpointing.save_checkpoint(self.out, self.model, self.optimizers, trainer_state, loader_state,
+                                             meta, keep=self.config.keep_checkpoints)
+
+    # ---- stepping ---------------------------------------------------------------------------------------
+    def _next_batch(self) -> dict[str, torch.Tensor]:
+        batch = next(self._batches)
+        return {k: v.to(self.env.device, non_blocking=True) for k, v in batch.items()}
+
+    def train_step(self) -> dict:
+        """One optimizer step over the global batch; returns its metrics."""
+        cfg, env = self.config, self.env
+        phase = self._current_phase()
+        if phase != self.phase:
+            self._open_loader(phase)
+        accum = cfg.batch_ramp.accumulation_steps(self.progress.tokens, cfg.micro_batch, env.world_size)
+        batches = [self._next_batch() for _ in range(accum)]
+        # The number of predicted tokens in the whole global batch: every micro-batch's loss is a sum divided by
+        # it, so accumulation and ranks add up to exactly the global mean (and one rank equals many).
+        local = sum((valid_targets(b["targets"]) != IGNORE).sum() for b in batches).float()
+        num_targets = all_reduce_sum(local).clamp(min=1.0)
+        lr_factor = cfg.schedule.factor(self.progress.step, self.progress.fraction())
+        lr = set_lr_factor(self.optimizers, lr_factor)
+        ce_sum = torch.zeros((), device=env.device)
+        extras: dict[str, float] = {}
+        self.model.train()
+        for batch in batches:
+            with self.autocast():
+                loss, parts = pretraining_loss(self.model, batch, self.weights, num_targets, cfg.doc_masking)
+            # FSDP2 averages gradients over ranks; our loss is already a share of the global sum.
+            (loss * env.world_size if env.distributed else loss).backward()
+            ce_sum += parts["ce_sum"]
+            for key in ("router_aux", "router_z"):
+                if key in parts:
+                    extras[key] = extras.get(key, 0.0) + parts[key].item() / accum
+            if "mtp_sum" in parts:
+                extras["mtp_sum"] = extras.get("mtp_sum", 0.0) + parts["mtp_sum"].item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+        for opt in self.optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        loss_value = (all_reduce_sum(ce_sum) / num_targets).item()
+        record = {"loss": loss_value, "lr": lr, "grad_norm": _item(grad_norm), "batch": accum * cfg.micro_batch * env.world_size,
+                  "phase": self.phase}
+        if "mtp_sum" in extras:
+            record["mtp_loss"] = all_reduce_sum(torch.tensor(extras.pop("mtp_sum"), device=env.device)).item() / num_targets.item()
+        record.update(extras)
+        self.progress.step += 1
+        self.progress.tokens += accum * cfg.micro_batch * env.world_size * cfg.seq_len
+        return record
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean next-token loss over `eval_batches` held-out batches in total (the same rows on every call)."""
+        cfg, env = self.config, self.env
+        if not cfg.eval_data:
+            return None
+        from mellum.data.shards import PackedLoader
+
+        loader = PackedLoader(cfg.eval_data, cfg.seq_len, cfg.micro_batch, seed=0, rank=env.rank,
+                              world_size=env.world_size, epochs=1)
+        self.model.eval()
+        total = torch.zeros((), device=env.device)
+        count = torch.zeros((), device=env.device)
+        per_rank = max(1, cfg.eval_batches // env.world_size)  # the same rows in total for any number of ranks
+        for i, batch in enumerate(loader):
+            if i >= per_rank:
+                break
+            batch = {k: v.to(env.device) for k, v in batch.items()}
+            positions, doc_ids = (batch["positions"], batch["doc_ids"]) if cfg.doc_masking else (None, None)
+            with self.autocast():
+                out = self.model(batch["input_ids"], positions=positions, doc_ids=doc_ids)
+            total += token_loss_sum(out.logits, batch["targets"])
+            count += (valid_targets(batch["targets"]) != IGNORE).sum()
+        self.model.train()
+        return (all_reduce_sum(total) / all_reduce_sum(count).clamp(min=1)).item()
+
+    def fit(self) -> dict:
+        """Train until max_steps or the time budget; checkpoint, evaluate and log along the way; export at the end."""
+        cfg, env = self.config, self.env
+        if self.loader is None:
+            self._open_loader(self._current_phase())
+        start_step = self.progress.step
+        metrics = Metrics(self.out if env.is_main else None, cfg.max_steps, enabled=env.is_main,
+                          resume_step=start_step, bar=self.bar)
+        if env.is_main:
+            (self.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str) + "\n")
+        eval_loss = None
+        if start_step == 0:
+            eval_loss = self.evaluate()
+            if eval_loss is not None:
+                metrics.log(0, eval_loss=eval_loss)
+        run_start = time.perf_counter()
+        seconds_before = self.progress.seconds
+        window_tokens, window_start = 0, time.perf_counter()
+        last_saved = start_step
+        try:
+            while not self.progress.done():
+                tokens_before = self.progress.tokens
+                record = self.train_step()
+                self.progress.seconds = seconds_before + _synced_time(env) - run_start
+                window_tokens += self.progress.tokens - tokens_before
+                step = self.progress.step
+                now = time.perf_counter()
+                tokens_per_s = window_tokens / max(now - window_start, 1e-9)
+                if step % cfg.log_every == 0 or self.progress.done():
+                    metrics.log(step, tokens=self.progress.tokens, tokens_per_s=round(tokens_per_s, 1),
+                                elapsed_s=round(self.progress.seconds, 2), **record)
+                    window_tokens, window_start = 0, now
+                metrics.progress(step, record["loss"], tokens_per_s, self.progress.fraction(), self.progress.seconds)
+                if cfg.eval_every and (step % cfg.eval_every == 0 or self.progress.done()):
+                    eval_loss = self.evaluate()
+                    if eval_loss is not None:
+                        metrics.log(step, eval_loss=eval_loss)
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                    self.save()
+                    last_saved = step
+            if last_saved != self.progress.step:
+                self.save()
+        finally:
+            metrics.close()
+        summary = {"steps": self.progress.step, "tokens": self.progress.tokens,
+                   "seconds": round(self.progress.seconds, 1), "eval_loss": eval_loss}
+        if env.is_main:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
+    def export(self, directory: str | os.PathLike) -> Path:
+        """Write the model in the Hugging Face format (plus tokenizer, training config and log) — rank 0 writes."""
+        from mellum.checkpoint import save_pretrained
+        from mellum.model import Transformer
+
+        cfg, env = self.config, self.env
+        directory = Path(directory)
+        state, _ = checkpointing.model_and_optimizer_state(self.model, [])
+        if env.is_main:
+            plain = Transformer(cfg.model)  # unsharded, on the CPU
+            plain.load_state_dict({k: _full(v).detach().to("cpu", torch.float32) for k, v in state.items()})
+            save_pretrained(plain, directory, dtype=cfg.export_dtype, max_shard_size_mb=cfg.export_max_shard_mb)
+            if cfg.tokenizer:
+                from mellum.tokenizer import Tokenizer
+
+                Tokenizer.from_pretrained(cfg.tokenizer).save(directory)
+            shutil.copy(self.out / "train_config.json", directory / "training_config.json")
+            if (self.out / "metrics.jsonl").is_file():
+                shutil.copy(self.out / "metrics.jsonl", directory / "training_log.jsonl")
+        barrier()
+        return directory
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _synced_time(env: DistEnv) -> float:
+    # Wall time after the GPU's queued work finished, agreed by all ranks (rank 0's clock) so they stop together.
+    if env.device.type == "cuda":
+        torch.cuda.synchronize(env.device)
+    now = time.perf_counter()
+    if env.distributed and env.device.type == "cpu":
+        return now  # CPU ranks step in lockstep through collectives; the step count decides
+    if env.distributed:
+        t = torch.tensor([now], dtype=torch.float64, device=env.device)
+        torch.distributed.broadcast(t, src=0)
+        return float(t.item())
+    return now
+
+
+def _item(x) -> float:
+    x = x.full_tensor() if hasattr(x, "full_tensor") else x
+    return float(x)
+
+
+def _float8(model, env: DistEnv):
+    """torchao float8 training (tensorwise scaling) for hidden linears whose dims are multiples of 16."""
+    if env.device.type != "cuda":
+        raise ValueError("fp8 training needs a CUDA GPU with float8 support (H100 class)")
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    except ImportError as exc:
+        raise ValueError("fp8 training needs torchao: pip install torchao") from exc
+
+    def keep(module, fqn: str) -> bool:
+        return (isinstance(module, torch.nn.Linear) and "lm_head" not in fqn
+                and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+
+    convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name("tensorwise"), module_filter_fn=keep)
+    return model
+
+
+# ---- command line --------------------------------------------------------------------------------------------
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recipe", required=True, help=f"training recipe: {', '.join(RECIPES)}")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe field by dotted path, e.g. --set optim.lr=1e-3 --set model.num_layers=4")
+    parser.add_argument("--out", default=None, help="run directory (checkpoints, metrics, exported model); "
+                        "default runs/RECIPE")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: cuda if present")
+    parser.add_argument("--data", help="training shard directory (overrides the recipe's)")
+    parser.add_argument("--eval-data", help="held-out shard directory (overrides the recipe's)")
+    parser.add_argument("--tokenizer", help="tokenizer directory saved next to the exported model")
+    parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    parser.add_argument("--max-minutes", type=float, help="wall-clock budget of the training loop; the LR decay "
+                        "follows it and training ends cleanly (checkpoint + export) when it is spent")
+    parser.add_argument("--export", default=None, help="directory for the Hugging Face model (default OUT/model)")
+    parser.add_argument("--no-export", action="store_true", help="skip the Hugging Face export")
+    parser.add_argument("--no-bar", action="store_true", help="no progress bar (logs still go to metrics.jsonl)")
+
+
+def config_from_args(args) -> TrainConfig:
+    overrides = list(args.overrides)
+    for flag, key in (("data", "data"), ("eval_data", "eval_data"), ("tokenizer", "tokenizer"),
+                      ("max_steps", "max_steps"), ("max_minutes", "max_minutes")):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"{key}={value!r}" if isinstance(value, str) else f"{key}={value}")
+    return get_recipe(args.recipe, overrides)
+
+
+def run(args) -> int:
+    config = config_from_args(args)
+    out = Path(args.out or Path("runs") / config.name)
+    env = init_distributed(args.device)
+    try:
+        if not args.resume and checkpointing.latest_checkpoint(out) is not None:
+            raise FileExistsError(f"{out} already holds checkpoints: pass --resume to continue, or another --out")
+        out.mkdir(parents=True, exist_ok=True)
+        trainer = Trainer(config, out, env, bar=not args.no_bar and env.is_main)
+        if args.resume and trainer.resume() and env.is_main:
+            print(f"resumed from step {trainer.progress.step}", file=sys.stderr)
+        summary = trainer.fit()
+        if not args.no_export:
+            path = trainer.export(args.export or out / "model")
+            summary["model"] = str(path)
+        if env.is_main:
+            print(json.dumps(summary))
+    finally:
+        shutdown()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mellum.train.pretrain", description=__doc__.splitlines()[0])
+    configure(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except (FileNotFoundError, ValueError, FileExistsError) as exc:
+        print(f"mellum: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

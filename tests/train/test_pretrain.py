@@ -1,0 +1,144 @@
+"""The pre-training loop end to end on CPU: learning, exact resume after SIGKILL, 2 processes = 1 process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mellum.train.distributed import init_distributed
+from mellum.train.metrics import read_metrics
+from mellum.train.pretrain import Trainer
+from mellum.train.recipes import get_recipe
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _data_overrides(code_shards):
+    train, heldout, tokenizer = code_shards
+    return [f"data={train!r}", f"eval_data={heldout!r}", f"tokenizer={tokenizer!r}"]
+
+
+def _losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+
+
+def _command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "mellum.train.pretrain", "--device", "cpu", "--no-bar", *args]
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def test_short_run_lowers_heldout_loss_and_exports(tmp_path, code_shards):
+    from mellum.checkpoint import load_pretrained
+    from mellum.tokenizer import Tokenizer
+
+    config = get_recipe("tiny-cpu", _data_overrides(code_shards) + ["max_steps=30", "eval_every=30",
+                                                                    "checkpoint_every=0", "seed=3"])
+    trainer = Trainer(config, tmp_path / "run", init_distributed("cpu"), bar=False)
+    summary = trainer.fit()
+    evals = [r["eval_loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "eval_loss" in r]
+    assert len(evals) == 2 and evals[0] == pytest.approx(6.93, abs=0.2)  # ≈ ln(1024) at initialisation
+    assert evals[-1] < evals[0] - 1.0, evals  # fixed seed: the held-out loss falls by more than a nat
+    assert summary["steps"] == 30 and summary["tokens"] == 30 * 8 * 64
+    assert (tmp_path / "run" / "checkpoints" / "latest").is_file()  # the final state is saved
+    # The Hugging Face export reloads into the same function.
+    out = trainer.export(tmp_path / "model")
+    model = load_pretrained(out)
+    ids = torch.arange(32).reshape(1, 32)
+    trainer.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, trainer.model(ids).logits, atol=1e-5, rtol=0)
+    assert Tokenizer.from_pretrained(out).vocab_size == 1024
+    assert (out / "training_log.jsonl").is_file() and json.loads((out / "training_config.json").read_text())["name"] == "tiny-cpu"
+
+
+def test_moe_recipe_trains_with_every_loss_term(tmp_path, code_shards):
+    config = get_recipe("tiny-moe-cpu", _data_overrides(code_shards) + ["max_steps=3", "eval_every=0",
+                                                                        "checkpoint_every=0"])
+    trainer = Trainer(config, tmp_path / "run", init_distributed("cpu"), bar=False)
+    trainer.fit()
+    last = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r][-1]
+    assert {"router_aux", "router_z", "mtp_loss"} <= last.keys()
+    assert 0.9 < last["router_aux"] < 2.0 and last["router_z"] > 0 and 5.0 < last["mtp_loss"] < 8.0
+
+
+def test_long_context_stage_continues_from_exported_model(tmp_path, code_shards):
+    base = get_recipe("tiny-cpu", _data_overrides(code_shards) + ["max_steps=2", "eval_every=0", "checkpoint_every=0"])
+    first = Trainer(base, tmp_path / "base", init_distributed("cpu"), bar=False)
+    first.fit()
+    exported = first.export(tmp_path / "base-model")
+    config = get_recipe("tiny-long-cpu", _data_overrides(code_shards) + [f"init_from={str(exported)!r}",
+                                                                         "max_steps=2", "checkpoint_every=0", "eval_every=2"])
+    trainer = Trainer(config, tmp_path / "long", init_distributed("cpu"), bar=False)
+    for name, p in trainer.model.named_parameters():  # starts from the exported weights
+        torch.testing.assert_close(p, first.model.state_dict()[name])
+    summary = trainer.fit()
+    assert summary["tokens"] == 2 * 4 * 128 and summary["eval_loss"] < 7.0
+
+
+def test_exact_resume_after_sigkill(tmp_path, code_shards):
+    args = [f"--set={o}" for o in _data_overrides(code_shards)] + [
+        "--max-steps", "24", "--set", "checkpoint_every=4", "--set", "eval_every=0", "--no-export"]
+    reference = tmp_path / "reference"
+    subprocess.run(_command("--recipe", "tiny-cpu", "--out", str(reference), *args), env=_env(), check=True,
+                   capture_output=True, timeout=240)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_command("--recipe", "tiny-cpu", "--out", str(killed), *args), env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    latest = killed / "checkpoints" / "latest"
+    deadline = time.time() + 180
+    while not latest.is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (killed / "summary.json").exists(), "the run ended before the kill"
+    killed_at = int(latest.read_text().strip().split("_")[1])
+    assert 4 <= killed_at < 24
+    # A fresh start into a directory with checkpoints is refused; --resume continues.
+    refused = subprocess.run(_command("--recipe", "tiny-cpu", "--out", str(killed), *args), env=_env(),
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+    subprocess.run(_command("--recipe", "tiny-cpu", "--out", str(killed), "--resume", *args), env=_env(), check=True,
+                   capture_output=True, timeout=240)
+    expected, resumed = _losses(reference), _losses(killed)
+    assert [s for s, _ in resumed] == list(range(1, 25))
+    assert resumed == expected  # exactly equal on CPU, step for step
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one(tmp_path, code_shards):
+    args = [f"--set={o}" for o in _data_overrides(code_shards)] + [
+        "--max-steps", "4", "--set", "checkpoint_every=2", "--set", "eval_every=4", "--no-export"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run(_command("--recipe", "tiny-cpu", "--out", str(one), *args), env=_env(), check=True,
+                   capture_output=True, timeout=240)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                str(_free_port())]
+    result = subprocess.run(torchrun + _command("--recipe", "tiny-cpu", "--out", str(two), *args)[1:], env=_env(),
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = _losses(one), _losses(two)
+    assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3, 4]
+    for (_, x), (_, y) in zip(a, b):
+        assert y == pytest.approx(x, abs=1e-5)
+    evals = [[r["eval_loss"] for r in read_metrics(d / "metrics.jsonl") if "eval_loss" in r] for d in (one, two)]
+    assert evals[1] == pytest.approx(evals[0], abs=1e-5)
+    # The sharded run's checkpoint holds full (unsharded) tensors.
+    state = torch.load(two / "checkpoints" / "step_000004" / "state.pt", weights_only=False)
+    assert state["model"]["embed_tokens.weight"].shape == (1024, 64)
