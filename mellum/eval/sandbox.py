@@ -105,11 +105,21 @@ class Sandbox:
                 self._isolation = {"error": result.reason()}
         return self._isolation
 
-    def run_python(self, source: str, stdin: str = "", config: SandboxConfig | None = None) -> Execution:
-        """Execute Python source as `__main__` in a fresh working directory."""
+    def run_python(
+        self, source: str, stdin: str = "", config: SandboxConfig | None = None, files: dict[str, str] | None = None
+    ) -> Execution:
+        """Execute Python source as `__main__` in a fresh working directory holding `files` (name → text)."""
         with self.workdir() as (work, uid):
+            for name, text in (files or {}).items():
+                (work / name).write_text(text, encoding="utf-8")
             (work / "main.py").write_text(source, encoding="utf-8")
             return self._launch({"mode": "python", "file": str(work / "main.py")}, work, uid, stdin, config)
+
+    def run_python_file(
+        self, file: Path, work: Path, uid: int | None, stdin: str = "", config: SandboxConfig | None = None
+    ) -> Execution:
+        """Execute a Python file already placed in `work` (from `workdir()`), with the audit hook."""
+        return self._launch({"mode": "python", "file": str(file)}, work, uid, stdin, config)
 
     def run_command(
         self,

@@ -1,0 +1,219 @@
+"""`mellum eval`: run a benchmark against the native model, an OpenAI-compatible server, or a harness check."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+SUBCOMMANDS = {
+    "humaneval-infilling": "HumanEval-Infilling: FIM holes in HumanEval solutions, executed with the tests (pass@k)",
+    "safim": "SAFIM: syntax-aware FIM; block/control executed on unit tests (Python, C++, Java), api by match",
+    "cceval": "CrossCodeEval subset: next line with cross-file context (exact match, edit similarity, identifiers)",
+    "humaneval": "HumanEval: complete a function from its docstring, run the tests (pass@k)",
+    "humaneval-plus": "HumanEval+: HumanEval with EvalPlus's extra tests (base and plus pass@k)",
+    "mbpp-plus": "MBPP+: EvalPlus's MBPP with extra tests (base and plus pass@k)",
+    "repo-bench": "repository-level next-line completion built from a repository on disk (--repo DIR)",
+    "latency": "serving latency (p50/p90/p99) under concurrency against a running server (--url)",
+}
+SPLITS = {
+    "humaneval-infilling": ("single-line", "multi-line", "random-span", "random-span-light"),
+    "safim": ("block", "control", "api"),
+    "cceval": ("provided", "none", "packed"),
+}
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Measure a model on public benchmarks (data read from --data, $MELLUM_BENCHMARKS or ../shared/benchmarks). "
+        "Check the harness first with --oracle (the benchmark's own solutions: must score 100%%) or --check "
+        "empty|wrong. Results are resumable JSONL files, one line per task, under --out; the summary is written as "
+        "JSON and Markdown with 95%% intervals, plus PNG plots."
+    )
+    subs = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
+    for name, help_text in SUBCOMMANDS.items():
+        sub = subs.add_parser(name, help=help_text, description=help_text)
+        if name == "latency":
+            _latency_arguments(sub)
+            continue
+        _common_arguments(sub)
+        if name in SPLITS:
+            default = "all" if name == "cceval" else SPLITS[name][0]
+            sub.add_argument("--split", choices=[*SPLITS[name], "all"], default=default,
+                             help=f"which split (default: {default}; 'all' runs each in turn)")
+        if name == "cceval":
+            sub.add_argument("--budgets", default="", metavar="T,T,...",
+                             help="also run the packed setting at these context budgets (tokens) and plot the curve")
+        if name == "repo-bench":
+            sub.add_argument("--repo", required=True, metavar="DIR", help="repository to build tasks from")
+            sub.add_argument("--tasks", type=int, default=100, metavar="N", help="tasks to build (default 100)")
+            sub.add_argument("--budget", type=int, default=1024, metavar="T", help="context budget in tokens")
+
+
+def _common_arguments(sub: argparse.ArgumentParser) -> None:
+    who = sub.add_mutually_exclusive_group()
+    who.add_argument("--model", metavar="DIR", help="model directory (default: $MELLUM_MODEL or the bundled model)")
+    who.add_argument("--url", metavar="URL", help="OpenAI-compatible server (POST URL/v1/completions)")
+    who.add_argument("--oracle", dest="check", action="store_const", const="oracle",
+                     help="use the benchmark's canonical solutions (a correct harness scores 100%%)")
+    who.add_argument("--check", choices=["oracle", "empty", "wrong"],
+                     help="harness check: canonical, empty or deliberately wrong completions")
+    sub.add_argument("--prompt-format", metavar="NAME",
+                     help="with --url: render prompts in this format (mellum, starcoder2, qwen2.5-coder, ...) and "
+                          "send them raw; default: send prompt=prefix and suffix and let the server format")
+    sub.add_argument("--served-model", default="", metavar="NAME", help="with --url: the `model` field to send")
+    sub.add_argument("--data", metavar="DIR", help="benchmark data folder (default: $MELLUM_BENCHMARKS or "
+                                                   "../shared/benchmarks beside the repository)")
+    sub.add_argument("--out", default="runs/eval", metavar="DIR", help="results folder (default: runs/eval)")
+    sub.add_argument("--json", metavar="FILE", help="also write the summary JSON here")
+    sub.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N tasks")
+    sub.add_argument("--lang", action="append", default=[], metavar="LANG",
+                     help="only tasks in this language (repeatable): python, cpp, java, csharp")
+    sub.add_argument("--workers", type=int, default=1, metavar="N", help="tasks run in parallel (default 1)")
+    sub.add_argument("--n", type=int, default=1, metavar="N", help="samples per task (default 1 = greedy)")
+    sub.add_argument("--k", default="1", metavar="K,K,...", help="pass@k values to report (k <= n; default 1)")
+    sub.add_argument("--temperature", type=float, default=None, metavar="T",
+                     help="sampling temperature (default 0 for n=1, 0.8 for n>1)")
+    sub.add_argument("--top-p", type=float, default=0.95, metavar="P", help="nucleus sampling when sampling")
+    sub.add_argument("--seed", type=int, default=0, help="run seed: each (task, sample) gets a seed derived from it")
+    sub.add_argument("--timeout", type=float, default=None, metavar="S", help="sandbox time limit per program run")
+    sub.add_argument("--fresh", action="store_true", help="discard earlier results in --out instead of resuming")
+    sub.add_argument("--device", default="cpu", help="torch device for --model (default cpu)")
+    sub.add_argument("--quantize", choices=["int8"], default=None, help="int8 weight-only quantization for --model")
+    sub.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    sub.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _latency_arguments(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--url", required=True, metavar="URL", help="server base URL (POST URL/v1/completions)")
+    sub.add_argument("--served-model", default="", metavar="NAME", help="the `model` field to send")
+    sub.add_argument("--concurrency", default="1,2,4", metavar="C,C,...", help="parallel clients per level")
+    sub.add_argument("--requests", type=int, default=32, metavar="N", help="requests per concurrency level")
+    sub.add_argument("--max-tokens", type=int, default=32, metavar="N", help="max_tokens per request")
+    sub.add_argument("--warmup", type=int, default=2, metavar="N", help="unmeasured requests first")
+    sub.add_argument("--data", metavar="DIR", help="benchmark data folder (prompts from HumanEval-Infilling)")
+    sub.add_argument("--out", default="runs/eval", metavar="DIR", help="results folder (default: runs/eval)")
+    sub.add_argument("--json", metavar="FILE", help="also write the summary JSON here")
+    sub.add_argument("--no-plots", action="store_true", help="skip the PNG plot")
+
+
+def run(args) -> int:
+    if args.benchmark == "latency":
+        return _run_latency(args)
+    from mellum.eval.completer import Sampling, make_completer
+    from mellum.eval.report import to_markdown, write_report
+    from mellum.eval.runner import RunConfig
+    from mellum.eval.sandbox import Sandbox, SandboxConfig
+
+    ks = _ints(args.k, "--k")
+    if max(ks) > args.n:
+        raise ValueError(f"pass@{max(ks)} needs --n {max(ks)} or more samples per task (got --n {args.n})")
+    temperature = args.temperature if args.temperature is not None else (0.0 if args.n == 1 else 0.8)
+    config = RunConfig(n=args.n, limit=args.limit, workers=args.workers, languages=tuple(args.lang),
+                       sampling=Sampling(temperature, args.top_p, args.seed), fresh=args.fresh)
+    sandbox_config = SandboxConfig() if args.timeout is None else SandboxConfig(timeout_s=args.timeout)
+    completer = make_completer(args.check, model=args.model, url=args.url, prompt_format=args.prompt_format,
+                               served_model=args.served_model, device=args.device, quantize=args.quantize)
+    out = Path(args.out) / completer.name
+    try:
+        summaries = _run_benchmarks(args, completer, config, Sandbox(sandbox_config), out, ks)
+    finally:
+        completer.close()
+    written = write_report(summaries, out, args.json, plots=not args.no_plots)
+    print(to_markdown(summaries).split("\n## ")[0])
+    print(f"summary: {written['json']}  report: {written['markdown']}", file=sys.stderr)
+    return 0
+
+
+def _run_benchmarks(args, completer, config, sandbox, out: Path, ks: list[int]) -> list[dict]:
+    from mellum.eval import runner
+    from mellum.eval.report import summarize
+    from mellum.eval.tasks import benchmarks_dir, get_benchmark
+
+    if args.benchmark == "repo-bench":
+        from mellum.eval.tasks.repo_bench import RepoBench
+
+        benches = [RepoBench(args.repo, tasks=args.tasks, budget=args.budget, count_tokens=_counter(completer))]
+    else:
+        data = benchmarks_dir(args.data)
+        splits = SPLITS.get(args.benchmark, (None,))
+        chosen = splits if getattr(args, "split", None) in (None, "all") else (args.split,)
+        benches = [_make(args.benchmark, data, split, completer) for split in chosen]
+        if args.benchmark == "cceval" and args.budgets:
+            for budget in _ints(args.budgets, "--budgets"):
+                bench = _make("cceval", data, "packed", completer)
+                bench.context_tokens = budget
+                bench.budget_label = budget
+                benches.append(bench)
+    if args.timeout is not None:  # the user's limit wins over each benchmark's own
+        for bench in benches:
+            bench.timeout_s = bench.run_timeout_s = args.timeout
+    summaries = []
+    for bench in benches:
+        slug = bench.title.replace("/", "_") + (f"_{bench.budget_label}" if hasattr(bench, "budget_label") else "")
+        start = time.monotonic()
+        records = runner.run(bench, completer, out / f"{slug}.jsonl", config, sandbox, progress=not args.quiet)
+        extra = {"results": str(out / f"{slug}.jsonl"), **completer.describe()}
+        if hasattr(bench, "budget_label"):
+            extra["context_budget"] = bench.budget_label
+        summaries.append(summarize(records, bench.title + (f"@{bench.budget_label}" if "context_budget" in extra else ""),
+                                   bench.scoring, ks, time.monotonic() - start, extra))
+    if args.benchmark == "cceval" and args.budgets and not args.no_plots:
+        _budget_curve(summaries, out)
+    return summaries
+
+
+def _make(name: str, data: Path, split, completer):
+    from mellum.eval.tasks import get_benchmark
+
+    if name == "cceval":
+        from mellum.eval.tasks.cceval import CrossCodeEval
+
+        return CrossCodeEval(data, split, count_tokens=_counter(completer))
+    return get_benchmark(name, data, split)
+
+
+def _counter(completer):
+    return completer.count_tokens if completer.count_tokens("x") is not None else None
+
+
+def _budget_curve(summaries: list[dict], out: Path) -> None:
+    from mellum.eval.report import plot_curve
+
+    points = sorted((s["context_budget"], s["metrics"]) for s in summaries if "context_budget" in s)
+    if not points:
+        return
+    names = ("exact_match", "edit_similarity", "identifier_f1")
+    series = {n: [100 * m[n]["value"] for _, m in points if n in m] for n in names}
+    plot_curve([b for b, _ in points], series, out / "cceval_budget.png", "context budget (tokens)", "%",
+               "CrossCodeEval vs context budget (our packer)")
+
+
+def _run_latency(args) -> int:
+    from mellum.eval.report import plot_latency, write_report
+    from mellum.eval.tasks import benchmarks_dir
+    from mellum.eval.tasks.latency import LatencyConfig, measure
+
+    levels = _ints(args.concurrency, "--concurrency")
+    config = LatencyConfig(url=args.url, model=args.served_model, concurrency=tuple(levels), requests=args.requests,
+                           max_tokens=args.max_tokens, warmup=args.warmup)
+    summary, samples = measure(config, benchmarks_dir(args.data))
+    out = Path(args.out) / "latency"
+    write_report([summary], out, args.json, plots=False)
+    if not args.no_plots:
+        plot_latency({f"concurrency {c}": v for c, v in samples.items()}, out / "latency.png")
+    for level in summary["levels"]:
+        print(f"concurrency {level['concurrency']:>3}: p50 {level['p50_ms']:.1f} ms  p90 {level['p90_ms']:.1f} ms  "
+              f"p99 {level['p99_ms']:.1f} ms  {level['requests_per_s']:.2f} req/s  errors {level['errors']}")
+    return 0
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} takes comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"{flag} takes positive integers, got {text!r}")
+    return values

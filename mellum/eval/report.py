@@ -1,0 +1,239 @@
+"""Report: turns per-task records into a summary (JSON and Markdown with 95% intervals) and PNG plots.
+
+Metric names follow the benchmark README: `pass@k` for execution benchmarks (fractions in [0, 1]; the Markdown
+shows percent, like the published numbers), `exact_match`, `edit_similarity`, `identifier_em`, `identifier_f1`
+for match benchmarks. pass@1 with one sample per task gets a Wilson interval; everything else a bootstrap over tasks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+from mellum.eval import metrics
+
+# Published scores for scale (REFERENCE.md §1, JetBrains/Mellum-4b-base model card).
+PUBLISHED = {
+    "humaneval-infilling/single-line": {"Mellum-4b-base": 66.21, "Mellum-4b-sft-python": 80.45},
+    "humaneval-infilling/multi-line": {"Mellum-4b-base": 38.52, "Mellum-4b-sft-python": 48.19},
+    "safim": {"Mellum-4b-base (average)": 38.11, "Mellum-4b-sft-python (average)": 42.12},
+}
+MAX_LISTED_FAILURES = 200
+
+
+def summarize(records: Sequence[dict], title: str, scoring: str = "execution", ks: Sequence[int] = (1,),
+              seconds: float | None = None, extra: dict | None = None) -> dict:
+    """The summary of one run: task counts, metrics with intervals, per-language breakdown, failing tasks."""
+    scored = [r for r in records if not r.get("skipped")]
+    summary: dict = {
+        "benchmark": title,
+        "tasks": len(records),
+        "scored": len(scored),
+        "skipped": len(records) - len(scored),
+        "metrics": _metrics(scored, scoring, ks),
+    }
+    languages = sorted({r.get("language", "") for r in records})
+    if len(languages) > 1:
+        summary["by_language"] = {}
+        for lang in languages:
+            group = [r for r in records if r.get("language") == lang]
+            kept = [r for r in group if not r.get("skipped")]
+            entry = {"tasks": len(group), "scored": len(kept)}
+            if kept:
+                entry["metrics"] = _metrics(kept, scoring, ks)
+            else:
+                entry["skipped_reason"] = group[0]["results"][0].get("reason", "")
+            summary["by_language"][lang] = entry
+    failures = [
+        {"task_id": r["task_id"], "reason": next((x["reason"] for x in r["results"] if not x["passed"]), "")}
+        for r in scored
+        if r["passed"] < r["n"]
+    ]
+    summary["failures"] = len(failures)
+    summary["failing_tasks"] = failures[:MAX_LISTED_FAILURES]
+    if seconds is not None:
+        summary["seconds"] = round(seconds, 1)
+    for key, published in PUBLISHED.items():
+        if title == key or title.startswith(key + "/"):
+            summary["published"] = published
+    if extra:
+        summary.update(extra)
+    return summary
+
+
+def _metrics(records: Sequence[dict], scoring: str, ks: Sequence[int]) -> dict:
+    out: dict = {}
+    if not records:
+        return out
+    if scoring == "execution":
+        counts = [(r["n"], r["passed"]) for r in records]
+        n_min = min(n for n, _ in counts)
+        for k in ks:
+            if k > n_min:
+                continue  # no unbiased estimate with fewer samples than k
+            per_task = [metrics.pass_at_k(n, c, k) for n, c in counts]
+            value = sum(per_task) / len(per_task)
+            if n_min == 1 and k == 1:
+                ci = metrics.wilson_interval(sum(per_task), len(per_task))
+            else:
+                ci = metrics.bootstrap_interval(per_task)
+            out[f"pass@{k}"] = {"value": value, "ci95": list(ci)}
+    # Per-sample metrics (match scores, EvalPlus "base"), averaged per task, then over tasks.
+    names = sorted({name for r in records for x in r["results"] for name in x.get("metrics", {})})
+    for name in names:
+        per_task = []
+        for r in records:
+            values = [x["metrics"][name] for x in r["results"] if name in x.get("metrics", {})]
+            if values:
+                per_task.append(sum(values) / len(values))
+        if not per_task:
+            continue
+        key = "base_pass@1" if name == "base" else name
+        binary = all(v in (0.0, 1.0) for v in per_task)
+        ci = metrics.wilson_interval(sum(per_task), len(per_task)) if binary else metrics.bootstrap_interval(per_task)
+        out[key] = {"value": sum(per_task) / len(per_task), "ci95": list(ci)}
+    return out
+
+
+def to_markdown(summaries: Sequence[dict]) -> str:
+    """A Markdown report: one table row per (benchmark, metric), values in percent with 95% intervals."""
+    lines = ["| benchmark | metric | value (%) | 95% CI | tasks | published (%) |", "|---|---|---|---|---|---|"]
+    for s in summaries:
+        published = ", ".join(f"{k} {v}" for k, v in s.get("published", {}).items())
+        for name, m in s["metrics"].items():
+            lo, hi = m["ci95"]
+            lines.append(f"| {s['benchmark']} | {name} | {100 * m['value']:.2f} | {100 * lo:.1f}–{100 * hi:.1f} "
+                         f"| {s['scored']} | {published} |")
+            published = ""
+        for lang, entry in s.get("by_language", {}).items():
+            if "metrics" not in entry:
+                lines.append(f"| {s['benchmark']} [{lang}] | skipped | — | — | {entry['tasks']} | "
+                             f"{entry.get('skipped_reason', '')} |")
+                continue
+            for name, m in entry["metrics"].items():
+                lo, hi = m["ci95"]
+                lines.append(f"| {s['benchmark']} [{lang}] | {name} | {100 * m['value']:.2f} | "
+                             f"{100 * lo:.1f}–{100 * hi:.1f} | {entry['scored']} | |")
+    out = ["# Evaluation summary", "", *lines, ""]
+    for s in summaries:
+        if s.get("levels"):
+            out += [f"## latency: {s.get('url', '')}", "",
+                    "| concurrency | requests | errors | p50 ms | p90 ms | p99 ms | req/s |", "|---|---|---|---|---|---|---|"]
+            out += [f"| {l['concurrency']} | {l['requests']} | {l['errors']} | {l['p50_ms']:.1f} | {l['p90_ms']:.1f} "
+                    f"| {l['p99_ms']:.1f} | {l['requests_per_s']:.2f} |" for l in s["levels"]]
+            out.append("")
+    for s in summaries:
+        if s.get("failing_tasks"):
+            out += [f"## {s['benchmark']}: {s['failures']} failing task(s)", ""]
+            out += [f"- `{f['task_id']}`: {f['reason'][:160]}" for f in s["failing_tasks"][:50]]
+            if s["failures"] > 50:
+                out.append(f"- … {s['failures'] - 50} more in summary.json / the results JSONL")
+            out.append("")
+    return "\n".join(out)
+
+
+def write_report(summaries: Sequence[dict], out_dir: Path, json_file: Path | None = None,
+                 plots: bool = True) -> dict[str, Path]:
+    """Write summary.json, summary.md and plots into `out_dir` (and the JSON also to `json_file`)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    payload = json.dumps({"summaries": list(summaries)}, indent=2) + "\n"
+    written = {"json": out_dir / "summary.json", "markdown": out_dir / "summary.md"}
+    _write_atomic(written["json"], payload)
+    _write_atomic(written["markdown"], to_markdown(summaries))
+    if json_file:
+        _write_atomic(Path(json_file), payload)
+        written["json_file"] = Path(json_file)
+    if plots:
+        png = plot_scores(summaries, out_dir / "scores.png")
+        if png:
+            written["plot"] = png
+    return written
+
+
+def plot_scores(summaries: Sequence[dict], path: Path) -> Path | None:
+    """Bar chart of the headline metric per benchmark/split (and per language) with 95% interval whiskers."""
+    bars = []
+    for s in summaries:
+        groups = s.get("by_language") or {}
+        entries = [(s["benchmark"], s["metrics"])] + [
+            (f"{s['benchmark']} [{lang}]", e["metrics"]) for lang, e in groups.items() if "metrics" in e
+        ]
+        for label, m in entries:
+            name = "pass@1" if "pass@1" in m else next(iter(m), None)
+            if name:
+                bars.append((f"{label}\n{name}", m[name]["value"], m[name]["ci95"]))
+    if not bars:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.3 * len(bars)), 3.6))
+    values = [100 * v for _, v, _ in bars]
+    errors = [[100 * (v - lo) for _, v, (lo, hi) in bars], [100 * (hi - v) for _, v, (lo, hi) in bars]]
+    ax.bar(range(len(bars)), values, yerr=errors, capsize=4, color="#4c78a8")
+    ax.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=7)
+    ax.set_ylabel("%")
+    ax.set_ylim(0, 105)
+    ax.set_title("scores with 95% intervals")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_curve(xs: Sequence[float], series: dict[str, Sequence[float]], path: Path, xlabel: str, ylabel: str,
+               title: str) -> Path:
+    """Line plot of several series over a common x (context-budget curves)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for label, ys in series.items():
+        ax.plot(xs, ys, marker="o", label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_latency(latencies_ms: dict[str, Sequence[float]], path: Path) -> Path:
+    """Latency distributions per concurrency level: empirical CDFs with p50/p90/p99 marked."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for label, values in latencies_ms.items():
+        ordered = sorted(values)
+        if not ordered:
+            continue
+        ax.plot(ordered, [(i + 1) / len(ordered) for i in range(len(ordered))], label=label)
+    for q in (0.5, 0.9, 0.99):
+        ax.axhline(q, color="grey", linewidth=0.5, linestyle=":")
+    ax.set_xlabel("latency (ms)")
+    ax.set_ylabel("fraction of requests")
+    ax.set_title("request latency")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    _pyplot().close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
