@@ -1,14 +1,16 @@
 """The completion service: request → context → prompt → token healing → engine → stop strings → filters → result.
 
 It sees strings and never speaks a protocol (ARCHITECTURE.md): the LSP and HTTP servers call `complete` or
-`stream`. The service keeps no per-request state, and the engine's `generate` is thread-safe, so one service
-answers concurrent requests from many threads; the only shared state (the token-healing table per tokenizer)
-is built once under a lock.
+`stream`. One service answers concurrent requests from many threads: the engine's `generate` is thread-safe,
+the token-healing table is built once per tokenizer under a lock, and each project's context packer (its index
+and its memory of the last prompt's order) is used under that project's lock — context packing of two requests
+in one project is serialised, generation is not.
 """
 
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import queue
 import threading
 import time
@@ -29,8 +31,10 @@ _PREFIX_MARK = "\x00\ue000prefix\ue000\x00"
 class CompletionRequest:
     """One completion at a cursor: the file's text before (`prefix`) and after (`suffix`) it, plus context.
 
-    `multiline` forces single/multi-line (None: decided from the cursor position); `stop` adds stop strings;
-    `deadline_ms` bounds the whole request; `return_prompt` puts the exact prompt text in the result.
+    `project_root` lets the context packer index that project for context; `open_files` are editor buffers
+    ({path: text}, most recently focused first); `extra_context` are pieces the client chose, most relevant
+    first. `multiline` forces single/multi-line (None: decided from the cursor position); `stop` adds stop
+    strings; `deadline_ms` bounds the whole request; `return_prompt` puts the exact prompt text in the result.
     """
 
     path: str
@@ -194,6 +198,8 @@ class CompletionService:
         ids = {tokenizer.token_to_id(s) for s in self.format.stop} | {tokenizer.eos_id}
         self.stop_ids = tuple(sorted(i for i in ids if i is not None))
         self._has_newline_ids = bool(getattr(engine, "newline_ids", None))
+        self._packers: dict[str | None, tuple[object, threading.Lock]] = {}
+        self._packers_lock = threading.Lock()
 
     @classmethod
     def from_pretrained(cls, model_dir, device: str = "cpu", quantize: str | None = None, compile: bool = False,
@@ -319,30 +325,61 @@ class CompletionService:
         reason = stop_reason or result.stop_reason
         return self._result(request, prompt, result.tokens, raw, text, reason, result, t0, t_context, multiline)
 
-    # ---- prompt -------------------------------------------------------------------------------------------
-    def _context(self, request: CompletionRequest) -> list[ContextFile]:
-        """Context files, least relevant first: open buffers, then the caller's extra context."""
-        files = [ContextFile(path, text) for path, text in request.open_files.items() if path != request.path and text]
-        return files + [f for f in request.extra_context if f.text]
+    # ---- context -----------------------------------------------------------------------------------------
+    def packer(self, project_root: str | None):
+        """The context packer of a project (its `ProjectIndex` built on first use, then kept), and its lock; for
+        `None`, a packer without an index (client-sent context only). Servers update buffers through
+        `packer.index.update(path, text)` under the lock. None when `mellum.context` cannot be imported."""
+        key = None if project_root is None else str(Path(project_root).resolve())
+        with self._packers_lock:
+            if key in self._packers:
+                return self._packers[key]
+        try:
+            from mellum.context import ContextConfig, ContextPacker, ProjectIndex
+        except ImportError:  # the context module is optional for the service: fall back to client context
+            return None, threading.Lock()
+        base = self.context_config or ContextConfig()
+        config = dataclasses.replace(base, prompt_format=self.format.name, window_tokens=self.window)
+        index = ProjectIndex(key, config) if key is not None else None  # built outside the lock: can take seconds
+        packer = ContextPacker(index, lambda text: self.tokenizer.count(text, allow_special=True), config)
+        with self._packers_lock:
+            return self._packers.setdefault(key, (packer, threading.Lock()))
 
+    def _context(self, request: CompletionRequest, budget: int) -> tuple[str, str, str, list[ContextFile], bool]:
+        """(path as the model sees it, prefix, suffix, context files least relevant first, whether cut)."""
+        packer, lock = self.packer(request.project_root)
+        buffers = [ContextFile(path, text) for path, text in request.open_files.items() if path != request.path and text]
+        extra = [f for f in request.extra_context if f.text]
+        if packer is None:
+            return request.path, request.prefix, request.suffix, buffers + extra[::-1], False
+        if packer.index is None:
+            extra = extra + buffers  # no index to sync buffers into: they become pinned context after the client's
+        with lock:
+            path = packer.index.relative(request.path) or request.path if packer.index is not None else request.path
+            packed = packer.pack(request.path, request.prefix, request.suffix, budget,
+                                 open_files=request.open_files or None, extra=extra)
+        cut = packed.prefix != request.prefix or packed.suffix != request.suffix
+        cut |= bool(extra) and not {(f.path, f.text) for f in extra} <= {(p.path, p.text) for p in packed.pieces}
+        return path, packed.prefix, packed.suffix, packed.context, cut
+
+    # ---- prompt -------------------------------------------------------------------------------------------
     def _prompt(self, request: CompletionRequest, max_new: int) -> Prompt:
         budget = self.window - max_new
         if budget < 8:
             raise ValueError(f"max_new_tokens={max_new} leaves no room for a prompt in the model's "
                              f"{self.window}-token window")
-        context = self._context(request)
-        prefix, suffix = request.prefix, request.suffix
-        prompt = self._encode(request.path, prefix, suffix, context, truncated=False)
+        path, prefix, suffix, context, cut = self._context(request, budget)
+        prompt = self._encode(path, prefix, suffix, context, truncated=cut)
         # Over budget: drop context files, least relevant first, then cut the file's text far from the cursor.
         while len(prompt.ids) > budget and context:
             context = context[1:]
-            prompt = self._encode(request.path, prefix, suffix, context, truncated=True)
+            prompt = self._encode(path, prefix, suffix, context, truncated=True)
         for _ in range(4):  # re-tokenising cut text can shift a token or two
             excess = len(prompt.ids) - budget
             if excess <= 0:
                 break
             prefix, suffix = self._trim_file(prompt, excess)
-            prompt = self._encode(request.path, prefix, suffix, context, truncated=True)
+            prompt = self._encode(path, prefix, suffix, context, truncated=True)
         if len(prompt.ids) > budget:
             raise ValueError(f"the prompt does not fit the model's {self.window}-token window even without context")
         if self.config.token_healing:

@@ -132,10 +132,12 @@ def test_overlong_prompt_is_truncated_far_from_the_cursor(service, tiny_tokenize
 
 def test_context_dropped_before_the_file(service):
     small = "def f():\n    return 1\n"
-    ctx = [ContextFile(f"c{i}.py", "x = 1\n" * 60) for i in range(6)]
+    ctx = [ContextFile(f"c{i}.py", "".join(f"value_{i}_{j} = {j}\n" for j in range(40))) for i in range(6)]
     c = service.complete(CompletionRequest("a.py", small, "", extra_context=ctx, max_new_tokens=8))
     assert c.truncated and 0 < len(c.context_paths) < 6
-    assert c.context_paths == [f.path for f in ctx][-len(c.context_paths):]  # the most relevant (last) stay
+    # The client's pieces are most relevant first; the prompt puts the most relevant last, nearest the cursor.
+    kept = len(c.context_paths)
+    assert c.context_paths == [f.path for f in ctx][:kept][::-1]
 
 
 def test_stream_pieces_join_to_the_text(service):
@@ -339,3 +341,17 @@ def test_complete_command(model_dir, tmp_path, capsys):
     assert "line 99 is outside" in capsys.readouterr().err
     assert main(["complete", "--model", str(tmp_path), "--file", str(src), "--line", "1", "--column", "1"]) == 2
     assert "no model" in capsys.readouterr().err
+
+
+def test_project_context_from_the_packer(service, tmp_path):
+    (tmp_path / "pricing.py").write_text("def apply_discount(price, rate):\n    return price * (1 - rate)\n")
+    (tmp_path / "main.py").write_text("from pricing import apply_discount\n\ntotal = apply_dis\n")
+    prefix = "from pricing import apply_discount\n\ntotal = apply_dis"
+    req = CompletionRequest(str(tmp_path / "main.py"), prefix, "\n", project_root=str(tmp_path), max_new_tokens=4,
+                            return_prompt=True)
+    c = service.complete(req)
+    assert "pricing.py" in c.context_paths
+    assert "<filename>pricing.py\ndef apply_discount" in c.prompt
+    assert "<filename>main.py\n" in c.prompt  # the path relative to the project
+    packer, lock = service.packer(str(tmp_path))
+    assert packer.index is not None and service.packer(str(tmp_path))[0] is packer  # one index per project
