@@ -1,0 +1,473 @@
+"""Engine benchmark: decode speed vs the memory-bandwidth floor, a FIM request vs transformers `generate`,
+keystroke sequences with and without the prefix cache, speculative vs plain decoding, and latency percentiles
+under 1/4/16 concurrent simulated typists. Every ratio is measured in the same run on the same weights.
+
+CPU (default): a Mellum-4B-shaped model scaled down to ~70M parameters, fp32 and int8, random weights.
+GPU: `--device cuda` runs the full `mellum-4b` and `mellum2-12b-a2.5b` shapes in bf16 with random weights.
+Prompts are real code (this Python's standard library) rendered in the Mellum FIM format and encoded with a
+BPE trained on the same files at start-up. Random weights do not continue code the way a trained model does, so
+speculative acceptance here measures the mechanism, not a trained model's: pass `--model DIR` for real weights.
+
+    python benchmarks/engine.py                       # CPU, minutes
+    python benchmarks/engine.py --device cuda         # both full shapes on a GPU
+    python benchmarks/engine.py --sections decode,fim --shape mellum2-cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import random
+import statistics
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from mellum.config import ModelConfig, get_config  # noqa: E402
+from mellum.engine import NativeEngine, SamplingParams  # noqa: E402
+from mellum.engine.quant import weight_bytes  # noqa: E402
+from mellum.model import Transformer  # noqa: E402
+from mellum.prompt import ContextFile, get_format  # noqa: E402
+
+# Mellum-4B ratios (REFERENCE.md §1: 30 layers, 3072 wide, 24 heads of 128, MLP 8256 = 2.69×) at ~1/5 width.
+CPU_SHAPES = {
+    "mellum-4b-cpu": ModelConfig(
+        architecture="llama", vocab_size=16384, hidden_size=640, num_layers=10, num_heads=10, num_kv_heads=10,
+        head_dim=64, intermediate_size=1720, max_position_embeddings=8192, rope_theta=500000.0),
+    # Mellum 2 pattern (3 sliding : 1 full, GQA, QK-norm, MoE, MTP) scaled down, for the MTP numbers on CPU.
+    "mellum2-cpu": ModelConfig(
+        architecture="mellum", vocab_size=16384, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2,
+        head_dim=64, intermediate_size=1536, max_position_embeddings=8192, rope_theta=500000.0,
+        rope_theta_sliding=10000.0, sliding_window=512,
+        layer_types=tuple("full_attention" if (i + 1) % 4 == 0 else "sliding_attention" for i in range(8)),
+        mlp_types=("dense",) + ("sparse",) * 7, num_experts=16, num_experts_per_tok=4, moe_intermediate_size=256,
+        qk_norm=True, num_mtp_layers=1),
+}
+SECTIONS = ("decode", "fim", "keystroke", "speculative", "concurrency")
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+CONTEXT_FILES = ["argparse.py", "json/decoder.py", "json/encoder.py", "textwrap.py", "dataclasses.py", "functools.py",
+                 "typing.py", "pathlib/__init__.py", "pathlib.py", "collections/__init__.py", "enum.py", "inspect.py"]
+
+
+# ---- inputs ---------------------------------------------------------------------------------------------
+def stdlib_texts() -> list[tuple[str, str]]:
+    out = []
+    for name in CONTEXT_FILES:
+        path = STDLIB / name
+        if path.is_file():
+            out.append((name, path.read_text(encoding="utf-8")))
+    if len(out) < 4:
+        raise FileNotFoundError(f"too few standard-library files found under {STDLIB}")
+    return out
+
+
+class Prompts:
+    """FIM prompts of real code: context files then the current file, cut at a cursor, encoded to a token budget."""
+
+    def __init__(self, vocab_size: int):
+        from mellum.tokenizer import train_bpe
+
+        self.texts = stdlib_texts()
+        t0 = time.perf_counter()
+        self.tok = train_bpe([t for _, t in self.texts], vocab_size=min(vocab_size, 16384))
+        self.fmt = get_format("mellum")
+        print(f"# tokenizer: BPE {self.tok.vocab_size} trained on {len(self.texts)} stdlib files "
+              f"in {time.perf_counter() - t0:.1f}s", flush=True)
+        self.stop_ids = tuple(self.tok.id_of(s) for s in self.fmt.stop)
+        self.newline_ids = [i for i, s in enumerate(self.tok.token_strings) if "\n" in s]
+
+    def fim(self, tokens: int, file_index: int = 0, cursor_frac: float = 0.6, typed: str = "") -> tuple[list[int], str]:
+        """A prompt of about `tokens` tokens (context files trimmed from the left) and the text after the cursor."""
+        name, text = self.texts[file_index % len(self.texts)]
+        cut = text.index("\n", int(len(text) * cursor_frac)) + 1
+        prefix, suffix = text[:cut][-3000:] + typed, text[cut:][:1500]
+        others = [(n, t) for n, t in self.texts if n != name]
+        context: list[ContextFile] = []
+        budget = tokens - self.tok.count(self.fmt.render(name, prefix, suffix))
+        for n, t in others:
+            if budget <= 0:
+                break
+            ids = self.tok.encode(t)
+            piece = self.tok.decode(ids[-budget:]) if len(ids) > budget else t
+            context.insert(0, ContextFile(n, piece))
+            budget -= min(len(ids), budget)
+        prompt = self.fmt.render(name, prefix, suffix, context)
+        return self.tok.encode(prompt, allow_special=True), text[cut:]
+
+    def repetitive(self, tokens: int) -> list[int]:
+        """Repetitive real code: a run of similar lines (the kind of text prompt lookup continues well)."""
+        lines = [f"    {name} = registry.register({name!r}, kind=Kind.{name.upper()}, enabled=True)\n"
+                 for name in ("alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa",
+                              "lam", "mu", "nu", "xi", "omicron", "pi", "rho", "sigma", "tau")]
+        ids = self.tok.encode("def setup(registry):\n" + "".join(lines * 20))
+        return ids[:tokens]
+
+
+# ---- measurement helpers ------------------------------------------------------------------------------
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bandwidth(device: torch.device, nbytes: int, repeats: int = 7) -> float:
+    """Best read bandwidth in bytes/s: max of a full reduction (read only) and a copy (read + write counted)."""
+    src = torch.rand(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    best = 0.0
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        src.sum()
+        sync(device)
+        t1 = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        t2 = time.perf_counter()
+        best = max(best, nbytes / (t1 - t0), 2 * nbytes / (t2 - t1))
+    return best
+
+
+def decode_bytes(engine: NativeEngine, context: int) -> int:
+    """Bytes one decode step must read: all weights but the embedding table (one row), plus the KV of `context`."""
+    model, cfg = engine.model, engine.config
+    weights = weight_bytes(model)
+    if not cfg.tie_word_embeddings:
+        weights -= model.embed_tokens.weight.nbytes
+    kv = sum(2 * cfg.num_kv_heads * min(context, w or context) * cfg.head_dim for w in engine.windows)
+    return weights + kv * engine.cache.layers[0].k.element_size()
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+
+
+class Table:
+    def __init__(self, title: str):
+        self.title, self.rows = title, []
+
+    def add(self, metric: str, value: str, reference: str = "", ratio: str = "", goal: str = ""):
+        self.rows.append((metric, value, reference, ratio, goal))
+        print(f"  {metric}: {value}  {reference}  {ratio}", flush=True)
+
+    def render(self) -> str:
+        head = ("metric", "measured", "reference (same run)", "ratio", "goal")
+        rows = [head] + self.rows
+        widths = [max(len(r[i]) for r in rows) for i in range(5)]
+        line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+        return "\n".join([f"### {self.title}", "", line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+                         + [line(r) for r in self.rows])
+
+
+# ---- model --------------------------------------------------------------------------------------------
+def build_model(args, shape: str) -> Transformer:
+    device = torch.device(args.device)
+    if args.model:
+        from mellum import load_pretrained
+
+        return load_pretrained(args.model, dtype=args.dtype, device=device)
+    config = CPU_SHAPES[shape] if shape in CPU_SHAPES else get_config(shape)
+    config = dataclasses.replace(config)
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(args.dtype)  # build and initialise directly in the target dtype and device
+    try:
+        with torch.device(device):
+            model = Transformer(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
+
+def make_engine(model, args, prompts: Prompts, **options) -> NativeEngine:
+    options.setdefault("max_seq_len", args.max_seq_len)
+    return NativeEngine(model, model.config, device=args.device, dtype=args.dtype, newline_ids=prompts.newline_ids,
+                        **options)
+
+
+# ---- sections -----------------------------------------------------------------------------------------
+def section_decode(model, args, prompts, table, bw):
+    prompt, _ = prompts.fim(args.decode_context)
+    n = args.decode_tokens
+    variants = [("fp32" if args.dtype == torch.float32 else str(args.dtype).split(".")[-1], None)]
+    if args.int8:
+        variants.append(("int8", "int8"))
+    for label, quant in variants:
+        m = model if quant is None else build_model(args, args.current_shape)
+        engine = make_engine(m, args, prompts, speculative=None, prefix_cache_mb=0, max_batch=1, quantize=quant)
+        try:
+            engine.generate(prompt[:64], SamplingParams(max_new_tokens=4))  # warm-up
+            best = float("inf")
+            for _ in range(args.repeats):
+                r = engine.generate(prompt, SamplingParams(max_new_tokens=n))
+                best = min(best, r.timings_ms["decode"] / (len(r.tokens) - 1))
+            floor = decode_bytes(engine, len(prompt) + n) / bw * 1e3
+            table.add(f"decode ms/token, batch 1, {label}, context {len(prompt)}", f"{best:.2f} ms",
+                      f"floor {floor:.2f} ms ({decode_bytes(engine, len(prompt)) / 1e6:.0f} MB / {bw / 1e9:.1f} GB/s)",
+                      f"{floor / best:.0%} of floor", "≥ 75%")
+        finally:
+            engine.close()
+
+
+def section_fim(model, args, prompts, table):
+    prompt, _ = prompts.fim(args.fim_tokens)
+    n = 32
+    engine = make_engine(model, args, prompts, speculative=None, prefix_cache_mb=0, max_batch=1)
+    try:
+        engine.generate(prompt[:128], SamplingParams(max_new_tokens=4))
+        sync(engine.device)
+        t0 = time.perf_counter()
+        ours = engine.generate(prompt, SamplingParams(max_new_tokens=n))
+        ours_ms = (time.perf_counter() - t0) * 1e3
+        prefill_ms = ours.timings_ms["prefill"]
+    finally:
+        engine.close()
+    table.add(f"FIM request {len(prompt)} prompt + {n} new tokens (cold, ours)", f"{ours_ms:.0f} ms",
+              f"prefill {prefill_ms:.0f} ms, decode {ours.timings_ms['decode']:.0f} ms")
+    hf_ms, same = transformers_generate(model, args, prompt, n, ours.tokens)
+    if hf_ms is not None:
+        table.add("FIM request, transformers generate (same weights)", f"{hf_ms:.0f} ms", f"ours {ours_ms:.0f} ms",
+                  f"{hf_ms / ours_ms:.2f}× faster", "≥ 4×")
+        table.add("identical greedy tokens vs transformers", "yes" if same else "no")
+    try:
+        import llama_cpp  # noqa: F401
+        table.add("llama.cpp", "installed but not wired in this run (needs a GGUF export)")
+    except ImportError:
+        table.add("llama.cpp comparison", "skipped: llama-cpp-python not installed")
+
+
+def transformers_generate(model, args, prompt, n, our_tokens):
+    if args.skip_hf:
+        return None, None
+    try:
+        import transformers
+    except ImportError:
+        print("# transformers not installed: skipping the generate comparison")
+        return None, None
+    from mellum import save_pretrained
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_pretrained(model, tmp)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=args.dtype).to(args.device).eval()
+    ids = torch.tensor([prompt], device=args.device)
+    kwargs = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    with torch.inference_mode():
+        hf.generate(ids[:, :128], **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})
+        sync(torch.device(args.device))
+        t0 = time.perf_counter()
+        out = hf.generate(ids, **kwargs)
+        sync(torch.device(args.device))
+        ms = (time.perf_counter() - t0) * 1e3
+    del hf
+    return ms, out[0, len(prompt):].tolist() == our_tokens
+
+
+def keystroke_prompts(prompts: Prompts, tokens: int, count: int, file_index: int = 0, seed: int = 0) -> list[list[int]]:
+    """`count` prompts, each with 1–5 more characters of the real continuation typed into the prefix."""
+    _, continuation = prompts.fim(tokens, file_index)
+    rng = random.Random(seed)
+    typed, out = 0, []
+    for _ in range(count):
+        typed += rng.randint(1, 5)
+        out.append(prompts.fim(tokens, file_index, typed=continuation[:typed])[0])
+    return out
+
+
+def section_keystroke(model, args, prompts, table):
+    seq = keystroke_prompts(prompts, args.fim_tokens, args.keystrokes)
+    n = args.keystroke_new_tokens
+    params = SamplingParams(max_new_tokens=n)
+    warm = make_engine(model, args, prompts, speculative=None, prefix_cache_mb=args.prefix_cache_mb, max_batch=1)
+    cold = make_engine(model, args, prompts, speculative=None, prefix_cache_mb=0, max_batch=1)
+    try:
+        warm.generate(seq[0][:64], SamplingParams(max_new_tokens=2))
+        warm_results = [warm.generate(p, params) for p in seq]
+        cold_results = [cold.generate(p, params) for p in seq[:args.cold_keystrokes]]
+    finally:
+        warm.close()
+        cold.close()
+    later = warm_results[1:]
+    served = sum(r.cached_tokens for r in later) / sum(r.prompt_tokens for r in later)
+    warm_med = statistics.median(r.timings_ms["total"] for r in later)
+    cold_med = statistics.median(r.timings_ms["total"] for r in cold_results)
+    decode_only = statistics.median(r.timings_ms["decode"] * n / max(1, len(r.tokens) - 1) for r in later)
+    table.add(f"keystrokes: {len(seq)} requests, ~{len(seq[0])}-token prompts, +1–5 chars each",
+              f"median {warm_med:.0f} ms with prefix cache", f"{cold_med:.0f} ms without ({len(cold_results)} runs)",
+              f"{cold_med / warm_med:.1f}× faster")
+    table.add("keystrokes: prompt tokens served from the prefix cache", f"{served:.1%}", "", "", "≥ 90%")
+    table.add(f"keystrokes: latency vs generating the {n} tokens alone", f"{warm_med:.0f} ms",
+              f"decode alone {decode_only:.0f} ms", f"{warm_med / decode_only:.2f}×", "≤ 1.3×")
+
+
+def section_speculative(model, args, prompts, table):
+    prompt = prompts.repetitive(args.spec_context)
+    n = args.spec_tokens
+    modes = ["lookup"] + (["mtp"] if model.config.num_mtp_layers else [])
+    results = {}
+    for mode in [None] + modes:
+        engine = make_engine(model, args, prompts, speculative=mode, prefix_cache_mb=0, max_batch=1)
+        try:
+            engine.generate(prompt[:32], SamplingParams(max_new_tokens=4))
+            best = None
+            for _ in range(args.repeats):
+                r = engine.generate(prompt, SamplingParams(max_new_tokens=n))
+                if best is None or r.timings_ms["decode"] < best.timings_ms["decode"]:
+                    best = r
+            results[mode] = best
+        finally:
+            engine.close()
+    plain = results[None]
+    tps = lambda r: (len(r.tokens) - 1) / (r.timings_ms["decode"] / 1e3)  # noqa: E731
+    table.add(f"plain decoding, repetitive code ({len(prompt)} prompt tokens)", f"{tps(plain):.1f} tokens/s")
+    for mode in modes:
+        r = results[mode]
+        goal = "≥ 1.8×" if mode == "lookup" else ""
+        table.add(f"speculative ({mode}), same prompt", f"{tps(r):.1f} tokens/s",
+                  f"acceptance {r.acceptance:.0%} of {r.draft_tokens} drafted; identical: "
+                  f"{'yes' if r.tokens == plain.tokens else 'NO'}", f"{tps(r) / tps(plain):.2f}×", goal)
+    if not model.config.num_mtp_layers:
+        table.add("MTP acceptance", "n/a: this shape has no MTP layer (try --shape mellum2-cpu)")
+
+
+def section_concurrency(model, args, prompts, table):
+    engine = make_engine(model, args, prompts, speculative="lookup", prefix_cache_mb=args.prefix_cache_mb,
+                         max_batch=max(args.typists))
+    params = SamplingParams(max_new_tokens=args.keystroke_new_tokens)
+    try:
+        engine.generate(list(range(1, 64)), SamplingParams(max_new_tokens=2))
+        for typists in args.typists:
+            sequences = [keystroke_prompts(prompts, args.typist_tokens, args.typist_requests, i, seed=i)
+                         for i in range(typists)]
+            latencies: list[float] = []
+            generated = [0]
+            lock = threading.Lock()
+
+            def typist(i):
+                rng = random.Random(100 + i)
+                for prompt in sequences[i]:
+                    r = engine.generate(prompt, params)
+                    with lock:
+                        latencies.append(r.timings_ms["total"])
+                        generated[0] += len(r.tokens)
+                    time.sleep(rng.uniform(0.05, 0.15))  # typing between requests
+
+            t0 = time.perf_counter()
+            threads = [threading.Thread(target=typist, args=(i,)) for i in range(typists)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            wall = time.perf_counter() - t0
+            table.add(f"{typists} typist(s) × {args.typist_requests} requests, ~{len(sequences[0][0])}-token prompts",
+                      f"p50 {pct(latencies, 50):.0f} / p90 {pct(latencies, 90):.0f} / p99 {pct(latencies, 99):.0f} ms",
+                      f"{generated[0] / wall:.0f} tokens/s, {len(latencies) / wall:.1f} requests/s")
+    finally:
+        engine.close()
+
+
+# ---- driver -------------------------------------------------------------------------------------------
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--shape", action="append", help=f"model shape, repeatable: {', '.join(CPU_SHAPES)} or a preset "
+                   "(default: mellum-4b-cpu on CPU; mellum-4b and mellum2-12b-a2.5b on CUDA)")
+    p.add_argument("--model", help="a model directory with real weights instead of random ones")
+    p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: fp32 on CPU, bf16 on CUDA)")
+    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {', '.join(SECTIONS)}")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    p.add_argument("--fim-tokens", type=int, default=None, help="FIM prompt tokens (default 4096 CPU, 8192 CUDA)")
+    p.add_argument("--decode-context", type=int, default=512, help="prompt tokens before the decode measurement")
+    p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--no-int8", dest="int8", action="store_false", help="skip the int8 decode row (CPU)")
+    p.add_argument("--keystrokes", type=int, default=20)
+    p.add_argument("--cold-keystrokes", type=int, default=None, help="requests run without the cache (default 5 CPU)")
+    p.add_argument("--keystroke-new-tokens", type=int, default=16)
+    p.add_argument("--spec-context", type=int, default=1024)
+    p.add_argument("--spec-tokens", type=int, default=128)
+    p.add_argument("--typists", default="1,4,16", help="concurrency levels")
+    p.add_argument("--typist-tokens", type=int, default=None, help="prompt tokens per typist (default 1024 CPU, 8192 CUDA)")
+    p.add_argument("--typist-requests", type=int, default=5)
+    p.add_argument("--prefix-cache-mb", type=float, default=None, help="default 1024 CPU, 16384 CUDA")
+    p.add_argument("--max-seq-len", type=int, default=None, help="cache tokens per sequence (default 8192 + 256)")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--skip-hf", action="store_true", help="skip the transformers comparison (default on CUDA)")
+    p.add_argument("--out", help="also write the tables (markdown) to this file")
+    args = p.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        p.error("--device cuda but torch sees no CUDA device")
+    args.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, None: None}[args.dtype]
+    args.dtype = args.dtype or (torch.bfloat16 if cuda else torch.float32)
+    args.shape = args.shape or (["mellum-4b", "mellum2-12b-a2.5b"] if cuda else ["mellum-4b-cpu"])
+    args.fim_tokens = args.fim_tokens or (8192 if cuda else 4096)
+    args.typist_tokens = args.typist_tokens or (8192 if cuda else 1024)
+    args.cold_keystrokes = args.cold_keystrokes or (args.keystrokes if cuda else 5)
+    args.prefix_cache_mb = args.prefix_cache_mb if args.prefix_cache_mb is not None else (16384 if cuda else 1024)
+    args.max_seq_len = args.max_seq_len or max(args.fim_tokens, args.typist_tokens) + 256
+    args.typists = [int(x) for x in args.typists.split(",")]
+    args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    if bad := set(args.sections) - set(SECTIONS):
+        p.error(f"unknown sections {sorted(bad)}; choose from {SECTIONS}")
+    args.int8 = args.int8 and not cuda
+    args.skip_hf = args.skip_hf or cuda
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"# device: {name}; torch {torch.__version__}; dtype {args.dtype}", flush=True)
+    bw = bandwidth(device, (2 << 30) if device.type == "cuda" else (256 << 20))
+    print(f"# memory bandwidth (best of read / copy): {bw / 1e9:.1f} GB/s", flush=True)
+    tables = []
+    for shape in args.shape:
+        args.current_shape = shape
+        t0 = time.perf_counter()
+        model = build_model(args, shape)
+        params = sum(p.numel() for p in model.parameters())
+        prompts = Prompts(model.config.vocab_size)
+        table = Table(f"{args.model or shape}: {params / 1e6:.0f}M parameters, {name}, {str(args.dtype).split('.')[-1]}"
+                      f", bandwidth {bw / 1e9:.1f} GB/s")
+        print(f"# {table.title} (built in {time.perf_counter() - t0:.0f}s)", flush=True)
+        with torch.inference_mode():
+            for section in args.sections:
+                t1 = time.perf_counter()
+                print(f"## {section}", flush=True)
+                if section == "decode":
+                    section_decode(model, args, prompts, table, bw)
+                elif section == "fim":
+                    section_fim(model, args, prompts, table)
+                elif section == "keystroke":
+                    section_keystroke(model, args, prompts, table)
+                elif section == "speculative":
+                    section_speculative(model, args, prompts, table)
+                elif section == "concurrency":
+                    section_concurrency(model, args, prompts, table)
+                print(f"# {section} took {time.perf_counter() - t1:.0f}s", flush=True)
+        tables.append(table.render())
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    text = "\n\n".join(tables)
+    print("\n" + text)
+    if args.out:
+        tmp = Path(args.out).with_suffix(".tmp")
+        tmp.write_text(text + "\n")
+        os.replace(tmp, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
