@@ -96,10 +96,11 @@ def run(args) -> int:
 
 
 def _display_path(path: Path, project: str | None) -> str:
-    """The file's path as the model sees it: relative to the project when given, else the file name as typed."""
-    if project is not None:
+    """The file's path as the model sees it: relative to the project (or else the working directory) when inside
+    it, else just its name — absolute paths say nothing about the code and differ from training data."""
+    for root in ([project] if project is not None else []) + ["."]:
         try:
-            return path.resolve().relative_to(Path(project).resolve()).as_posix()
+            return path.resolve().relative_to(Path(root).resolve()).as_posix()
         except ValueError:
-            pass
-    return path.as_posix()
+            continue
+    return path.name

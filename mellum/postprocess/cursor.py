@@ -67,6 +67,7 @@ class Cursor:
     path: str | None = None
     multiline: bool | None = None
     tab_size: int = 4
+    bracket_window_chars: int = 4000  # brackets are counted over this much prefix (a scan costs ~1 ms per 1,000)
 
     @cached_property
     def line_prefix(self) -> str:
@@ -136,8 +137,14 @@ class Cursor:
 
     @cached_property
     def prefix_brackets(self) -> BracketState:
-        """Brackets left open by the prefix (and the string the cursor is in, if any)."""
-        return scan(self.prefix, line_comment=self.line_comment)[0]
+        """Brackets left open by the prefix (and the string the cursor is in, if any), counted from the first
+        line start within the last `bracket_window_chars` characters: the constructs a completion can close
+        are near the cursor, and a whole-file scan would cost tens of milliseconds per request."""
+        text = self.prefix
+        if len(text) > self.bracket_window_chars:
+            text = text[-self.bracket_window_chars :]
+            text = text[text.find("\n") + 1 :]
+        return scan(text, line_comment=self.line_comment)[0]
 
     @property
     def uses_tabs(self) -> bool:

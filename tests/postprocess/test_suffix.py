@@ -41,3 +41,11 @@ def test_inner_closer_at_other_indent_is_kept(at):
     cur = at("void f() {\n    █\n}\n", path="a.c")
     text = "if (a) {\n        b();\n    }"
     assert drop_suffix_overlap(text, cur) == text
+
+
+def test_brackets_counted_near_the_cursor_only(at):
+    # An unclosed bracket far above the cursor (outside the window) does not make the completion's `)` legal.
+    far = "broken = (\n" + "x = 1\n" * 2000
+    cur = at(far + "print(foo(█)\n")
+    assert cur.prefix_brackets.stack == ["(", "("]
+    assert drop_suffix_overlap("x))", cur) == "x)"
