@@ -1,0 +1,390 @@
+"""Context packer: spends a prompt's token budget on the prefix, the suffix and the most relevant project chunks.
+
+Budget = window − max new tokens (or the request's own). The prefix keeps up to `prefix_share` of it (trimmed from
+the top), the suffix up to `suffix_share` (trimmed from the bottom); context chunks get the rest, chosen by
+reciprocal-rank fusion of the candidate sources without near-duplicates or repeats of the cursor window, and
+tokens they leave unused go back to the prefix and suffix. Pieces come out least relevant first, most relevant
+last (nearest the cursor), in an order kept stable between keystrokes so the engine's prefix cache hits.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from mellum.context import sources as src
+from mellum.context.config import ContextConfig
+from mellum.context.ignore import is_secret, language_of
+from mellum.context.index import ProjectIndex
+from mellum.context.rank import Candidate, fuse, line_set, redundant
+from mellum.prompt import ContextFile, PromptFormat, get_format
+
+CountTokens = Callable[[str], int]
+
+
+@dataclass(frozen=True)
+class ContextPiece(ContextFile):
+    """A context file (or chunk of one) with its relevance score and the tokens its rendered block costs."""
+
+    score: float = 0.0
+    tokens: int = 0
+    sources: tuple[str, ...] = ()
+    start_line: int = 0
+
+
+@dataclass
+class PackResult:
+    """What goes into one prompt: context pieces (most relevant last), the trimmed prefix and suffix."""
+
+    pieces: list[ContextPiece]
+    prefix: str
+    suffix: str
+    tokens_used: int  # of the whole rendered prompt, counted once at the end
+    budget: int
+    prefix_tokens: int = 0
+    suffix_tokens: int = 0
+    context_tokens: int = 0
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def context(self) -> list[ContextFile]:
+        return list(self.pieces)
+
+
+class _TokenCache:
+    """Token counts of rendered context blocks, remembered across requests (chunks rarely change)."""
+
+    def __init__(self, count: CountTokens, size: int = 50_000):
+        self.count = count
+        self.size = size
+        self.chars_per_token = 3.0  # running estimate, to skip counting chunks that cannot fit
+        self._cache: OrderedDict[tuple[str, str], int] = OrderedDict()
+
+    def known(self, path: str, text: str) -> int | None:
+        return self._cache.get((path, text))
+
+    def block(self, fmt: PromptFormat, path: str, text: str) -> int:
+        key = (path, text)
+        n = self._cache.get(key)
+        if n is None:
+            rendered = fmt.render_context([ContextFile(path, text)])
+            n = self._cache[key] = self.count(rendered)
+            self.chars_per_token = 0.9 * self.chars_per_token + 0.1 * len(rendered) / max(n, 1)
+            if len(self._cache) > self.size:
+                self._cache.popitem(last=False)
+        return n
+
+
+class ContextPacker:
+    """Builds the context of a completion request from a project index under a token budget."""
+
+    def __init__(self, index: ProjectIndex | None, count_tokens: CountTokens, config: ContextConfig | None = None):
+        self.index = index
+        self.config = config or (index.config if index is not None else ContextConfig())
+        self.count = count_tokens
+        self.format = get_format(self.config.prompt_format)
+        self._tokens = _TokenCache(count_tokens)
+        self._last_order: dict[str, list[tuple[str, str]]] = {}  # current path → piece keys of its last prompt
+        self._last_cut: dict[str, tuple[int, int]] = {}  # current path → (prefix, suffix) characters kept last time
+        self._overhead: dict[str, int] = {}
+
+    # ---- the request -----------------------------------------------------------------------------
+    def pack(
+        self,
+        path: str,
+        prefix: str,
+        suffix: str = "",
+        budget_tokens: int | None = None,
+        open_files: Mapping[str, str] | Iterable[str] | None = None,
+        extra: Sequence[ContextFile] = (),
+    ) -> PackResult:
+        """Context pieces, trimmed prefix and suffix for a completion at the end of `prefix` in `path`.
+
+        `open_files` are editor buffers ({path: text}, overriding the disk) or just paths, most recently focused
+        first; `extra` are pieces the client sends (always preferred, secret-looking ones dropped).
+        """
+        t0 = time.perf_counter()
+        cfg = self.config
+        rel = self._relative(path)
+        open_paths = self._sync_open_files(open_files)
+        t_sync = time.perf_counter()
+        query = src.Query.build(rel, language_of(rel), prefix, suffix, open_paths, cfg)
+        candidates = self._pinned(extra) + (self.rank(query) if self.index is not None else [])
+        t_rank = time.perf_counter()
+        result = self._fit(rel, prefix, suffix, budget_tokens, candidates, query.window)
+        t_fit = time.perf_counter()
+        result.timings_ms = {
+            "sync": 1e3 * (t_sync - t0), "rank": 1e3 * (t_rank - t_sync), "fit": 1e3 * (t_fit - t_rank),
+            "total": 1e3 * (t_fit - t0),
+        }
+        return result
+
+    def _relative(self, path: str) -> str:
+        if self.index is None:
+            return str(path)
+        rel = self.index.relative(path)
+        return rel if rel is not None else str(path)
+
+    def _sync_open_files(self, open_files) -> list[str]:
+        if not open_files or self.index is None:
+            return []
+        paths = []
+        items = open_files.items() if isinstance(open_files, Mapping) else ((p, None) for p in open_files)
+        for path, text in items:
+            rel = self.index.relative(path)
+            if rel is None:
+                continue
+            if text is not None:
+                self.index.update(rel, text)  # no-op when the buffer equals what the index holds
+            paths.append(rel)
+        return paths
+
+    def _pinned(self, extra: Sequence[ContextFile]) -> list[Candidate]:
+        """Client-sent pieces rank above every retrieved one, in the order given (first = most relevant)."""
+        out = []
+        for i, piece in enumerate(extra):
+            if is_secret(piece.path, piece.text):
+                continue
+            out.append(Candidate(("extra", i, piece.path), piece.path, piece.text, 1.0 + (len(extra) - i), ("extra",)))
+        return out
+
+    # ---- ranking ---------------------------------------------------------------------------------
+    def rank(self, query: src.Query) -> list[Candidate]:
+        """Chunks of the project, best first, from reciprocal-rank fusion of the enabled sources."""
+        cfg, index = self.config, self.index
+        enabled = set(cfg.sources)
+        file_lists: dict[str, list[str]] = {}
+        if "open" in enabled:
+            file_lists["open"] = src.open_files(index, query)
+        if "recent" in enabled:
+            file_lists["recent"] = src.recent_files(index, query, cfg.recent_files)
+        if "path" in enabled:
+            file_lists["path"] = src.path_distance(index, query, cfg.path_files)
+        if "imports" in enabled:
+            file_lists["imports"] = src.imported_files(index, query, cfg.import_files)
+        rankings: dict[str, list[int]] = {name: self._head_chunks(paths) for name, paths in file_lists.items()}
+        lexical = index.lexical(query.near_idents) if {"bm25", "jaccard"} & enabled else None
+        if "bm25" in enabled:
+            rankings["bm25"] = [cid for cid, _ in src.bm25_chunks(index, query, cfg.bm25_top_k, lexical)]
+        if "jaccard" in enabled:
+            # Cody's window-similarity retriever over the files the other sources point at.
+            pool: dict[str, None] = {}
+            for paths in file_lists.values():
+                pool.update(dict.fromkeys(paths))
+            for cid in rankings.get("bm25", [])[:16]:
+                pool.setdefault(index.chunks[cid].path, None)
+            pool.pop(query.path, None)
+            paths = list(pool)[: cfg.jaccard_max_files]
+            rankings["jaccard"] = [cid for cid, _ in src.jaccard_chunks(index, query, paths, cfg.jaccard_top_k, lexical)]
+        if "definitions" in enabled:
+            rankings["definitions"] = src.definition_chunks(index, query, cfg)
+        out = []
+        for cid, score, names in fuse(rankings, cfg.source_weights, cfg.rrf_k):
+            chunk = index.chunks[cid]
+            if chunk is None or chunk.path == query.path:
+                continue
+            out.append(Candidate(cid, chunk.path, chunk.text, score, names, chunk.start_line))
+            if len(out) >= cfg.max_candidates:
+                break
+        return out
+
+    def _head_chunks(self, paths: list[str]) -> list[int]:
+        """A file-level source's ranking expanded to chunks: each file's first chunks, file by file."""
+        out = []
+        for rel in paths:
+            entry = self.index.files.get(rel)
+            if entry is not None:
+                out.extend(entry.chunk_ids[: self.config.file_source_chunks])
+        return out
+
+    # ---- fitting the budget ----------------------------------------------------------------------
+    def _fit(self, rel: str, prefix: str, suffix: str, budget: int | None, candidates: list[Candidate], window: str) -> PackResult:
+        cfg, fmt = self.config, self.format
+        budget = cfg.prompt_budget if budget is None else int(budget)
+        overhead = self._overhead.get(rel)
+        if overhead is None:
+            overhead = self._overhead[rel] = self.count(fmt.render(rel, "", "", []))
+        avail = budget - overhead
+        if avail <= 0:
+            raise ValueError(f"token budget {budget} is too small: the prompt's fixed parts alone take {overhead}")
+        guess = int(self._tokens.chars_per_token * cfg.prefix_share * budget)
+        hint_prefix, hint_suffix = self._last_cut.get(rel, (guess, guess // 2))
+        prefix_t, n_prefix = trim_prefix(prefix, min(avail, int(cfg.prefix_share * budget)), self.count, hint_prefix)
+        if fmt.supports_suffix:
+            cap = min(avail - n_prefix, int(cfg.suffix_share * budget))
+            suffix_t, n_suffix = trim_suffix(suffix, cap, self.count, hint_suffix)
+        else:
+            suffix_t, n_suffix = "", 0
+        room = avail - n_prefix - n_suffix
+        if cfg.max_context_tokens is not None:
+            room = min(room, cfg.max_context_tokens)
+        chosen, used = self._choose(candidates, room, window)
+        # Tokens the context left unused go back to the prefix, then the suffix.
+        spare = avail - n_prefix - n_suffix - used
+        if spare > 0 and len(prefix_t) < len(prefix):
+            prefix_t, n_prefix = trim_prefix(prefix, n_prefix + spare, self.count, len(prefix_t))
+            spare = avail - n_prefix - n_suffix - used
+        if spare > 0 and len(suffix_t) < len(suffix) and fmt.supports_suffix:
+            suffix_t, n_suffix = trim_suffix(suffix, n_suffix + spare, self.count, len(suffix_t))
+        pieces = self._order(rel, chosen)
+        total = self.count(fmt.render(rel, prefix_t, suffix_t, pieces))
+        # Token counts of parts need not add up exactly (merges across part boundaries): enforce the budget on the
+        # rendered whole, dropping the least relevant piece, then prefix lines, until it fits.
+        while total > budget:
+            if pieces:
+                least = min(range(len(pieces)), key=lambda i: pieces[i].score)
+                pieces.pop(least)
+            else:
+                prefix_t, n_prefix = trim_prefix(prefix_t, max(0, n_prefix - (total - budget)), self.count)
+            total = self.count(fmt.render(rel, prefix_t, suffix_t, pieces))
+        self._last_order[rel] = [(p.path, p.text) for p in pieces]
+        self._last_cut[rel] = (len(prefix_t), len(suffix_t))
+        return PackResult(pieces, prefix_t, suffix_t, total, budget, n_prefix, n_suffix, sum(p.tokens for p in pieces))
+
+    def _choose(self, candidates: list[Candidate], room: int, window: str) -> tuple[list[ContextPiece], int]:
+        cfg = self.config
+        cursor_lines = line_set(window)
+        kept: list[Candidate] = []
+        chosen: list[ContextPiece] = []
+        used = 0
+        for cand in candidates[: cfg.max_candidates]:
+            if len(chosen) >= cfg.max_pieces or room - used < cfg.min_piece_tokens:
+                break
+            tokens = self._tokens.known(cand.path, cand.text)
+            # Count only chunks whose estimated size fits: counting is most of a request's cost.
+            estimate = tokens if tokens is not None else 0.8 * (len(cand.text) + len(cand.path)) / self._tokens.chars_per_token
+            if used + estimate > room or redundant(cand, kept, cursor_lines, cfg.duplicate_jaccard, cfg.cursor_overlap):
+                continue
+            if tokens is None:
+                tokens = self._tokens.block(self.format, cand.path, cand.text)
+            if used + tokens > room:
+                continue  # a smaller, less relevant chunk may still fit
+            kept.append(cand)
+            chosen.append(ContextPiece(cand.path, cand.text, cand.score, tokens, cand.sources, cand.start_line))
+            used += tokens
+        return chosen, used
+
+    def _order(self, rel: str, chosen: list[ContextPiece]) -> list[ContextPiece]:
+        """Least relevant first, most relevant last; with `stable_order`, pieces already in this file's previous
+        prompt keep their place at the front so that the prompt's start (and the engine's cache) is unchanged."""
+        ascending = sorted(chosen, key=lambda p: p.score)
+        if not self.config.stable_order:
+            return ascending
+        previous = {key: i for i, key in enumerate(self._last_order.get(rel, []))}
+        kept = sorted((p for p in ascending if (p.path, p.text) in previous), key=lambda p: previous[(p.path, p.text)])
+        return kept + [p for p in ascending if (p.path, p.text) not in previous]
+
+
+# ---- trimming ------------------------------------------------------------------------------------
+def trim_prefix(prefix: str, cap: int, count: CountTokens, hint_chars: int | None = None) -> tuple[str, int]:
+    """The longest tail of `prefix` made of whole lines (or, if the cursor line alone is too long, of characters)
+    that costs at most `cap` tokens, and its token count. `hint_chars` (the last cut's length) speeds the search."""
+    return _trim(prefix, cap, count, True, hint_chars)
+
+
+def trim_suffix(suffix: str, cap: int, count: CountTokens, hint_chars: int | None = None) -> tuple[str, int]:
+    """The longest head of `suffix` made of whole lines that costs at most `cap` tokens, and its token count."""
+    return _trim(suffix, cap, count, False, hint_chars)
+
+
+def _trim(text: str, cap: int, count: CountTokens, from_top: bool, hint_chars: int | None) -> tuple[str, int]:
+    if cap <= 0 or not text:
+        return "", 0
+    lines = text.splitlines(keepends=True)
+    if from_top:
+        lines.reverse()  # lines[0] is the one at the cursor
+    cum = [0]
+    for line in lines:
+        cum.append(cum[-1] + len(line))
+
+    def take(k: int) -> str:
+        return text[len(text) - cum[k] :] if from_top else text[: cum[k]]
+
+    # Search the number of whole lines k kept: lo fits, hi does not. Counting is the cost, so the next k is
+    # interpolated from the last count's characters per token (a few counts instead of a bisection's many).
+    lo, lo_n, hi = 0, 0, len(lines) + 1
+    k = len(lines)
+    guess = hint_chars if hint_chars else cap * 4
+    if cum[-1] > guess:
+        k = max(1, next((i for i, c in enumerate(cum) if c >= guess), len(lines)))
+    for step in range(40):
+        n = count(take(k))
+        if n <= cap:
+            lo, lo_n = k, n
+        else:
+            hi = k
+        if hi - lo <= 1:
+            break
+        if step % 3 == 2:  # guarantee progress: every third step bisects
+            k = (lo + hi) // 2
+            continue
+        target = cum[k] * cap / max(n, 1)
+        k = next((i for i in range(lo + 1, hi) if cum[i] >= target), hi - 1)
+        if n <= cap and k <= lo:
+            k = lo + 1
+    if lo > 0:
+        return take(lo), lo_n
+    # Not even the cursor line fits: keep the characters nearest the cursor.
+    line = lines[0]
+    clo, chi = 0, len(line)
+    while clo < chi:
+        mid = (clo + chi + 1) // 2
+        if count(line[-mid:] if from_top else line[:mid]) <= cap:
+            clo = mid
+        else:
+            chi = mid - 1
+    piece = (line[-clo:] if from_top else line[:clo]) if clo else ""
+    return piece, count(piece) if piece else 0
+
+
+# ---- given chunks (CrossCodeEval) ------------------------------------------------------------------
+def pack_chunks(
+    chunks: Sequence[Any],
+    count_tokens: CountTokens,
+    budget: int,
+    cursor_window: str = "",
+    prompt_format: str | PromptFormat = "mellum",
+    config: ContextConfig | None = None,
+) -> list[ContextPiece]:
+    """Pack an already ranked chunk list (best first) under `budget` tokens of rendered context blocks.
+
+    Each chunk is a mapping with `retrieved_chunk` or `text`, `filename` or `path`, and optional `score`
+    (CrossCodeEval's `crossfile_context.list`), or a `ContextFile`. Exact and near duplicates and chunks
+    repeating `cursor_window` are dropped; the result is ordered most relevant last.
+    """
+    cfg = config or ContextConfig()
+    fmt = get_format(prompt_format) if isinstance(prompt_format, str) else prompt_format
+    cands = []
+    for i, chunk in enumerate(chunks):
+        if isinstance(chunk, ContextFile):
+            path, text, score = chunk.path, chunk.text, getattr(chunk, "score", None)
+        else:
+            path = chunk.get("filename", chunk.get("path"))
+            text = chunk.get("retrieved_chunk", chunk.get("text"))
+            score = chunk.get("score")
+            if path is None or text is None:
+                raise ValueError(f"chunk {i} needs 'filename'/'path' and 'retrieved_chunk'/'text'; has {sorted(chunk)}")
+        if is_secret(path, text):
+            continue
+        # Rank decides; the given score is kept for reports (CrossCodeEval's BM25 scores are not comparable across tasks).
+        rank_score = 1.0 / (cfg.rrf_k + i + 1)
+        cands.append(Candidate(("chunk", i), path, text, rank_score if score is None else float(score), ("given",), i))
+    cursor_lines = line_set(cursor_window)
+    kept: list[Candidate] = []
+    pieces: list[ContextPiece] = []
+    used = 0
+    for cand in cands:
+        if len(pieces) >= cfg.max_pieces:
+            break
+        if redundant(cand, kept, cursor_lines, cfg.duplicate_jaccard, cfg.cursor_overlap):
+            continue
+        tokens = count_tokens(fmt.render_context([ContextFile(cand.path, cand.text)]))
+        if used + tokens > budget:
+            continue
+        kept.append(cand)
+        pieces.append(ContextPiece(cand.path, cand.text, cand.score, tokens, cand.sources, cand.start_line))
+        used += tokens
+    pieces.reverse()  # best (first given) last, nearest the cursor
+    return pieces
