@@ -72,7 +72,8 @@ class EmptyCompleter(Completer):
 
 
 class WrongCompleter(Completer):
-    """The reference of a different task (the next one whose reference differs): plausible code, wrong place."""
+    """The reference of a different task: plausible code in the wrong place. Taken from the next task about
+    another program where there is one (holes in the same function can overlap and still fit)."""
 
     name = "wrong"
     postprocess = False
@@ -80,11 +81,11 @@ class WrongCompleter(Completer):
     def prepare(self, problems: list[Problem]) -> None:
         self._next: dict[str, str] = {}
         for i, problem in enumerate(problems):
-            for step in range(1, len(problems)):
-                other = problems[(i + step) % len(problems)]
-                if other.reference.strip() != problem.reference.strip():
-                    self._next[problem.task_id] = other.reference
-                    break
+            others = [problems[(i + step) % len(problems)] for step in range(1, len(problems))]
+            differ = [o for o in others if o.reference.strip() != problem.reference.strip()]
+            elsewhere = [o for o in differ if o.prefix[:200] != problem.prefix[:200]]
+            if elsewhere or differ:
+                self._next[problem.task_id] = (elsewhere or differ)[0].reference
 
     def complete(self, problem, bench, sample, sampling) -> str:
         return self._next.get(problem.task_id, "")

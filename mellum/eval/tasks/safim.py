@@ -58,7 +58,7 @@ class Safim(Benchmark):
             return truncate_call(completion)
         if self.split == "control":
             return completion.split("\n", 1)[0]
-        return truncate_block(completion, problem.language)
+        return truncate_block(completion, problem.language, problem.prefix)
 
     def score(self, problem: Problem, completion: str, sandbox) -> Score:
         if self.split == "api":
@@ -90,13 +90,16 @@ def truncate_call(text: str) -> str:
     return text
 
 
-def truncate_block(text: str, language: str) -> str:
-    """Cut a block completion where its block ends: a dedent below the first line (Python) or an unmatched
-    closing brace (C-like), following the idea of SAFIM's `truncate_line_until_block`."""
+def truncate_block(text: str, language: str, prefix: str = "") -> str:
+    """Cut a block completion where its block ends: a dedent below the cursor line's indentation (Python) or an
+    unmatched closing brace (C-like), following the idea of SAFIM's `truncate_line_until_block`."""
     lines = text.split("\n")
     if language == "python":
-        first = next((l for l in lines if l.strip()), "")
-        indent = len(first) - len(first.lstrip())
+        cursor_line = prefix.rsplit("\n", 1)[-1]
+        if cursor_line.strip():  # the hole starts mid-line: its block is indented like that line
+            indent = len(cursor_line) - len(cursor_line.lstrip())
+        else:
+            indent = len(cursor_line)
         for index, line in enumerate(lines[1:], 1):
             if line.strip() and len(line) - len(line.lstrip()) < indent:
                 return "\n".join(lines[:index]).rstrip("\n")

@@ -1,0 +1,107 @@
+"""Runs are resumable JSONL files, one line per task; summaries and reports come out of them; the CLI drives it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mellum import cli
+from mellum.eval import runner
+from mellum.eval.completer import EmptyCompleter, OracleCompleter, Sampling
+from mellum.eval.report import summarize, to_markdown, write_report
+from mellum.eval.sandbox import Sandbox
+from mellum.eval.tasks import get_benchmark
+
+
+@pytest.fixture(scope="module")
+def bench(shared_benchmarks):
+    return get_benchmark("humaneval-infilling", shared_benchmarks, "random-span-light")
+
+
+def test_resume_runs_only_what_is_missing(bench, tmp_path):
+    path = tmp_path / "r.jsonl"
+    first = runner.run(bench, OracleCompleter(), path, runner.RunConfig(limit=3), Sandbox(), progress=False)
+    assert [r["passed"] for r in first] == [1, 1, 1]
+    # Simulate a crash in the middle of writing the fourth line.
+    with open(path, "a") as f:
+        f.write('{"task_id": "RandomSpanInfillingLight/HumanEval/1/0", "compl')
+    again = runner.run(bench, OracleCompleter(), path, runner.RunConfig(limit=5), Sandbox(), progress=False)
+    lines = path.read_text().splitlines()
+    assert len(lines) == 5 and len({json.loads(l)["task_id"] for l in lines}) == 5
+    assert [r["task_id"] for r in again[:3]] == [r["task_id"] for r in first]
+    assert again[0]["seconds"] == first[0]["seconds"]  # kept from the first run, not recomputed
+
+
+def test_resume_refuses_a_different_run(bench, tmp_path):
+    path = tmp_path / "r.jsonl"
+    runner.run(bench, OracleCompleter(), path, runner.RunConfig(limit=1), Sandbox(), progress=False)
+    with pytest.raises(FileExistsError, match="different run"):
+        runner.run(bench, EmptyCompleter(), path, runner.RunConfig(limit=1), Sandbox(), progress=False)
+    fresh = runner.run(bench, EmptyCompleter(), path, runner.RunConfig(limit=1, fresh=True), Sandbox(), progress=False)
+    assert fresh[0]["passed"] == 0
+
+
+def test_run_config_rejects_nonsense():
+    with pytest.raises(ValueError, match="temperature"):
+        runner.RunConfig(n=5)
+    with pytest.raises(ValueError, match="--workers"):
+        runner.RunConfig(workers=0)
+
+
+def test_seeds_are_deterministic_per_task_and_sample():
+    s = Sampling(0.8, 0.95, seed=3)
+    assert s.seed_for("a", 0) == Sampling(0.2, 0.5, seed=3).seed_for("a", 0)
+    assert len({s.seed_for("a", i) for i in range(10)} | {s.seed_for("b", 0)}) == 11
+
+
+def test_summary_pass_at_k_and_report_files(tmp_path):
+    records = [
+        {"task_id": f"t{i}", "language": "python", "n": 4, "passed": c, "skipped": False,
+         "results": [{"passed": j < c, "reason": "" if j < c else "boom"} for j in range(4)]}
+        for i, c in enumerate([0, 1, 4, 2])
+    ]
+    summary = summarize(records, "demo", "execution", ks=(1, 2, 8))
+    assert summary["metrics"]["pass@1"]["value"] == pytest.approx((0 + 0.25 + 1 + 0.5) / 4)
+    assert summary["metrics"]["pass@2"]["value"] == pytest.approx((0 + 0.5 + 1 + 5 / 6) / 4)
+    assert "pass@8" not in summary["metrics"]  # only 4 samples: no unbiased pass@8
+    lo, hi = summary["metrics"]["pass@1"]["ci95"]
+    assert lo <= summary["metrics"]["pass@1"]["value"] <= hi
+    assert summary["failures"] == 3 and summary["failing_tasks"][0] == {"task_id": "t0", "reason": "boom"}
+    written = write_report([summary], tmp_path / "rep", tmp_path / "s.json")
+    assert json.loads((tmp_path / "s.json").read_text())["summaries"][0]["benchmark"] == "demo"
+    assert written["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| demo | pass@1 | 43.75 |" in to_markdown([summary])
+
+
+def test_cli_oracle_run_writes_summary_json(shared_benchmarks, tmp_path, capsys):
+    out_json = tmp_path / "summary.json"
+    argv = ["eval", "humaneval-infilling", "--split", "single-line", "--oracle", "--limit", "3", "--quiet",
+            "--out", str(tmp_path / "out"), "--json", str(out_json), "--data", str(shared_benchmarks), "--no-plots"]
+    assert cli.main(argv) == 0
+    summary = json.loads(out_json.read_text())["summaries"][0]
+    assert summary["benchmark"] == "humaneval-infilling/single-line"
+    assert summary["metrics"]["pass@1"]["value"] == 1.0 and summary["tasks"] == 3
+    assert summary["published"]["Mellum-4b-base"] == 66.21
+    assert (tmp_path / "out" / "oracle" / "humaneval-infilling_single-line.jsonl").is_file()
+    assert "pass@1" in capsys.readouterr().out
+
+
+def test_cli_check_empty_scores_zero(shared_benchmarks, tmp_path):
+    out_json = tmp_path / "summary.json"
+    argv = ["eval", "safim", "--split", "control", "--lang", "python", "--check", "empty", "--limit", "3", "--quiet",
+            "--out", str(tmp_path), "--json", str(out_json), "--data", str(shared_benchmarks), "--no-plots"]
+    assert cli.main(argv) == 0
+    summary = json.loads(out_json.read_text())["summaries"][0]
+    assert summary["metrics"]["pass@1"]["value"] == 0.0 and summary["failures"] == 3
+
+
+def test_cli_user_errors(shared_benchmarks, tmp_path, capsys):
+    base = ["eval", "humaneval", "--oracle", "--quiet", "--out", str(tmp_path)]
+    assert cli.main(base + ["--k", "5"]) == 2
+    assert "--n 5" in capsys.readouterr().err
+    assert cli.main(base + ["--data", str(tmp_path / "nowhere")]) == 2
+    assert "benchmark data not found" in capsys.readouterr().err
+    assert cli.main(["eval", "safim", "--oracle", "--lang", "cobol", "--data", str(shared_benchmarks),
+                     "--out", str(tmp_path), "--quiet"]) == 2
+    assert "cobol" in capsys.readouterr().err
