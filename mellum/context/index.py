@@ -1,7 +1,8 @@
 """Project index: the files of a workspace cut into chunks, with identifier postings (BM25) and definitions.
 
 Discovery respects `.gitignore` files and the configured ignore list, skips binary, huge, generated and
-secret-looking files, and never follows a symbolic link out of the root. The index is incremental:
+secret-looking files, and never follows symbolic links (so never out of the root). Editor buffers passed to
+`update` must resolve to a path inside the root. The index is incremental:
 `update(path, text)` replaces one file (an unsaved editor buffer or a change on disk) without re-reading the rest.
 """
 
@@ -155,7 +156,6 @@ class ProjectIndex:
     def discover(self, progress: bool = False) -> Iterable[tuple[str, str]]:
         """(relative path, text) of every file the index keeps, walking the root without leaving it."""
         cfg = self.config
-        root_real = os.path.realpath(self.root)
         stack: list[tuple[str, IgnoreRules]] = [("", self.rules)]
         bar = None
         if progress:
@@ -181,11 +181,10 @@ class ProjectIndex:
             for entry in entries:
                 rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
                 if entry.is_symlink():
-                    target = os.path.realpath(entry.path)
-                    # Never leave the root; links to directories inside it are walked at their real place.
-                    if os.path.commonpath([root_real, target]) != root_real or os.path.isdir(target):
-                        self.skipped["symlink"] += 1
-                        continue
+                    # Never followed: a link may lead out of the root (or loop), and one inside it names a file
+                    # or folder the walk reaches at its real place anyway.
+                    self.skipped["symlink"] += 1
+                    continue
                 if entry.is_dir(follow_symlinks=False):
                     if rules.ignored(rel, is_dir=True):
                         self.skipped["ignored"] += 1

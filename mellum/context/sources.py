@@ -220,15 +220,15 @@ def parse_imports(text: str, language: str) -> list[str]:
     tree = parser.parse(text.encode("utf-8"))
     kinds = _IMPORT_NODES[language]
     out: list[str] = []
-    stack = [tree.root_node]
-    while stack:
-        node = stack.pop()
-        for child in reversed(node.children):
+
+    def walk(node) -> None:  # statements only, in document order; expressions are never entered
+        for child in node.children:
             if child.type in kinds:
-                out.extend(reversed(_import_targets(child, language)))
-            elif child.type in _CONTAINERS or (language == "python" and child.type.endswith("_statement") and child.child_count > 2):
-                stack.append(child)
-    out.reverse()
+                out.extend(_import_targets(child, language))
+            elif child.type in _CONTAINERS or (language == "python" and child.type.endswith("_statement")):
+                walk(child)
+
+    walk(tree.root_node)
     return out
 
 

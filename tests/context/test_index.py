@@ -1,0 +1,145 @@
+"""Project index: discovery (gitignore, ignore list, secrets, binary/huge/generated, symlinks), incremental updates."""
+
+from __future__ import annotations
+
+import pytest
+
+from mellum.context import ContextConfig, ProjectIndex
+from mellum.context.ignore import IgnoreRules, is_secret, language_of, parse_rules
+from mellum.context.index import definitions
+
+from .conftest import FORBIDDEN, OUTSIDE_MARKER
+
+CONFIG = ContextConfig(max_file_bytes=20_000)
+
+
+def _rules(*lines: str, base: str = "") -> IgnoreRules:
+    return IgnoreRules(parse_rules(lines, base))
+
+
+@pytest.mark.parametrize(
+    "patterns, path, is_dir, ignored",
+    [
+        (["*.log"], "a/b/x.log", False, True),
+        (["*.log", "!keep.log"], "keep.log", False, False),
+        (["build/"], "src/build", True, True),
+        (["build/"], "src/build", False, False),  # dir-only pattern, path is a file
+        (["/scratch.py"], "scratch.py", False, True),
+        (["/scratch.py"], "sub/scratch.py", False, False),  # anchored to the root
+        (["docs/*.md"], "docs/a.md", False, True),
+        (["docs/*.md"], "docs/x/a.md", False, False),  # '*' does not cross '/'
+        (["**/gen/*.py"], "a/b/gen/x.py", False, True),
+        (["a/**/z.py"], "a/z.py", False, True),
+        (["a/**/z.py"], "a/b/c/z.py", False, True),
+        (["logs/**"], "logs/deep/x.txt", False, True),
+        (["file[0-9].py"], "file7.py", False, True),
+        (["\\#hash.py"], "#hash.py", False, True),
+        (["# comment", ""], "comment", False, False),
+    ],
+)
+def test_gitignore_semantics(patterns, path, is_dir, ignored):
+    assert _rules(*patterns).ignored(path, is_dir) is ignored
+
+
+def test_nested_gitignore_applies_below_its_folder_only():
+    rules = _rules("cache_*.py", base="storage")
+    assert rules.ignored("storage/cache_a.py", False)
+    assert not rules.ignored("app/cache_a.py", False)
+    assert rules.ignored_path("storage/cache_a.py")
+
+
+@pytest.mark.parametrize(
+    "path, text, secret",
+    [
+        (".env", "", True), ("app/.env.local", "", True), ("id_rsa", "", True), ("id_ed25519.pub", "", True),
+        ("certs/server.pem", "", True), ("creds/credentials.json", "", True), ("gcp/service-account-prod.json", "", True),
+        (".npmrc", "", True), ("secrets.yaml", "", True), ("infra/prod.tfvars", "", True),
+        ("app/keys.py", "K = '-----BEGIN RSA PRIVATE KEY-----'", True),
+        ("app/aws.py", "KEY = 'AKIAABCDEFGHIJKLMNOP'", True),
+        ("secrets.py", "import os\n", False),  # the stdlib module name is code, not a secret
+        ("app/env.py", "x = 1", False), ("README.md", "use a .env file", False),
+    ],
+)
+def test_secret_looking_files(path, text, secret):
+    assert is_secret(path, text) is secret
+
+
+def test_language_by_extension():
+    assert [language_of(p) for p in ("a.py", "b.tsx", "C.java", "d.kt", "e.go", "f.js", "g.bin")] == [
+        "python", "tsx", "java", "kotlin", "go", "javascript", None,
+    ]
+
+
+def test_discovery_keeps_sources_and_skips_everything_else(shop):
+    index = ProjectIndex(shop.root, CONFIG)
+    assert sorted(index.files) == [
+        "app/__init__.py", "app/checkout.py", "app/legacy_pricing.py", "app/models.py", "app/pricing.py",
+        "go/cmd/main.go", "go/internal/tax/tax.go", "java/com/shop/Cart.java", "java/com/shop/model/Item.java",
+        "kotlin/com/shop/Report.kt", "kotlin/com/shop/model/Summary.kt", "storage/db.py", "web/api.ts",
+        "web/format.ts", "web/helpers.js",
+    ]
+    for forbidden in FORBIDDEN:
+        assert forbidden not in index.files
+    every_text = "".join(e.text for e in index.files.values())
+    assert "LEAK_" not in every_text and OUTSIDE_MARKER not in every_text
+    assert index.skipped["symlink"] == 3  # linked_outside/, app/stolen.py, app/pricing_link.py
+    assert index.skipped["secret"] >= 2 and index.skipped["binary"] == 1 and index.skipped["huge"] == 1
+    assert index.skipped["generated"] == 2  # DO NOT EDIT header, minified line lengths
+
+
+def test_update_overrides_disk_and_is_incremental(shop):
+    index = ProjectIndex(shop.root, CONFIG)
+    before = {p: e for p, e in index.files.items() if p != "app/pricing.py"}
+    assert index.update("app/pricing.py", "def price_with_shipping(amount):\n    return amount + SHIPPING_FEE\n")
+    assert "SHIPPING_FEE" in index.files["app/pricing.py"].text
+    assert index.definitions_of("price_with_shipping") == [("app/pricing.py", 0)]
+    assert "app/pricing.py" not in {p for p, _ in index.definitions_of("apply_discount")}  # old definitions gone
+    assert all(index.files[p] is e for p, e in before.items())  # other files untouched
+    hits = index.bm25(["SHIPPING_FEE"], top_k=5)
+    assert [index.chunks[c].path for c, _ in hits] == ["app/pricing.py"]
+    assert index.recent(1) == ["app/pricing.py"]
+    # An unsaved buffer for a new file joins the index; a deleted file leaves it.
+    assert index.update(shop.root / "app" / "draft.py", "DRAFT_MARKER = 1\n")
+    assert "app/draft.py" in index.files
+    (shop.root / "storage" / "db.py").unlink()
+    assert not index.update("storage/db.py")
+    assert "storage/db.py" not in index.files and not index.bm25(["lastrowid"], top_k=5)
+
+
+def test_update_refuses_secret_ignored_and_outside_files(shop):
+    index = ProjectIndex(shop.root, CONFIG)
+    assert not index.update(".env", "API_KEY=LEAK")
+    assert not index.update("app/creds.py", "-----BEGIN PRIVATE KEY-----\nLEAK\n")
+    assert not index.update("build/new.py", "x = 1  # LEAK")  # inside a gitignored folder
+    assert not index.update("storage/cache_x.py", "x = 1  # LEAK")  # nested .gitignore
+    assert not index.update("app/stolen.py", "x = 1  # LEAK")  # symlink resolving outside the root
+    assert not index.update(shop.outside / "stolen.py", "x = 1")
+    # A file that becomes secret-looking leaves the index.
+    assert not index.update("app/models.py", "TOKEN = 'ghp_" + "a" * 36 + "'\n")
+    assert "app/models.py" not in index.files
+    assert "LEAK" not in "".join(e.text for e in index.files.values())
+
+
+def test_compaction_after_many_updates_keeps_results(shop):
+    index = ProjectIndex(shop.root, ContextConfig(max_file_bytes=20_000, rebuild_after_updates=3))
+    for i in range(7):
+        index.update("app/pricing.py", f"def apply_discount(amount, rate):\n    return amount * (1 - rate) - {i}\n")
+    hits = index.bm25(["apply_discount"], top_k=10)
+    paths = sorted(index.chunks[c].path for c, _ in hits)
+    assert paths == ["app/checkout.py", "app/legacy_pricing.py", "app/pricing.py"]
+    assert all(index.chunks[c] is not None for c, _ in hits)
+    # Compaction ran (after updates 3 and 6): postings hold at most one replaced chunk besides the 3 live ones.
+    assert len(index._post_ids["apply_discount"]) <= 4
+
+
+def test_definitions_per_language():
+    assert definitions("class A:\n    def run(self):\n        pass\nLIMIT = 3\n", "python") == [("A", 0), ("run", 1), ("LIMIT", 3)]
+    assert [n for n, _ in definitions("export function f() {}\nconst g = 1\nexport interface Shape {}\n", "typescript")] == ["f", "g", "Shape"]
+    assert [n for n, _ in definitions("func (s *S) Apply() {}\ntype Rate float64\n", "go")] == ["Apply", "Rate"]
+    assert [n for n, _ in definitions("data class Summary(val n: Int)\nfun describe() = 1\n", "kotlin")] == ["Summary", "describe"]
+    assert [n for n, _ in definitions("public class Item {\n    public int total(int x) {\n", "java")] == ["Item", "total"]
+
+
+def test_missing_root_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        ProjectIndex(tmp_path / "nope")
