@@ -27,9 +27,9 @@ SPLITS = {
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Measure a model on public benchmarks (data read from --data, $MELLUM_BENCHMARKS or ../shared/benchmarks). "
-        "Check the harness first with --oracle (the benchmark's own solutions: must score 100%%) or --check "
+        "Check the harness first with --oracle (the benchmark's own solutions: must score 100%) or --check "
         "empty|wrong. Results are resumable JSONL files, one line per task, under --out; the summary is written as "
-        "JSON and Markdown with 95%% intervals, plus PNG plots."
+        "JSON and Markdown with 95% intervals, plus PNG plots."
     )
     subs = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
     for name, help_text in SUBCOMMANDS.items():

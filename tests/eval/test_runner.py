@@ -105,3 +105,25 @@ def test_cli_user_errors(shared_benchmarks, tmp_path, capsys):
     assert cli.main(["eval", "safim", "--oracle", "--lang", "cobol", "--data", str(shared_benchmarks),
                      "--out", str(tmp_path), "--quiet"]) == 2
     assert "cobol" in capsys.readouterr().err
+
+
+def test_repo_bench_hides_the_line_from_its_own_context(tmp_path):
+    from mellum.eval.tasks.repo_bench import RepoBench
+
+    repo = tmp_path / "proj"
+    (repo / "pkg").mkdir(parents=True)
+    marker = "secret_value_computed_here = compute_the_answer(41) + 1"
+    body = "\n".join(f"def helper_{i}(x):\n    return x * {i}\n" for i in range(8))
+    (repo / "pkg" / "a.py").write_text(f"{body}\n\ndef main():\n    {marker}\n    return secret_value_computed_here\n")
+    (repo / "pkg" / "b.py").write_text("from pkg.a import helper_1\n\n\ndef compute_the_answer(x):\n    return x\n" * 3)
+    bench = RepoBench(repo, tasks=40, budget=2048, seed=1)
+    problems = bench.load()
+    assert problems and problems == sorted(problems, key=lambda p: (p.path, int(p.task_id.rsplit(":", 1)[1])))
+    hidden = [p for p in problems if p.reference.strip() == marker]
+    assert hidden, "the marker line should be among 40 seeded holes"
+    for p in hidden:
+        assert marker not in p.prefix + p.suffix
+        assert all(marker not in piece.text for piece in p.context)  # no leak through the project index
+    assert [p.task_id for p in RepoBench(repo, tasks=40, budget=2048, seed=1).load()] == [p.task_id for p in problems]
+    score = bench.score(hidden[0], "    " + marker)
+    assert score.passed and score.metrics["edit_similarity"] == 1.0
