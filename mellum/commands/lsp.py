@@ -26,9 +26,10 @@ def run(args) -> int:
         if not host or not port_text.isdigit():
             raise ValueError(f"--tcp takes HOST:PORT, e.g. 127.0.0.1:2087; got {args.tcp!r}")
         port = int(port_text)
-    logging.basicConfig(filename=args.log_file, level=logging.INFO if args.log_file else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-                        stream=None if args.log_file else sys.stderr)
+    # stdout carries the protocol: logs go to a file, or to stderr (warnings only).
+    where = {"filename": args.log_file} if args.log_file else {"stream": sys.stderr}
+    logging.basicConfig(level=logging.INFO if args.log_file else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", **where)
     config = LspConfig() if args.debounce_ms is None else LspConfig(debounce_ms=args.debounce_ms)
     telemetry = open_telemetry(args)
     path = model_dir(args)

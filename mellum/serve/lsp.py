@@ -271,8 +271,8 @@ def create_server(model_dir=None, telemetry=None, config: LspConfig | None = Non
         return {"recorded": state.record(events)}
 
     @server.command("mellum.accepted")
-    def on_accepted(ls, args):
-        args = _plain(args) or []
+    def on_accepted(ls, *args):
+        # pygls spreads the command's `arguments` over the handler's parameters: [completion id].
         cid = args[0] if args and isinstance(args[0], str) else None
         if cid:
             state.record([TelemetryEvent(cid, "accepted", client="lsp")])
@@ -396,7 +396,11 @@ class _State:
         self.inflight[uri] = cancel
         try:
             if automatic and cfg.debounce_ms > 0:
-                await asyncio.sleep(cfg.debounce_ms / 1000)
+                try:
+                    await asyncio.sleep(cfg.debounce_ms / 1000)
+                except asyncio.CancelledError:  # $/cancelRequest during the debounce: nothing started yet
+                    self.metrics.record(self.metrics.cancelled.inc, endpoint=endpoint)
+                    raise
                 if cancel.is_set():
                     return None
             runner = await self.ready()

@@ -1,0 +1,196 @@
+"""The language server as a subprocess, driven by pygls' client: initialize → didOpen → inlineCompletion →
+didChange → cancel, plus the suggestion cache, telemetry, status, configuration and bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+
+import pytest
+
+from .conftest import PYTHON, server_env
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def _run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 75))
+
+
+async def _start(model_dir, db, root, options=None, log=None):
+    from lsprotocol import types
+    from pygls.lsp.client import LanguageClient
+
+    client = LanguageClient("mellum-test", "0")
+    args = ["-m", "mellum.cli", "lsp", "--model", str(model_dir), "--telemetry", str(db)]
+    if log:
+        args += ["--log-file", str(log)]
+    await client.start_io(PYTHON, *args, env=server_env())
+    caps = types.ClientCapabilities(
+        workspace=types.WorkspaceClientCapabilities(configuration=True, workspace_folders=True),
+    )
+    result = await client.initialize_async(types.InitializeParams(
+        capabilities=caps, process_id=None, root_uri=root.as_uri(),
+        workspace_folders=[types.WorkspaceFolder(uri=root.as_uri(), name="project")],
+        initialization_options=options or {},
+    ))
+    client.initialized(types.InitializedParams())
+    return client, result
+
+
+async def _stop(client):
+    await client.shutdown_async(None)
+    client.exit(None)
+    await client.stop()
+
+
+async def _raw_request(client, msg_id: str, method: str, params: dict):
+    """Send a request exactly as given (the typed client would refuse to send invalid params)."""
+    import json
+    from concurrent.futures import Future
+
+    future: Future = Future()
+    client.protocol._request_futures[msg_id] = future
+    body = json.dumps({"jsonrpc": "2.0", "id": msg_id, "method": method, "params": params}).encode()
+    client.protocol.writer.write(b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    return await asyncio.wait_for(asyncio.wrap_future(future), 30)
+
+
+def _inline(uri, line, character, automatic=False):
+    from lsprotocol import types
+
+    kind = types.InlineCompletionTriggerKind.Automatic if automatic else types.InlineCompletionTriggerKind.Invoked
+    return types.InlineCompletionParams(
+        text_document=types.TextDocumentIdentifier(uri=uri), position=types.Position(line, character),
+        context=types.InlineCompletionContext(trigger_kind=kind),
+    )
+
+
+def test_lsp_session(tiny_model_dir, workspace, tmp_path):
+    from lsprotocol import types
+    from pygls.exceptions import JsonRpcException
+
+    db = tmp_path / "telemetry.db"
+    path = workspace / "shop" / "pricing.py"
+    text = path.read_text()
+    uri = path.as_uri()
+    line = text.splitlines().index("def cart_total(cart: Cart) -> Decimal:") + 1  # the first body line
+
+    async def session():
+        client, init = await _start(tiny_model_dir, db, workspace,
+                                    {"maxNewTokens": 24, "debounceMs": 400, "multiline": "always"},
+                                    log=tmp_path / "lsp.log")
+        caps = init.capabilities
+        assert caps.inline_completion_provider is not None  # advertised (LSP 3.18)
+        assert caps.completion_provider is not None
+        assert caps.text_document_sync.change == types.TextDocumentSyncKind.Incremental
+
+        client.text_document_did_open(types.DidOpenTextDocumentParams(
+            text_document=types.TextDocumentItem(uri=uri, language_id="python", version=1, text=text)))
+
+        # 1. An invoked request at the start of the body of cart_total.
+        result = await client.text_document_inline_completion_async(_inline(uri, line, 4))
+        assert isinstance(result, types.InlineCompletionList) and len(result.items) == 1
+        item = result.items[0]
+        assert isinstance(item.insert_text, str) and item.insert_text.strip()
+        assert item.range.start == types.Position(line, 4)
+        cid = item.command.arguments[0]
+
+        # 2. The developer types the suggestion's first characters: answered from the cache, same id.
+        typed = item.insert_text[:2]
+        client.text_document_did_change(types.DidChangeTextDocumentParams(
+            text_document=types.VersionedTextDocumentIdentifier(uri=uri, version=2),
+            content_changes=[types.TextDocumentContentChangePartial(
+                range=types.Range(types.Position(line, 4), types.Position(line, 4)), text=typed)]))
+        cached = await client.text_document_inline_completion_async(_inline(uri, line, 4 + len(typed), True))
+        assert cached.items[0].insert_text == item.insert_text[2:]
+        assert list(cached.items[0].command.arguments) == [cid]
+
+        # 3. $/cancelRequest while the request waits out its debounce: a cancelled error, then still serving.
+        params = _inline(uri, line + 3, 0, automatic=True)
+        future = client.protocol.send_request(types.TEXT_DOCUMENT_INLINE_COMPLETION, params, msg_id="cancel-me")
+        await asyncio.sleep(0.1)
+        client.cancel_request(types.CancelParams(id="cancel-me"))
+        with pytest.raises(JsonRpcException) as err:
+            await asyncio.wrap_future(future)
+        assert err.value.code == -32800  # RequestCancelled
+
+        # 4. A keystroke supersedes a pending automatic request: it ends with no items.
+        pending = asyncio.ensure_future(
+            client.text_document_inline_completion_async(_inline(uri, line + 3, 0, automatic=True)))
+        await asyncio.sleep(0.1)
+        client.text_document_did_change(types.DidChangeTextDocumentParams(
+            text_document=types.VersionedTextDocumentIdentifier(uri=uri, version=3),
+            content_changes=[types.TextDocumentContentChangePartial(
+                range=types.Range(types.Position(line + 3, 0), types.Position(line + 3, 0)), text="#")]))
+        assert len((await pending).items) == 0
+
+        # 5. The completion fallback for editors without inline suggestions.
+        fallback = await client.text_document_completion_async(types.CompletionParams(
+            text_document=types.TextDocumentIdentifier(uri=uri), position=types.Position(line, 6)))
+        assert fallback is not None
+
+        # 6. Telemetry over the custom notification and the accept command, then the status request.
+        client.protocol.notify("mellum/telemetry", {"id": cid, "event": "shown"})
+        client.protocol.notify("mellum/telemetry", {"events": [{"id": cid, "event": "partial", "acceptedText": typed}]})
+        await client.workspace_execute_command_async(types.ExecuteCommandParams(
+            command="mellum.accepted", arguments=[cid]))
+        status = await client.protocol.send_request_async("mellum/status", {})
+        assert status.ready and status.served >= 1 and status.cacheHits >= 1 and status.cancelled >= 2
+        assert status.config.max_new_tokens == 24 and status.config.multiline == "always"
+
+        # 7. Bad input: unknown telemetry event, negative and out-of-range positions, an unknown method.
+        with pytest.raises(JsonRpcException):
+            await client.protocol.send_request_async("mellum/telemetry", {"id": cid, "event": "clicked"})
+        with pytest.raises(JsonRpcException):
+            await _raw_request(client, "negative", types.TEXT_DOCUMENT_INLINE_COMPLETION, {
+                "textDocument": {"uri": uri}, "position": {"line": -1, "character": -5},
+                "context": {"triggerKind": 1}})
+        far = await client.text_document_inline_completion_async(_inline(uri, 10_000, 10_000))
+        assert isinstance(far, types.InlineCompletionList)
+        unknown = await client.text_document_inline_completion_async(_inline("file:///nowhere.py", 0, 0))
+        assert len(unknown.items) == 0
+        with pytest.raises(JsonRpcException):
+            await client.protocol.send_request_async("mellum/nope", {})
+        status = await client.protocol.send_request_async("mellum/status", {})
+        assert status.ready
+        await _stop(client)
+        return cid
+
+    cid = _run(session())
+    rows = sqlite3.connect(db).execute("SELECT event FROM events WHERE completion_id = ? ORDER BY seq", (cid,))
+    assert [r[0] for r in rows] == ["shown", "partial", "accepted"]
+    served = sqlite3.connect(db).execute("SELECT path, prompt FROM completions WHERE id = ?", (cid,)).fetchone()
+    assert served[0] == "shop/pricing.py" and "<fim_middle>" in served[1]
+
+
+def test_workspace_configuration_is_pulled(tiny_model_dir, workspace, tmp_path):
+    """The server asks the client for the "mellum" section after `initialized` and applies it."""
+    from lsprotocol import types
+
+    async def session():
+        from pygls.lsp.client import LanguageClient
+
+        client = LanguageClient("mellum-test", "0")
+
+        @client.feature(types.WORKSPACE_CONFIGURATION)
+        def configuration(ls, params):
+            assert params.items[0].section == "mellum"
+            return [{"maxNewTokens": 7, "debounceMs": 0}]
+
+        await client.start_io(PYTHON, "-m", "mellum.cli", "lsp", "--model", str(tiny_model_dir), "--no-telemetry",
+                              env=server_env())
+        await client.initialize_async(types.InitializeParams(
+            capabilities=types.ClientCapabilities(workspace=types.WorkspaceClientCapabilities(configuration=True)),
+            process_id=None, root_uri=workspace.as_uri(), initialization_options={"maxNewTokens": 3}))
+        client.initialized(types.InitializedParams())
+        for _ in range(50):
+            status = await client.protocol.send_request_async("mellum/status", {})
+            if status.config.max_new_tokens == 7:
+                break
+            await asyncio.sleep(0.1)
+        await _stop(client)
+        return status
+
+    status = _run(session())
+    assert status.config.max_new_tokens == 7 and status.config.debounce_ms == 0
