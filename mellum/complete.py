@@ -106,6 +106,7 @@ class ServiceConfig:
     heal_tokens: int = 1  # prefix tokens backed off at most
     suffix_share: float = 0.25  # when the cursor's file alone overflows the window, the suffix keeps at most this
     early_stop: bool = True  # stop decoding as soon as the filters have cut the block
+    stream_holdback_lines: int = 2  # complete lines kept back while streaming, in case the filters cut them
 
 
 def newline_ids(tokenizer) -> list[int]:
@@ -222,10 +223,10 @@ class CompletionService:
     # ---- public interface -------------------------------------------------------------------------------
     def complete(self, request: CompletionRequest, cancel: threading.Event | None = None) -> Completion:
         """Run one request to the end and return the post-processed completion."""
-        stream = self.stream(request, cancel)
+        run = self._run(request, cancel, streaming=False)
         while True:
             try:
-                next(stream)
+                next(run)
             except StopIteration as done:
                 return done.value
 
@@ -233,9 +234,14 @@ class CompletionService:
         """Yield the completion's text in pieces as the model writes it; the generator's return value (the
         `StopIteration.value`) is the final `Completion`, whose text is exactly the yielded pieces joined.
 
-        A line is yielded once the next one is complete and the filters keep it, so pieces never need taking
-        back. Closing the generator early cancels the request.
+        A line is yielded once `stream_holdback_lines` more lines are complete and the filters still keep it
+        (its newline goes out with the next line), so pieces almost never need taking back; if the filters
+        later cut into yielded text (a long repeated block), the completion keeps what was yielded. Closing
+        the generator early cancels the request.
         """
+        return (yield from self._run(request, cancel, streaming=True))
+
+    def _run(self, request: CompletionRequest, cancel: threading.Event | None, streaming: bool):
         t0 = time.perf_counter()
         cursor = Cursor(request.prefix, request.suffix, path=request.path, multiline=request.multiline)
         multiline = is_multiline(cursor)
@@ -299,10 +305,12 @@ class CompletionService:
                 if cut is None and self.config.early_stop and self.postprocess.ended(visible, cursor):
                     stop_reason = "filter"
                     stop_event.set()
-                # Commit the lines before the last complete one, as the filters keep them.
+                if not streaming:
+                    continue
+                # Commit the complete lines the filters keep, all but the last `stream_holdback_lines`.
                 done = visible[: visible.rfind("\n") + 1]
-                commit = self.postprocess(done, cursor) if done.strip() else ""
-                commit = commit[: commit.rfind("\n") + 1] if "\n" in commit else ""
+                kept = self.postprocess(done, cursor).split("\n") if done.strip() else []
+                commit = "\n".join(kept[: max(0, len(kept) - self.config.stream_holdback_lines)])
                 if commit.startswith(yielded) and len(commit) > len(yielded):
                     piece, yielded = commit[len(yielded):], commit
                     yield piece

@@ -355,3 +355,20 @@ def test_project_context_from_the_packer(service, tmp_path):
     assert "<filename>main.py\n" in c.prompt  # the path relative to the project
     packer, lock = service.packer(str(tmp_path))
     assert packer.index is not None and service.packer(str(tmp_path))[0] is packer  # one index per project
+
+
+def test_stream_and_complete_agree_on_repetition(tiny_tokenizer):
+    text = "\n    total = load(path)\n    count = parse(total)\n" * 4
+    svc, _ = scripted(tiny_tokenizer, text)
+    try:
+        req = CompletionRequest("a.py", "def f(path):", "\n", max_new_tokens=96)
+        whole = svc.complete(req)
+        assert whole.text == "\n    total = load(path)\n    count = parse(total)"
+        gen = svc.stream(req)
+        pieces = []
+        with pytest.raises(StopIteration) as done:
+            while True:
+                pieces.append(next(gen))
+        assert "".join(pieces) == done.value.value.text == whole.text
+    finally:
+        svc.close()
