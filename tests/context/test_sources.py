@@ -25,7 +25,7 @@ def _query(index, path, prefix=None, suffix="", open_paths=()):
     "language, code, targets",
     [
         ("python", "import os.path\nfrom . import util as u\nfrom ..core.models import A, B\nif X:\n    import json\n"
-                   "def f():\n    from pkg import mod\n", ["os.path", "..util", ".", "..core.models.A", "..core.models.B",
+                   "def f():\n    from pkg import mod\n", ["os.path", ".util", ".", "..core.models.A", "..core.models.B",
                                                             "..core.models", "json", "pkg.mod", "pkg"]),
         ("javascript", "import x from './a';\nconst y = require('../b');\nexport * from './c';\nexport const z = 1;\n",
          ["./a", "../b", "./c"]),
