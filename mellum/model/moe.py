@@ -41,26 +41,49 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """x [N, C], weights/experts [N, K] -> [N, C]. Dropless: every token reaches all of its K experts.
 
-        Token-expert pairs are sorted by expert so each expert runs one matmul over a contiguous slice of its
-        tokens (the grouped-GEMM layout of MegaBlocks, arXiv:2211.15841), then scattered back weighted.
+        Token-expert pairs are sorted by expert so each expert multiplies one contiguous slice of rows (the
+        grouped-GEMM layout of MegaBlocks, arXiv:2211.15841), then the results are scattered back, weighted.
         """
         n, k = experts.shape
         flat = experts.reshape(-1)  # [N*K]
         order = torch.argsort(flat, stable=True)  # pair indices grouped by expert
         token = order // k  # [N*K] source token of each sorted pair
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()  # one host sync per layer
+        counts = torch.bincount(flat, minlength=self.num_experts)  # [E]
         xs = x[token]  # [N*K, C]
-        out = torch.empty_like(xs)
-        start = 0
-        for e, count in enumerate(counts):
-            if count == 0:
-                continue
-            end = start + count
-            gate, up = F.linear(xs[start:end], self.gate_up_proj[e]).chunk(2, dim=-1)  # [n_e, I] each
-            out[start:end] = F.linear(F.silu(gate) * up, self.down_proj[e])  # [n_e, C]
-            start = end
-        out = out * weights.reshape(-1)[order, None]  # [N*K, C]
+        gate, up = grouped_linear(xs, self.gate_up_proj, counts).chunk(2, dim=-1)  # [N*K, I] each
+        out = grouped_linear(F.silu(gate) * up, self.down_proj, counts)  # [N*K, C]
+        out = out * weights.reshape(-1)[order, None]
         return torch.zeros_like(x).index_add_(0, token, out)  # [N, C]
+
+
+def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Rows x [M, In] sorted by group, group sizes counts [E], weights w [E, Out, In] -> [M, Out].
+
+    The one place that picks the kernel: torch._grouped_mm (one launch, no host sync) for bf16 on Hopper-class
+    GPUs, else one F.linear per non-empty group. Measured on an H100 at Mellum 2
+    sizes (8,192 tokens, E=64, K=8): 1.97 ms vs 9.26 ms forward, 7.2 ms vs 123 ms forward+backward, same numbers.
+    """
+    if _grouped_mm_ok(x):
+        offsets = torch.cumsum(counts, 0).to(torch.int32)  # [E] end row of each group
+        return torch._grouped_mm(x, w.transpose(1, 2), offs=offsets)
+    out = x.new_empty(x.shape[0], w.shape[1])
+    start = 0
+    for e, count in enumerate(counts.tolist()):  # one host sync per call
+        if count:
+            out[start : start + count] = F.linear(x[start : start + count], w[e])
+            start += count
+    return out
+
+
+def _grouped_mm_ok(x: torch.Tensor) -> bool:
+    if not hasattr(torch, "_grouped_mm") or not GROUPED_MM:
+        return False
+    # On CPU (torch 2.13) it is slower than the loop (35 ms vs 5 ms for tiny-moe sizes): loop there.
+    return x.device.type == "cuda" and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+
+
+# Switch to False to force the per-group loop (tests compare the two paths).
+GROUPED_MM = True
 
 
 class MoE(nn.Module):

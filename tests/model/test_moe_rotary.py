@@ -101,3 +101,14 @@ def test_yarn_applies_only_to_full_attention_layers():
     with torch.no_grad():
         assert torch.equal(a(ids).logits, b(ids).logits)
         assert not torch.allclose(c(ids).logits, d(ids).logits, atol=1e-4)
+
+
+def test_grouped_linear_handles_empty_and_uneven_groups():
+    from mellum.model.moe import grouped_linear
+
+    torch.manual_seed(1)
+    w = torch.randn(4, 6, 5)  # [E, Out, In]
+    counts = torch.tensor([0, 3, 0, 2])
+    x = torch.randn(5, 5)
+    expected = torch.cat([x[:3] @ w[1].T, x[3:] @ w[3].T])
+    torch.testing.assert_close(grouped_linear(x, w, counts), expected)
