@@ -8,8 +8,13 @@ outside string literals (the completion is first cut at its balanced call, as SA
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 import shutil
+import subprocess
+import tempfile
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -192,14 +197,60 @@ class _Python(_Toolchain):
 
 class _Cpp(_Toolchain):
     tools = ("g++",)
+    flags = ("-std=gnu++17", "-O2")
+    _pch_lock = threading.Lock()
+    _pch: Path | None | bool = False  # False: not built yet; None: unavailable
 
     def prepare(self, source, problem, work, uid, sandbox, bench):
         (work / "main.cpp").write_text(source, encoding="utf-8")
         cfg = replace(sandbox.config, timeout_s=bench.compile_timeout_s, memory_mb=4096)
-        result = sandbox.run_command(["g++", "-std=gnu++17", "-O2", "-o", "main", "main.cpp"], work, uid, config=cfg)
+        include = self._link_pch(work) if uid is not None and "bits/stdc++.h" in source else []
+        argv = ["g++", *self.flags, *include, "-o", "main", "main.cpp"]
+        result = sandbox.run_command(argv, work, uid, config=cfg)
         if not result.ok:
             return Score(passed=False, reason=f"compile error: {result.reason()}")
         return lambda stdin, cfg: sandbox.run_command([str(work / "main")], work, uid, stdin, cfg)
+
+
+    def _link_pch(self, work: Path) -> list[str]:
+        """Most Codeforces C++ includes <bits/stdc++.h>; a precompiled header (built once, same flags) makes each
+        compile ~4x faster. It is hard-linked into the working directory, read-only for the sandbox's uid."""
+        with _Cpp._pch_lock:
+            if _Cpp._pch is False:
+                _Cpp._pch = _build_pch(self.flags)
+        if _Cpp._pch is None:
+            return []
+        target = work / "pch" / "bits"
+        target.mkdir(parents=True)
+        try:
+            os.link(_Cpp._pch, target / "stdc++.h.gch")
+        except OSError:
+            return []
+        (work / "pch").chmod(0o755)
+        target.chmod(0o755)
+        return ["-I", str(work / "pch")]
+
+
+def _build_pch(flags: tuple[str, ...]) -> Path | None:
+    """Precompile bits/stdc++.h for `flags` into a shared temp cache (trusted: a system header, no task code)."""
+    try:
+        header = subprocess.run(["g++", *flags, "-x", "c++", "-E", "-H", "-"], input="#include <bits/stdc++.h>\n",
+                                capture_output=True, text=True, timeout=120)
+        path = next(l.split(" ", 1)[1] for l in header.stderr.splitlines() if l.startswith(". ") and "stdc++.h" in l)
+        version = subprocess.run(["g++", "--version"], capture_output=True, text=True).stdout
+        key = hashlib.sha256((version + " ".join(flags) + path).encode()).hexdigest()[:12]
+        cache = Path(tempfile.gettempdir()) / f"mellum-pch-{key}"
+        gch = cache / "stdc++.h.gch"
+        if not gch.is_file():
+            cache.mkdir(mode=0o755, exist_ok=True)
+            tmp = cache / f".stdc++.h.gch.{os.getpid()}"
+            subprocess.run(["g++", *flags, "-x", "c++-header", path, "-o", str(tmp)], check=True, timeout=300,
+                           capture_output=True)
+            tmp.chmod(0o644)
+            os.replace(tmp, gch)
+        return gch
+    except (OSError, subprocess.SubprocessError, StopIteration):
+        return None
 
 
 class _Java(_Toolchain):
