@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import os
 import queue
 import threading
 import time
@@ -183,8 +184,17 @@ class _Either(threading.Event):
 class CompletionService:
     """Completes code at a cursor with a model; thread-safe (see the module docstring)."""
 
-    def __init__(self, engine, tokenizer, model_config, config: ServiceConfig | None = None,
+    def __init__(self, engine, tokenizer=None, model_config=None, config: ServiceConfig | None = None,
                  context_config=None, postprocess: Pipeline | None = None):
+        """`engine` is a backend (`NativeEngine`, `OpenAIEngine`, ...) used with `tokenizer` and `model_config`, or
+        a model directory, loaded as by `from_pretrained` on the CPU."""
+        if isinstance(engine, (str, os.PathLike)):
+            if tokenizer is not None or model_config is not None:
+                raise ValueError("pass either a model directory or an engine with its tokenizer and config")
+            loaded = CompletionService.from_pretrained(engine)
+            engine, tokenizer, model_config = loaded.engine, loaded.tokenizer, loaded.model_config
+        if tokenizer is None or model_config is None:
+            raise ValueError("an engine needs its tokenizer and model config (or pass a model directory)")
         self.engine, self.tokenizer, self.model_config = engine, tokenizer, model_config
         self.config = config or ServiceConfig()
         self.context_config = context_config

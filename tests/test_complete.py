@@ -372,3 +372,13 @@ def test_stream_and_complete_agree_on_repetition(tiny_tokenizer):
         assert "".join(pieces) == done.value.value.text == whole.text
     finally:
         svc.close()
+
+
+def test_service_from_a_model_directory(model_dir, tiny_tokenizer):
+    svc = CompletionService(str(model_dir))
+    try:
+        assert svc.complete(CompletionRequest("a.py", "x = ", "\n", max_new_tokens=2)).generated_tokens >= 1
+    finally:
+        svc.close()
+    with pytest.raises(ValueError, match="tokenizer"):
+        CompletionService(object())
