@@ -220,21 +220,41 @@ def _kill_group(pgid: int) -> None:
 
 
 def _kill_uid(uid: int) -> None:
-    """Kill every process still owned by the sandbox's uid (children that left the process group)."""
-    for _ in range(3):
-        found = False
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit():
-                continue
-            try:
-                if os.stat(entry.path).st_uid == uid:
-                    os.kill(int(entry.name), signal.SIGKILL)
-                    found = True
-            except (FileNotFoundError, ProcessLookupError, PermissionError):
-                continue
-        if not found:
+    """Kill every process still owned by the sandbox's uid (children that left the process group).
+
+    A scan of /proc races with a fork bomb (new children appear behind it), so survivors are killed with
+    `kill(-1, SIGKILL)` issued *as that uid* from a short-lived child: the kernel then signals every process of
+    the uid in one call.
+    """
+    for _ in range(20):
+        if not _alive_of(uid):
             return
-        time.sleep(0.01)
+        pid = os.fork()
+        if pid == 0:  # only async-signal-safe work here: setuid, kill, _exit
+            try:
+                os.setgid(uid)
+                os.setuid(uid)
+                os.kill(-1, signal.SIGKILL)
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+        time.sleep(0.005)
+
+
+def _alive_of(uid: int) -> bool:
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.stat(entry.path).st_uid != uid:
+                continue
+            with open(f"{entry.path}/stat", "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError, IndexError, PermissionError):
+            continue
+        if state not in (b"Z", b"X"):
+            return True
+    return False
 
 
 def _classify(returncode: int | None, stdout: str, stderr: str, duration: float, timed_out: bool) -> Execution:

@@ -132,3 +132,20 @@ def test_network_is_unreachable_without_hooks(sandbox):
     with sandbox.workdir() as (work, uid):
         result = sandbox.run_command([sys.executable, "-c", code], work, uid)
     assert "no network" in result.stdout, result.stdout + result.stderr
+
+
+def test_audit_hook_alone_denies_without_os_layers(tmp_path):
+    # Where namespaces and uid changes are unavailable, Python code still meets the audit hook.
+    bare = Sandbox(SandboxConfig(timeout_s=2.0, namespaces=False, drop_privileges=False))
+    assert bare.isolation["namespaces"] is False
+    target = tmp_path / "escape.txt"
+    for code, event in [
+        (f"open({str(target)!r}, 'w')", "open for writing"),
+        ("import socket\nsocket.socket()", "socket.__new__"),
+        ("import os\nos.system('true')", "os.system"),
+        ("import ctypes\nctypes.CDLL(None)", "ctypes.dlopen"),
+    ]:
+        result = bare.run_python(code)
+        assert not result.ok and any(event in d for d in result.denied), (code, result.stderr)
+    assert not target.exists()
+    assert bare.run_python("print('fine')").stdout.strip() == "fine"
