@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 from mellum.postprocess.brackets import BracketState, scan
 from mellum.postprocess.cursor import CLOSERS, Cursor, indent_width, opens_block
+
+
+# A line at the opener's level that carries the same statement on (`else:`, `} catch (e) {`, `case 2:`).
+CONTINUATION = re.compile(r"^[)\]}]*\s*(else|elif|except|finally|catch|case|default)\b")
 
 
 def limit_to_block(text: str, cursor: Cursor) -> str:
@@ -14,7 +20,9 @@ def limit_to_block(text: str, cursor: Cursor) -> str:
     a closing line at its level (`}`) is kept and ends the block. Otherwise lines at the anchor's level or deeper
     continue and the first dedented line ends it — unless that line closes a bracket the prefix left open, which
     is kept (the end of the construct the cursor is in). Any line that closes a bracket opened before the
-    completion began ends the block after that line.
+    completion began ends the block after that line. A line continuing the opener's statement (`else:`,
+    `} catch {`) does not end it. At the top level of a file, where no dedent can come, a new paragraph (a line at
+    column 0 after a blank line) ends the completion: one definition or group of statements at a time.
     """
     if "\n" not in text:
         return text
@@ -41,13 +49,18 @@ def limit_to_block(text: str, cursor: Cursor) -> str:
             indent = indent_width(absolute[i], tab)
             closer = absolute[i].lstrip()[:1] in CLOSERS
             if opened and indent <= level:
-                if indent == level and closer:
+                if indent == level and CONTINUATION.match(absolute[i].lstrip()):
+                    pass
+                elif indent == level and closer:
                     return "\n".join(lines[: i + 1])
+                else:
+                    return "\n".join(lines[:i])
+            if not opened and level == 0 and indent == 0 and not absolute[i - 1].strip():
                 return "\n".join(lines[:i])
             if not opened and indent < level:
                 if closer and underflow is not None:
                     return "\n".join(lines[: i + 1])
                 return "\n".join(lines[:i])
-        if underflow is not None:
+        if underflow is not None and not CONTINUATION.match(absolute[i].lstrip()):
             return "\n".join(lines[: i + 1])
     return text

@@ -44,3 +44,22 @@ def test_dedented_closer_of_an_outer_block_is_dropped(at):
 
 def test_single_line_untouched(at):
     assert limit_to_block("x)", at("foo(█\n")) == "x)"
+
+
+def test_else_branch_continues_the_block(at):
+    text = "\n        return 1\n    else:\n        return 2\n\nprint(f(1))"
+    assert limit_to_block(text, at("def f(x):\n    if x:█\n")) == "\n        return 1\n    else:\n        return 2\n"
+
+
+def test_brace_else_and_catch_continue(at):
+    cur = at("try {█\n", path="a.js")
+    text = "\n  run();\n} catch (e) {\n  log(e);\n}\nnext();"
+    assert limit_to_block(text, cur) == "\n  run();\n} catch (e) {\n  log(e);\n}"
+
+
+def test_top_level_stops_at_the_next_paragraph(at):
+    cur = at("import os\n\n█\n")
+    text = "def main():\n    print(os.getcwd())\n\n\ndef other():\n    pass"
+    assert limit_to_block(text, cur) == "def main():\n    print(os.getcwd())\n\n"
+    imports = "import sys\nimport json\n\nclass A:\n    pass"
+    assert limit_to_block(imports, at("import os\n█\n")) == "import sys\nimport json\n"
