@@ -139,10 +139,10 @@ def _run_benchmarks(args, completer, config, sandbox, out: Path, ks: list[int]) 
         data = benchmarks_dir(args.data)
         splits = SPLITS.get(args.benchmark, (None,))
         chosen = splits if getattr(args, "split", None) in (None, "all") else (args.split,)
-        benches = [_make(args.benchmark, data, split, completer) for split in chosen]
+        benches = [_make(args.benchmark, data, split, completer, args.lang) for split in chosen]
         if args.benchmark == "cceval" and args.budgets:
             for budget in _ints(args.budgets, "--budgets"):
-                bench = _make("cceval", data, "packed", completer)
+                bench = _make("cceval", data, "packed", completer, args.lang)
                 bench.context_tokens = budget
                 bench.budget_label = budget
                 benches.append(bench)
@@ -164,13 +164,16 @@ def _run_benchmarks(args, completer, config, sandbox, out: Path, ks: list[int]) 
     return summaries
 
 
-def _make(name: str, data: Path, split, completer):
+def _make(name: str, data: Path, split, completer, languages=()):
     from mellum.eval.tasks import get_benchmark
 
     if name == "cceval":
         from mellum.eval.tasks.cceval import CrossCodeEval
 
-        return CrossCodeEval(data, split, count_tokens=_counter(completer))
+        if len(languages) > 1:
+            raise ValueError("cceval takes one --lang at a time (python or csharp)")
+        language = languages[0] if languages else "python"
+        return CrossCodeEval(data, split, language=language, count_tokens=_counter(completer))
     return get_benchmark(name, data, split)
 
 
