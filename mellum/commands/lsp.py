@@ -42,6 +42,7 @@ def run(args) -> int:
         else:
             server.start_io()
     finally:
+        server.mellum.close()
         if telemetry is not None:
             telemetry.close()
     return 0

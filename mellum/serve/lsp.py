@@ -129,7 +129,7 @@ def _plain(value):
 
 
 def create_server(model_dir=None, telemetry=None, config: LspConfig | None = None, service=None,
-                  load_service=None, workers: int = 1):
+                  load_service=None, workers: int = 1, preload: bool = True):
     """Build the pygls server. The model loads in the background after `initialized` (or is given as `service`).
 
     `load_service(model_dir)` builds the completion service (default: `CompletionService.from_pretrained`);
@@ -166,13 +166,20 @@ def create_server(model_dir=None, telemetry=None, config: LspConfig | None = Non
     server = LanguageServer("mellum", __version__, protocol_cls=_Protocol, max_workers=4)
     state = _State(config or LspConfig(), model_dir, telemetry, service, load_service, workers)
     server.mellum = state  # for tests and the status request
+    if preload:
+        state.preload()  # import torch and load weights while the editor is still starting up
 
     # ---- lifecycle and configuration -------------------------------------------------------------------
     @server.feature(types.INITIALIZE)
     def on_initialize(ls, params: types.InitializeParams):
         state.config = state.config.merged(params.initialization_options)
-        if isinstance(params.initialization_options, dict) and params.initialization_options.get("model"):
-            state.model_dir = params.initialization_options["model"]
+        options = params.initialization_options
+        if isinstance(options, dict) and options.get("model") and str(options["model"]) != str(state.model_dir):
+            state.switch_model(str(options["model"]))
+
+    @server.feature(types.SHUTDOWN)
+    def on_shutdown(ls, params):
+        state.close()
 
     @server.feature(types.INITIALIZED)
     async def on_initialized(ls, params):
@@ -304,17 +311,44 @@ class _State:
         self._load_service = load_service
         self._workers = workers
         self._loading: asyncio.Future | None = None
+        self._thread: threading.Thread | None = None
         self.load_error: str | None = None
         self.started = time.time()
         self.served = 0
         self.last_latency_ms: float | None = None
 
     # ---- model ---------------------------------------------------------------------------------------
+    def preload(self) -> None:
+        """Start loading on a thread right away (before `initialize`); `ready()` waits for it."""
+        if self.runner is None and self._thread is None and self.model_dir is not None:
+            self._thread = threading.Thread(target=self._load, name="mellum-load", daemon=True)
+            self._thread.start()
+
+    def switch_model(self, model_dir: str) -> None:
+        """`initializationOptions.model` names another model: load that one instead."""
+        if self._thread is not None:
+            self._thread.join()
+        if self.runner is not None:
+            self.runner.close()
+            self.runner.service.close()
+        self.runner, self._thread, self._loading, self.load_error = None, None, None, None
+        self.model_dir = model_dir
+
     def start_loading(self) -> None:
         if self.runner is not None or self._loading is not None:
             return
         loop = asyncio.get_running_loop()
-        self._loading = loop.run_in_executor(None, self._load)
+        thread = self._thread
+        self._loading = loop.run_in_executor(None, thread.join if thread is not None else self._load)
+
+    def close(self) -> None:
+        for event in list(self.inflight.values()):
+            event.set()
+        if self.runner is not None:
+            self.runner.close()
+            close = getattr(self.runner.service, "close", None)
+            if close is not None:
+                close()
 
     def _load(self) -> None:
         try:

@@ -17,11 +17,17 @@ def _run(coro):
     return asyncio.run(asyncio.wait_for(coro, 75))
 
 
-async def _start(model_dir, db, root, options=None, log=None):
+async def _start(model_dir, db, root, options=None, log=None, pulled=None):
     from lsprotocol import types
     from pygls.lsp.client import LanguageClient
 
     client = LanguageClient("mellum-test", "0")
+
+    @client.feature(types.WORKSPACE_CONFIGURATION)
+    def configuration(ls, params):
+        assert params.items[0].section == "mellum"
+        return [pulled or {}]
+
     args = ["-m", "mellum.cli", "lsp", "--model", str(model_dir), "--telemetry", str(db)]
     if log:
         args += ["--log-file", str(log)]
@@ -77,9 +83,9 @@ def test_lsp_session(tiny_model_dir, workspace, tmp_path):
     line = text.splitlines().index("def cart_total(cart: Cart) -> Decimal:") + 1  # the first body line
 
     async def session():
-        client, init = await _start(tiny_model_dir, db, workspace,
-                                    {"maxNewTokens": 24, "debounceMs": 400, "multiline": "always"},
-                                    log=tmp_path / "lsp.log")
+        # initializationOptions first, then the "mellum" section pulled with workspace/configuration wins.
+        client, init = await _start(tiny_model_dir, db, workspace, {"maxNewTokens": 3, "multiline": "always"},
+                                    log=tmp_path / "lsp.log", pulled={"maxNewTokens": 24, "debounceMs": 400})
         caps = init.capabilities
         assert caps.inline_completion_provider is not None  # advertised (LSP 3.18)
         assert caps.completion_provider is not None
@@ -87,6 +93,13 @@ def test_lsp_session(tiny_model_dir, workspace, tmp_path):
 
         client.text_document_did_open(types.DidOpenTextDocumentParams(
             text_document=types.TextDocumentItem(uri=uri, language_id="python", version=1, text=text)))
+        for _ in range(100):
+            status = await client.protocol.send_request_async("mellum/status", {})
+            if status.config.max_new_tokens == 24:
+                break
+            await asyncio.sleep(0.05)
+        assert status.config.max_new_tokens == 24 and status.config.debounce_ms == 400
+        assert status.config.multiline == "always"  # from initializationOptions, not overridden
 
         # 1. An invoked request at the start of the body of cart_total.
         result = await client.text_document_inline_completion_async(_inline(uri, line, 4))
@@ -162,35 +175,3 @@ def test_lsp_session(tiny_model_dir, workspace, tmp_path):
     assert [r[0] for r in rows] == ["shown", "partial", "accepted"]
     served = sqlite3.connect(db).execute("SELECT path, prompt FROM completions WHERE id = ?", (cid,)).fetchone()
     assert served[0] == "shop/pricing.py" and "<fim_middle>" in served[1]
-
-
-def test_workspace_configuration_is_pulled(tiny_model_dir, workspace, tmp_path):
-    """The server asks the client for the "mellum" section after `initialized` and applies it."""
-    from lsprotocol import types
-
-    async def session():
-        from pygls.lsp.client import LanguageClient
-
-        client = LanguageClient("mellum-test", "0")
-
-        @client.feature(types.WORKSPACE_CONFIGURATION)
-        def configuration(ls, params):
-            assert params.items[0].section == "mellum"
-            return [{"maxNewTokens": 7, "debounceMs": 0}]
-
-        await client.start_io(PYTHON, "-m", "mellum.cli", "lsp", "--model", str(tiny_model_dir), "--no-telemetry",
-                              env=server_env())
-        await client.initialize_async(types.InitializeParams(
-            capabilities=types.ClientCapabilities(workspace=types.WorkspaceClientCapabilities(configuration=True)),
-            process_id=None, root_uri=workspace.as_uri(), initialization_options={"maxNewTokens": 3}))
-        client.initialized(types.InitializedParams())
-        for _ in range(50):
-            status = await client.protocol.send_request_async("mellum/status", {})
-            if status.config.max_new_tokens == 7:
-                break
-            await asyncio.sleep(0.1)
-        await _stop(client)
-        return status
-
-    status = _run(session())
-    assert status.config.max_new_tokens == 7 and status.config.debounce_ms == 0
