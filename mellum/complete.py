@@ -105,6 +105,7 @@ class ServiceConfig:
     max_lines: int = 24  # a multi-line completion ends after this many lines
     token_healing: bool = True
     heal_tokens: int = 1  # prefix tokens backed off at most
+    max_healing_ids: int | None = None  # skip healing when more ids would be allowed (remote backends' logit_bias caps)
     suffix_share: float = 0.25  # when the cursor's file alone overflows the window, the suffix keeps at most this
     early_stop: bool = True  # stop decoding as soon as the filters have cut the block
     stream_holdback_lines: int = 2  # complete lines kept back while streaming, in case the filters cut them
@@ -441,6 +442,9 @@ class CompletionService:
                 n -= 1
                 continue
             allowed = sorted(set(extending) | set(table.prefixes(removed)))
+            if self.config.max_healing_ids is not None and len(allowed) > self.config.max_healing_ids:
+                n -= 1
+                continue
             prompt.prefix = prompt.prefix[:-n]
             prompt.healed = removed
             prompt.allowed_first_ids = tuple(allowed)

@@ -382,3 +382,12 @@ def test_service_from_a_model_directory(model_dir, tiny_tokenizer):
         svc.close()
     with pytest.raises(ValueError, match="tokenizer"):
         CompletionService(object())
+
+
+def test_healing_skipped_above_the_id_cap(tiny_tokenizer):
+    svc, _ = scripted(tiny_tokenizer, "ad(f)\n", ServiceConfig(token_healing=True, max_healing_ids=2))
+    try:  # "lo" would allow "lo", "l", "load", "loat", ...: more than 2 ids, so no healing
+        c = svc.complete(CompletionRequest("a.py", "x = json.lo", "\n", max_new_tokens=8))
+        assert c.healed == "" and c.text == "ad(f)"
+    finally:
+        svc.close()
