@@ -162,17 +162,17 @@ def plot_scores(summaries: Sequence[dict], path: Path) -> Path | None:
             (f"{s['benchmark']} [{lang}]", e["metrics"]) for lang, e in groups.items() if "metrics" in e
         ]
         for label, m in entries:
-            name = "pass@1" if "pass@1" in m else next(iter(m), None)
+            name = next((n for n in ("pass@1", "exact_match") if n in m), next(iter(m), None))
             if name:
                 bars.append((f"{label}\n{name}", m[name]["value"], m[name]["ci95"]))
     if not bars:
         return None
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.3 * len(bars)), 3.6))
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(bars)), 4.2))
     values = [100 * v for _, v, _ in bars]
-    errors = [[100 * (v - lo) for _, v, (lo, hi) in bars], [100 * (hi - v) for _, v, (lo, hi) in bars]]
+    errors = [[max(0.0, 100 * (v - lo)) for _, v, (lo, hi) in bars], [max(0.0, 100 * (hi - v)) for _, v, (lo, hi) in bars]]
     ax.bar(range(len(bars)), values, yerr=errors, capsize=4, color="#4c78a8")
-    ax.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=7)
+    ax.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=7, rotation=30, ha="right")
     ax.set_ylabel("%")
     ax.set_ylim(0, 105)
     ax.set_title("scores with 95% intervals")
