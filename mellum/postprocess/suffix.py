@@ -22,8 +22,10 @@ def drop_suffix_overlap(text: str, cursor: Cursor, min_text_overlap: int = 6) ->
     if not rest.strip():
         target = cursor.next_suffix_line.rstrip()
         lines = text.split("\n")
-        for i in range(1, len(lines)):
-            if target and lines[i].rstrip() == target:
+        # The first line continues the cursor's line: compare it whole, and only when it starts the line.
+        absolute = [cursor.line_prefix + lines[0] if not cursor.line_prefix.strip() else None] + lines[1:]
+        for i, line in enumerate(absolute):
+            if target and line is not None and line.rstrip() == target:
                 return "\n".join(lines[:i])
         return text
 

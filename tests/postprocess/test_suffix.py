@@ -49,3 +49,9 @@ def test_brackets_counted_near_the_cursor_only(at):
     cur = at(far + "print(foo(█)\n")
     assert cur.prefix_brackets.stack == ["(", "("]
     assert drop_suffix_overlap("x))", cur) == "x)"
+
+
+def test_first_line_repeating_the_next_line(at):
+    cur = at("def f(x):\n    █\n    return x\n")
+    assert drop_suffix_overlap("return x", cur) == ""
+    assert drop_suffix_overlap("y = x\n    return x", cur) == "y = x"
