@@ -18,7 +18,7 @@ from mellum.eval import metrics
 PUBLISHED = {
     "humaneval-infilling/single-line": {"Mellum-4b-base": 66.21, "Mellum-4b-sft-python": 80.45},
     "humaneval-infilling/multi-line": {"Mellum-4b-base": 38.52, "Mellum-4b-sft-python": 48.19},
-    "safim": {"Mellum-4b-base (average)": 38.11, "Mellum-4b-sft-python (average)": 42.12},
+    "safim/average": {"Mellum-4b-base": 38.11, "Mellum-4b-sft-python": 42.12},
 }
 MAX_LISTED_FAILURES = 200
 
@@ -55,9 +55,8 @@ def summarize(records: Sequence[dict], title: str, scoring: str = "execution", k
     summary["failing_tasks"] = failures[:MAX_LISTED_FAILURES]
     if seconds is not None:
         summary["seconds"] = round(seconds, 1)
-    for key, published in PUBLISHED.items():
-        if title == key or title.startswith(key + "/"):
-            summary["published"] = published
+    if title in PUBLISHED:
+        summary["published"] = PUBLISHED[title]
     if extra:
         summary.update(extra)
     return summary
