@@ -316,6 +316,7 @@ class _State:
         self.started = time.time()
         self.served = 0
         self.last_latency_ms: float | None = None
+        self.last: dict | None = None  # the latest engine completion: id, timings, token counts
 
     # ---- model ---------------------------------------------------------------------------------------
     def preload(self) -> None:
@@ -459,6 +460,12 @@ class _State:
         completion = served.completion
         self.served += 1
         self.last_latency_ms = served.latency_ms
+        self.last = {
+            "id": completion.id, "latencyMs": round(served.latency_ms, 3), "stopReason": completion.stop_reason,
+            "promptTokens": completion.prompt_tokens, "cachedTokens": completion.cached_tokens,
+            "generatedTokens": completion.generated_tokens,
+            "timingsMs": {k: round(float(v), 3) for k, v in (completion.timings_ms or {}).items()},
+        }
         self.cache.put(uri, text, offset, completion.id, completion.text)
         return completion.id, completion.text
 
@@ -483,6 +490,7 @@ class _State:
             "inflight": len(self.inflight),
             "queueDepth": self.runner.queue_depth if self.runner else 0,
             "lastLatencyMs": self.last_latency_ms,
+            "last": self.last,
             "cacheHits": int(m.cache.get(result="hit")),
             "cacheMisses": int(m.cache.get(result="miss")),
             "cancelled": int(sum(m.cancelled.values.values())),
