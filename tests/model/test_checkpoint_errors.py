@@ -106,3 +106,15 @@ def test_tied_embeddings_round_trip(tmp_path):
     ids = torch.randint(0, 1024, (1, 10))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+def test_hub_id_offline_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # so "owner/name" is not a local path
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="could not be downloaded from the hub"):
+        load_pretrained("nobody-here/no-such-model")
+
+
+def test_loaded_model_has_no_meta_tensors(saved):
+    model = load_pretrained(saved)
+    assert all(t.device.type == "cpu" for t in list(model.parameters()) + list(model.buffers()))
