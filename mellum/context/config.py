@@ -33,6 +33,7 @@ class ContextConfig:
     max_candidates: int = 96  # ranked candidates considered for packing (each costs a token count once)
     min_piece_tokens: int = 16  # stop packing when less room than this is left
     prompt_format: str = "mellum"  # set from the model config's `prompt_format` by the caller
+    verify_total: bool | None = None  # count the whole prompt again (None: only when parts' counts may not add up)
 
     # ---- discovery ----
     ignore: tuple[str, ...] = DEFAULT_IGNORE

@@ -9,6 +9,7 @@ last (nearest the cursor), in an order kept stable between keystrokes so the eng
 
 from __future__ import annotations
 
+import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -87,7 +88,9 @@ class ContextPacker:
         self.format = get_format(self.config.prompt_format)
         self._tokens = _TokenCache(count_tokens)
         self._last_order: dict[str, list[tuple[str, str]]] = {}  # current path → piece keys of its last prompt
-        self._last_cut: dict[str, tuple[int, int]] = {}  # current path → (prefix, suffix) characters kept last time
+        self._lines = LineCosts(count_tokens)
+        self._memo: dict[str, int] = {}  # counts of joined prefix/suffix texts within one request
+        self._additive = _counts_add_up(self.format, count_tokens) if self.config.verify_total is None else not self.config.verify_total
         self._overhead: dict[str, int] = {}
 
     # ---- the request -----------------------------------------------------------------------------
@@ -200,8 +203,16 @@ class ContextPacker:
         return out
 
     # ---- fitting the budget ----------------------------------------------------------------------
+    def _count_once(self, text: str) -> int:
+        n = self._memo.get(text)
+        if n is None:
+            n = self._memo[text] = self.count(text)
+        return n
+
     def _fit(self, rel: str, prefix: str, suffix: str, budget: int | None, candidates: list[Candidate], window: str) -> PackResult:
         cfg, fmt = self.config, self.format
+        self._memo.clear()
+        count = self._count_once
         budget = cfg.prompt_budget if budget is None else int(budget)
         overhead = self._overhead.get(rel)
         if overhead is None:
@@ -209,12 +220,10 @@ class ContextPacker:
         avail = budget - overhead
         if avail <= 0:
             raise ValueError(f"token budget {budget} is too small: the prompt's fixed parts alone take {overhead}")
-        guess = int(self._tokens.chars_per_token * cfg.prefix_share * budget)
-        hint_prefix, hint_suffix = self._last_cut.get(rel, (guess, guess // 2))
-        prefix_t, n_prefix = trim_prefix(prefix, min(avail, int(cfg.prefix_share * budget)), self.count, hint_prefix)
+        prefix_t, n_prefix = trim_prefix(prefix, min(avail, int(cfg.prefix_share * budget)), count, self._lines)
         if fmt.supports_suffix:
             cap = min(avail - n_prefix, int(cfg.suffix_share * budget))
-            suffix_t, n_suffix = trim_suffix(suffix, cap, self.count, hint_suffix)
+            suffix_t, n_suffix = trim_suffix(suffix, cap, count, self._lines)
         else:
             suffix_t, n_suffix = "", 0
         room = avail - n_prefix - n_suffix
@@ -223,13 +232,16 @@ class ContextPacker:
         chosen, used = self._choose(candidates, room, window)
         # Tokens the context left unused go back to the prefix, then the suffix.
         spare = avail - n_prefix - n_suffix - used
-        if spare > 0 and len(prefix_t) < len(prefix):
-            prefix_t, n_prefix = trim_prefix(prefix, n_prefix + spare, self.count, len(prefix_t))
+        if spare >= cfg.min_piece_tokens and len(prefix_t) < len(prefix):
+            prefix_t, n_prefix = trim_prefix(prefix, n_prefix + spare, count, self._lines)
             spare = avail - n_prefix - n_suffix - used
-        if spare > 0 and len(suffix_t) < len(suffix) and fmt.supports_suffix:
-            suffix_t, n_suffix = trim_suffix(suffix, n_suffix + spare, self.count, len(suffix_t))
+        if spare >= cfg.min_piece_tokens and len(suffix_t) < len(suffix) and fmt.supports_suffix:
+            suffix_t, n_suffix = trim_suffix(suffix, n_suffix + spare, count, self._lines)
         pieces = self._order(rel, chosen)
-        total = self.count(fmt.render(rel, prefix_t, suffix_t, pieces))
+        if self._additive:  # every part sits between special tokens: the parts' counts are the prompt's
+            total = overhead + n_prefix + n_suffix + sum(p.tokens for p in pieces)
+        else:
+            total = self.count(fmt.render(rel, prefix_t, suffix_t, pieces))
         # Token counts of parts need not add up exactly (merges across part boundaries): enforce the budget on the
         # rendered whole, dropping the least relevant piece, then prefix lines, until it fits.
         while total > budget:
@@ -237,10 +249,10 @@ class ContextPacker:
                 least = min(range(len(pieces)), key=lambda i: pieces[i].score)
                 pieces.pop(least)
             else:
-                prefix_t, n_prefix = trim_prefix(prefix_t, max(0, n_prefix - (total - budget)), self.count)
+                prefix_t, n_prefix = trim_prefix(prefix_t, max(0, n_prefix - (total - budget)), self.count, self._lines)
             total = self.count(fmt.render(rel, prefix_t, suffix_t, pieces))
+        self._memo.clear()
         self._last_order[rel] = [(p.path, p.text) for p in pieces]
-        self._last_cut[rel] = (len(prefix_t), len(suffix_t))
         return PackResult(pieces, prefix_t, suffix_t, total, budget, n_prefix, n_suffix, sum(p.tokens for p in pieces))
 
     def _choose(self, candidates: list[Candidate], room: int, window: str) -> tuple[list[ContextPiece], int]:
@@ -277,24 +289,62 @@ class ContextPacker:
         return kept + [p for p in ascending if (p.path, p.text) not in previous]
 
 
+_SPECIAL = re.compile(r"<\|?[a-z_]+\|?>")
+
+
+def _counts_add_up(fmt: PromptFormat, count: CountTokens) -> bool:
+    """Do a prompt's token counts add up over its parts? True when each template starts with a control token, the
+    FIM template separates prefix and suffix by one, and the counter reads each control token as one token (as a
+    tokenizer that splits off special tokens before anything else does): then no token spans two parts and the
+    packer can skip counting the whole prompt again."""
+    if fmt.order == "plain":
+        return False
+    templates = (fmt.context_file, fmt.current_file, fmt.fim)
+    if not all(_SPECIAL.match(t) for t in templates):
+        return False
+    between = fmt.fim[min(fmt.fim.index("{prefix}"), fmt.fim.index("{suffix}")) : max(fmt.fim.index("{prefix}"), fmt.fim.index("{suffix}"))]
+    if not _SPECIAL.search(between) or not fmt.fim.rstrip().endswith(">"):
+        return False
+    specials = {m for t in templates for m in _SPECIAL.findall(t)}
+    return all(count(token) == 1 for token in specials)
+
+
 # ---- trimming ------------------------------------------------------------------------------------
-def trim_prefix(prefix: str, cap: int, count: CountTokens, hint_chars: int | None = None) -> tuple[str, int]:
+class LineCosts:
+    """Token counts of single lines, remembered: typing changes one line, so a keystroke recounts one line."""
+
+    def __init__(self, count: CountTokens, size: int = 200_000):
+        self.count = count
+        self.size = size
+        self._cache: dict[str, int] = {}
+
+    def __call__(self, line: str) -> int:
+        n = self._cache.get(line)
+        if n is None:
+            if len(self._cache) >= self.size:
+                self._cache.clear()
+            n = self._cache[line] = self.count(line)
+        return n
+
+
+def trim_prefix(prefix: str, cap: int, count: CountTokens, costs: LineCosts | None = None) -> tuple[str, int]:
     """The longest tail of `prefix` made of whole lines (or, if the cursor line alone is too long, of characters)
-    that costs at most `cap` tokens, and its token count. `hint_chars` (the last cut's length) speeds the search."""
-    return _trim(prefix, cap, count, True, hint_chars)
+    that costs at most `cap` tokens, and its token count."""
+    return _trim(prefix, cap, count, True, costs)
 
 
-def trim_suffix(suffix: str, cap: int, count: CountTokens, hint_chars: int | None = None) -> tuple[str, int]:
+def trim_suffix(suffix: str, cap: int, count: CountTokens, costs: LineCosts | None = None) -> tuple[str, int]:
     """The longest head of `suffix` made of whole lines that costs at most `cap` tokens, and its token count."""
-    return _trim(suffix, cap, count, False, hint_chars)
+    return _trim(suffix, cap, count, False, costs)
 
 
-def _trim(text: str, cap: int, count: CountTokens, from_top: bool, hint_chars: int | None) -> tuple[str, int]:
+def _trim(text: str, cap: int, count: CountTokens, from_top: bool, costs: LineCosts | None) -> tuple[str, int]:
     if cap <= 0 or not text:
         return "", 0
     lines = text.splitlines(keepends=True)
     if from_top:
         lines.reverse()  # lines[0] is the one at the cursor
+    costs = costs or LineCosts(count)
     cum = [0]
     for line in lines:
         cum.append(cum[-1] + len(line))
@@ -302,40 +352,47 @@ def _trim(text: str, cap: int, count: CountTokens, from_top: bool, hint_chars: i
     def take(k: int) -> str:
         return text[len(text) - cum[k] :] if from_top else text[: cum[k]]
 
-    # Search the number of whole lines k kept: lo fits, hi does not. Counting is the cost, so the next k is
-    # interpolated from the last count's characters per token (a few counts instead of a bisection's many).
-    lo, lo_n, hi = 0, 0, len(lines) + 1
-    k = len(lines)
-    guess = hint_chars if hint_chars else cap * 4
-    if cum[-1] > guess:
-        k = max(1, next((i for i, c in enumerate(cum) if c >= guess), len(lines)))
-    for step in range(40):
+    # Per-line counts find the cut (a line's tokens rarely change when lines are joined, and joining only ever
+    # merged tokens in our checks); one count of the joined text makes the number exact, then fills any slack.
+    k, total = 0, 0
+    for line in lines:
+        c = costs(line)
+        if total + c > cap:
+            break
+        total += c
+        k += 1
+    if k == len(lines):
+        n = count(text)
+        if n <= cap:
+            return text, n
+    best_k, best_n = 0, 0
+    while k > 0:
         n = count(take(k))
         if n <= cap:
-            lo, lo_n = k, n
+            best_k, best_n = k, n
+            extra, grow = 0, k  # add whole lines while their own counts fit in what is left
+            while grow < len(lines) and n + extra + costs(lines[grow]) <= cap:
+                extra += costs(lines[grow])
+                grow += 1
+            if grow == k:
+                break
+            k = grow
         else:
-            hi = k
-        if hi - lo <= 1:
-            break
-        if step % 3 == 2:  # guarantee progress: every third step bisects
-            k = (lo + hi) // 2
-            continue
-        target = cum[k] * cap / max(n, 1)
-        k = next((i for i in range(lo + 1, hi) if cum[i] >= target), hi - 1)
-        if n <= cap and k <= lo:
-            k = lo + 1
-    if lo > 0:
-        return take(lo), lo_n
+            if best_k:
+                break
+            k -= max(1, (n - cap) * k // max(n, 1))  # drop about as many lines as the overshoot
+    if best_k > 0:
+        return take(best_k), best_n
     # Not even the cursor line fits: keep the characters nearest the cursor.
     line = lines[0]
-    clo, chi = 0, len(line)
-    while clo < chi:
-        mid = (clo + chi + 1) // 2
+    lo, hi = 0, len(line)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
         if count(line[-mid:] if from_top else line[:mid]) <= cap:
-            clo = mid
+            lo = mid
         else:
-            chi = mid - 1
-    piece = (line[-clo:] if from_top else line[:clo]) if clo else ""
+            hi = mid - 1
+    piece = (line[-lo:] if from_top else line[:lo]) if lo else ""
     return piece, count(piece) if piece else 0
 
 

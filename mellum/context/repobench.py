@@ -27,6 +27,7 @@ SETTING_SOURCES: dict[str, tuple[str, ...]] = {
     "path": ("path",),
     "retrieval": ("path", "imports", "jaccard", "bm25", "definitions"),
 }
+_STRING_LITERAL = re.compile(r"""([rbfuRBFU]{0,2})("|')(?:\\.|(?!\2).)*\2""")
 _IMPORT_BLOCK = re.compile(r"^\s*(?:from\s+\S+\s+)?import\b.*\(")
 _SKIP_LINE = re.compile(r"""^\s*(?:$|#|//|/\*|\*|import\b|from\s+\S+\s+import\b|package\b|@|["']{3}|["'])""")
 
@@ -80,7 +81,8 @@ def eligible_lines(index: ProjectIndex, path: str, max_defs: int, min_chars: int
         if _IMPORT_BLOCK.match(line):
             in_import = ")" not in line.split("(", 1)[1]
             continue
-        words = [w for w in IDENTIFIER.findall(line) if len(w) > 2 and w not in STOPWORDS and not w.startswith("__")]
+        code = _STRING_LITERAL.sub('""', line.split(" #", 1)[0])  # names inside strings and comments are not uses
+        words = [w for w in IDENTIFIER.findall(code) if len(w) > 2 and w not in STOPWORDS and not w.startswith("__")]
         if _SKIP_LINE.match(line) or number in def_lines:
             continue
         if min_chars <= len(stripped) <= max_chars:
