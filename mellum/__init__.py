@@ -12,8 +12,8 @@ def load_pretrained(path, dtype=None, device=None):
     return _load(path, dtype=dtype, device=device)
 
 
-def save_pretrained(model, path) -> None:
-    """Write a model as config.json + safetensors, loadable by transformers (see `mellum.checkpoint`)."""
+def save_pretrained(model, path, dtype=None, max_shard_size_mb=None) -> None:
+    """Write a model as config.json + safetensors (sharded when `max_shard_size_mb` is given), loadable by transformers."""
     from mellum.checkpoint import save_pretrained as _save
 
-    _save(model, path)
+    _save(model, path, dtype=dtype, max_shard_size_mb=max_shard_size_mb)
