@@ -86,6 +86,9 @@ def run(args: argparse.Namespace) -> int:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if tokenizer.vocab_size < args.vocab_size:
+        print(f"note: the corpus offered merges for only {tokenizer.vocab_size} of {args.vocab_size} tokens "
+              f"(too little text, or --min-frequency {args.min_frequency} too high)")
     python = held_out["by_language"].get("python", {})
     print(f"{out}: vocab {tokenizer.vocab_size}; held-out {held_out['files']} files, "
           f"{held_out['bytes_per_token']} bytes/token overall, {python.get('bytes_per_token')} on Python; "
