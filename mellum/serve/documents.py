@@ -11,10 +11,26 @@ position is better than an error popup while typing.
 from __future__ import annotations
 
 import bisect
+import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlparse
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def scrub(text: str) -> str:
+    """Replace lone UTF-16 surrogates (which JSON can carry but UTF-8 cannot) by U+FFFD.
+
+    One code point for one: offsets and UTF-16 positions stay where the client thinks they are.
+    """
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return _SURROGATE.sub("\ufffd", text)
 
 
 def line_starts(text: str) -> list[int]:
@@ -118,6 +134,7 @@ class Document:
 
     def apply(self, text: str, rng: tuple[int, int, int, int] | None = None) -> None:
         """Apply one content change: the whole text (rng None) or a replacement of (l0, c0, l1, c1)."""
+        text = scrub(text)
         if rng is None:
             self.text = text
         else:
@@ -138,7 +155,7 @@ class DocumentStore:
 
     def open(self, uri: str, text: str, version: int = 0, language_id: str = "") -> Document:
         with self._lock:
-            doc = self._docs[uri] = Document(uri, text, version, language_id, self.encoding)
+            doc = self._docs[uri] = Document(uri, scrub(text), version, language_id, self.encoding)
         return doc
 
     def change(self, uri: str, changes: list[tuple[str, tuple[int, int, int, int] | None]], version: int) -> Document:

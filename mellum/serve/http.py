@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Union
 
+from mellum.serve.documents import scrub
 from mellum.serve.metrics import Metrics
 from mellum.serve.runner import Cancelled, Runner
 
@@ -264,7 +265,10 @@ def create_app(service, config: HttpConfig | None = None, telemetry=None, metric
         # the context index then never reads outside that root.
         if root is None:
             return None
-        resolved = Path(root).resolve()
+        try:
+            resolved = Path(scrub(root)).resolve()
+        except (OSError, ValueError) as exc:  # embedded NUL bytes, symlink loops
+            raise ApiError(400, f"project_root {root!r} is not a usable path: {exc}") from None
         for w in workspaces:
             if resolved == w or w in resolved.parents:
                 if not resolved.is_dir():
@@ -274,7 +278,7 @@ def create_app(service, config: HttpConfig | None = None, telemetry=None, metric
                             "--workspace DIR to allow it", "permission_error", "project_root_forbidden")
 
     def _stops(stop) -> list[str]:
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        stops = [scrub(s) for s in ([stop] if isinstance(stop, str) else list(stop or []))]
         if len(stops) > 16 or any(not s for s in stops):
             raise ApiError(400, "stop must be at most 16 non-empty strings")
         return stops
@@ -320,7 +324,7 @@ def create_app(service, config: HttpConfig | None = None, telemetry=None, metric
                 raise ApiError(400, "prompt as a list must hold exactly one string (n=1 only)")
             prompt = prompt[0]
         request = CompletionRequest(
-            path=body.path or "untitled", prefix=prompt, suffix=body.suffix or "",
+            path=scrub(body.path or "untitled"), prefix=scrub(prompt), suffix=scrub(body.suffix or ""),
             max_new_tokens=_max_tokens(body.max_tokens, 16), temperature=body.temperature or 0.0,
             top_p=body.top_p, seed=body.seed, stop=_stops(body.stop),
         )
@@ -363,8 +367,10 @@ def create_app(service, config: HttpConfig | None = None, telemetry=None, metric
     async def fim(body: m["FimBody"], http_request: Request):
         o = body.options
         request = CompletionRequest(
-            path=body.path, prefix=body.prefix, suffix=body.suffix, project_root=_project_root(body.project_root),
-            extra_context=[ContextFile(p.path, p.text) for p in body.extra_context], open_files=dict(body.open_files),
+            path=scrub(body.path), prefix=scrub(body.prefix), suffix=scrub(body.suffix),
+            project_root=_project_root(body.project_root),
+            extra_context=[ContextFile(scrub(p.path), scrub(p.text)) for p in body.extra_context],
+            open_files={scrub(k): scrub(v) for k, v in body.open_files.items()},
             max_new_tokens=_max_tokens(o.max_tokens, config.default_max_tokens), temperature=o.temperature,
             top_p=o.top_p, top_k=o.top_k, seed=o.seed, multiline=o.multiline, stop=_stops(o.stop),
             deadline_ms=o.deadline_ms, return_prompt=o.return_prompt,
@@ -381,7 +387,7 @@ def create_app(service, config: HttpConfig | None = None, telemetry=None, metric
 
     @app.post("/v1/chat/completions", summary="OpenAI-compatible chat (chat template from the tokenizer config)")
     async def chat(body: m["ChatBody"], http_request: Request):
-        messages = [{"role": x.role, "content": x.content} for x in body.messages]
+        messages = [{"role": x.role, "content": scrub(x.content)} for x in body.messages]
         max_tokens = _max_tokens(body.max_tokens, config.default_max_tokens)
         cancel = threading.Event()
         loop = asyncio.get_running_loop()
@@ -410,7 +416,7 @@ def create_app(service, config: HttpConfig | None = None, telemetry=None, metric
             raise ApiError(503, "telemetry is disabled on this server (started with --no-telemetry)",
                            "unavailable", "telemetry_disabled")
         items = body.events if hasattr(body, "events") else [body]
-        events = [TelemetryEvent(e.id, e.event, e.accepted_text, e.replacement, client="http") for e in items]
+        events = [TelemetryEvent(scrub(e.id), e.event, e.accepted_text, e.replacement, client="http") for e in items]
         # Committed (fsync'd WAL) before we answer: an acknowledged event survives a crash.
         n = await asyncio.get_running_loop().run_in_executor(None, runner.telemetry.record_events, events)
         for e in events:

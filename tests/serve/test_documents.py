@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from mellum.serve.documents import DocumentStore, line_starts, offset_at, position_at, uri_to_path
+from mellum.serve.documents import DocumentStore, line_starts, offset_at, position_at, scrub, uri_to_path
 
 TEXT = "def f():\n    return '😀x'\r\nlast\rline"
 
@@ -72,6 +72,15 @@ def test_incremental_changes_match_full_text():
     assert store.get(uri).text == ""
     store.change(uri, [("whole", None)], version=5)
     assert store.get(uri).text == "whole"
+
+
+def test_lone_surrogates_are_scrubbed_one_for_one():
+    store = DocumentStore()
+    doc = store.open("file:///x.py", "a\ud800b")
+    assert doc.text == "a\ufffdb" and doc.text.encode("utf-8")
+    store.change("file:///x.py", [("\udc00", (0, 1, 0, 1))], version=2)
+    assert store.get("file:///x.py").text == "a\ufffd\ufffdb"
+    assert scrub("fine 😀") == "fine 😀"
 
 
 def test_store_snapshot_and_close():

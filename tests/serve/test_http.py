@@ -109,6 +109,12 @@ def test_clear_4xx_errors(client):
     r = client.post("/v1/completions", json={"prompt": ["a", "b"]})
     assert r.status_code == 400
     assert client.get("/nope").status_code == 404
+    # Lone surrogates (valid JSON escapes, invalid UTF-8) and control bytes are served, not a 500.
+    r = client.post("/v1/fim", content=b'{"path": "a.py", "prefix": "x = \\ud800\\u0000\\u0001", "options": {"max_tokens": 2}}',
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text
+    r = client.post("/v1/fim", content=b'{"path": "a.py", "prefix": "\xff\xfe"}', headers={"content-type": "application/json"})
+    assert r.status_code in (400, 422), r.text
 
 
 def test_telemetry_round_trip_and_metrics(client, app_and_store):
