@@ -1,13 +1,13 @@
 """A tokenized dataset: corpus records → samples (plain, FIM, repository-level or SFT) → token shards.
 
-Records of one project are contiguous in a corpus (it is written project by project), so projects are grouped
-while streaming and only one project's files are held in memory. Each project gets its own RNG seeded from
-the run seed and the project name, so a sample does not depend on which other projects were selected.
+Repository-level samples need all files of a project together, and a corpus need not list a project's files
+contiguously (a split or subsampled corpus may be in any order), so the selected records are grouped by project
+in memory (the text of the corpus: fine up to a few GB). Each project gets its own RNG seeded from the run seed
+and the project name, so a sample does not depend on which other projects were selected.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
 import time
 from collections import Counter
@@ -50,8 +50,10 @@ def _projects(corpus: str | os.PathLike, config: DatasetConfig) -> Iterator[tupl
         if (config.sources is None or r.get("source") in config.sources)
         and (config.languages is None or r.get("language") in config.languages)
     )
-    for project, group in itertools.groupby(records, key=lambda r: r["project"]):
-        yield project, list(group)
+    groups: dict[str, list[dict]] = {}
+    for r in records:
+        groups.setdefault(r["project"], []).append(r)
+    yield from groups.items()
 
 
 def _samples(project: str, records: list[dict], builder: SampleBuilder, config: DatasetConfig) -> Iterator[tuple[Sample, dict]]:
