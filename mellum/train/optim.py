@@ -142,10 +142,16 @@ def build_optimizers(model: nn.Module, config: OptimConfig) -> list[torch.optim.
         muon_cls = getattr(torch.optim, "Muon", None)
         # torch.optim.Muon iterates in bf16, which this kind of CPU computes ~500× slower than fp32: CPUs (and
         # FSDP's DTensors, which torch's Muon does not take) use our fp32/gathering implementation instead.
+        torch_muon = None
         if muon_cls is not None and matrices[0].is_cuda and not _is_dtensor(matrices[0]):
-            optimizers.append(muon_cls(matrices, lr=config.lr, weight_decay=config.weight_decay,
-                                       momentum=config.muon_momentum, ns_steps=config.muon_ns_steps,
-                                       adjust_lr_fn="match_rms_adamw"))
+            try:
+                torch_muon = muon_cls(matrices, lr=config.lr, weight_decay=config.weight_decay,
+                                      momentum=config.muon_momentum, ns_steps=config.muon_ns_steps,
+                                      adjust_lr_fn="match_rms_adamw")
+            except TypeError:  # a torch whose Muon predates adjust_lr_fn: ours has the Moonlight scaling
+                torch_muon = None
+        if torch_muon is not None:
+            optimizers.append(torch_muon)
         else:
             optimizers.append(NewtonSchulzMuon(matrices, lr=config.lr, weight_decay=config.weight_decay,
                                                momentum=config.muon_momentum, ns_steps=config.muon_ns_steps))

@@ -132,7 +132,7 @@ def mellum_tiny() -> TrainConfig:
         name="mellum-tiny", model=mellum_tiny_model(), data="build/reference/shards/train",
         eval_data="build/reference/shards/heldout", tokenizer="build/reference/tokenizer",
         seq_len=1024, micro_batch=32, batch_ramp=BatchRamp(((0, 64), (20_000_000, 128))), max_steps=20_000,
-        schedule=WSDSchedule(warmup_steps=200, decay_fraction=0.25), optim=OptimConfig(lr=3e-3, weight_decay=0.1),
+        schedule=WSDSchedule(warmup_steps=200, decay_fraction=0.25), optim=OptimConfig(lr=2e-3, weight_decay=0.1),
         precision="auto", compile=True, doc_masking=True, eval_every=250, eval_batches=16, checkpoint_every=500,
         export_dtype="bfloat16", export_max_shard_mb=15,
     )
@@ -141,11 +141,11 @@ def mellum_tiny() -> TrainConfig:
 def mellum_tiny_cpu() -> TrainConfig:
     """The CPU fallback of the reference model: same pipeline and tokenizer, a smaller shape and context 256."""
     base = mellum_tiny()
-    model = base.model.replace(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=4, intermediate_size=688)
+    model = base.model.replace(hidden_size=192, num_layers=4, num_heads=3, num_kv_heads=3, intermediate_size=512)
     return dataclasses.replace(
         base, name="mellum-tiny-cpu", model=model, seq_len=256, micro_batch=8, batch_ramp=BatchRamp(((0, 16),)),
-        max_steps=2000, schedule=WSDSchedule(warmup_steps=30, decay_fraction=0.3), compile=False,
-        eval_every=100, eval_batches=8, checkpoint_every=100,
+        max_steps=5000, schedule=WSDSchedule(warmup_steps=20, decay_fraction=0.3), optim=OptimConfig(lr=4e-3),
+        precision="fp32", compile=False, eval_every=50, eval_batches=8, checkpoint_every=50,
     )
 
 

@@ -1,0 +1,74 @@
+"""Recipes as data (published numbers, overrides) and checkpoint atomicity."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mellum.model import Transformer
+from mellum.train import checkpointing
+from mellum.train.optim import OptimConfig, build_optimizers
+from mellum.train.recipes import RECIPES, get_recipe
+
+
+def test_recipes_build_and_published_numbers():
+    for name in RECIPES:
+        assert get_recipe(name).name == name
+    m2 = get_recipe("mellum2")
+    assert m2.schedule.warmup_steps == 2000 and m2.seq_len == 8192 and m2.optim.muon and m2.fp8
+    assert m2.batch_ramp.batch_size(0) == 2048 and m2.batch_ramp.batch_size(10**13) == 4096
+    assert m2.model.num_experts == 64 and m2.model.num_mtp_layers == 1 and m2.model.router_z_loss_coef > 0
+    assert len(m2.phases) == 3 and m2.phases[-1].until == 1.0
+    assert get_recipe("mellum-4b").model.hidden_size == 3072
+    long = get_recipe("mellum-tiny-long")
+    assert long.model.rope_scaling["factor"] == 4.0 and long.seq_len == 4096 and long.init_from
+
+
+def test_reference_model_size_budget():
+    config = get_recipe("mellum-tiny").model
+    with torch.device("meta"):
+        model = Transformer(config)
+    params = sum(p.numel() for p in model.parameters())
+    assert 15e6 <= params <= 25e6 and params * 2 <= 50e6  # ≤ 50 MB of bf16 weights
+    assert config.architecture == "llama" and config.num_kv_heads == config.num_heads  # Mellum-4B: no GQA
+    assert config.prompt_format == "mellum" and not config.tie_word_embeddings
+
+
+def test_overrides():
+    c = get_recipe("tiny-cpu", ["optim.lr=5e-4", "model.num_layers=3", "max_minutes=2.5", "batch_ramp=16",
+                                "data=some/dir"])
+    assert (c.optim.lr, c.model.num_layers, c.max_minutes, c.data) == (5e-4, 3, 2.5, "some/dir")
+    assert c.batch_ramp.batch_size(0) == 16
+    with pytest.raises(ValueError, match="unknown setting 'optim.nope'"):
+        get_recipe("tiny-cpu", ["optim.nope=1"])
+    with pytest.raises(ValueError, match="key=value"):
+        get_recipe("tiny-cpu", ["lr"])
+    with pytest.raises(ValueError, match="unknown recipe"):
+        get_recipe("gpt-5")
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        get_recipe("tiny-cpu", ["seq_len=4096"])
+
+
+def test_checkpoints_are_atomic_and_pruned(tmp_path):
+    torch.manual_seed(0)
+    model = Transformer(get_recipe("tiny-cpu").model)
+    optimizers = build_optimizers(model, OptimConfig())
+    for step in (10, 20, 30):
+        checkpointing.save_checkpoint(tmp_path, model, optimizers, {"step": step, "progress": {}},
+                                      {"pos": step}, {"recipe": "tiny-cpu"}, keep=2)
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_000020", "step_000030"]
+    # A crash while writing step 40 leaves a .tmp directory: the newest complete checkpoint is still used.
+    (root / "step_000040.tmp").mkdir()
+    (root / "step_000040.tmp" / "state.pt").write_bytes(b"partial")
+    assert checkpointing.latest_checkpoint(tmp_path).name == "step_000030"
+    fresh = Transformer(get_recipe("tiny-cpu").model)
+    fresh_opts = build_optimizers(fresh, OptimConfig())
+    trainer, loader = checkpointing.load_checkpoint(root / "step_000030", fresh, fresh_opts)
+    assert trainer["step"] == 30 and loader == {"pos": 30}
+    for a, b in zip(model.parameters(), fresh.parameters()):
+        assert torch.equal(a, b)
+    # Saving step 40 again replaces the partial directory.
+    checkpointing.save_checkpoint(tmp_path, model, optimizers, {"step": 40, "progress": {}}, {}, {}, keep=2)
+    assert checkpointing.latest_checkpoint(tmp_path).name == "step_000040"
+    assert not (root / "step_000040.tmp").exists()
