@@ -61,6 +61,7 @@ class ContextConfig:
     jaccard_max_files: int = 24
     definition_names: int = 24  # identifiers nearest the cursor whose definitions are looked up
     max_defs_per_name: int = 4  # names defined in more places than this are too ambiguous to help
+    max_term_share: float = 0.05  # query terms found in more chunks than this share are skipped (cost, not signal)
     bm25_k1: float = 1.2
     bm25_b: float = 0.75
     sources: tuple[str, ...] = ("open", "recent", "path", "imports", "jaccard", "bm25", "definitions")

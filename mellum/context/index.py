@@ -288,8 +288,7 @@ class ProjectIndex:
             from_buffer = True
         old = self.files.get(rel)
         if old is not None and old.text == text:
-            self._touch(rel)
-            return True
+            return True  # unchanged: not an edit, so not "recent" either
         self.remove(rel)
         self._add(rel, text, from_buffer)
         self._touch(rel)
@@ -454,10 +453,13 @@ class ProjectIndex:
         terms = list(dict.fromkeys(terms))
         ids_parts, tf_parts, idf_parts = [], [], []
         n = max(self._n_alive, 1)
+        common = max(64, int(self.config.max_term_share * n))
+        used = 0
         for term in terms:
             ids = self._post_ids.get(term)
-            if not ids:
+            if not ids or len(ids) > common:  # in most chunks: says little, costs most
                 continue
+            used += 1
             df = len(ids)  # counts replaced chunks too until the next compaction: close enough
             ids_parts.append(np.frombuffer(ids, dtype=np.int32))
             tf_parts.append(np.frombuffer(self._post_tf[term], dtype=np.float32))
@@ -474,7 +476,7 @@ class ProjectIndex:
         bm25 = np.bincount(ids, weights=idf * tf * (k1 + 1.0) / (tf + norm), minlength=size) * alive
         # Jaccard |W ∩ C| / |W ∪ C| over identifier sets, W the query's distinct terms (Cody's window similarity).
         inter = np.bincount(ids, minlength=size).astype(np.float32)
-        union = len(terms) + self._distinct[:size] - inter
+        union = used + self._distinct[:size] - inter
         jaccard = np.where(alive & (inter > 0), inter / np.maximum(union, 1.0), 0.0)
         return Lexical(bm25, jaccard)
 

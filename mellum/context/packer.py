@@ -370,13 +370,16 @@ def _trim(text: str, cap: int, count: CountTokens, from_top: bool, costs: LineCo
         n = count(take(k))
         if n <= cap:
             best_k, best_n = k, n
-            extra, grow = 0, k  # add whole lines while their own counts fit in what is left
-            while grow < len(lines) and n + extra + costs(lines[grow]) <= cap:
+            # Joined lines usually cost a little less than their sum: add whole lines while their sum, scaled by
+            # what joining saved so far, fits in what is left (one more count confirms).
+            ratio = n / max(total, 1)
+            extra, grow = 0, k
+            while grow < len(lines) and n + (extra + costs(lines[grow])) * ratio <= cap:
                 extra += costs(lines[grow])
                 grow += 1
             if grow == k:
                 break
-            k = grow
+            k, total = grow, total + extra
         else:
             if best_k:
                 break

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import posixpath
 import re
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -194,21 +195,38 @@ _STRING = re.compile(r"""["'`]([^"'`\n]+)["'`]""")
 _REQUIRE = re.compile(r"""\b(?:require|import)\s*\(\s*["'`]([^"'`\n]+)["'`]""")
 
 
-@lru_cache(maxsize=None)
+_local = threading.local()  # tree-sitter parsers are not shared between threads
+
+
 def _parser(language: str):
-    """A tree-sitter parser for a language, or None when its grammar package is missing."""
+    """This thread's tree-sitter parser for a language, or None when its grammar package is missing."""
+    parsers = getattr(_local, "parsers", None)
+    if parsers is None:
+        parsers = _local.parsers = {}
+    if language not in parsers:
+        parsers[language] = _new_parser(language)
+    return parsers[language]
+
+
+@lru_cache(maxsize=None)
+def _grammar(language: str):
     import importlib
 
-    spec = _TS_MODULES.get(language)
-    if spec is None:
+    import tree_sitter
+
+    spec = _TS_MODULES[language]
+    return tree_sitter.Language(getattr(importlib.import_module(spec[0]), spec[1])())
+
+
+def _new_parser(language: str):
+    if language not in _TS_MODULES:
         return None
     try:
         import tree_sitter
 
-        grammar = getattr(importlib.import_module(spec[0]), spec[1])()
+        return tree_sitter.Parser(_grammar(language))
     except ImportError:
         return None
-    return tree_sitter.Parser(tree_sitter.Language(grammar))
 
 
 def parse_imports(text: str, language: str) -> list[str]:
