@@ -84,23 +84,34 @@ class Prompts:
         self.stop_ids = tuple(self.tok.id_of(s) for s in self.fmt.stop)
         self.newline_ids = [i for i, s in enumerate(self.tok.token_strings) if "\n" in s]
 
-    def fim(self, tokens: int, file_index: int = 0, cursor_frac: float = 0.6, typed: str = "") -> tuple[list[int], str]:
-        """A prompt of about `tokens` tokens (context files trimmed from the left) and the text after the cursor."""
+    def _cursor(self, file_index: int, cursor_frac: float) -> tuple[str, str, str]:
         name, text = self.texts[file_index % len(self.texts)]
         cut = text.index("\n", int(len(text) * cursor_frac)) + 1
-        prefix, suffix = text[:cut][-3000:] + typed, text[cut:][:1500]
-        others = [(n, t) for n, t in self.texts if n != name]
+        return name, text[:cut][-3000:], text[cut:]
+
+    def context(self, tokens: int, file_index: int = 0, cursor_frac: float = 0.6) -> list[ContextFile]:
+        """Context files (the other modules, the first one trimmed from the left) filling the prompt to `tokens`."""
+        name, prefix, rest = self._cursor(file_index, cursor_frac)
+        budget = tokens - self.tok.count(self.fmt.render(name, prefix, rest[:1500]))
         context: list[ContextFile] = []
-        budget = tokens - self.tok.count(self.fmt.render(name, prefix, suffix))
-        for n, t in others:
+        for n, t in [(n, t) for n, t in self.texts if n != name]:
             if budget <= 0:
                 break
             ids = self.tok.encode(t)
             piece = self.tok.decode(ids[-budget:]) if len(ids) > budget else t
             context.insert(0, ContextFile(n, piece))
             budget -= min(len(ids), budget)
-        prompt = self.fmt.render(name, prefix, suffix, context)
-        return self.tok.encode(prompt, allow_special=True), text[cut:]
+        return context
+
+    def fim(self, tokens: int, file_index: int = 0, cursor_frac: float = 0.6, typed: str = "",
+            context: list[ContextFile] | None = None) -> tuple[list[int], str]:
+        """A prompt of about `tokens` tokens with `typed` added to the prefix, and the text after the cursor.
+        Pass the same `context` for a keystroke sequence: an editor's context stays put while the user types."""
+        name, prefix, rest = self._cursor(file_index, cursor_frac)
+        if context is None:
+            context = self.context(tokens, file_index, cursor_frac)
+        prompt = self.fmt.render(name, prefix + typed, rest[:1500], context)  # typing leaves the suffix as it is
+        return self.tok.encode(prompt, allow_special=True), rest
 
     def repetitive(self, tokens: int) -> list[int]:
         """Repetitive real code: a run of similar lines (the kind of text prompt lookup continues well)."""
@@ -118,7 +129,8 @@ def sync(device: torch.device) -> None:
 
 
 def bandwidth(device: torch.device, nbytes: int, repeats: int = 7) -> float:
-    """Best read bandwidth in bytes/s: max of a full reduction (read only) and a copy (read + write counted)."""
+    """Best read bandwidth in bytes/s: max of a full reduction (read only) and a copy (read + write counted).
+    On a shared machine it is measured again beside each decode measurement and the best value is used."""
     src = torch.rand(nbytes // 4, device=device)
     dst = torch.empty_like(src)
     best = 0.0
@@ -209,6 +221,7 @@ def section_decode(model, args, prompts, table, bw):
             for _ in range(args.repeats):
                 r = engine.generate(prompt, SamplingParams(max_new_tokens=n))
                 best = min(best, r.timings_ms["decode"] / (len(r.tokens) - 1))
+            bw = max(bw, bandwidth(engine.device, (2 << 30) if engine.device.type == "cuda" else (256 << 20)))
             floor = decode_bytes(engine, len(prompt) + n) / bw * 1e3
             table.add(f"decode ms/token, batch 1, {label}, context {len(prompt)}", f"{best:.2f} ms",
                       f"floor {floor:.2f} ms ({decode_bytes(engine, len(prompt)) / 1e6:.0f} MB / {bw / 1e9:.1f} GB/s)",
@@ -272,12 +285,13 @@ def transformers_generate(model, args, prompt, n, our_tokens):
 
 def keystroke_prompts(prompts: Prompts, tokens: int, count: int, file_index: int = 0, seed: int = 0) -> list[list[int]]:
     """`count` prompts, each with 1–5 more characters of the real continuation typed into the prefix."""
-    _, continuation = prompts.fim(tokens, file_index)
+    context = prompts.context(tokens, file_index)
+    _, continuation = prompts.fim(tokens, file_index, context=context)
     rng = random.Random(seed)
     typed, out = 0, []
     for _ in range(count):
         typed += rng.randint(1, 5)
-        out.append(prompts.fim(tokens, file_index, typed=continuation[:typed])[0])
+        out.append(prompts.fim(tokens, file_index, typed=continuation[:typed], context=context)[0])
     return out
 
 
@@ -396,7 +410,7 @@ def parse_args(argv=None):
     p.add_argument("--typists", default="1,4,16", help="concurrency levels")
     p.add_argument("--typist-tokens", type=int, default=None, help="prompt tokens per typist (default 1024 CPU, 8192 CUDA)")
     p.add_argument("--typist-requests", type=int, default=5)
-    p.add_argument("--prefix-cache-mb", type=float, default=None, help="default 1024 CPU, 16384 CUDA")
+    p.add_argument("--prefix-cache-mb", type=float, default=None, help="default 1024 CPU, 6000 CUDA")
     p.add_argument("--max-seq-len", type=int, default=None, help="cache tokens per sequence (default 8192 + 256)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--skip-hf", action="store_true", help="skip the transformers comparison (default on CUDA)")
@@ -411,7 +425,7 @@ def parse_args(argv=None):
     args.fim_tokens = args.fim_tokens or (8192 if cuda else 4096)
     args.typist_tokens = args.typist_tokens or (8192 if cuda else 1024)
     args.cold_keystrokes = args.cold_keystrokes or (args.keystrokes if cuda else 5)
-    args.prefix_cache_mb = args.prefix_cache_mb if args.prefix_cache_mb is not None else (16384 if cuda else 1024)
+    args.prefix_cache_mb = args.prefix_cache_mb if args.prefix_cache_mb is not None else (6000 if cuda else 1024)
     args.max_seq_len = args.max_seq_len or max(args.fim_tokens, args.typist_tokens) + 256
     args.typists = [int(x) for x in args.typists.split(",")]
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]

@@ -75,15 +75,23 @@ class KVCache:
     def read(self, layer_idx: int, row: int, start: int, end: int) -> torch.Tensor:
         """KV of positions [start, end) of one row and layer as one tensor [2, Hkv, end-start, D] (a copy)."""
         layer = self.layers[layer_idx]
+        if not layer.ring:
+            return torch.stack([layer.k[row, :, start:end], layer.v[row, :, start:end]])
+        if end - start > layer.size:
+            raise ValueError(f"positions [{start}, {end}) do not fit layer {layer_idx}'s ring of {layer.size}")
         slots = torch.arange(start, end, device=self.device) % layer.size
-        if layer.ring and not bool((layer.pos[row, slots] == torch.arange(start, end, device=self.device)).all()):
-            raise ValueError(f"positions [{start}, {end}) are no longer in layer {layer_idx}'s ring")
         return torch.stack([layer.k[row, :, slots], layer.v[row, :, slots]])
 
     def write(self, layer_idx: int, row: int, start: int, kv: torch.Tensor) -> None:
         """Store kv [2, Hkv, n, D] at positions [start, start + n) of one row and layer."""
         layer = self.layers[layer_idx]
-        positions = torch.arange(start, start + kv.shape[2], device=self.device)
+        n = kv.shape[2]
+        if not layer.ring:
+            layer.k[row, :, start:start + n] = kv[0]
+            layer.v[row, :, start:start + n] = kv[1]
+            layer.pos[row, start:start + n] = torch.arange(start, start + n, device=self.device)
+            return
+        positions = torch.arange(start, start + n, device=self.device)
         slots = positions % layer.size
         layer.k[row, :, slots] = kv[0].to(layer.k.dtype)
         layer.v[row, :, slots] = kv[1].to(layer.v.dtype)
@@ -94,7 +102,7 @@ class CacheView:
     """The slice of a `KVCache` used by one forward pass: a set of rows and the current key length."""
 
     def __init__(self, cache: KVCache, rows: list[int], kv_len: int):
-        self.cache, self.kv_len = cache, kv_len
+        self.cache, self.kv_len, self.rows = cache, kv_len, list(rows)
         lo = rows[0]
         # Contiguous rows are a basic slice (a view, no copy); others gather (a copy per layer).
         self._slice = slice(lo, lo + len(rows)) if rows == list(range(lo, lo + len(rows))) else None

@@ -9,6 +9,7 @@ from dataclasses import dataclass, fields
 from typing import Callable, Sequence as Seq
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mellum.engine.api import GenerationResult
 from mellum.engine.kv_cache import KVCache
@@ -18,6 +19,7 @@ from mellum.engine.scheduler import Scheduler, Sequence
 from mellum.engine.speculative import DraftLength, NgramDrafter, accept_greedy, accept_sampled
 
 SPECULATIVE_MODES = (None, "lookup", "mtp")
+_EAGER_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -26,7 +28,7 @@ class EngineOptions:
 
     max_batch: int = 4  # concurrent sequences (cache rows)
     max_seq_len: int | None = None  # tokens per sequence; None: the model's context, at most 8192
-    prefill_chunk: int = 512  # prompt tokens per prefill forward (interleaved with decode steps)
+    prefill_chunk: int | None = None  # prompt tokens per prefill forward (between decode steps); None: 512 CPU, 2048 GPU
     prefix_cache_mb: float = 256.0  # byte budget of the cross-request prefix cache (0 disables it)
     block_tokens: int = 16  # prefix-cache granularity
     ring_slack: int = 64  # extra ring entries of sliding layers (speculative rollback, prefix-cache copy-out)
@@ -34,6 +36,7 @@ class EngineOptions:
     max_draft: int = 8  # longest prompt-lookup draft
     min_ngram: int = 2
     max_ngram: int = 4
+    cuda_graphs: bool = True  # replay captured graphs for single-sequence decode steps on CUDA
 
 
 class NativeEngine:
@@ -60,11 +63,17 @@ class NativeEngine:
         if dtype is None:
             dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.dtype = dtype
-        self.model = model.to(device=self.device, dtype=dtype).eval()
+        # Parameters take the compute dtype; buffers (rotary frequencies) stay fp32 for long-context accuracy.
+        self.model = model.to(device=self.device).eval()
+        for param in self.model.parameters():
+            if param.is_floating_point():
+                param.data = param.data.to(dtype)
         if quantize == "int8":
             from mellum.engine.quant import quantize_int8
 
             quantize_int8(self.model)
+        if opts.prefill_chunk is None:
+            opts.prefill_chunk = 2048 if self.device.type == "cuda" else 512
         self.vocab_size = config.vocab_size
         self.max_len = opts.max_seq_len or min(config.max_position_embeddings, 8192)
         self.newline_ids = frozenset(int(i) for i in newline_ids)
@@ -79,6 +88,11 @@ class NativeEngine:
         self._forward_layers = self._layers_forward
         if compile:
             self._forward_layers = torch.compile(self._layers_forward, dynamic=True)
+        self._graphs = None
+        if opts.cuda_graphs and self.device.type == "cuda" and self._layered and not compile:
+            from mellum.engine.cuda_graphs import GraphedDecode
+
+            self._graphs = GraphedDecode(self)
         self.scheduler = Scheduler(self, opts.max_batch, speculative=opts.speculative is not None)
         self._lock = threading.Lock()
 
@@ -154,7 +168,18 @@ class NativeEngine:
         return m.lm_head(m.norm(out)), x
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, view, last_only: bool = False):
+        if self._graphs is not None and ids.shape[0] == 1 and ids.shape[1] <= self._graphs.MAX_TOKENS:
+            try:
+                return self._graphs.run(view.rows[0], view.kv_len, ids, positions, last_only)
+            except RuntimeError as exc:  # capture unsupported by some op: stay eager from now on
+                print(f"mellum.engine: CUDA graphs disabled ({exc})")
+                self._graphs = None
         if self._layered:
+            if self.device.type == "cuda":
+                # cuDNN attention builds a plan per new key length (~50 ms each, measured on H100): eager
+                # forwards, whose key length changes every call, use the other SDPA kernels.
+                with sdpa_kernel(_EAGER_SDPA):
+                    return self._forward_layers(ids, positions, view, last_only)
             return self._forward_layers(ids, positions, view, last_only)
         out = self.model(ids, positions, view)  # any model with the Transformer interface (e.g. test stubs)
         return (out.logits[:, -1:] if last_only else out.logits), out.hidden

@@ -108,15 +108,18 @@ class PrefixCache:
         return PrefixMatch(tokens=usable * self.block_tokens, blocks=chain)
 
     def load(self, match: PrefixMatch, cache: KVCache, row: int) -> None:
-        """Copy the matched blocks' KV into a cache row (positions 0 .. match.tokens - 1)."""
-        bt = self.block_tokens
-        for j, block in enumerate(match.blocks):
+        """Copy the matched blocks' KV into a cache row (positions 0 .. match.tokens - 1), one write per layer."""
+        if not match.blocks:
+            return
+        if self.full_layers:
+            full = torch.cat([b.full_kv for b in match.blocks], dim=3)  # [L, 2, Hkv, m, D]
             for i, layer_idx in enumerate(self.full_layers):
-                cache.write(layer_idx, row, j * bt, block.full_kv[i])
-        for j, block in enumerate(match.blocks[max(0, len(match.blocks) - self.blocks_needed):],
-                                  start=max(0, len(match.blocks) - self.blocks_needed)):
+                cache.write(layer_idx, row, 0, full[i])
+        if self.sliding_layers:
+            first = max(0, len(match.blocks) - self.blocks_needed)
+            sliding = torch.cat([b.sliding_kv for b in match.blocks[first:]], dim=3)  # [L, 2, Hkv, n, D]
             for i, layer_idx in enumerate(self.sliding_layers):
-                cache.write(layer_idx, row, j * bt, block.sliding_kv[i])
+                cache.write(layer_idx, row, first * self.block_tokens, sliding[i])
 
     # ---- insertion and eviction -------------------------------------------------------------------------
     def insert(self, tokens: list[int], limit: int, cache: KVCache, row: int, filled: int) -> None:
@@ -127,20 +130,30 @@ class PrefixCache:
         # Sliding-layer KV is still in the ring only for the last `ring size` positions.
         ring_start = max((filled - cache.layers[i].size for i in self.sliding_layers), default=0)
         now = next(self._clock)
-        node = self.root
+        node, chain, new = self.root, [], []
         for j, key in enumerate(self._chunks(tokens, limit)):
             child = node.children.get(key)
             if child is None:
                 child = Block(tokens=key, parent=node, depth=j + 1)
-                child.full_kv = torch.stack([cache.read(i, row, j * bt, (j + 1) * bt) for i in self.full_layers]) \
-                    if self.full_layers else None
                 node.children[key] = child
-                self.nbytes += child.nbytes
-            if self.sliding_layers and child.sliding_kv is None and j * bt >= ring_start:
-                child.sliding_kv = torch.stack([cache.read(i, row, j * bt, (j + 1) * bt) for i in self.sliding_layers])
-                self.nbytes += child.sliding_kv.nbytes
+                new.append(child)
             child.last_used = now
+            chain.append(child)
             node = child
+        # Copy out with one read per layer over the whole span, then one clone per block (blocks own their memory).
+        if new and self.full_layers:
+            start, end = (new[0].depth - 1) * bt, new[-1].depth * bt
+            span = torch.stack([cache.read(i, row, start, end) for i in self.full_layers])  # [L, 2, Hkv, n, D]
+            for block in new:
+                block.full_kv = span[:, :, :, (block.depth - 1) * bt - start:block.depth * bt - start].clone()
+                self.nbytes += block.full_kv.nbytes
+        want = [b for b in chain if b.sliding_kv is None and (b.depth - 1) * bt >= ring_start]
+        if want and self.sliding_layers:
+            start, end = (want[0].depth - 1) * bt, want[-1].depth * bt
+            span = torch.stack([cache.read(i, row, start, end) for i in self.sliding_layers])
+            for block in want:
+                block.sliding_kv = span[:, :, :, (block.depth - 1) * bt - start:block.depth * bt - start].clone()
+                self.nbytes += block.sliding_kv.nbytes
         self._evict()
 
     def _evict(self) -> None:
