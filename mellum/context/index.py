@@ -282,7 +282,8 @@ class ProjectIndex:
                 return False
             from_buffer = False
         else:
-            if language_of(rel) is None or is_secret(rel, text):
+            too_big = len(text) > self.config.max_file_bytes
+            if language_of(rel) is None or is_secret(rel) or too_big or self._reject(rel, text):
                 self.remove(rel)
                 return False
             from_buffer = True

@@ -245,11 +245,15 @@ class ContextPacker:
         # Token counts of parts need not add up exactly (merges across part boundaries): enforce the budget on the
         # rendered whole, dropping the least relevant piece, then prefix lines, until it fits.
         while total > budget:
+            excess = total - budget
             if pieces:
-                least = min(range(len(pieces)), key=lambda i: pieces[i].score)
-                pieces.pop(least)
+                pieces.pop(min(range(len(pieces)), key=lambda i: pieces[i].score))
+            elif prefix_t:
+                prefix_t, n_prefix = trim_prefix(prefix_t, max(0, n_prefix - excess), self.count, self._lines)
+            elif suffix_t:
+                suffix_t, n_suffix = trim_suffix(suffix_t, max(0, n_suffix - excess), self.count, self._lines)
             else:
-                prefix_t, n_prefix = trim_prefix(prefix_t, max(0, n_prefix - (total - budget)), self.count, self._lines)
+                raise ValueError(f"token budget {budget} is too small for this prompt format and path")
             total = self.count(fmt.render(rel, prefix_t, suffix_t, pieces))
         self._memo.clear()
         self._last_order[rel] = [(p.path, p.text) for p in pieces]
