@@ -55,6 +55,7 @@ class ContextConfig:
     path_files: int = 8  # nearest files by directory distance
     recent_files: int = 10  # last edited files (Cody uses the 10 last edited, REFERENCE.md §3)
     import_files: int = 16
+    import_scan_chars: int = 32_768  # imports are parsed from the current file's head only
     file_source_chunks: int = 6  # chunks taken from the top of each file named by a file-level source
     bm25_top_k: int = 64
     jaccard_top_k: int = 64

@@ -111,7 +111,7 @@ class ContextPacker:
         t0 = time.perf_counter()
         cfg = self.config
         rel = self._relative(path)
-        open_paths = self._sync_open_files(open_files)
+        open_paths = self._sync_open_files(open_files, rel)
         t_sync = time.perf_counter()
         query = src.Query.build(rel, language_of(rel), prefix, suffix, open_paths, cfg)
         candidates = self._pinned(extra) + (self.rank(query) if self.index is not None else [])
@@ -130,7 +130,7 @@ class ContextPacker:
         rel = self.index.relative(path)
         return rel if rel is not None else str(path)
 
-    def _sync_open_files(self, open_files) -> list[str]:
+    def _sync_open_files(self, open_files, current: str) -> list[str]:
         if not open_files or self.index is None:
             return []
         paths = []
@@ -139,7 +139,8 @@ class ContextPacker:
             rel = self.index.relative(path)
             if rel is None:
                 continue
-            if text is not None:
+            # The current file's buffer changes on every keystroke and is never its own context: not re-indexed.
+            if text is not None and rel != current:
                 self.index.update(rel, text)  # no-op when the buffer equals what the index holds
             paths.append(rel)
         return paths
@@ -166,7 +167,7 @@ class ContextPacker:
         if "path" in enabled:
             file_lists["path"] = src.path_distance(index, query, cfg.path_files)
         if "imports" in enabled:
-            file_lists["imports"] = src.imported_files(index, query, cfg.import_files)
+            file_lists["imports"] = src.imported_files(index, query, cfg.import_files, cfg.import_scan_chars)
         rankings: dict[str, list[int]] = {name: self._head_chunks(paths) for name, paths in file_lists.items()}
         lexical = index.lexical(query.near_idents) if {"bm25", "jaccard"} & enabled else None
         if "bm25" in enabled:

@@ -99,21 +99,21 @@ def path_distance(index: ProjectIndex, query: Query, n: int) -> list[str]:
     return out
 
 
-_IMPORT_LINE = re.compile(r"^.*\b(?:import|require|from)\b.*$", re.M)
 _import_cache: dict[tuple[str, str], list[str]] = {}
 
 
-def imported_files(index: ProjectIndex, query: Query, n: int) -> list[str]:
+def imported_files(index: ProjectIndex, query: Query, n: int, scan_chars: int = 32_768) -> list[str]:
     """Project files the current file imports, in import order (parsed with tree-sitter).
 
-    Parsed again only when the lines mentioning imports change, not on every keystroke.
+    Only the first `scan_chars` characters are parsed (imports live at the top; a big file costs a parse per
+    keystroke otherwise), and the parse is reused while they do not change.
     """
-    text = query.prefix + query.suffix
-    key = (query.path, "\n".join(_IMPORT_LINE.findall(text)))
+    head = (query.prefix + query.suffix[: max(0, scan_chars - len(query.prefix))])[:scan_chars]
+    key = (query.path, head)
     targets = _import_cache.get(key)
     if targets is None:
-        targets = parse_imports(text, query.language or "")
-        if len(_import_cache) > 256:
+        targets = parse_imports(head, query.language or "")
+        if len(_import_cache) > 64:
             _import_cache.clear()
         _import_cache[key] = targets
     out: dict[str, None] = {}
