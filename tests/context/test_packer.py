@@ -253,3 +253,20 @@ def test_pack_chunks_on_crosscodeeval(shared_benchmarks, count):
             given = [c["retrieved_chunk"] for c in chunks]
             order = [given.index(p.text) for p in pieces]
             assert order == sorted(order, reverse=True)  # most relevant (first given) last
+
+
+def test_packer_without_index_packs_client_context_only(count):
+    packer = ContextPacker(None, count, ContextConfig())
+    prefix = "".join(f"total_{i} = price_{i} * quantity_{i}\n" for i in range(100))
+    extra = [ContextFile("a.py", "def price(x):\n    return x\n"), ContextFile(".env", "SECRET=1\n")]
+    result = packer.pack("/abs/cart.py", prefix, "\nprint(total_0)\n", 300, extra=extra)
+    assert [p.path for p in result.pieces] == ["a.py"]
+    assert result.tokens_used == count(_render(packer, "/abs/cart.py", result)) <= 300
+    assert prefix.endswith(result.prefix) and result.prefix != prefix
+
+
+def test_cursor_window_query():
+    config = ContextConfig(cursor_window_lines=2, cursor_suffix_lines=1)
+    q = src.Query.build("m.py", "python", "import os\nalpha = beta\ngamma = delta(", "epsilon)\nzeta = 1\n", [], config)
+    assert q.window == "alpha = beta\ngamma = delta(epsilon)\n"
+    assert q.near_idents == ["delta", "gamma", "beta", "alpha", "epsilon"]  # nearest first; 'zeta' outside
