@@ -321,6 +321,7 @@ class LineCosts:
     def __init__(self, count: CountTokens, size: int = 200_000):
         self.count = count
         self.size = size
+        self.join_ratio = 1.0  # tokens of joined lines / sum of their own counts, learnt from exact counts
         self._cache: dict[str, int] = {}
 
     def __call__(self, line: str) -> int:
@@ -362,7 +363,7 @@ def _trim(text: str, cap: int, count: CountTokens, from_top: bool, costs: LineCo
     k, total = 0, 0
     for line in lines:
         c = costs(line)
-        if total + c > cap:
+        if (total + c) * costs.join_ratio > cap:
             break
         total += c
         k += 1
@@ -371,8 +372,12 @@ def _trim(text: str, cap: int, count: CountTokens, from_top: bool, costs: LineCo
         if n <= cap:
             return text, n
     best_k, best_n = 0, 0
+    first = True
     while k > 0:
         n = count(take(k))
+        if first and total:
+            costs.join_ratio = min(1.5, max(0.5, 0.8 * costs.join_ratio + 0.2 * n / total))
+            first = False
         if n <= cap:
             best_k, best_n = k, n
             # Joined lines usually cost a little less than their sum: add whole lines while their sum, scaled by
