@@ -155,7 +155,7 @@ def _walk(root: Path, project: Project) -> None:
 
 
 def _add_file(root: Path, path: Path, project: Project) -> None:
-    rel = os.path.relpath(path, root) if project.kind != "distribution" else os.path.relpath(path, project.root)
+    rel = os.path.relpath(path, root)
     if path.is_symlink():
         try:
             resolved = path.resolve(strict=True)
@@ -177,13 +177,12 @@ def _license_from_files(root: Path, rels: list[str]) -> tuple[str | None, str]:
     found = _first_license_text([root / r for r in top])
     if found:
         return found, "license file"
-    # No license file: a pyproject/setup.cfg with a license field or classifiers is as good as METADATA.
-    for name in ("PKG-INFO",):
-        if (root / name).is_file():
-            meta = email.parser.Parser().parsestr((root / name).read_text(errors="replace"), headersonly=True)
-            expression, where = from_metadata(meta)
-            if expression:
-                return normalize(expression), where
+    # No license file: an sdist's PKG-INFO carries the same headers as an installed distribution's METADATA.
+    if (root / "PKG-INFO").is_file():
+        meta = email.parser.Parser().parsestr((root / "PKG-INFO").read_text(errors="replace"), headersonly=True)
+        expression, where = from_metadata(meta)
+        if expression:
+            return normalize(expression), where
     return None, "none"
 
 

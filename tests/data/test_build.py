@@ -167,3 +167,16 @@ def test_worker_pool_gives_the_same_corpus(tmp_path, built):
     # Each copy of mit_project repeats 6 candidate files (core_near included), each apache_project copy 3.
     assert pooled["totals"]["exact_duplicates"] == report["totals"]["exact_duplicates"] + 8 * (6 + 3)
     assert pooled["totals"]["near_duplicates"] == report["totals"]["near_duplicates"]
+
+
+def test_git_repository_source_reads_tracked_files_only(tmp_path):
+    import subprocess
+
+    repo = tmp_path / "repo"
+    shutil.copytree(FIXTURES / "apache_project", repo)
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run(["git", "-C", str(repo), "add", "LICENSE", "src/app.py"], check=True)
+    report = build_corpus([str(repo)], tmp_path / "c", BuildConfig(workers=1), progress=False)
+    project = report["projects"][0]
+    assert project["kind"] == "repository" and project["license"] == "Apache-2.0"
+    assert [r["path"] for r in read_corpus(tmp_path / "c")] == ["src/app.py"]  # untracked files are not read
