@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import os
 import random
 import statistics
@@ -148,11 +149,18 @@ def bandwidth(device: torch.device, nbytes: int, repeats: int = 7) -> float:
 
 
 def decode_bytes(engine: NativeEngine, context: int) -> int:
-    """Bytes one decode step must read: all weights but the embedding table (one row), plus the KV of `context`."""
+    """Bytes one decode step must read: all weights but the embedding table (one row) and the experts a token
+    does not route to (top-k of E), plus the KV of `context`."""
+    from mellum.model.moe import Experts
+
     model, cfg = engine.model, engine.config
     weights = weight_bytes(model)
     if not cfg.tie_word_embeddings:
         weights -= model.embed_tokens.weight.nbytes
+    for module in model.modules():
+        if isinstance(module, Experts) and cfg.num_experts:
+            unused = 1 - cfg.num_experts_per_tok / cfg.num_experts
+            weights -= int(unused * (module.gate_up_proj.nbytes + module.down_proj.nbytes))
     kv = sum(2 * cfg.num_kv_heads * min(context, w or context) * cfg.head_dim for w in engine.windows)
     return weights + kv * engine.cache.layers[0].k.element_size()
 
@@ -470,16 +478,19 @@ def main(argv=None) -> int:
                 elif section == "concurrency":
                     section_concurrency(model, args, prompts, table)
                 print(f"# {section} took {time.perf_counter() - t1:.0f}s", flush=True)
+                gc.collect()  # engines reference their scheduler and back: free their caches before the next one
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
         tables.append(table.render())
+        print("\n" + tables[-1], flush=True)
+        if args.out:  # after every shape, so a later failure keeps the earlier tables
+            tmp = Path(args.out).with_suffix(".tmp")
+            tmp.write_text("\n\n".join(tables) + "\n")
+            os.replace(tmp, args.out)
         del model
+        gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    text = "\n\n".join(tables)
-    print("\n" + text)
-    if args.out:
-        tmp = Path(args.out).with_suffix(".tmp")
-        tmp.write_text(text + "\n")
-        os.replace(tmp, args.out)
     return 0
 
 
