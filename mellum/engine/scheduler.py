@@ -164,6 +164,10 @@ class Scheduler:
                             self._finish(seq, "cancelled")
                         self.waiting.clear()
                         return
+                    now = time.perf_counter()
+                    for seq in [s for s in self.waiting if self._expired(s, now)]:  # cancelled while queued
+                        self.waiting.remove(seq)
+                        self._finish(seq, self._expired(seq, now))
                     admitted = []
                     while self.waiting and self.free_rows:
                         seq = self.waiting.popleft()
