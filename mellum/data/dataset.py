@@ -140,6 +140,7 @@ def build_shards(
             if len(pending) >= config.batch_docs:
                 flush()
 
+        short: dict[str, int] = {}
         if quotas is None:
             for project, records in _projects(corpus, config):
                 for sample, record in _samples(project, records, builder, config):
@@ -147,7 +148,6 @@ def build_shards(
                 bar.update(len(records))
         else:
             short = _fill_quotas(corpus, config, builder, quotas, max_repeat, add, flush, per_source)
-            meta["short_sources"] = short
         flush()
         if writer.num_docs == 0:
             raise ValueError(f"no documents to write from {corpus} (check --source / --languages filters)")
@@ -162,7 +162,7 @@ def build_shards(
             "tokens_per_s": round(writer.num_tokens / max(elapsed, 1e-9), 1),
         }
         if quotas is not None:
-            stats["short_sources"] = meta["short_sources"]
+            stats["short_sources"] = short
         writer.extra_meta["stats"] = stats
     bar.close()
     return stats
