@@ -68,6 +68,7 @@ class GraphedDecode:
         make_experts_graph_safe(engine.model)
 
     def _step(self, view, t: int, last_only: bool):
+        view._masks.clear()  # the masks must be computed inside the capture, not reused from the warm-up
         ids, positions = self.inputs[t]
         return self.engine._layers_forward(ids, positions, view, last_only)
 

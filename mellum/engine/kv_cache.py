@@ -41,8 +41,12 @@ class KVCache:
     """Per-layer KV storage for `rows` sequences of up to `max_len` tokens. `windows[i]` is None for full attention."""
 
     def __init__(self, windows: list[int | None], rows: int, max_len: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", slack: int = 64):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", slack: int = 64,
+                 separate_layers: tuple[int, ...] = ()):
         self.windows = list(windows)
+        # Layers of one kind (same window and size) store the same positions, so a forward computes their mask
+        # once. `separate_layers` (the MTP layer, written by its own forwards) always compute their own.
+        self.separate_layers = frozenset(separate_layers)
         self.rows, self.max_len, self.slack = rows, max_len, slack
         self.num_kv_heads, self.head_dim, self.dtype, self.device = num_kv_heads, head_dim, dtype, torch.device(device)
         self.layers: list[LayerKV] = []
@@ -103,6 +107,7 @@ class CacheView:
 
     def __init__(self, cache: KVCache, rows: list[int], kv_len: int):
         self.cache, self.kv_len, self.rows = cache, kv_len, list(rows)
+        self._masks: dict[tuple, torch.Tensor] = {}  # per layer kind: the mask of this forward
         lo = rows[0]
         # Contiguous rows are a basic slice (a view, no copy); others gather (a copy per layer).
         self._slice = slice(lo, lo + len(rows)) if rows == list(range(lo, lo + len(rows))) else None
@@ -137,5 +142,8 @@ class CacheView:
             k_all = self._take(layer.k)[:, :, :size]
             v_all = self._take(layer.v)[:, :, :size]
             k_pos = self._take(layer.pos)[:, :size]
-        mask = attention_mask(positions, k_pos, layer.window)
+        kind = ("own", layer_idx) if layer_idx in self.cache.separate_layers else (layer.window, layer.size)
+        mask = self._masks.get(kind)
+        if mask is None:
+            mask = self._masks[kind] = attention_mask(positions, k_pos, layer.window)
         return k_all, v_all, mask

@@ -82,7 +82,8 @@ class NativeEngine:
         self.windows = [config.window(i) for i in range(n_layers)]
         self.cache = KVCache(self.windows, rows=opts.max_batch, max_len=self.max_len,
                              num_kv_heads=config.num_kv_heads, head_dim=config.head_dim, dtype=dtype,
-                             device=self.device, slack=max(opts.ring_slack, opts.max_draft + 1, 2 * opts.block_tokens))
+                             device=self.device, slack=max(opts.ring_slack, opts.max_draft + 1, 2 * opts.block_tokens),
+                             separate_layers=tuple(range(config.num_layers, n_layers)))
         self.prefix_cache = PrefixCache(int(opts.prefix_cache_mb * 2**20), opts.block_tokens, self.windows)
         self._layered = hasattr(self.model, "layers") and hasattr(self.model, "layer_inputs")
         self._forward_layers = self._layers_forward
