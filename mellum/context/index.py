@@ -87,7 +87,6 @@ class FileEntry:
     chunk_ids: list[int] = field(default_factory=list)
     defs: list[tuple[str, int]] = field(default_factory=list)
     from_buffer: bool = False
-    version: int = 0
 
 
 @dataclass(eq=False, slots=True)
@@ -100,7 +99,6 @@ class Chunk:
     end_line: int
     start: int
     end: int
-    _idents: frozenset[str] | None = None
 
     @property
     def path(self) -> str:
@@ -109,13 +107,6 @@ class Chunk:
     @property
     def text(self) -> str:
         return self.file.text[self.start : self.end]
-
-    @property
-    def idents(self) -> frozenset[str]:
-        """The chunk's identifier set, computed on first use (storing every chunk's set costs too much memory)."""
-        if self._idents is None:
-            self._idents = frozenset(identifiers(self.text))
-        return self._idents
 
 
 class ProjectIndex:
