@@ -50,7 +50,7 @@ class FimSFTConfig:
     min_middle_chars: int = 8
     prefix_chars: int = 3000  # the current file's prefix kept before the middle (cut at a line start)
     suffix_chars: int = 1500  # and its suffix after it (cut at a line end), as the serving packer trims them
-    context_chars: int = 4000  # budget of other project files, nearest last (REFERENCE.md §1 layout)
+    context_chars: int = 4000  # budget of other project files (their beginnings), nearest last (REFERENCE.md §1)
     context_files: int = 4
     samples_per_file: int = 4
 
@@ -73,8 +73,7 @@ def fim_examples(project: Sequence[tuple[str, str]], tokenizer, rng: np.random.G
                  config: FimSFTConfig = FimSFTConfig(), paths: Iterable[str] | None = None) -> list[Example]:
     """SFT examples from one project [(path, text)]: for each file in `paths` (default all) up to
     `samples_per_file` distinct syntactic middles, the other files as context. Loss on the middle and the eos."""
-    from mellum.data.samples import SegmentEncoder, encode_samples, render_segments, repo_context, syntactic_spans
-    from mellum.data.samples import Sample
+    from mellum.data.samples import Sample, SegmentEncoder, encode_samples, render_segments, syntactic_spans
 
     fmt = get_format(config.prompt_format)
     encoder = SegmentEncoder(tokenizer)
@@ -89,7 +88,7 @@ def fim_examples(project: Sequence[tuple[str, str]], tokenizer, rng: np.random.G
         if not spans:
             continue
         chosen = rng.choice(len(spans), size=min(config.samples_per_file, len(spans)), replace=False)
-        context = repo_context(path, project, config.context_chars, config.context_files)
+        context = project_context(path, project, config.context_chars, config.context_files)
         for i in sorted(int(c) for c in chosen):
             start, end = spans[i]
             prefix = _trim_prefix(text[:start], config.prefix_chars)
@@ -99,6 +98,24 @@ def fim_examples(project: Sequence[tuple[str, str]], tokenizer, rng: np.random.G
             segments = segments + [("text", text[start:end]), ("literal", fmt.eos)]
             samples.append(Sample(segments, "sft", target_from))
     return [(ids, mask) for ids, mask in encode_samples(encoder, samples)] if samples else []
+
+
+def project_context(path: str, project: Sequence[tuple[str, str]], budget_chars: int,
+                    max_files: int) -> list[ContextFile]:
+    """Other files of the project, nearest (by directory hops) first into the budget, each cut at a line end to
+    what is left of it; returned farthest first, nearest last (the Mellum layout, REFERENCE.md §1)."""
+    from mellum.data.samples import path_distance
+
+    others = sorted((f for f in project if f[0] != path), key=lambda f: (path_distance(path, f[0]), f[0]))
+    chosen, left = [], budget_chars
+    for other, text in others[:max_files]:
+        if left <= 0:
+            break
+        piece = _trim_suffix(text, left)
+        if piece.strip():
+            chosen.append(ContextFile(other, piece))
+            left -= len(piece)
+    return chosen[::-1]
 
 
 def read_project(root: str | os.PathLike, max_file_chars: int = 200_000) -> list[tuple[str, str]]:
