@@ -45,6 +45,7 @@ _ASSIGNMENT_TAIL = re.compile(
     """
 )
 
+
 @dataclass(frozen=True)
 class SecretsConfig:
     min_entropy: float = 3.0  # bits per character of a password-like value before it counts as a secret
