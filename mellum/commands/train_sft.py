@@ -95,6 +95,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
                      "--out runs/sft --max-steps 200")
     parser.add_argument("--source", action="append", default=[], metavar="DIR",
                         help="a project directory of source files (repeatable); FIM samples with project context")
+    parser.add_argument("--corpus", action="append", default=[], metavar="DIR",
+                        help="a corpus from `mellum data build` (repeatable): FIM samples per project")
+    parser.add_argument("--heldout-corpus", metavar="DIR",
+                        help="held-out corpus: its samples give the held-out loss (then nothing else is held out)")
+    parser.add_argument("--max-files", type=int, help="sample at most this many files per corpus (seeded)")
     parser.add_argument("--chat", action="append", default=[], metavar="FILE",
                         help='chat conversations as JSONL, one {"messages": [...]} per line (repeatable)')
     parser.add_argument("--masking", default="instruct", choices=["instruct", "thinking"],
@@ -111,11 +116,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     import numpy as np
 
-    from mellum.train.sft import (FimSFTConfig, chat_examples, fim_examples, read_chat_file, read_project,
-                                  split_by_path, train_sft)
+    from mellum.train.sft import (FimSFTConfig, chat_examples, fim_examples, pick_files, read_chat_file,
+                                  read_corpus_projects, read_project, split_by_path, train_sft)
 
-    if not args.source and not args.chat:
-        raise ValueError("nothing to train on: give --source DIR (project code) and/or --chat FILE.jsonl")
+    if not args.source and not args.chat and not args.corpus:
+        raise ValueError("nothing to train on: give --source DIR (project code), --corpus DIR and/or --chat FILE.jsonl")
     out = prepare_out(args)
     config = finetune_config(args)
     model, tokenizer = load_model_and_tokenizer(args.model)
@@ -125,18 +130,31 @@ def run(args) -> int:
     rng = np.random.default_rng(args.seed)
     train, heldout = [], []
     n_fim = n_chat = 0
+    fraction = 0.0 if args.heldout_corpus else args.heldout_fraction
+    projects = []  # (files, paths to sample from or None for all)
     for source in args.source:
         project = read_project(source)
         if not project:
             raise ValueError(f"{source} holds no supported source files (.py, .js, .ts, .java, .kt, .go)")
-        train_paths, held_paths = split_by_path([p for p, _ in project], args.heldout_fraction, args.seed)
+        projects.append((project, None))
+    for corpus in args.corpus:
+        by_project = read_corpus_projects(corpus)
+        picked = pick_files(by_project, args.max_files, args.seed)
+        projects += [(by_project[name], paths) for name, paths in picked.items()]
+    for project, paths in projects:
+        candidates = [p for p, _ in project if paths is None or p in paths]
+        train_paths, held_paths = split_by_path(candidates, fraction, args.seed)
         part_train = fim_examples(project, tokenizer, rng, fim_config, train_paths)
         train += part_train
         heldout += fim_examples(project, tokenizer, rng, fim_config, held_paths)
         n_fim += len(part_train)
+    if args.heldout_corpus:
+        by_project = read_corpus_projects(args.heldout_corpus)
+        for name, paths in pick_files(by_project, args.max_files, args.seed).items():
+            heldout += fim_examples(by_project[name], tokenizer, rng, fim_config, paths)
     for chat in args.chat:
         conversations = read_chat_file(chat)
-        keep, held = split_by_path([str(i) for i in range(len(conversations))], args.heldout_fraction, args.seed)
+        keep, held = split_by_path([str(i) for i in range(len(conversations))], fraction, args.seed)
         for i, messages in enumerate(conversations):
             examples = chat_examples(messages, tokenizer, args.masking)
             (train if str(i) in keep else heldout).extend(examples)

@@ -139,6 +139,30 @@ def read_project(root: str | os.PathLike, max_file_chars: int = 200_000) -> list
     return files
 
 
+def read_corpus_projects(corpus: str | os.PathLike) -> dict[str, list[tuple[str, str]]]:
+    """The files of a corpus built by `mellum data build` (permissively licensed, filtered, deduplicated), grouped
+    by project: {project: [(path, text)]}."""
+    from mellum.data.corpus import read_corpus
+
+    projects: dict[str, list[tuple[str, str]]] = {}
+    for record in read_corpus(corpus):
+        if Path(record["path"]).suffix in LANGUAGES:
+            projects.setdefault(record.get("project") or "", []).append((record["path"], record["text"]))
+    return {k: sorted(v) for k, v in sorted(projects.items())}
+
+
+def pick_files(projects: dict[str, list[tuple[str, str]]], max_files: int | None, seed: int) -> dict[str, set[str]]:
+    """A seeded subset of at most `max_files` files over all projects: {project: {paths}}."""
+    every = [(name, path) for name, files in projects.items() for path, _ in files]
+    if max_files is not None and len(every) > max_files:
+        keep = np.random.default_rng(seed).choice(len(every), size=max_files, replace=False)
+        every = [every[int(i)] for i in sorted(keep)]
+    picked: dict[str, set[str]] = {}
+    for name, path in every:
+        picked.setdefault(name, set()).add(path)
+    return picked
+
+
 # ---- chat samples ---------------------------------------------------------------------------------------------
 def _check_messages(messages: Sequence[dict]) -> None:
     if not messages:
