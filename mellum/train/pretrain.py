@@ -67,7 +67,7 @@ class Trainer:
         if cfg.fp8:
             model = _float8(model, env)
         model = shard_model(model, env)
-        if cfg.compile:
+        if cfg.compile and _compiler_works(env.device):
             for block in model.layers:
                 block.compile()
         return model
@@ -276,6 +276,19 @@ class Trainer:
                 shutil.copy(self.out / "metrics.jsonl", directory / "training_log.jsonl")
         barrier()
         return directory
+
+
+def _compiler_works(device: torch.device) -> bool:
+    """Compile and run a two-op function first: a machine without a working toolchain (no C compiler for
+    Triton/Inductor) then trains eagerly with a warning instead of failing at the first step."""
+    try:
+        fn = torch.compile(lambda x: torch.nn.functional.silu(x) * 2.0)
+        fn(torch.randn(16, device=device))
+        return True
+    except Exception as exc:  # any toolchain failure: eager mode still trains correctly
+        print(f"warning: torch.compile does not work here ({type(exc).__name__}: {exc}); training eagerly",
+              file=sys.stderr)
+        return False
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

@@ -139,12 +139,13 @@ def mellum_tiny() -> TrainConfig:
 
 
 def mellum_tiny_cpu() -> TrainConfig:
-    """The CPU fallback of the reference model: same pipeline and tokenizer, a smaller shape and context 256."""
+    """The CPU fallback of the reference model: same pipeline and tokenizer, a smaller shape (8.1M parameters),
+    context 256, 2,048-token steps (many small steps learn most from the few tokens a CPU sees in minutes)."""
     base = mellum_tiny()
     model = base.model.replace(hidden_size=192, num_layers=4, num_heads=3, num_kv_heads=3, intermediate_size=512)
     return dataclasses.replace(
-        base, name="mellum-tiny-cpu", model=model, seq_len=256, micro_batch=8, batch_ramp=BatchRamp(((0, 16),)),
-        max_steps=5000, schedule=WSDSchedule(warmup_steps=20, decay_fraction=0.3), optim=OptimConfig(lr=4e-3),
+        base, name="mellum-tiny-cpu", model=model, seq_len=256, micro_batch=8, batch_ramp=BatchRamp(((0, 8),)),
+        max_steps=5000, schedule=WSDSchedule(warmup_steps=10, decay_fraction=0.3), optim=OptimConfig(lr=4e-3),
         precision="fp32", compile=False, eval_every=50, eval_batches=8, checkpoint_every=50,
     )
 
@@ -211,27 +212,43 @@ def get_recipe(name: str, overrides: list[str] = ()) -> TrainConfig:
 
 def apply_overrides(config, overrides) -> TrainConfig:
     """Set fields by dotted path ("optim.lr=1e-3", "model.num_layers=4", "max_minutes=8"); values are Python
-    literals (numbers, strings, tuples, None) or bare strings."""
+    literals (numbers, strings, tuples, None) or bare strings. All changes to one nested config are applied
+    together, so interdependent fields (num_heads with num_kv_heads) are validated as a whole."""
+    tree: dict = {}
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not key=value")
         key, raw = item.split("=", 1)
-        config = _set_path(config, key.strip().split("."), _literal(raw.strip()), key)
-    return config
+        node = tree
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {key!r} conflicts with another override")
+        node[leaf] = (_literal(raw.strip()), key.strip())
+    return _apply(config, tree)
 
 
-def _set_path(obj, path: list[str], value, full_key: str):
-    name = path[0]
-    if not dataclasses.is_dataclass(obj) or name not in {f.name for f in dataclasses.fields(obj)}:
-        known = ", ".join(f.name for f in dataclasses.fields(obj)) if dataclasses.is_dataclass(obj) else ""
-        raise ValueError(f"unknown setting {full_key!r} ({name!r} is not one of: {known})")
-    if len(path) > 1:
-        value = _set_path(getattr(obj, name), path[1:], value, full_key)
-    elif name == "batch_ramp" and isinstance(value, int):
-        value = BatchRamp(((0, value),))
-    elif name == "phases":
-        value = tuple(Phase(*p) if isinstance(p, (tuple, list)) else Phase(p) for p in value)
-    return dataclasses.replace(obj, **{name: value})
+def _apply(obj, tree: dict):
+    names = {f.name for f in dataclasses.fields(obj)}
+    changes = {}
+    for name, value in tree.items():
+        if name not in names:
+            full = value[1] if isinstance(value, tuple) else name
+            raise ValueError(f"unknown setting {full!r} ({name!r} is not one of: {', '.join(sorted(names))})")
+        if isinstance(value, dict):
+            child = getattr(obj, name)
+            if not dataclasses.is_dataclass(child):
+                raise ValueError(f"setting {name!r} has no fields to set")
+            changes[name] = _apply(child, value)
+            continue
+        value = value[0]
+        if name == "batch_ramp" and isinstance(value, int):
+            value = BatchRamp(((0, value),))
+        elif name == "phases":
+            value = tuple(Phase(*p) if isinstance(p, (tuple, list)) else Phase(p) for p in value)
+        changes[name] = value
+    return dataclasses.replace(obj, **changes)
 
 
 def _literal(raw: str):
