@@ -19,7 +19,7 @@ def reference_greedy(model, prompt: list[int], n: int) -> list[int]:
     """Greedy tokens from full forwards without any cache (the slow path every fast path must equal)."""
     ids = list(prompt)
     for _ in range(n):
-        ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+        ids.append(int(model(torch.tensor([ids], device=model.embed_tokens.weight.device)).logits[0, -1].argmax()))
     return ids[len(prompt):]
 
 
@@ -62,3 +62,20 @@ class StubModel(nn.Module):
 
 def stub_config(vocab: int, mtp: bool):
     return get_config("tiny-moe" if mtp else "tiny-dense").replace(vocab_size=vocab)
+
+
+def check_graphed_decoding(preset: str, mode: str | None) -> None:
+    """On CUDA in fp32, graphed decoding (and speculation) must give the uncached greedy tokens."""
+    from mellum.engine import NativeEngine, SamplingParams
+
+    model = tiny_model(preset)
+    engine = NativeEngine(model, device="cuda", dtype=torch.float32, speculative=mode, prefill_chunk=32)
+    assert engine._graphs is not None
+    try:
+        for seed in range(6):
+            prompt = repetitive_prompt(model.config.vocab_size, 40 + 30 * seed, seed)
+            result = engine.generate(prompt, SamplingParams(max_new_tokens=24))
+            assert result.tokens == reference_greedy(model, prompt, 24), (preset, mode, seed)
+        assert engine._graphs is not None and engine._graphs.graphs  # graphs were captured and stayed on
+    finally:
+        engine.close()
