@@ -3,8 +3,11 @@
 Near-duplicates follow the BigCode recipe (StarCoder data card: MinHash over 5-gram shingles, LSH, Jaccard
 threshold 0.7–0.85). Shingles here are word-anchored byte windows: a `shingle_bytes`-long window starting at every
 word start, hashed with a vectorised polynomial hash, so signatures cost numpy operations rather than a Python
-call per shingle. The first occurrence (in processing order) is kept; later copies are dropped, within and across
-projects.
+call per shingle. Signatures use one-permutation hashing with densification (Shrivastava & Li, ICML 2014;
+Shrivastava, ICML 2017): each shingle is hashed once and lands in one of `num_perm` bins, each bin keeps its
+minimum, and empty bins borrow from the next full bin — O(shingles) instead of O(shingles × num_perm), with the
+same collision probability (the Jaccard similarity) per bin. The first occurrence (in processing order) is kept;
+later copies are dropped, within and across projects.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 _MASK32 = np.uint64(0xFFFFFFFF)
+_EMPTY = np.uint64(1 << 32)  # larger than any 32-bit bin value: marks a bin no shingle fell into
 
 
 @dataclass(frozen=True)
@@ -24,7 +28,6 @@ class DedupConfig:
     num_perm: int = 128
     shingle_bytes: int = 24  # about a 5-word window of code
     seed: int = 1
-    chunk: int = 8192  # shingles per numpy block while computing a signature
 
 
 def exact_key(text: str) -> int:
@@ -35,13 +38,13 @@ def exact_key(text: str) -> int:
 
 
 class MinHasher:
-    """Signature [num_perm] uint32 of a text's shingle set; universal hashing h → (a·h + b) >> 32 mod 2^64."""
+    """Signature [num_perm] uint32 of a text's shingle set (densified one-permutation MinHash)."""
 
     def __init__(self, config: DedupConfig):
         self.config = config
         rng = np.random.default_rng(config.seed)
-        self.a = rng.integers(1, 1 << 63, size=config.num_perm, dtype=np.uint64) | np.uint64(1)  # odd multipliers
-        self.b = rng.integers(0, 1 << 63, size=config.num_perm, dtype=np.uint64)
+        self.a = rng.integers(1, 1 << 63, dtype=np.uint64) | np.uint64(1)  # odd multiplier of the one hash
+        self.b = rng.integers(0, 1 << 63, dtype=np.uint64)
         w = config.shingle_bytes
         # Polynomial hash weights P^(w-1-k) mod 2^64 (wrapping uint64 arithmetic).
         p = np.uint64(0x100000001B3)
@@ -52,7 +55,7 @@ class MinHasher:
         self.powers = powers
 
     def shingles(self, text: str) -> np.ndarray:
-        """Unique uint64 hashes of the byte windows that start at each word start."""
+        """uint64 hashes of the byte windows that start at each word start (repeats included)."""
         data = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
         w = self.config.shingle_bytes
         if data.size < w:
@@ -67,17 +70,34 @@ class MinHasher:
         with np.errstate(over="ignore"):
             for k in range(w):
                 h += d64[starts + k] * self.powers[k]
-        return np.unique(h)
+        return h
 
     def signature(self, text: str) -> np.ndarray:
-        h = self.shingles(text)
-        sig = np.full(self.config.num_perm, 0xFFFFFFFF, dtype=np.uint64)
-        a, b = self.a[:, None], self.b[:, None]
+        P = self.config.num_perm
         with np.errstate(over="ignore"):
-            for i in range(0, h.size, self.config.chunk):
-                block = (a * h[None, i : i + self.config.chunk] + b) >> np.uint64(32)  # [P, chunk]
-                np.minimum(sig, block.min(axis=1), out=sig)
-        return sig.astype(np.uint32)
+            x = self.shingles(text) * self.a + self.b  # one universal hash, then a 64-bit finaliser mix
+            x ^= x >> np.uint64(31)
+            x *= np.uint64(0x94D049BB133111EB)
+            x ^= x >> np.uint64(29)
+        bins = ((x >> np.uint64(32)) % np.uint64(P)).astype(np.intp)
+        sig = np.full(P, _EMPTY, dtype=np.uint64)
+        np.minimum.at(sig, bins, x & _MASK32)
+        return _densify(sig).astype(np.uint32)
+
+
+def _densify(sig: np.ndarray) -> np.ndarray:
+    """Fill empty bins from the next full bin (circularly), offset by the distance so fills differ per bin."""
+    empty = sig == _EMPTY
+    if not empty.any():
+        return sig
+    if empty.all():
+        return np.full(sig.size, 0xFFFFFFFF, dtype=np.uint64)
+    full = np.flatnonzero(~empty)
+    idx = np.arange(sig.size)
+    src = full[np.searchsorted(full, idx) % full.size]
+    dist = ((src - idx) % sig.size).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        return (sig[src] + dist * np.uint64(0x9E3779B1)) & _MASK32
 
 
 def jaccard(sig_a: np.ndarray, sig_b: np.ndarray) -> float:
