@@ -36,6 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PROJECT = REPO / "examples" / "sample_project"
 KEY = "soak-key"
+CACHE_ARGS: list[str] = []  # --prefix-cache-mb passed through to the servers
 
 
 # ---- setup --------------------------------------------------------------------------------------------------
@@ -106,12 +107,14 @@ class Stats:
             return round(lat[min(len(lat) - 1, int(p * len(lat)))], 1) if lat else None
 
         first = [r for t, r in self.rss if t <= 10]
+        middle = [r for t, r in self.rss if abs(t - self.rss[-1][0] / 2) <= 5] if self.rss else []
         last = [r for t, r in self.rss if t >= self.rss[-1][0] - 10] if self.rss else []
         mb = 1024 * 1024
         out = {
             "mode": name, "seconds": round(seconds, 1), "requests": self.requests, "answered": self.answered,
             "cancelled": self.cancelled, "errors": self.errors, "p50_ms": q(0.5), "p90_ms": q(0.9), "p99_ms": q(0.99),
             "rss_first10s_mb": round(statistics.median(first) / mb, 1) if first else None,
+            "rss_middle10s_mb": round(statistics.median(middle) / mb, 1) if middle else None,
             "rss_last10s_mb": round(statistics.median(last) / mb, 1) if last else None,
             "rss_max_mb": round(max(r for _, r in self.rss) / mb, 1) if self.rss else None,
         }
@@ -151,7 +154,8 @@ def start_http(model: Path, tmp: Path, workers: int) -> tuple[subprocess.Popen, 
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "mellum.cli", "serve", "--model", str(model), "--port", str(port), "--api-key", KEY,
-         "--telemetry", str(tmp / "soak.db"), "--workspace", str(PROJECT), "--workers", str(workers)],
+         "--telemetry", str(tmp / "soak.db"), "--workspace", str(PROJECT), "--workers", str(workers),
+         *CACHE_ARGS],
         env=env(), stdout=open(tmp / "http.log", "w"), stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     for _ in range(600):
@@ -233,7 +237,7 @@ async def start_lsp(model: Path, tmp: Path, options: dict):
 
     client = LanguageClient("soak", "0")
     await client.start_io(sys.executable, "-m", "mellum.cli", "lsp", "--model", str(model), "--telemetry",
-                          str(tmp / "lsp.db"), "--log-file", str(tmp / "lsp.log"), env=env())
+                          str(tmp / "lsp.db"), "--log-file", str(tmp / "lsp.log"), *CACHE_ARGS, env=env())
     await client.initialize_async(types.InitializeParams(
         capabilities=types.ClientCapabilities(), process_id=None, root_uri=PROJECT.as_uri(),
         workspace_folders=[types.WorkspaceFolder(uri=PROJECT.as_uri(), name="sample")],
@@ -509,8 +513,12 @@ def main() -> int:
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--workers", type=int, default=1, help="engine worker threads in the HTTP server")
     p.add_argument("--schemathesis", action="store_true", help="also run schemathesis against /openapi.json")
+    p.add_argument("--prefix-cache-mb", type=float, default=None,
+                   help="engine prefix-cache budget for the servers (the cache fills up to it: RSS grows by that much)")
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args()
+    if args.prefix_cache_mb is not None:
+        CACHE_ARGS.extend(["--prefix-cache-mb", str(args.prefix_cache_mb)])
     modes = set(args.mode.split(","))
     results = {}
     with tempfile.TemporaryDirectory() as tmp_name:

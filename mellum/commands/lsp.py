@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from mellum.commands.serve import add_model_arguments, model_dir, open_telemetry
+from mellum.commands.serve import add_model_arguments, load_service, model_dir, open_telemetry
 
 
 def configure(parser) -> None:
@@ -34,7 +34,7 @@ def run(args) -> int:
     telemetry = open_telemetry(args)
     path = model_dir(args)
     server = create_server(path, telemetry=telemetry, config=config, workers=args.workers,
-                           load_service=lambda p: _load(p, args.device))
+                           load_service=lambda p: load_service(p, args))
     try:
         if host:
             print(f"mellum: language server on {host}:{port}", file=sys.stderr, flush=True)
@@ -47,8 +47,3 @@ def run(args) -> int:
             telemetry.close()
     return 0
 
-
-def _load(path, device):
-    from mellum.complete import CompletionService
-
-    return CompletionService.from_pretrained(path, device=device)

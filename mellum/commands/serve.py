@@ -19,6 +19,17 @@ def add_model_arguments(parser) -> None:
     parser.add_argument("--no-telemetry", action="store_true", help="record nothing about served completions")
     parser.add_argument("--workers", type=int, default=1,
                         help="engine worker threads (default 1: one request computes at a time, others queue)")
+    parser.add_argument("--prefix-cache-mb", type=float, default=None,
+                        help="memory budget of the engine's cross-request prefix (KV) cache (default 256; 0 = off)")
+    parser.add_argument("--quantize", choices=["int8"], default=None, help="int8 weight-only quantization")
+
+
+def load_service(path, args):
+    """The completion service for `path` with the engine options given on the command line."""
+    from mellum.complete import CompletionService
+
+    options = {} if args.prefix_cache_mb is None else {"prefix_cache_mb": args.prefix_cache_mb}
+    return CompletionService.from_pretrained(path, device=args.device, quantize=args.quantize, **options)
 
 
 def model_dir(args) -> Path:
@@ -57,7 +68,6 @@ def configure(parser) -> None:
 
 
 def run(args) -> int:
-    from mellum.complete import CompletionService
     from mellum.serve.http import HttpConfig, create_app, run_server
 
     for w in args.workspace:
@@ -67,7 +77,7 @@ def run(args) -> int:
         raise ValueError(f"--port must be 0-65535, got {args.port}")
     path = model_dir(args)
     print(f"mellum: loading {path}", file=sys.stderr, flush=True)
-    service = CompletionService.from_pretrained(path, device=args.device)
+    service = load_service(path, args)
     telemetry = open_telemetry(args)
     config = HttpConfig(host=args.host, port=args.port, api_key=args.api_key or None,
                         max_body_bytes=args.max_body_bytes, max_tokens_limit=args.max_tokens_limit,

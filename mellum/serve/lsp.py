@@ -345,11 +345,14 @@ class _State:
         self._loading = asyncio.get_running_loop().run_in_executor(None, self._load)
 
     def close(self) -> None:
+        """Stop in-flight work and free the engine (at `shutdown`, and again harmlessly at exit)."""
         for event in list(self.inflight.values()):
             event.set()
-        if self.runner is not None:
-            self.runner.close()
-            close = getattr(self.runner.service, "close", None)
+        runner, self.runner = self.runner, None
+        self.load_error = self.load_error or "the server is shutting down"
+        if runner is not None:
+            runner.close()
+            close = getattr(runner.service, "close", None)
             if close is not None:
                 close()
 

@@ -4,6 +4,8 @@ didChange → cancel, plus the suggestion cache, telemetry, status, configuratio
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import sqlite3
 
 import pytest
@@ -167,7 +169,10 @@ def test_lsp_session(tiny_model_dir, workspace, tmp_path):
             await client.protocol.send_request_async("mellum/nope", {})
         status = await client.protocol.send_request_async("mellum/status", {})
         assert status.ready
-        await _stop(client)
+        # The status reply came after the telemetry notifications were handled (committed in order):
+        # kill -9 now, with no shutdown, and the events must still be in the database.
+        os.kill(client._server.pid, signal.SIGKILL)
+        await client.stop()
         return cid
 
     cid = _run(session())
