@@ -11,7 +11,7 @@ parameters and for stacked 3-D expert weights [E, A, B].
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
