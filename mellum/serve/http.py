@@ -55,7 +55,7 @@ def _models():
         model: str | None = None
         prompt: Union[str, list[str]] = Field("", description="Code before the cursor (a one-element list is accepted)")
         suffix: str | None = Field(None, description="Code after the cursor")
-        max_tokens: int | None = Field(16, ge=0, description="OpenAI's default is 16")
+        max_tokens: int | None = Field(16, ge=1, description="OpenAI's default is 16")
         temperature: float | None = Field(None, ge=0, le=2, description="Default 0 (greedy), unlike OpenAI's 1")
         top_p: float = Field(1.0, gt=0, le=1)
         n: int = Field(1, ge=1, le=1)
@@ -69,7 +69,7 @@ def _models():
         text: str
 
     class FimOptions(Lenient):
-        max_tokens: int | None = Field(None, ge=0)
+        max_tokens: int | None = Field(None, ge=1)
         temperature: float = Field(0.0, ge=0, le=2)
         top_p: float = Field(1.0, gt=0, le=1)
         top_k: int = Field(0, ge=0)
@@ -108,7 +108,7 @@ def _models():
     class ChatBody(Lenient):
         model: str | None = None
         messages: list[ChatMessage] = Field(..., min_length=1)
-        max_tokens: int | None = Field(None, ge=0)
+        max_tokens: int | None = Field(None, ge=1)
         temperature: float | None = Field(None, ge=0, le=2)
         top_p: float = Field(1.0, gt=0, le=1)
         n: int = Field(1, ge=1, le=1)
@@ -254,6 +254,12 @@ def create_app(service, config: HttpConfig | None = None, telemetry=None, metric
         return JSONResponse(_error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error", None),
                             status_code=500)
 
+    def _request(**fields) -> CompletionRequest:
+        try:
+            return CompletionRequest(**fields)
+        except ValueError as exc:  # the service validates too: its message is for the client
+            raise ApiError(400, str(exc)) from None
+
     def _max_tokens(value: int | None, default: int) -> int:
         value = default if value is None else value
         if value > config.max_tokens_limit:
@@ -323,7 +329,7 @@ def create_app(service, config: HttpConfig | None = None, telemetry=None, metric
             if len(prompt) != 1:
                 raise ApiError(400, "prompt as a list must hold exactly one string (n=1 only)")
             prompt = prompt[0]
-        request = CompletionRequest(
+        request = _request(
             path=scrub(body.path or "untitled"), prefix=scrub(prompt), suffix=scrub(body.suffix or ""),
             max_new_tokens=_max_tokens(body.max_tokens, 16), temperature=body.temperature or 0.0,
             top_p=body.top_p, seed=body.seed, stop=_stops(body.stop),
@@ -366,7 +372,7 @@ def create_app(service, config: HttpConfig | None = None, telemetry=None, metric
               summary="Native fill-in-the-middle completion with project context")
     async def fim(body: m["FimBody"], http_request: Request):
         o = body.options
-        request = CompletionRequest(
+        request = _request(
             path=scrub(body.path), prefix=scrub(body.prefix), suffix=scrub(body.suffix),
             project_root=_project_root(body.project_root),
             extra_context=[ContextFile(scrub(p.path), scrub(p.text)) for p in body.extra_context],
@@ -413,8 +419,8 @@ def create_app(service, config: HttpConfig | None = None, telemetry=None, metric
     @app.post("/v1/telemetry", summary="Record what the developer did with completions (durable on 200)")
     async def telemetry_route(body: Union[m["TelemetryBody"], m["TelemetryEventBody"]]):
         if runner.telemetry is None:
-            raise ApiError(503, "telemetry is disabled on this server (started with --no-telemetry)",
-                           "unavailable", "telemetry_disabled")
+            raise ApiError(404, "telemetry is disabled on this server (started with --no-telemetry)",
+                           "not_found", "telemetry_disabled")
         items = body.events if hasattr(body, "events") else [body]
         events = [TelemetryEvent(scrub(e.id), e.event, e.accepted_text, e.replacement, client="http") for e in items]
         # Committed (fsync'd WAL) before we answer: an acknowledged event survives a crash.
