@@ -61,7 +61,10 @@ class _EvalPlus(Benchmark):
     file = ""
     max_new_tokens = 384
     multiline = True
-    timeout_s = 60.0  # the canonical solution runs on every input too
+    # The canonical solution runs on every input too; a few MBPP+ inputs are extreme (sum(range(10**8)),
+    # 1.6M combinations of 77 items), hence the generous limits.
+    timeout_s = 240.0
+    memory_mb = 6144
 
     def load(self) -> list[Problem]:
         rows = read_jsonl(self.data_dir / "evalplus" / self.file)
@@ -76,6 +79,7 @@ class _EvalPlus(Benchmark):
                     "base_input": row["base_input"],
                     "plus_input": row["plus_input"],
                     "atol": float(row.get("atol") or 0),
+                    "kinds": argument_kinds(row.get("assertion") or row["prompt"], row["entry_point"]),
                 },
             )
             for row in rows
@@ -94,7 +98,9 @@ class _EvalPlus(Benchmark):
         }
         source = _DIFFERENTIAL.replace("@ENTRY@", repr(meta["entry_point"])).replace("@ATOL@", repr(meta["atol"]))
         source = source.replace("@NONCE@", repr(nonce)).replace("@MODE@", repr(self._mode(meta["entry_point"])))
-        result = sandbox.run_python(source, files=files, config=replace(sandbox.config, timeout_s=self.timeout_s))
+        source = source.replace("@KINDS@", repr(meta.get("kinds") or []))
+        config = replace(sandbox.config, timeout_s=self.timeout_s, memory_mb=max(self.memory_mb, sandbox.config.memory_mb))
+        result = sandbox.run_python(source, files=files, config=config)
         verdict = _verdict(result.stdout, nonce)
         if verdict is None:
             return Score(passed=False, reason=result.reason(), metrics={"base": 0.0})
@@ -125,6 +131,45 @@ class MbppPlus(_EvalPlus):
         return "not-none" if entry_point in MBPP_NOT_NONE else "exact"
 
 
+def argument_kinds(example: str, entry_point: str) -> list[str]:
+    """Per-argument types the JSON inputs lost, read from the task's own example call (`assert f((1, 2), 3j)...`).
+
+    EvalPlus stores inputs as JSON, where tuples become lists and complex numbers strings; the example in the
+    prompt shows what the function really takes. Kinds: "tuple", "tuple-deep" (nested tuples too),
+    "list-of-tuple(-deep)", "set", "number" (a string that is a number), "" (as stored).
+    """
+    import ast
+
+    try:
+        tree = ast.parse(example.strip().strip('"').strip())
+    except SyntaxError:
+        return []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == entry_point:
+            return [_kind(arg) for arg in node.args]
+    return []
+
+
+def _kind(node) -> str:
+    import ast
+
+    def has_tuple(n) -> bool:
+        return any(isinstance(c, ast.Tuple) for c in ast.walk(n) if c is not n)
+
+    if isinstance(node, ast.Tuple):
+        return "tuple-deep" if has_tuple(node) else "tuple"
+    if isinstance(node, ast.List) and node.elts and isinstance(node.elts[0], ast.Tuple):
+        return "list-of-tuple-deep" if has_tuple(node.elts[0]) else "list-of-tuple"
+    if isinstance(node, ast.Set):
+        return "set"
+    numbers = [c for c in ast.walk(node) if isinstance(c, ast.Constant)]
+    if numbers and all(isinstance(c.value, (int, float, complex)) and not isinstance(c.value, bool) for c in numbers) \
+            and all(isinstance(c, (ast.Constant, ast.UnaryOp, ast.BinOp, ast.USub, ast.UAdd, ast.Add, ast.Sub))
+                    for c in ast.walk(node)):
+        return "number"
+    return ""
+
+
 def _verdict(stdout: str, nonce: str) -> tuple[bool, bool, str] | None:
     for line in reversed(stdout.splitlines()):
         if line.startswith(nonce):
@@ -139,9 +184,41 @@ _DIFFERENTIAL = r'''
 import copy, json, math, sys
 
 sys.setrecursionlimit(10000)
-ENTRY, ATOL, NONCE, MODE = @ENTRY@, @ATOL@, @NONCE@, @MODE@
+ENTRY, ATOL, NONCE, MODE, KINDS = @ENTRY@, @ATOL@, @NONCE@, @MODE@, @KINDS@
+
+
+def deep_tuple(value):
+    return tuple(deep_tuple(v) for v in value) if isinstance(value, list) else value
+
+
+def number(value):
+    if not isinstance(value, str):
+        return value
+    for parse in (int, float, complex):
+        try:
+            return parse(value)
+        except ValueError:
+            pass
+    return value
+
+
+CONVERT = {
+    "": lambda v: v,
+    "tuple": lambda v: tuple(v) if isinstance(v, list) else v,
+    "tuple-deep": deep_tuple,
+    "list-of-tuple": lambda v: [tuple(x) if isinstance(x, list) else x for x in v] if isinstance(v, list) else v,
+    "list-of-tuple-deep": lambda v: [deep_tuple(x) for x in v] if isinstance(v, list) else v,
+    "set": lambda v: set(v) if isinstance(v, list) else v,
+    "number": number,
+}
+
+
+def typed(inp):
+    return [CONVERT[KINDS[i]](v) if i < len(KINDS) else v for i, v in enumerate(inp)]
+
+
 with open("inputs.json") as f:
-    INPUTS = json.load(f)
+    INPUTS = {split: [typed(inp) for inp in rows] for split, rows in json.load(f).items()}
 
 
 def load(path):
@@ -152,6 +229,11 @@ def load(path):
 
 
 def same(out, exp):
+    try:
+        if out == exp:  # exact equality first, as EvalPlus does; only unequal values get the float tolerance
+            return True
+    except Exception:
+        pass
     if isinstance(exp, bool) or isinstance(out, bool):
         return out == exp and type(out) is type(exp)
     if isinstance(exp, float) or isinstance(out, float):
