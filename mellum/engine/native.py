@@ -42,7 +42,9 @@ class EngineOptions:
 class NativeEngine:
     """In-process inference over token ids; `generate` is thread-safe and requests are batched continuously.
 
-    `newline_ids`: ids whose text contains a newline (for `SamplingParams.max_lines`); the engine never sees text.
+    The engine takes the model over: it is moved to `device`, its parameters cast to `dtype`, and with
+    `quantize="int8"` its linear layers are replaced in place. `newline_ids`: ids whose text contains a newline
+    (for `SamplingParams.max_lines`); the engine never sees text.
     """
 
     def __init__(self, model, config=None, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
@@ -168,8 +170,12 @@ class NativeEngine:
         out = x[:, -1:] if last_only else x
         return m.lm_head(m.norm(out)), x
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, view, last_only: bool = False):
-        if self._graphs is not None and ids.shape[0] == 1 and ids.shape[1] <= self._graphs.MAX_TOKENS:
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, view, last_only: bool = False,
+                 graphs: bool = True):
+        """`graphs=False` for prefill chunks: their lengths vary per request, and capturing a graph for each new
+        (length, key bucket) costs more than one eager forward."""
+        if (self._graphs is not None and ids.shape[0] == 1 and (graphs or ids.shape[1] == 1)
+                and ids.shape[1] <= self._graphs.MAX_TOKENS):
             try:
                 return self._graphs.run(view.rows[0], view.kv_len, ids, positions, last_only)
             except RuntimeError as exc:  # capture unsupported by some op: stay eager from now on
@@ -216,7 +222,7 @@ class NativeEngine:
         ids = self._tensor([seq.prompt[a:b]])  # [1, T]
         positions = torch.arange(a, b, device=self.device)[None]  # [1, T]
         last = b == n
-        logits, hidden = self._forward(ids, positions, self.cache.view([seq.row], b), last_only=True)
+        logits, hidden = self._forward(ids, positions, self.cache.view([seq.row], b), last_only=True, graphs=False)
         seq.filled = b
         if seq.state["mtp"] and not last:
             self._mtp(hidden, seq.prompt[a + 1:b + 1], a, seq.row)
