@@ -22,7 +22,7 @@ from typing import Literal, Union
 
 from mellum.serve.documents import scrub
 from mellum.serve.metrics import Metrics
-from mellum.serve.runner import Cancelled, Runner
+from mellum.serve.runner import Cancelled, Runner, is_secret
 
 API_KEY_ENV = "MELLUM_API_KEY"
 
@@ -375,8 +375,9 @@ def create_app(service, config: HttpConfig | None = None, telemetry=None, metric
         request = _request(
             path=scrub(body.path), prefix=scrub(body.prefix), suffix=scrub(body.suffix),
             project_root=_project_root(body.project_root),
-            extra_context=[ContextFile(scrub(p.path), scrub(p.text)) for p in body.extra_context],
-            open_files={scrub(k): scrub(v) for k, v in body.open_files.items()},
+            extra_context=[ContextFile(scrub(p.path), scrub(p.text)) for p in body.extra_context
+                           if not is_secret(p.path, p.text)],
+            open_files={scrub(k): scrub(v) for k, v in body.open_files.items() if not is_secret(k, v)},
             max_new_tokens=_max_tokens(o.max_tokens, config.default_max_tokens), temperature=o.temperature,
             top_p=o.top_p, top_k=o.top_k, seed=o.seed, multiline=o.multiline, stop=_stops(o.stop),
             deadline_ms=o.deadline_ms, return_prompt=o.return_prompt,

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from mellum.serve.documents import DocumentStore
 from mellum.serve.metrics import Metrics
-from mellum.serve.runner import Cancelled, Runner
+from mellum.serve.runner import Cancelled, Runner, is_secret
 
 log = logging.getLogger("mellum.lsp")
 
@@ -406,11 +406,6 @@ class _State:
     def _open_files(self, root: str | None, skip: str) -> dict[str, str]:
         if root is None:
             return {}
-        try:
-            from mellum.context.ignore import is_secret
-        except ImportError:  # the context package decides again; this is a second line of defence
-            def is_secret(path, text=None):
-                return Path(path).name.startswith(".env")
         out = {}
         for path, text in self.documents.snapshot().items():
             inside = Path(path).is_relative_to(root)

@@ -19,6 +19,16 @@ from typing import AsyncIterator
 from mellum.serve.metrics import Metrics
 
 
+def is_secret(path: str, text: str | None = None) -> bool:
+    """Credentials-looking files (.env, keys, by name or content) never go into a prompt, whoever sends them.
+
+    The project index applies the same rule to files on disk; this covers what clients send themselves.
+    """
+    from mellum.context.ignore import is_secret as check
+
+    return check(path, text)
+
+
 class Cancelled(Exception):
     """The request was cancelled (client gone, $/cancelRequest, or superseded by a newer request)."""
 

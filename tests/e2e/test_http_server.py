@@ -95,6 +95,16 @@ def test_context_never_leaves_the_workspace(server, workspace):
     assert r.status_code == 200, r.text
     prompt = r.json()["prompt"]
     assert "SECRET-IN-DOTENV" not in prompt and "SECRET-OUTSIDE-ROOT" not in prompt
+    # Secrets the client itself sends (an open .env buffer, a key pasted as a snippet) are dropped too,
+    # while an ordinary snippet is used.
+    r = c.post("/v1/fim", json={"path": "shop/cli.py", "prefix": "x = ", "project_root": str(workspace),
+                                "open_files": {str(workspace / ".env"): "TOKEN=sk-OPEN-BUFFER-SECRET\n"},
+                                "extra_context": [{"path": "deploy/id_rsa", "text": "-----BEGIN RSA PRIVATE KEY-----"},
+                                                  {"path": "notes.py", "text": "HARMLESS_SNIPPET = 1\n"}],
+                                "options": {"max_tokens": 2, "return_prompt": True}})
+    prompt = r.json()["prompt"]
+    assert "OPEN-BUFFER-SECRET" not in prompt and "PRIVATE KEY" not in prompt
+    assert "HARMLESS_SNIPPET" in prompt
     for root in [str(workspace / ".."), str(workspace / "linked_outside.py" / ".."), "/etc"]:
         r = c.post("/v1/fim", json={"path": "a.py", "prefix": "x", "project_root": root})
         assert r.status_code == 403, root
