@@ -182,3 +182,31 @@ def test_grpo_raises_mean_reward_on_unit_tested_task(tiny_tokenizer):
     assert result["eval_reward_after"] > result["eval_reward_before"] + 0.3, result
     assert result["max_staleness_seen"] <= 1  # asynchronous rollouts stay within the bound
     assert result["sandbox_runs"] < 15 * 32  # each distinct (task, completion) ran once
+
+
+def test_train_grpo_command(tiny_tokenizer, tmp_path):
+    import json
+
+    from mellum import load_pretrained, save_pretrained
+    from mellum.cli import main
+    from mellum.config import get_config
+    from mellum.model import Transformer
+
+    torch.manual_seed(0)
+    base = tmp_path / "base"
+    save_pretrained(Transformer(get_config("tiny-dense")), base)
+    tiny_tokenizer.save(base)
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("".join(json.dumps({"task_id": t.task_id, "prefix": t.prefix, "suffix": t.suffix,
+                                         "test": t.test}) + "\n" for t in _tasks(["a", "b"])))
+    out = tmp_path / "run"
+    assert main(["train", "grpo", "--model", str(base), "--tasks", str(tasks), "--out", str(out), "--max-steps", "2",
+                 "--batch-size", "2", "--group-size", "2", "--max-new-tokens", "3", "--overlong-buffer", "1",
+                 "--test-timeout", "2", "--no-bar"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stage"] == "grpo" and summary["batches"] == 2 and len(summary["rewards"]) == 2
+    assert sum(summary["statuses"].values()) == 2 * 2 * 2  # every completion was verified
+    load_pretrained(out / "model")
+    (tmp_path / "bad.jsonl").write_text('{"prefix": "x"}\n')
+    assert main(["train", "grpo", "--model", str(base), "--tasks", str(tmp_path / "bad.jsonl"),
+                 "--out", str(tmp_path / "run2")]) == 2
