@@ -144,3 +144,6 @@ def test_telemetry_survives_kill_9_and_exports_pairs(server, tmp_path):
     pairs = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(p["chosen_id"], p["rejected_id"]) for p in pairs] == [(good, bad)]
     assert pairs[0]["prompt"].endswith("<fim_middle>") and pairs[0]["chosen"] != pairs[0]["rejected"]
+    from mellum.train.dpo import read_pairs  # the consumer: `mellum train dpo`
+
+    assert [p["chosen_id"] for p in read_pairs(out)] == [good]
