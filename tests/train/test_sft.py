@@ -188,3 +188,31 @@ def test_train_sft_command_fim_and_chat(tiny_tokenizer, tmp_path):
     # A second run into the same directory without --resume is refused; bad input is a user error.
     assert main(argv) == 2
     assert main(["train", "sft", "--model", str(base), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_resume_reproduces_the_uninterrupted_run(tiny_tokenizer, tmp_path):
+    from mellum.config import get_config
+    from mellum.model import Transformer
+    from mellum.train import checkpointing
+
+    examples = [e for _ in range(3) for e in chat_examples(CONVERSATION, tiny_tokenizer, "thinking")]
+    config = FinetuneConfig(max_steps=4, batch_size=2, micro_batch=1, max_len=128, eval_every=0, checkpoint_every=2,
+                            keep_checkpoints=2, optim=OptimConfig(lr=1e-3, weight_decay=0.0, muon=False),
+                            schedule=WSDSchedule(1, 0.5))
+
+    def model(seed=0):
+        torch.manual_seed(seed)
+        return Transformer(get_config("tiny-dense"))
+
+    straight = model()
+    train_sft(straight, tiny_tokenizer, examples, [], config, tmp_path / "a", bar=False)
+    # Run b is "killed" after its step-2 checkpoint: roll its pointer back and resume into a fresh model.
+    interrupted = model()
+    train_sft(interrupted, tiny_tokenizer, examples, [], config, tmp_path / "b", bar=False)
+    (tmp_path / "b" / "checkpoints" / "latest").write_text("step_000002\n")
+    resumed = model(seed=1)  # other initial weights: only a real restore can end where the straight run ends
+    summary = train_sft(resumed, tiny_tokenizer, examples, [], config, tmp_path / "b", bar=False, resume=True)
+    assert summary["steps"] == 4
+    assert checkpointing.latest_checkpoint(tmp_path / "b").name == "step_000004"
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
