@@ -108,6 +108,15 @@ def test_openai_compatible_server_and_latency(shared_benchmarks, server, tmp_pat
     assert sorted(samples) == [1, 2] and all(len(v) == 3 for v in samples.values())
     json.dumps(summary)  # the summary is plain JSON
 
+    from mellum import cli
+
+    argv = ["eval", "latency", "--url", server, "--concurrency", "1", "--requests", "2", "--max-tokens", "2",
+            "--warmup", "0", "--out", str(tmp_path / "lat"), "--json", str(tmp_path / "lat.json"),
+            "--data", str(shared_benchmarks)]
+    assert cli.main(argv) == 0
+    assert json.loads((tmp_path / "lat.json").read_text())["summaries"][0]["levels"][0]["errors"] == 0
+    assert (tmp_path / "lat" / "latency" / "latency.png").is_file()
+
 
 def test_unreachable_server_is_a_clear_error(shared_benchmarks):
     bench = get_benchmark("cceval", shared_benchmarks, "none")
