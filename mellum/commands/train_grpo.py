@@ -1,7 +1,7 @@
 """`mellum train grpo`: reinforcement learning with verifiable rewards (GRPO) on unit-tested completion tasks.
 
-Tasks are JSONL lines {"task_id", "prefix", "suffix", "test"} (HumanEval-Infilling records work as they are): the
-engine samples `--group-size` middles per task, each program `prefix + middle + suffix + test` runs in the sandbox
+Tasks are JSONL lines {"task_id", "prefix", "suffix", "test"} (the HumanEval record shape with `prompt` and
+`entry_point` is accepted; never train on an evaluation benchmark itself): the engine samples `--group-size` middles per task, each program `prefix + middle + suffix + test` runs in the sandbox
 (time and memory limits, no network), and passing earns reward 1. Advantages are normalised within each group;
 the clipped objective drops tokens whose trainer/inference probability ratio leaves [1/k, k] (IcePop).
 """

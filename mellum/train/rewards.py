@@ -91,8 +91,9 @@ class UnitTestReward:
 
 
 def read_tasks(path: str | os.PathLike) -> list[UnitTestTask]:
-    """Tasks from JSONL: {"task_id", "prefix" (or "prompt"), "suffix"?, "test", "path"?} — the HumanEval-Infilling
-    fields (`prompt`, `suffix`, `test`, `entry_point`) work as they are: `check(entry_point)` is appended."""
+    """Tasks from JSONL: {"task_id", "prefix" (or "prompt"), "suffix"?, "test", "entry_point"?, "path"?}; with an
+    `entry_point`, `check(entry_point)` is appended to the test (the HumanEval record shape). Evaluation
+    benchmarks are for measuring, never for training: write training tasks of your own in this shape."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no task file at {path}")
