@@ -138,6 +138,39 @@ def test_sandbox_stops_hostile_completions_and_training_goes_on(tiny_tokenizer):
     assert any(not torch.equal(a, b) for a, b in zip(before, policy.parameters()))
 
 
+def test_inference_logps_align_with_the_trainer_and_icepop_drops_stale_tokens(tiny_tokenizer):
+    """The engine's copy scores its samples exactly as the trainer does while weights agree; once the trainer's
+    weights move away (a stale rollout), IcePop masks the tokens whose probability ratio left [1/k, k]."""
+    from mellum.config import get_config
+    from mellum.model import Transformer
+    from mellum.train.grpo import _sequence_batch
+    from mellum.train.rollout import RolloutWorker
+    from mellum.train.sft import token_logprobs
+
+    torch.manual_seed(0)
+    policy = Transformer(get_config("tiny-dense"))
+    reward = UnitTestReward(RewardConfig(timeout_s=2))
+    worker = RolloutWorker(policy, tiny_tokenizer, reward, SamplingConfig(group_size=4, max_new_tokens=8), seed=0)
+    try:
+        batch = worker.generate(_tasks(["a"]))
+    finally:
+        worker.close()
+        reward.close()
+    rollouts = batch.groups[0]
+    assert len(rollouts) == 4 and all(len(r.infer_logps) == len(r.completion_ids) > 0 for r in rollouts)
+    inputs, targets, infer = _sequence_batch(rollouts, tiny_tokenizer.eos_id, "cpu")
+    mask = targets >= 0
+    with torch.no_grad():
+        same = token_logprobs(policy(inputs).logits, targets)
+        torch.testing.assert_close(same[mask], infer[mask], rtol=0, atol=1e-4)
+        assert not (~icepop_mask(same, infer, 1.01) & mask).any()
+        policy.lm_head.weight.add_(torch.randn_like(policy.lm_head.weight))  # the trainer moved on
+        moved = token_logprobs(policy(inputs).logits, targets)
+    dropped = ~icepop_mask(moved, infer, 2.0) & mask
+    ratio = (moved - infer)[mask].exp()
+    assert int(dropped.sum()) == int(((ratio < 0.5) | (ratio > 2.0)).sum()) > 0
+
+
 # ---- learning ---------------------------------------------------------------------------------------------------
 OPTIONS = ["n + 1", "2 * n", "abs(n)", "0"]  # distinct first tokens; only "n + 1" passes the tests
 
