@@ -97,7 +97,6 @@ class NativeEngine:
 
             self._graphs = GraphedDecode(self)
         self.scheduler = Scheduler(self, opts.max_batch, speculative=opts.speculative is not None)
-        self._lock = threading.Lock()
 
     @classmethod
     def from_pretrained(cls, path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, **kwargs):
