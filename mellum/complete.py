@@ -406,17 +406,18 @@ class CompletionService:
         return prompt
 
     def _encode(self, path: str, prefix: str, suffix: str, context: list[ContextFile], truncated: bool) -> Prompt:
-        rendered = self.format.render(path, _PREFIX_MARK, suffix, context)
-        head, tail = rendered.split(_PREFIX_MARK)
-        enc = self.tokenizer.encode
-        return Prompt(enc(head, allow_special=True), enc(prefix, allow_special=True), enc(tail, allow_special=True),
+        # Control tokens come only from the format's templates: code holding `<fim_prefix>` stays text.
+        segments = self.format.segments(path, _PREFIX_MARK, suffix, context)
+        cut = segments.index(("text", _PREFIX_MARK))
+        tok = self.tokenizer
+        return Prompt(tok.encode_segments(segments[:cut]), tok.encode(prefix), tok.encode_segments(segments[cut + 1:]),
                       prefix, suffix, list(context), truncated)
 
     def _trim_file(self, prompt: Prompt, excess: int) -> tuple[str, str]:
         """Prefix cut from the left and suffix from the right so the prompt loses `excess` tokens; the suffix keeps
         at most `suffix_share` of what the file may use, the prefix the rest (the text at the cursor stays)."""
         tok = self.tokenizer
-        suffix_ids = tok.encode(prompt.suffix_text, allow_special=True) if prompt.suffix_text else []
+        suffix_ids = tok.encode(prompt.suffix_text) if prompt.suffix_text else []
         fixed = len(prompt.ids) - len(prompt.prefix) - len(suffix_ids)  # markers, path, suffix-free parts
         room = max(0, len(prompt.ids) - excess - fixed)  # tokens prefix + suffix may use together
         keep_suffix = min(len(suffix_ids), max(int(room * self.config.suffix_share), room - len(prompt.prefix)))

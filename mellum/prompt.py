@@ -24,6 +24,11 @@ def _render(template: str, **values: str) -> str:
     return _FIELD.sub(lambda m: values[m.group(1)], template)
 
 
+def _segments(template: str, **values: str) -> list[tuple[str, str]]:
+    parts = _FIELD.split(template)  # literal, field name, literal, field name, ...
+    return [("text", values[p]) if i % 2 else ("literal", p) for i, p in enumerate(parts)]
+
+
 @dataclass(frozen=True)
 class ContextFile:
     """A piece of project context: a file (or a chunk of one) shown to the model before the current file."""
@@ -75,6 +80,28 @@ class PromptFormat:
         current = _render(self.current_file, path=path)
         fim = _render(self.fim, prefix=prefix, suffix=suffix if self.supports_suffix else "")
         return head + self.render_context(context) + current + fim
+
+    def segments(
+        self,
+        path: str,
+        prefix: str,
+        suffix: str = "",
+        context: Sequence[ContextFile] = (),
+        repo: str | None = None,
+    ) -> list[tuple[str, str]]:
+        """The prompt of `render` as ("literal", template text) and ("text", caller text) pieces, in order.
+
+        Only literals may hold control tokens: code that happens to contain `<fim_prefix>` must be encoded as text
+        (see `Tokenizer.encode_segments`). Joined, the pieces equal `render(...)`.
+        """
+        out: list[tuple[str, str]] = []
+        if self.repo and repo:
+            out += _segments(self.repo, repo=repo)
+        for f in context:
+            out += _segments(self.context_file, path=f.path, text=f.text)
+        out += _segments(self.current_file, path=path)
+        out += _segments(self.fim, prefix=prefix, suffix=suffix if self.supports_suffix else "")
+        return [piece for piece in out if piece[1]]
 
     def training_text(
         self,

@@ -129,6 +129,36 @@ class Tokenizer:
         tok = self._special if allow_special else self._plain
         return [e.ids for e in tok.encode_batch(list(texts), add_special_tokens=False)]
 
+    def encode_segments(self, segments: Sequence[tuple[str, str]]) -> list[int]:
+        """Encode ("literal", s) / ("text", s) pieces of a prompt (`PromptFormat.segments`).
+
+        Literals are split at special tokens; everything between two special tokens — literal and caller text
+        together — is one run encoded with `allow_special=False`, exactly as training samples are, so special
+        strings inside code never become control tokens.
+        """
+        runs: list[tuple[bool, str]] = []  # (is_special, text)
+        for kind, piece in segments:
+            parts = self._special_split.split(piece) if kind == "literal" and self._special_split else [piece]
+            for i, part in enumerate(parts):
+                special = kind == "literal" and i % 2 == 1
+                if not part:
+                    continue
+                if not special and runs and not runs[-1][0]:
+                    runs[-1] = (False, runs[-1][1] + part)
+                else:
+                    runs.append((special, part))
+        ids: list[int] = []
+        for special, text in runs:
+            ids.extend([self.id_of(text)] if special else self.encode(text))
+        return ids
+
+    @cached_property
+    def _special_split(self):
+        import re
+
+        specials = sorted(self.special_tokens, key=len, reverse=True)
+        return re.compile("(" + "|".join(re.escape(t) for t in specials) + ")") if specials else None
+
     def decode(self, ids: Iterable[int]) -> str:
         return self._special.decode(list(ids), skip_special_tokens=False)
 

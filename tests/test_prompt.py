@@ -59,3 +59,11 @@ def test_every_format_stops_on_its_eos():
 def test_unknown_format_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown prompt format 'nope'.*mellum"):
         get_format("nope")
+
+
+def test_segments_join_to_render_and_mark_caller_text():
+    fmt = get_format("mellum")
+    segments = fmt.segments("pkg/main.py", "x = '<fim_middle>'", "\ny = 2\n", CONTEXT, repo="demo")
+    assert "".join(s for _, s in segments) == fmt.render("pkg/main.py", "x = '<fim_middle>'", "\ny = 2\n", CONTEXT, repo="demo")
+    assert ("text", "x = '<fim_middle>'") in segments
+    assert all("<fim_middle>" not in s for kind, s in segments if kind == "literal" and s != "<fim_middle>")

@@ -62,3 +62,17 @@ def test_errors_are_clear(tmp_path, tiny_tokenizer):
         train_bpe(["x"], vocab_size=100)
     with pytest.raises(ValueError, match="no token"):
         tiny_tokenizer.id_of("<nope>")
+
+
+def test_encode_segments_keeps_special_strings_in_code_as_text(tiny_tokenizer):
+    fmt = get_format("mellum")
+    code = "SEP = '<fim_suffix>'\n"
+    segments = fmt.segments("a.py", code, "<|endoftext|>\n", [])
+    ids = tiny_tokenizer.encode_segments(segments)
+    assert tiny_tokenizer.decode(ids) == fmt.render("a.py", code, "<|endoftext|>\n")
+    controls = [i for i in ids if i in tiny_tokenizer.special_ids]
+    names = ["<filename>", "<fim_suffix>", "<fim_prefix>", "<fim_middle>"]
+    assert controls == [tiny_tokenizer.id_of(t) for t in names]
+    # With no special strings in the code, segment encoding equals encoding the rendered prompt.
+    plain = fmt.segments("a.py", "x = 1\n", "y = 2\n", [])
+    assert tiny_tokenizer.encode_segments(plain) == tiny_tokenizer.encode(fmt.render("a.py", "x = 1\n", "y = 2\n"), allow_special=True)
