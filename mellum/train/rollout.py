@@ -79,9 +79,7 @@ class RolloutWorker:
         """Copy the trainer's weights into the inference copy (waits for a generation in progress to end)."""
         state = {k: v.detach().to("cpu") for k, v in policy.state_dict().items()}
         with self._lock:
-            if self.config.engine_quantize:
-                from mellum.engine.quant import quantize_int8
-
+            if self.config.engine_quantize:  # quantized weights are rebuilt from the new full-precision ones
                 fresh = copy.deepcopy(policy).cpu().float()
                 fresh.load_state_dict(state)
                 fresh.requires_grad_(False)

@@ -13,7 +13,6 @@ checkpoints of pre-training). Legend: B batch, T time, V vocabulary.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import random
@@ -233,8 +232,8 @@ def chat_examples(messages: Sequence[dict], tokenizer, masking: str = "instruct"
     for last in assistant:
         turn = messages[: last + 1]
         trained = [i == last for i in range(len(turn))]
-        return_reasoning = [i == last for i in range(len(turn))]  # the final turn always has its think block
-        out.append(_encode_pieces(tokenizer, _chat_pieces(turn, trained, return_reasoning)))
+        shown = [i == last for i in range(len(turn))]  # only the final turn shows its think block (maybe empty)
+        out.append(_encode_pieces(tokenizer, _chat_pieces(turn, trained, shown)))
     return out
 
 
@@ -510,6 +509,3 @@ def split_by_path(paths: Sequence[str], heldout_fraction: float, seed: int = 0) 
         n_held = 1
     return set(order[n_held:]), set(order[:n_held])
 
-
-def config_with(config: FinetuneConfig, **changes) -> FinetuneConfig:
-    return dataclasses.replace(config, **changes)
