@@ -87,7 +87,7 @@ def test_lsp_session(tiny_model_dir, workspace, tmp_path):
     async def session():
         # initializationOptions first, then the "mellum" section pulled with workspace/configuration wins.
         client, init = await _start(tiny_model_dir, db, workspace, {"maxNewTokens": 3, "multiline": "always"},
-                                    log=tmp_path / "lsp.log", pulled={"maxNewTokens": 24, "debounceMs": 400})
+                                    log=tmp_path / "lsp.log", pulled={"maxNewTokens": 24, "debounceMs": 2000})
         caps = init.capabilities
         assert caps.inline_completion_provider is not None  # advertised (LSP 3.18)
         assert caps.completion_provider is not None
@@ -100,7 +100,7 @@ def test_lsp_session(tiny_model_dir, workspace, tmp_path):
             if status.config.max_new_tokens == 24:
                 break
             await asyncio.sleep(0.05)
-        assert status.config.max_new_tokens == 24 and status.config.debounce_ms == 400
+        assert status.config.max_new_tokens == 24 and status.config.debounce_ms == 2000
         assert status.config.multiline == "always"  # from initializationOptions, not overridden
 
         # 1. An invoked request at the start of the body of cart_total.
@@ -121,7 +121,7 @@ def test_lsp_session(tiny_model_dir, workspace, tmp_path):
         assert cached.items[0].insert_text == item.insert_text[2:]
         assert list(cached.items[0].command.arguments) == [cid]
 
-        # 3. $/cancelRequest while the request waits out its debounce: a cancelled error, then still serving.
+        # 3. $/cancelRequest while the request waits out its (long, 2 s) debounce: a cancelled error.
         params = _inline(uri, line + 3, 0, automatic=True)
         future = client.protocol.send_request(types.TEXT_DOCUMENT_INLINE_COMPLETION, params, msg_id="cancel-me")
         await asyncio.sleep(0.1)
