@@ -321,8 +321,8 @@ class _State:
     def preload(self) -> None:
         """Load the model now, on the calling (main) thread, before the server reads its first message.
 
-        Measured: a service loaded on a background thread decoded ~50x slower on CPU than one loaded on the
-        main thread (torch's per-thread state), so the editor's `initialize` waits for the load instead.
+        Measured on CPU: a service loaded on a thread that then exits decodes 40-80x slower than one loaded on
+        a thread that lives on (torch/OpenMP per-thread state), so the editor's `initialize` waits for the load.
         """
         if self.runner is None and self.model_dir is not None:
             self._load()
