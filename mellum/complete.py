@@ -277,10 +277,32 @@ class CompletionService:
         stop_event = _Either(cancel)
         tokens: "queue.Queue[int | None]" = queue.Queue()
         outcome: dict = {}
+        watched: list[int] = []
+        decided: dict = {"reason": None, "lines": 0}
+
+        def watch(token: int) -> None:
+            """Runs on the engine's thread for each token: the stop decisions (healing mismatch, stop strings, the
+            filters ending the block) take effect before the next decode step, whatever the consumer is doing."""
+            watched.append(token)
+            if decided["reason"] is None:
+                visible, consistent = _unheal(self.tokenizer.decode(watched), prompt.healed)
+                if not consistent:
+                    decided["reason"] = "healing_mismatch"
+                elif (cut := _first_stop(visible, request.stop)) is not None:
+                    decided["reason"] = "stop_string"
+                else:
+                    lines = visible.count("\n")
+                    if lines != decided["lines"]:  # the filters only decide on complete lines
+                        decided["lines"] = lines
+                        if self.config.early_stop and self.postprocess.ended(visible, cursor):
+                            decided["reason"] = "filter"
+                if decided["reason"] is not None:
+                    stop_event.set()
+            tokens.put(token)
 
         def run() -> None:
             try:
-                outcome["result"] = self.engine.generate(prompt.ids, params, stop_event, tokens.put)
+                outcome["result"] = self.engine.generate(prompt.ids, params, stop_event, watch)
             except BaseException as exc:  # re-raised on the caller's thread
                 outcome["error"] = exc
             finally:
@@ -290,7 +312,6 @@ class CompletionService:
         worker.start()
         generated: list[int] = []
         yielded = ""
-        stop_reason = None
         lines_seen = 0
         try:
             while True:
@@ -298,26 +319,18 @@ class CompletionService:
                 if token is None:
                     break
                 generated.append(token)
-                raw = self.tokenizer.decode(generated)
-                visible, consistent = _unheal(raw, prompt.healed)
+                if not streaming:
+                    continue
+                visible, consistent = _unheal(self.tokenizer.decode(generated), prompt.healed)
                 if not consistent:
-                    stop_reason = "healing_mismatch"
-                    stop_event.set()
                     continue
                 cut = _first_stop(visible, request.stop)
                 if cut is not None:
-                    stop_reason = "stop_string"
-                    stop_event.set()
                     visible = visible[:cut]
                 lines = visible.count("\n")
                 if lines == lines_seen and cut is None:
-                    continue  # the filters only decide on complete lines
-                lines_seen = lines
-                if cut is None and self.config.early_stop and self.postprocess.ended(visible, cursor):
-                    stop_reason = "filter"
-                    stop_event.set()
-                if not streaming:
                     continue
+                lines_seen = lines
                 # Commit the complete lines the filters keep, all but the last `stream_holdback_lines`.
                 done = visible[: visible.rfind("\n") + 1]
                 kept = self.postprocess(done, cursor).split("\n") if done.strip() else []
@@ -335,13 +348,13 @@ class CompletionService:
         visible, consistent = _unheal(raw, prompt.healed)
         cut = _first_stop(visible, request.stop)
         if cut is not None:
-            visible, stop_reason = visible[:cut], "stop_string"
+            visible = visible[:cut]
         text = self.postprocess(visible, cursor) if consistent else ""
         if not text.startswith(yielded):
             text = yielded  # the filters changed their mind about committed lines: keep what the user saw
         if len(text) > len(yielded):
             yield text[len(yielded):]
-        reason = stop_reason or result.stop_reason
+        reason = "stop_string" if cut is not None else (decided["reason"] or result.stop_reason)
         return self._result(request, prompt, result.tokens, raw, text, reason, result, t0, t_context, multiline)
 
     # ---- context -----------------------------------------------------------------------------------------
