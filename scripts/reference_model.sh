@@ -102,6 +102,10 @@ train() {
   "$PYTHON" -m mellum.train.pretrain --recipe mellum-tiny --device "$DEVICE" --max-minutes "$MINUTES" \
     --out "$run" --data "$REF/shards/train" --eval-data "$REF/shards/heldout" --tokenizer "$REF/tokenizer" \
     --export "$run/mellum-tiny" --no-bar $EXTRA | tee "$run.summary"
+  # The held-out loss curve and the last step's throughput, for the report.
+  "$PYTHON" -c "import json, sys; rs = [json.loads(l) for l in open(sys.argv[1])]; \
+print('eval_loss by step:', [(r['step'], round(r['eval_loss'], 3)) for r in rs if 'eval_loss' in r]); \
+last = [r for r in rs if 'tokens_per_s' in r][-1]; print('last step:', last)" "$run/metrics.jsonl"
   pack "$run/mellum-tiny" "$out"
 }
 
