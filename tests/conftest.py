@@ -30,6 +30,22 @@ def tiny_tokenizer():
 
 
 @pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
+    """A randomly initialised `tiny-dense` model (seed 0) saved with the tiny tokenizer: real tensors end to end."""
+    import torch
+
+    import mellum
+    from mellum.config import get_config
+    from mellum.model import Transformer
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-model")
+    mellum.save_pretrained(Transformer(get_config("tiny-dense")).float(), path)
+    tiny_tokenizer.save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def shared_benchmarks() -> Path:
     if not SHARED_BENCHMARKS.is_dir():
         pytest.skip(f"benchmark data not found at {SHARED_BENCHMARKS} (set MELLUM_BENCHMARKS)")

@@ -11,11 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-import mellum
 from mellum.complete import CompletionRequest, CompletionService, ServiceConfig, healing_table, newline_ids
 from mellum.config import get_config
 from mellum.engine import NativeEngine
-from mellum.model import ModelOutput, Transformer
+from mellum.model import ModelOutput
 from mellum.postprocess import Cursor, pipeline
 from mellum.prompt import ContextFile, get_format
 
@@ -26,12 +25,8 @@ CODE = (
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tiny_tokenizer):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny-dense")
-    mellum.save_pretrained(Transformer(get_config("tiny-dense")), path)
-    tiny_tokenizer.save(path)
-    return path
+def model_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")

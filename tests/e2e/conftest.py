@@ -14,21 +14,6 @@ REPO = Path(__file__).resolve().parents[2]
 SAMPLE_PROJECT = REPO / "examples" / "sample_project"
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
-    import torch
-
-    import mellum
-    from mellum.config import get_config
-    from mellum.model import Transformer
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny-model")
-    mellum.save_pretrained(Transformer(get_config("tiny-dense")).float(), path)
-    tiny_tokenizer.save(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """A copy of the sample project plus traps: a secrets file, and a symlink and a file outside the root."""

@@ -12,26 +12,18 @@ import time
 import urllib.request
 
 import pytest
-import torch
 
-import mellum
-from mellum.config import get_config
 from mellum.eval import runner
 from mellum.eval.completer import NativeCompleter, OpenAICompleter
 from mellum.eval.report import summarize
 from mellum.eval.sandbox import Sandbox
 from mellum.eval.tasks import get_benchmark
 from mellum.eval.tasks.latency import LatencyConfig, measure
-from mellum.model import Transformer
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tiny_tokenizer):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny-dense")
-    mellum.save_pretrained(Transformer(get_config("tiny-dense")), path)
-    tiny_tokenizer.save(path)
-    return path
+def model_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 def test_native_model_runs_a_benchmark(shared_benchmarks, model_dir, tmp_path):

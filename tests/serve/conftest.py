@@ -6,21 +6,6 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
-    import torch
-
-    import mellum
-    from mellum.config import get_config
-    from mellum.model import Transformer
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny-model")
-    mellum.save_pretrained(Transformer(get_config("tiny-dense")).float(), path)
-    tiny_tokenizer.save(path)
-    return path
-
-
-@pytest.fixture(scope="session")
 def tiny_service(tiny_model_dir):
     from mellum.complete import CompletionService
 
