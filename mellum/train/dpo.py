@@ -10,16 +10,15 @@ reference is then freed) or on the fly with the reference kept in memory. Legend
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from mellum.train.losses import IGNORE
+from mellum.train.records import read_jsonl
 from mellum.train.sft import FinetuneConfig, Finetuner, batch_indices, seed_everything, token_logprobs
 
 
@@ -44,23 +43,13 @@ class EncodedPair:
 def read_pairs(path: str | os.PathLike) -> list[dict]:
     """Preference pairs from JSONL: every line needs string fields "prompt", "chosen" and "rejected"
     (extra fields of the telemetry export are kept). Pairs whose chosen equals rejected carry no signal: dropped."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no preference pairs at {path} (export them with `mellum data preferences`)")
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
-            missing = [k for k in ("prompt", "chosen", "rejected") if not isinstance(record.get(k), str)]
-            if missing:
-                raise ValueError(f"{path}:{n}: a preference pair needs string fields {', '.join(missing)}")
-            if record["chosen"] != record["rejected"]:
-                pairs.append(record)
+    for where, _, record in read_jsonl(path, "no preference pairs (export them with `mellum data preferences`)"):
+        missing = [k for k in ("prompt", "chosen", "rejected") if not isinstance(record.get(k), str)]
+        if missing:
+            raise ValueError(f"{where}: a preference pair needs string fields {', '.join(missing)}")
+        if record["chosen"] != record["rejected"]:
+            pairs.append(record)
     if not pairs:
         raise ValueError(f"{path} holds no usable preference pairs")
     return pairs

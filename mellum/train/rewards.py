@@ -9,13 +9,13 @@ completion already verified for a task is not run again (tests are deterministic
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
+
+from mellum.train.records import read_jsonl
 
 
 @dataclass(frozen=True)
@@ -94,24 +94,14 @@ def read_tasks(path: str | os.PathLike) -> list[UnitTestTask]:
     """Tasks from JSONL: {"task_id", "prefix" (or "prompt"), "suffix"?, "test", "entry_point"?, "path"?}; with an
     `entry_point`, `check(entry_point)` is appended to the test (the HumanEval record shape). Evaluation
     benchmarks are for measuring, never for training: write training tasks of your own in this shape."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no task file at {path}")
     tasks = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
-            prefix = r.get("prefix", r.get("prompt"))
-            if not isinstance(prefix, str) or not isinstance(r.get("test"), str):
-                raise ValueError(f"{path}:{n}: a task needs string fields 'prefix' (or 'prompt') and 'test'")
-            test = r["test"] + (f"\ncheck({r['entry_point']})" if r.get("entry_point") else "")
-            tasks.append(UnitTestTask(str(r.get("task_id", n)), prefix, r.get("suffix", ""), test,
-                                      r.get("path", "solution.py")))
+    for where, n, r in read_jsonl(path, "no task file"):
+        prefix = r.get("prefix", r.get("prompt"))
+        if not isinstance(prefix, str) or not isinstance(r.get("test"), str):
+            raise ValueError(f"{where}: a task needs string fields 'prefix' (or 'prompt') and 'test'")
+        test = r["test"] + (f"\ncheck({r['entry_point']})" if r.get("entry_point") else "")
+        tasks.append(UnitTestTask(str(r.get("task_id", n)), prefix, r.get("suffix", ""), test,
+                                  r.get("path", "solution.py")))
     if not tasks:
         raise ValueError(f"{path} holds no tasks")
     return tasks

@@ -13,7 +13,6 @@ checkpoints of pre-training). Legend: B batch, T time, V vocabulary.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from mellum.prompt import ContextFile, get_format
 from mellum.train import checkpointing
 from mellum.train.losses import IGNORE
+from mellum.train.records import read_jsonl
 from mellum.train.metrics import Metrics
 from mellum.train.optim import OptimConfig, build_optimizers, set_lr_factor
 from mellum.train.schedule import WSDSchedule
@@ -239,23 +239,13 @@ def chat_examples(messages: Sequence[dict], tokenizer, masking: str = "instruct"
 
 def read_chat_file(path: str | os.PathLike) -> list[list[dict]]:
     """Conversations from JSONL: each line {"messages": [...]} (or a bare list of messages)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no chat data at {path}")
     conversations = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
-            messages = record.get("messages") if isinstance(record, dict) else record
-            if not isinstance(messages, list):
-                raise ValueError(f"{path}:{n}: expected {{\"messages\": [...]}}")
-            _check_messages(messages)
-            conversations.append(messages)
+    for where, _, record in read_jsonl(path, "no chat data"):
+        messages = record.get("messages") if isinstance(record, dict) else record
+        if not isinstance(messages, list):
+            raise ValueError(f"{where}: expected {{\"messages\": [...]}}")
+        _check_messages(messages)
+        conversations.append(messages)
     return conversations
 
 
