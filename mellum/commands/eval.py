@@ -49,6 +49,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
             sub.add_argument("--repo", required=True, metavar="DIR", help="repository to build tasks from")
             sub.add_argument("--tasks", type=int, default=100, metavar="N", help="tasks to build (default 100)")
             sub.add_argument("--budget", type=int, default=1024, metavar="T", help="context budget in tokens")
+            sub.add_argument("--setting", choices=["none", "path", "retrieval", "all"], default="all",
+                             help="context setting: none, path-distance files, full retrieval + packing (default: all)")
 
 
 def _common_arguments(sub: argparse.ArgumentParser) -> None:
@@ -129,12 +131,14 @@ def run(args) -> int:
 def _run_benchmarks(args, completer, config, sandbox, out: Path, ks: list[int]) -> list[dict]:
     from mellum.eval import runner
     from mellum.eval.report import summarize
-    from mellum.eval.tasks import benchmarks_dir, get_benchmark
+    from mellum.eval.tasks import benchmarks_dir
 
     if args.benchmark == "repo-bench":
-        from mellum.eval.tasks.repo_bench import RepoBench
+        from mellum.eval.tasks.repo_bench import SETTINGS, RepoBench
 
-        benches = [RepoBench(args.repo, tasks=args.tasks, budget=args.budget, count_tokens=_counter(completer))]
+        settings = SETTINGS if args.setting == "all" else (args.setting,)
+        count = _counter(completer)
+        benches = [RepoBench(args.repo, s, tasks=args.tasks, budget=args.budget, count_tokens=count) for s in settings]
     else:
         data = benchmarks_dir(args.data)
         splits = SPLITS.get(args.benchmark, (None,))

@@ -116,14 +116,16 @@ def test_repo_bench_hides_the_line_from_its_own_context(tmp_path):
     body = "\n".join(f"def helper_{i}(x):\n    return x * {i}\n" for i in range(8))
     (repo / "pkg" / "a.py").write_text(f"{body}\n\ndef main():\n    {marker}\n    return secret_value_computed_here\n")
     (repo / "pkg" / "b.py").write_text("from pkg.a import helper_1\n\n\ndef compute_the_answer(x):\n    return x\n" * 3)
-    bench = RepoBench(repo, tasks=40, budget=2048, seed=1)
-    problems = bench.load()
-    assert problems and problems == sorted(problems, key=lambda p: (p.path, int(p.task_id.rsplit(":", 1)[1])))
-    hidden = [p for p in problems if p.reference.strip() == marker]
-    assert hidden, "the marker line should be among 40 seeded holes"
-    for p in hidden:
-        assert marker not in p.prefix + p.suffix
-        assert all(marker not in piece.text for piece in p.context)  # no leak through the project index
-    assert [p.task_id for p in RepoBench(repo, tasks=40, budget=2048, seed=1).load()] == [p.task_id for p in problems]
+    for setting in ("none", "path", "retrieval"):
+        bench = RepoBench(repo, setting, tasks=40, budget=2048, seed=1)
+        problems = bench.load()
+        hidden = [p for p in problems if p.reference.strip() == marker]
+        assert hidden, "the only line of a.py using a name from b.py must be a task"
+        for p in hidden:
+            assert marker not in p.prefix + p.suffix
+            assert all(marker not in piece.text for piece in p.context)  # no leak through the project index
+            assert (setting == "none") == (not p.context)
+    again = RepoBench(repo, "retrieval", tasks=40, budget=2048, seed=1).load()
+    assert [p.task_id for p in again] == [p.task_id for p in problems]
     score = bench.score(hidden[0], "    " + marker)
     assert score.passed and score.metrics["edit_similarity"] == 1.0
