@@ -56,7 +56,11 @@ for name, part in (("corpus-train", train), ("corpus-heldout", heldout)):
         for r in part:
             w.write((json.dumps(r) + "\n").encode("utf-8"))
     (out / "files.jsonl.zst.tmp").rename(out / "files.jsonl.zst")
-    (out / "report.json").write_text(json.dumps(read_report(ref / "corpus"), indent=2))
+    report = read_report(ref / "corpus")  # the full corpus's governance report, with this subset's own counts
+    report["subset_of"] = str(ref / "corpus")
+    report["totals"]["files_kept"] = len(part)
+    report["totals"]["bytes_kept"] = sum(len(r["text"].encode("utf-8")) for r in part)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
     print(f"{out}: {len(part)} files, {sum(len(r['text']) for r in part) / 1e6:.1f} MB of text")
 PY
   "$PYTHON" -m mellum.cli tokenizer train --corpus "$REF/corpus-train" --vocab-size "$VOCAB" --max-train-mb 40 \
