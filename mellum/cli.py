@@ -97,6 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # Output piped into `head` and the like: stop quietly, as Unix tools do.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (FileNotFoundError, ValueError, NotADirectoryError, FileExistsError, PermissionError) as exc:
         # Library code raises these with messages written for users; no traceback for bad input.
         print(f"mellum: error: {exc}", file=sys.stderr)
