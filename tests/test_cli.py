@@ -1,0 +1,37 @@
+"""The `mellum` command: every subcommand answers --help, user errors exit 2 without a traceback, pipes close quietly."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mellum.cli import COMMANDS, main
+
+
+@pytest.mark.parametrize("path", sorted(COMMANDS))
+def test_every_command_has_help(path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*path.split(), "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: mellum" in capsys.readouterr().out
+
+
+def test_user_error_is_a_message_not_a_traceback(tmp_path, capsys):
+    assert main(["info", str(tmp_path / "missing-model")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mellum: error:") and "Traceback" not in err
+
+
+def test_closed_pipe_ends_quietly():
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write of the child fails with EPIPE, as when `| head` has exited
+    try:
+        done = subprocess.run([sys.executable, "-m", "mellum.cli", "info", "mellum-4b", "--json"],
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert done.returncode == 0
+    assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr
