@@ -29,6 +29,8 @@ class EngineOptions:
     max_batch: int = 4  # concurrent sequences (cache rows)
     max_seq_len: int | None = None  # tokens per sequence; None: the model's context, at most 8192
     prefill_chunk: int | None = None  # prompt tokens per prefill forward (between decode steps); None: 512 CPU, 2048 GPU
+    first_chunk: int | None = None  # tokens of a cold prompt's first chunk (causal, no mask); None: prefill_chunk if
+    # that is set, else 2048 CPU / 8192 GPU
     prefix_cache_mb: float = 256.0  # byte budget of the cross-request prefix cache (0 disables it)
     block_tokens: int = 16  # prefix-cache granularity
     ring_slack: int = 64  # extra ring entries of sliding layers (speculative rollback, prefix-cache copy-out)
@@ -74,6 +76,8 @@ class NativeEngine:
             from mellum.engine.quant import quantize_int8
 
             quantize_int8(self.model)
+        if opts.first_chunk is None:  # an explicit prefill_chunk also sizes the first chunk
+            opts.first_chunk = opts.prefill_chunk or (8192 if self.device.type == "cuda" else 2048)
         if opts.prefill_chunk is None:
             opts.prefill_chunk = 2048 if self.device.type == "cuda" else 512
         self.vocab_size = config.vocab_size
@@ -217,11 +221,13 @@ class NativeEngine:
     def prefill_chunk(self, seq: Sequence) -> None:
         t0 = time.perf_counter()
         n = len(seq.prompt)
-        a, b = seq.filled, min(n, seq.filled + self.options.prefill_chunk)
+        a = seq.filled
+        b = min(n, a + (self.options.first_chunk if a == 0 else self.options.prefill_chunk))
         ids = self._tensor([seq.prompt[a:b]])  # [1, T]
         positions = torch.arange(a, b, device=self.device)[None]  # [1, T]
         last = b == n
-        logits, hidden = self._forward(ids, positions, self.cache.view([seq.row], b), last_only=True, graphs=False)
+        view = self.cache.view([seq.row], b, fresh=a == 0)
+        logits, hidden = self._forward(ids, positions, view, last_only=True, graphs=False)
         seq.filled = b
         if seq.state["mtp"] and not last:
             self._mtp(hidden, seq.prompt[a + 1:b + 1], a, seq.row)

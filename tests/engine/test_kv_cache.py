@@ -55,3 +55,24 @@ def test_rows_are_independent_in_a_batched_view():
     torch.testing.assert_close(batched[1], alone[0], atol=1e-5, rtol=1e-5)
     # Gathered rows are written back: row 2 holds the KV of sequence 1.
     torch.testing.assert_close(cache.layers[0].k[2, :, :20], cache.layers[0].k[1, :, :20])
+
+
+def test_fresh_first_chunk_runs_causal_and_matches_masked_prefill():
+    """A cold prompt's first chunk attends causally over its own keys (no mask); the result equals chunked prefill."""
+    import torch
+
+    from mellum.engine import NativeEngine, SamplingParams
+    from tests.engine.helpers import reference_greedy, tiny_model
+
+    prompt = [int(t) for t in torch.randint(5, 200, (90,), generator=torch.Generator().manual_seed(3))]
+    params = SamplingParams(max_new_tokens=12)
+    outputs = []
+    for first in (90, 7):
+        engine = NativeEngine(tiny_model("tiny-dense"), prefill_chunk=7, first_chunk=first, prefix_cache_mb=0,
+                              speculative=None)
+        outputs.append(engine.generate(prompt, params).tokens)
+    assert outputs[0] == outputs[1] == reference_greedy(tiny_model("tiny-dense"), prompt, 12)
+    view = engine.cache.view([0], 5, fresh=True)
+    k = torch.zeros(1, view.cache.layers[0].k.shape[1], 5, view.cache.layers[0].k.shape[-1])
+    _, _, mask = view.update(0, k, k, torch.arange(5)[None])
+    assert mask is None
