@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from mellum.eval import metrics
 from mellum.prompt import ContextFile
 
 
@@ -47,6 +48,18 @@ class Score:
         if self.skipped:
             out["skipped"] = True
         return out
+
+
+def match_score(completion: str, reference: str) -> Score:
+    """Line-completion scoring (CrossCodeEval, repo-bench): exact match passes; edit similarity and identifier
+    match and F1 are reported beside it."""
+    em = metrics.exact_match(completion, reference)
+    es = metrics.edit_similarity(completion, reference)
+    id_em, id_f1 = metrics.identifier_f1(completion, reference)
+    return Score(
+        passed=em,
+        metrics={"exact_match": float(em), "edit_similarity": es, "identifier_em": float(id_em), "identifier_f1": id_f1},
+    )
 
 
 class Benchmark:

@@ -8,8 +8,7 @@ similarity of the first line(s), identifier exact match and F1. Only 100 Python 
 
 from __future__ import annotations
 
-from mellum.eval import metrics
-from mellum.eval.tasks import Benchmark, Problem, Score, literal, read_jsonl
+from mellum.eval.tasks import Benchmark, Problem, Score, match_score, literal, read_jsonl
 from mellum.prompt import ContextFile
 
 FILES = {
@@ -74,10 +73,4 @@ class CrossCodeEval(Benchmark):
         return "\n".join(completion.split("\n")[:lines])
 
     def score(self, problem: Problem, completion: str, sandbox=None) -> Score:
-        em = metrics.exact_match(completion, problem.reference)
-        es = metrics.edit_similarity(completion, problem.reference)
-        id_em, id_f1 = metrics.identifier_f1(completion, problem.reference)
-        return Score(
-            passed=em,
-            metrics={"exact_match": float(em), "edit_similarity": es, "identifier_em": float(id_em), "identifier_f1": id_f1},
-        )
+        return match_score(completion, problem.reference)

@@ -9,8 +9,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from mellum.eval import metrics
-from mellum.eval.tasks import Benchmark, Problem, Score
+from mellum.eval.tasks import Benchmark, Problem, Score, match_score
 from mellum.prompt import ContextFile
 
 SETTINGS = ("none", "path", "retrieval")
@@ -59,13 +58,7 @@ class RepoBench(Benchmark):
         return completion.split("\n", 1)[0]
 
     def score(self, problem: Problem, completion: str, sandbox=None) -> Score:
-        em = metrics.exact_match(completion, problem.reference)
-        es = metrics.edit_similarity(completion, problem.reference)
-        id_em, id_f1 = metrics.identifier_f1(completion, problem.reference)
-        return Score(
-            passed=em,
-            metrics={"exact_match": float(em), "edit_similarity": es, "identifier_em": float(id_em), "identifier_f1": id_f1},
-        )
+        return match_score(completion, problem.reference)
 
 
 def _approximate_tokens(text: str) -> int:
