@@ -13,7 +13,7 @@ file, nearest file last, then the current file's name and the FIM section:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 _FIELD = re.compile(r"\{(path|text|repo|prefix|suffix)\}")
@@ -76,10 +76,7 @@ class PromptFormat:
         repo: str | None = None,
     ) -> str:
         """The full prompt: repo header, context files in the given order (most relevant last), the FIM section."""
-        head = _render(self.repo, repo=repo) if (self.repo and repo) else ""
-        current = _render(self.current_file, path=path)
-        fim = _render(self.fim, prefix=prefix, suffix=suffix if self.supports_suffix else "")
-        return head + self.render_context(context) + current + fim
+        return "".join(piece for _, piece in self.segments(path, prefix, suffix, context, repo))
 
     def segments(
         self,
@@ -92,7 +89,7 @@ class PromptFormat:
         """The prompt of `render` as ("literal", template text) and ("text", caller text) pieces, in order.
 
         Only literals may hold control tokens: code that happens to contain `<fim_prefix>` must be encoded as text
-        (see `Tokenizer.encode_segments`). Joined, the pieces equal `render(...)`.
+        (see `Tokenizer.encode_segments`). Joined, the pieces are `render(...)`.
         """
         out: list[tuple[str, str]] = []
         if self.repo and repo:
