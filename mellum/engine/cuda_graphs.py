@@ -89,7 +89,8 @@ class GraphedDecode:
     def _capture(self, row: int, kv: int, t: int, last_only: bool) -> _Graph:
         # Warm-up on a side stream (the documented recipe); it runs the real step, writing the same KV slot
         # that the replay after capture writes again.
-        view = self.engine.cache.view([row], kv)  # built outside the capture: it copies its row ids to the GPU
+        # Built outside the capture (it copies its row ids to the GPU); padded: kv is a bucket, not the exact length.
+        view = self.engine.cache.view([row], kv, padded=True)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):

@@ -69,13 +69,14 @@ class KVCache:
         for layer in self.layers:
             layer.pos[row].fill_(-1)
 
-    def view(self, rows: list[int], kv_len: int, fresh: bool = False) -> "CacheView":
+    def view(self, rows: list[int], kv_len: int, fresh: bool = False, padded: bool = False) -> "CacheView":
         """The cache seen by one forward over `rows`; `kv_len` = 1 + the largest position written in it.
         `fresh`: the forward holds positions 0..T-1 of every row (the first prefill chunk), so nothing cached
-        before it is visible and attention can run causally over the chunk alone."""
+        before it is visible and attention can run causally over the chunk alone. `padded`: `kv_len` is rounded
+        up past the largest position (CUDA-graph buckets), so slots below it may be stale and always need the mask."""
         if kv_len > self.max_len:
             raise ValueError(f"sequence of {kv_len} tokens exceeds the cache length {self.max_len}")
-        return CacheView(self, rows, kv_len, fresh)
+        return CacheView(self, rows, kv_len, fresh, padded)
 
     # ---- copying spans in and out (prefix cache) -------------------------------------------------------
     def read(self, layer_idx: int, row: int, start: int, end: int) -> torch.Tensor:
@@ -107,8 +108,8 @@ class KVCache:
 class CacheView:
     """The slice of a `KVCache` used by one forward pass: a set of rows and the current key length."""
 
-    def __init__(self, cache: KVCache, rows: list[int], kv_len: int, fresh: bool = False):
-        self.cache, self.kv_len, self.rows, self.fresh = cache, kv_len, list(rows), fresh
+    def __init__(self, cache: KVCache, rows: list[int], kv_len: int, fresh: bool = False, padded: bool = False):
+        self.cache, self.kv_len, self.rows, self.fresh, self.padded = cache, kv_len, list(rows), fresh, padded
         self._masks: dict[tuple, torch.Tensor] = {}  # per layer kind: the mask of this forward
         lo = rows[0]
         # Contiguous rows are a basic slice (a view, no copy); others gather (a copy per layer).
@@ -149,6 +150,12 @@ class CacheView:
             # masked attention over the cache, and is_causal SDPA skips the upper triangle (about 2x faster on CPU
             # at 4k tokens than an explicit boolean mask).
             return k.to(layer.k.dtype), v.to(layer.v.dtype), None
+        if T == 1 and B == 1 and not (layer.ring or self.padded) and layer_idx not in self.cache.separate_layers:
+            # A one-token step of one row on a full-attention layer: slots 0..kv_len-1 hold exactly positions
+            # 0..kv_len-1 of this sequence (prefix-cache copy, prefill and decode fill them in order; entries of
+            # rejected drafts lie at or beyond kv_len), so every key is visible and SDPA needs no mask (2-3x
+            # faster at 4k keys on CPU than the boolean mask).
+            return k_all, v_all, None
         kind = ("own", layer_idx) if layer_idx in self.cache.separate_layers else (layer.window, layer.size)
         mask = self._masks.get(kind)
         if mask is None:

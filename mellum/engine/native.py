@@ -12,6 +12,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mellum.engine.api import GenerationResult
+from mellum.engine.kernels import fuse_projections, fuse_state_dict, split_linears
 from mellum.engine.kv_cache import KVCache
 from mellum.engine.prefix_cache import PrefixCache
 from mellum.engine.sampling import SamplingParams, make_generator, probabilities, sample
@@ -72,10 +73,13 @@ class NativeEngine:
         for param in self.model.parameters():
             if param.is_floating_point():
                 param.data = param.data.to(dtype)
+        fuse_projections(self.model)  # one product for q/k/v and one for gate/up
         if quantize == "int8":
             from mellum.engine.quant import quantize_int8
 
             quantize_int8(self.model)
+        elif self.device.type == "cpu":
+            split_linears(self.model)  # decode products over all cores (mellum.engine.kernels)
         if opts.first_chunk is None:  # an explicit prefill_chunk also sizes the first chunk
             opts.first_chunk = opts.prefill_chunk or (8192 if self.device.type == "cuda" else 2048)
         if opts.prefill_chunk is None:
@@ -136,6 +140,17 @@ class NativeEngine:
                  on_token: Callable[[int], None] | None = None) -> GenerationResult:
         """Generate after `prompt_ids`; blocks until a stop condition. `on_token` runs on the engine thread."""
         return self.wait(self.submit(prompt_ids, params, cancel, on_token))
+
+    @torch.no_grad()
+    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy an (unfused, unquantized) model state dict into the engine's weights, e.g. after a training
+        step; every key must exist. Call it between requests: the prefix cache is cleared (its KV is stale)."""
+        own = self.model.state_dict()
+        for key, value in fuse_state_dict(state).items():
+            if key not in own:
+                raise ValueError(f"load_weights: unexpected key {key!r} (int8 engines are rebuilt instead)")
+            own[key].copy_(value.to(own[key].dtype))
+        self.prefix_cache.clear()
 
     @property
     def busy_slots(self) -> int:
@@ -232,6 +247,9 @@ class NativeEngine:
         if seq.state["mtp"] and not last:
             self._mtp(hidden, seq.prompt[a + 1:b + 1], a, seq.row)
         if not last:
+            # Share the chunk at once: when the user types on and this request is cancelled, the next keystroke's
+            # request still finds the prompt's prefix prefilled so far.
+            self.prefix_cache.insert(seq.prompt, b, self.cache, seq.row, b)
             seq.prefill_s += time.perf_counter() - t0
             return
         token = int(sample(logits[:, -1], seq.params, seq.generator, seq.params.allowed_first_ids)[0])

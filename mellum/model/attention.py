@@ -51,6 +51,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(c, self.num_kv_heads * d, bias=False)
         self.v_proj = nn.Linear(c, self.num_kv_heads * d, bias=False)
         self.o_proj = nn.Linear(self.num_heads * d, c, bias=False)
+        self.qkv_proj: nn.Linear | None = None  # set by fuse_projections (inference)
         # Qwen3-style QK-norm: one RMSNorm over each head's D features, shared by all heads.
         self.q_norm = RMSNorm(d, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(d, config.rms_norm_eps) if config.qk_norm else None
@@ -65,9 +66,13 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """x [B, T, C]; rope cos/sin [B, T, D]; positions [B, T]; mask [B, 1, T, T] or None for plain causal."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)  # [B, T, H, D]
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)  # [B, T, Hkv, D]
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split(self._qkv_sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(b, t, self.num_heads, self.head_dim)  # [B, T, H, D]
+        k = k.view(b, t, self.num_kv_heads, self.head_dim)  # [B, T, Hkv, D]
+        v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rotary(q.transpose(1, 2), *rope)  # [B, H, T, D]
@@ -76,8 +81,31 @@ class Attention(nn.Module):
             k, v, mask = cache.update(self.layer_idx, k, v, positions)  # [B, Hkv, S, D], mask [B, 1, T, S]
         gqa = self.num_heads != self.num_kv_heads
         if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            # No mask: causal over the keys of these tokens alone, or for one query token (a decode step) every
+            # key the cache returned (the cache returns no mask only when all of them are visible).
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)  # [B, H, T, D]
         y = y.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)  # [B, T, H*D]
         return self.o_proj(y)
+
+    @property
+    def _qkv_sizes(self) -> tuple[int, int, int]:
+        return (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim)
+
+    def fuse_projections(self) -> None:
+        """Replace q/k/v by one linear layer: one matrix product per step instead of three (inference only; the
+        fused module's state-dict keys no longer match checkpoints)."""
+        if self.qkv_proj is not None:
+            return
+        self.qkv_proj = fused_linear(self.q_proj, self.k_proj, self.v_proj)
+        del self.q_proj, self.k_proj, self.v_proj
+
+
+def fused_linear(*layers: nn.Linear) -> nn.Linear:
+    """One bias-free linear layer computing the concatenated outputs of `layers` (same input)."""
+    with torch.no_grad():
+        weight = torch.cat([layer.weight for layer in layers])  # [sum(out), in]
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    return fused

@@ -88,9 +88,7 @@ class RolloutWorker:
                                            quantize=self.config.engine_quantize, speculative=None,
                                            prefix_cache_mb=0, max_batch=self.config.group_size)
             else:
-                own = self.engine.model.state_dict()
-                for k, v in state.items():
-                    own[k].copy_(v.to(own[k].dtype))
+                self.engine.load_weights(state)
             self.version = version
 
     def prompt_ids(self, task: UnitTestTask) -> list[int]:

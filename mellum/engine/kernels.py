@@ -1,0 +1,85 @@
+"""CPU matrix-vector products for decode steps: the weight's rows split into blocks, one batched product.
+
+A decode step multiplies a few activation rows by every weight matrix once, so it is bound by memory bandwidth.
+On this machine's MKL, `F.linear` with one to sixteen rows runs on a single core and reads weights at 10–13 GB/s;
+the same product written as `bmm` over two or four row blocks of the weight uses every core and reaches
+15–19 GB/s (measured with weights larger than the caches: docs/engine.md). Prefill (many rows) is compute-bound
+and keeps `F.linear`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Inputs with at most this many rows (decode, speculative verify, small batches) take the split product.
+SPLIT_MAX_ROWS = 16
+
+
+class SplitLinear(nn.Linear):
+    """A bias-free `nn.Linear` whose few-row products run as `bmm` over `splits` row blocks of the weight."""
+
+    def __init__(self, linear: nn.Linear, splits: int):
+        if linear.bias is not None:
+            raise ValueError("SplitLinear takes bias-free layers only")
+        out_features, in_features = linear.weight.shape
+        if splits < 2 or out_features % splits:
+            raise ValueError(f"{splits} splits do not divide {out_features} output features")
+        super().__init__(in_features, out_features, bias=False, device="meta")
+        self.weight = linear.weight  # shared, not copied (a tied output head stays tied)
+        self.splits = splits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k, n = self.in_features, self.out_features
+        rows = x.numel() // k
+        if rows > SPLIT_MAX_ROWS or x.device.type != "cpu" or x.dtype != self.weight.dtype:
+            return F.linear(x, self.weight)
+        s = self.splits
+        xt = x.reshape(rows, k).t()  # [K, rows]
+        y = torch.bmm(self.weight.view(s, n // s, k), xt.expand(s, k, rows))  # [s, N/s, rows]
+        return y.reshape(n, rows).t().reshape(*x.shape[:-1], n)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, splits={self.splits}"
+
+
+def split_linears(model: nn.Module, threads: int | None = None) -> int:
+    """Replace every bias-free `nn.Linear` whose rows divide evenly by `SplitLinear`, in place; returns the count.
+    `threads`: the block count to aim for (default: torch's intra-op threads, at least 2)."""
+    want = max(2, threads or torch.get_num_threads())
+    count = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is not nn.Linear or child.bias is not None:
+                continue
+            splits = next((s for s in (want, 4, 2) if child.out_features % s == 0), None)
+            if splits:
+                setattr(module, name, SplitLinear(child, splits))
+                count += 1
+    return count
+
+
+def fuse_projections(model: nn.Module) -> None:
+    """Fuse q/k/v and gate/up projections of every attention and dense MLP module (see `Attention.fuse_projections`)."""
+    for module in list(model.modules()):
+        fuse = getattr(module, "fuse_projections", None)
+        if callable(fuse):
+            fuse()
+
+
+FUSED_KEYS = {  # fused module key: the unfused keys concatenated into it, in order
+    "self_attn.qkv_proj.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+    "mlp.gate_up_proj.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+}
+
+
+def fuse_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An unfused model's state dict in the key layout of a model after `fuse_projections`."""
+    out = dict(state)
+    for key in state:
+        for fused, parts in FUSED_KEYS.items():
+            if key.endswith(parts[0]):
+                base = key[: -len(parts[0])]
+                out[base + fused] = torch.cat([out.pop(base + p) for p in parts])
+    return out

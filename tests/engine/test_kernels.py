@@ -1,0 +1,84 @@
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mellum.engine import NativeEngine, SamplingParams
+from mellum.engine.kernels import SPLIT_MAX_ROWS, SplitLinear, fuse_projections, fuse_state_dict, split_linears
+from mellum.engine.scheduler import Sequence
+from tests.engine.helpers import reference_greedy, tiny_model
+
+
+@pytest.mark.parametrize("splits", [2, 4])
+def test_split_linear_equals_f_linear_for_few_and_many_rows(splits):
+    torch.manual_seed(0)
+    linear = nn.Linear(48, 96, bias=False)
+    split = SplitLinear(linear, splits)
+    assert split.weight is linear.weight  # shared, not copied
+    for rows in (1, 3, SPLIT_MAX_ROWS, SPLIT_MAX_ROWS + 1, 40):
+        x = torch.randn(2, rows, 48)
+        torch.testing.assert_close(split(x), F.linear(x, linear.weight), rtol=1e-5, atol=1e-5)
+
+
+def test_split_linear_refuses_what_it_cannot_split():
+    with pytest.raises(ValueError, match="bias-free"):
+        SplitLinear(nn.Linear(8, 8), 2)
+    with pytest.raises(ValueError, match="do not divide"):
+        SplitLinear(nn.Linear(8, 9, bias=False), 2)
+
+
+@pytest.mark.parametrize("preset", ["tiny-dense", "tiny-moe"])
+def test_fused_and_split_model_computes_the_same_logits(preset):
+    model = tiny_model(preset)
+    fast = copy.deepcopy(model)
+    fuse_projections(fast)
+    assert split_linears(fast, threads=2) > 0
+    names = {name.rsplit(".", 1)[-1] for name, _ in fast.named_modules()}
+    assert "qkv_proj" in names and "q_proj" not in names
+    if preset == "tiny-dense":
+        assert "gate_up_proj" in names and "gate_proj" not in names
+    assert fast.lm_head.weight is fast.embed_tokens.weight or not model.config.tie_word_embeddings
+    ids = torch.randint(0, model.config.vocab_size, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(fast(ids[:, :1]).logits, model(ids[:, :1]).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_engine_load_weights_maps_unfused_state_onto_the_fused_model():
+    model, other = tiny_model("tiny-dense", seed=0), tiny_model("tiny-dense", seed=1)
+    prompt = torch.randint(0, model.config.vocab_size, (30,), generator=torch.Generator().manual_seed(2)).tolist()
+    want = reference_greedy(other, prompt, 10)
+    engine = NativeEngine(model, speculative=None, prefix_cache_mb=16)
+    try:
+        engine.generate(prompt, SamplingParams(max_new_tokens=4))  # fills the prefix cache with the old weights
+        engine.load_weights(other.state_dict())
+        assert engine.generate(prompt, SamplingParams(max_new_tokens=10)).tokens == want
+        with pytest.raises(ValueError, match="unexpected key"):
+            engine.load_weights({"nope.weight": torch.zeros(1)})
+    finally:
+        engine.close()
+    state = fuse_state_dict(other.state_dict())
+    assert "layers.0.self_attn.qkv_proj.weight" in state and "layers.0.self_attn.q_proj.weight" not in state
+
+
+def test_a_request_dropped_during_prefill_leaves_its_chunks_in_the_prefix_cache():
+    """The user types on while a long prompt is still prefilling: the next keystroke reuses the finished chunks."""
+    model = tiny_model("tiny-dense")
+    prompt = torch.randint(0, model.config.vocab_size, (200,), generator=torch.Generator().manual_seed(4)).tolist()
+    engine = NativeEngine(model, speculative=None, prefill_chunk=32, prefix_cache_mb=16, block_tokens=16)
+    try:
+        # The scheduler's runner calls for a request that is cancelled after two of its seven chunks.
+        seq = Sequence(prompt, SamplingParams(max_new_tokens=4), None, None, frozenset(), engine.max_len)
+        seq.row = 0
+        engine.start(seq)
+        engine.prefill_chunk(seq)
+        engine.prefill_chunk(seq)
+        assert seq.prefilling and seq.filled == 64
+        typed = prompt + [7, 8]
+        result = engine.generate(typed, SamplingParams(max_new_tokens=6))
+        assert result.cached_tokens == 64
+        assert result.tokens == reference_greedy(model, typed, 6)
+    finally:
+        engine.close()
