@@ -66,8 +66,13 @@ class KVCache:
 
     def reset(self, row: int) -> None:
         """Forget everything stored for one row (a new sequence takes the slot)."""
+        self.forget(row, 0)
+
+    def forget(self, row: int, start: int) -> None:
+        """Forget one row's positions >= start (a new sequence keeps the shared prefix before them)."""
         for layer in self.layers:
-            layer.pos[row].fill_(-1)
+            pos = layer.pos[row]
+            pos.masked_fill_(pos >= start, -1)
 
     def view(self, rows: list[int], kv_len: int, fresh: bool = False, padded: bool = False) -> "CacheView":
         """The cache seen by one forward over `rows`; `kv_len` = 1 + the largest position written in it.

@@ -32,7 +32,7 @@ class EngineOptions:
     prefill_chunk: int | None = None  # prompt tokens per prefill forward (between decode steps); None: 512 CPU, 2048 GPU
     first_chunk: int | None = None  # tokens of a cold prompt's first chunk (causal, no mask); None: prefill_chunk if
     # that is set, else 2048 CPU / 8192 GPU
-    prefix_cache_mb: float = 256.0  # byte budget of the cross-request prefix cache (0 disables it)
+    prefix_cache_mb: float = 256.0  # byte budget of the cross-request prefix cache (0 turns off all reuse across requests)
     block_tokens: int = 16  # prefix-cache granularity
     ring_slack: int = 64  # extra ring entries of sliding layers (speculative rollback, prefix-cache copy-out)
     speculative: str | None = "lookup"  # None | "lookup" (prompt n-grams) | "mtp" (the model's MTP layer)
@@ -95,6 +95,7 @@ class NativeEngine:
                              device=self.device, slack=max(opts.ring_slack, opts.max_draft + 1, 2 * opts.block_tokens),
                              separate_layers=tuple(range(config.num_layers, n_layers)))
         self.prefix_cache = PrefixCache(int(opts.prefix_cache_mb * 2**20), opts.block_tokens, self.windows)
+        self._resident: dict[int, Sequence] = {}  # row → the last request that ran there (its KV stays until reused)
         self._layered = hasattr(self.model, "layers") and hasattr(self.model, "layer_inputs")
         self._forward_layers = self._layers_forward
         if compile:
@@ -144,13 +145,14 @@ class NativeEngine:
     @torch.no_grad()
     def load_weights(self, state: dict[str, torch.Tensor]) -> None:
         """Copy an (unfused, unquantized) model state dict into the engine's weights, e.g. after a training
-        step; every key must exist. Call it between requests: the prefix cache is cleared (its KV is stale)."""
+        step; every key must exist. Call it between requests: cached KV (prefix cache, rows) is dropped."""
         own = self.model.state_dict()
         for key, value in fuse_state_dict(state).items():
             if key not in own:
                 raise ValueError(f"load_weights: unexpected key {key!r} (int8 engines are rebuilt instead)")
             own[key].copy_(value.to(own[key].dtype))
         self.prefix_cache.clear()
+        self._resident.clear()
 
     @property
     def busy_slots(self) -> int:
@@ -221,17 +223,44 @@ class NativeEngine:
 
     # ---- runner interface used by the scheduler -------------------------------------------------------
     def start(self, seq: Sequence) -> None:
-        """Claim the row: reset it, copy the longest cached prompt prefix into it."""
-        self.cache.reset(seq.row)
+        """Claim the row: keep the KV its previous request left for a shared prefix, or reset it and copy the
+        longest cached prompt prefix into it, whichever covers more of the prompt."""
         seq.generator = make_generator(seq.params, self.device)
         # The last prompt token is always recomputed: its logits start the generation.
         match = self.prefix_cache.match(seq.prompt, len(seq.prompt) - 1)
-        self.prefix_cache.load(match, self.cache, seq.row)
-        seq.filled = seq.cached = match.tokens
+        resident = self._resident_prefix(seq)
+        if resident and resident >= match.tokens:
+            # A keystroke after a request in the same row: nothing to copy (at 4k tokens the copy out of the
+            # prefix cache cost about as much as prefilling the new characters on CPU).
+            self.cache.forget(seq.row, resident)
+            seq.filled = seq.cached = resident
+        else:
+            self.cache.reset(seq.row)
+            self.prefix_cache.load(match, self.cache, seq.row)
+            seq.filled = seq.cached = match.tokens
+        self._resident[seq.row] = seq
         if self.options.speculative == "lookup":
             seq.state["drafter"] = NgramDrafter(seq.prompt, self.options.min_ngram, self.options.max_ngram)
             seq.state["draft_len"] = DraftLength(maximum=self.options.max_draft, current=min(4, self.options.max_draft))
         seq.state["mtp"] = self.options.speculative == "mtp"
+
+    def _resident_prefix(self, seq: Sequence) -> int:
+        """Prompt tokens whose KV the row's previous request left valid: its tokens [0, filled) that the new prompt
+        starts with (its generated tokens too, when the user accepted them). Not with MTP drafting (the MTP layer's
+        cache has gaps after batched steps), and only when every sliding ring still holds the window before."""
+        prev = self._resident.get(seq.row)
+        if (prev is None or prev.error is not None or self.options.speculative == "mtp"
+                or self.prefix_cache.budget_bytes <= 0):  # a zero budget turns every reuse across requests off
+            return 0
+        limit = min(prev.filled, len(seq.prompt) - 1)
+        common = 0
+        old, new = prev.tokens, seq.prompt
+        while common < limit and old[common] == new[common]:
+            common += 1
+        for layer in self.cache.layers:
+            if layer.ring and max(0, common - layer.window + 1) < max(0, prev.filled - layer.size):
+                return 0
+        return common
 
     def prefill_chunk(self, seq: Sequence) -> None:
         t0 = time.perf_counter()

@@ -63,3 +63,36 @@ def test_the_prefix_cache_respects_its_byte_budget_and_evicts_lru():
         assert engine.generate(prompts[0] + [1], SamplingParams(max_new_tokens=2)).cached_tokens == 0
     finally:
         engine.close()
+
+
+def test_a_request_reuses_the_kv_its_row_kept_from_the_previous_one():
+    """Keystrokes in one row: the shared prefix (not only whole blocks) is reused in place, generated tokens
+    included when the user accepted them; outputs equal a cold engine's, with sliding rings and speculation."""
+    for preset in ("tiny-dense", "tiny-moe"):
+        model = tiny_model(preset)
+        g = torch.Generator().manual_seed(5)
+        base = torch.randint(0, model.config.vocab_size, (120,), generator=g).tolist()
+        warm = NativeEngine(model, speculative="lookup", prefill_chunk=32, prefix_cache_mb=16, max_batch=1)
+        cold = NativeEngine(model, speculative=None, prefill_chunk=32, prefix_cache_mb=0, max_batch=1)
+        params = SamplingParams(max_new_tokens=8)
+        try:
+            first = warm.generate(base[:70], params)
+            assert first.tokens == cold.generate(base[:70], params).tokens
+            # Typed two characters: everything before the edited last token is still in the row.
+            typed = base[:69] + [3, 4]
+            a = warm.generate(typed, params)
+            assert a.tokens == cold.generate(typed, params).tokens, preset
+            assert a.cached_tokens == 69  # not rounded down to the 16-token blocks of the prefix cache
+            # Accepted the completion and typed on: its generated tokens' KV is reused as well.
+            accepted = typed + a.tokens + [5]
+            b = warm.generate(accepted, params)
+            assert b.tokens == cold.generate(accepted, params).tokens, preset
+            assert b.cached_tokens >= len(typed) + len(a.tokens) - 1
+            # An edit far back (beyond the ring slack of the sliding layers): still exact.
+            edited = base[:10] + [6] + base[11:100]
+            c = warm.generate(edited, params)
+            assert c.tokens == cold.generate(edited, params).tokens, preset
+            assert c.cached_tokens <= 10
+        finally:
+            warm.close()
+            cold.close()
