@@ -5,6 +5,7 @@ Layout under a run directory:
     checkpoints/step_000200/state.pt     model + optimizer state (full, unsharded; written by rank 0)
     checkpoints/step_000200/rank_0.pt    per-rank data-loader position and RNG states
     checkpoints/step_000200/meta.json    step, tokens, the run's config (for humans and sanity checks)
+    checkpoints/step_000200/NAME.pt      further objects of the trainer's (`extra`), e.g. the best weights so far
     checkpoints/latest                   name of the newest complete checkpoint
 
 A checkpoint is written into `step_N.tmp/`, renamed into place only when complete, and `latest` is replaced
@@ -89,8 +90,10 @@ def save_checkpoint(
     loader_state: dict,
     meta: dict,
     keep: int = 2,
+    extra: dict[str, object] | None = None,
 ) -> Path:
-    """Write a checkpoint collectively (every rank calls this); returns its directory. Keeps the newest `keep`."""
+    """Write a checkpoint collectively (every rank calls this); returns its directory. Keeps the newest `keep`.
+    `extra` maps file names to objects rank 0 saves into the checkpoint as well (read back with torch.load)."""
     root = Path(run_dir) / "checkpoints"
     step = int(trainer_state["step"])
     final = root / f"step_{step:06d}"
@@ -106,6 +109,8 @@ def save_checkpoint(
     if rank == 0:
         torch.save({"model": model_state, "optimizers": optim_state, "trainer": trainer_state}, tmp / "state.pt")
         (tmp / "meta.json").write_text(json.dumps({**meta, **trainer_state}, indent=2, default=str) + "\n")
+        for name, obj in (extra or {}).items():
+            torch.save(obj, tmp / name)
     _barrier()
     if rank == 0:
         _fsync_dir(tmp)

@@ -4,7 +4,9 @@ Run as `mellum train pretrain --recipe NAME` or `python -m mellum.train.pretrain
 `torchrun --nproc-per-node N`). One optimizer step = the recipe's global batch, split into micro-batches of
 `micro_batch` sequences per rank (gradient accumulation; the batch ramp changes the count). The LR follows
 Warmup-Hold-Decay over the run's progress — steps, or wall-clock time when `max_minutes` is set. Checkpoints
-hold everything the next step depends on; the finished model is exported in the Hugging Face format.
+hold everything the next step depends on; the finished model is exported in the Hugging Face format — with
+`keep_best`, the weights of the evaluation with the lowest held-out loss; `patience` stops a run that no longer
+improves.
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import random
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +35,29 @@ from mellum.train.recipes import RECIPES, TrainConfig, get_recipe
 from mellum.train.schedule import Progress
 
 
+BEST_FILE = "best_model.pt"  # the best weights inside a checkpoint directory (runs with keep_best)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+@dataclass
+class Best:
+    """The evaluation with the lowest held-out loss so far, and how many evaluations have come since."""
+
+    step: int | None = None
+    loss: float = math.inf
+    stale: int = 0  # evaluations in a row without a lower loss (patience counts these)
+    state: dict | None = None  # its weights on the CPU (keep_best; rank 0 only under FSDP)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "loss": self.loss, "stale": self.stale}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.loss, self.stale = state["step"], float(state["loss"]), int(state["stale"])
 
 
 class Trainer:
@@ -50,6 +73,8 @@ class Trainer:
         self.progress = Progress(config.max_steps, config.max_minutes * 60 if config.max_minutes else None)
         self.phase = -1
         self.loader = None
+        self.best = Best()
+        self.last_eval: tuple[int, float] | None = None  # (step, held-out loss) of the latest evaluation
         self.bar = bar
         self.autocast = self._autocast_context()
 
@@ -120,15 +145,24 @@ class Trainer:
             return False
         trainer_state, loader_state = checkpointing.load_checkpoint(path, self.model, self.optimizers)
         self.progress.load_state_dict(trainer_state["progress"])
+        if "best" in trainer_state:  # checkpoints written before best-tracking existed have none
+            self.best.load_state_dict(trainer_state["best"])
+        if self.config.keep_best and self.best.step is not None and self.env.is_main:
+            if not (path / BEST_FILE).is_file():
+                raise ValueError(f"{path} holds no best weights (written without keep_best): resume with the same "
+                                 "settings")
+            self.best.state = torch.load(path / BEST_FILE, map_location="cpu", weights_only=True)
         self._open_loader(loader_state["phase"], loader_state["loader"])
         return True
 
     def save(self) -> Path:
-        trainer_state = {"step": self.progress.step, "progress": self.progress.state_dict()}
+        trainer_state = {"step": self.progress.step, "progress": self.progress.state_dict(),
+                         "best": self.best.state_dict()}
         loader_state = {"phase": self.phase, "loader": self.loader.state_dict()}
         meta = {"recipe": self.config.name, "world_size": self.env.world_size}
+        extra = {BEST_FILE: self.best.state} if self.best.state is not None else None
         return checkpointing.save_checkpoint(self.out, self.model, self.optimizers, trainer_state, loader_state,
-                                             meta, keep=self.config.keep_checkpoints)
+                                             meta, keep=self.config.keep_checkpoints, extra=extra)
 
     # ---- stepping ---------------------------------------------------------------------------------------
     def _next_batch(self) -> dict[str, torch.Tensor]:
@@ -203,8 +237,35 @@ class Trainer:
         self.model.train()
         return (all_reduce_sum(total) / all_reduce_sum(count).clamp(min=1)).item()
 
+    def _evaluate_and_track(self, metrics: Metrics) -> float | None:
+        """Evaluate and log; remember the evaluation with the lowest loss (its weights too with keep_best)."""
+        loss = self.evaluate()
+        if loss is None:
+            return None
+        step = self.progress.step
+        metrics.log(step, eval_loss=loss)
+        self.last_eval = (step, loss)
+        if loss < self.best.loss:
+            self.best.step, self.best.loss, self.best.stale = step, loss, 0
+            if self.config.keep_best:
+                self.best.state = self._cpu_weights()
+        else:
+            self.best.stale += 1
+        return loss
+
+    def _cpu_weights(self) -> dict | None:
+        """A CPU copy of the full weights on rank 0 (None on other ranks); collective under FSDP."""
+        state, _ = checkpointing.model_and_optimizer_state(self.model, [])
+        if not self.env.is_main:
+            return None
+        return {k: _full(v).detach().to("cpu", copy=True) for k, v in state.items()}
+
+    def out_of_patience(self) -> bool:
+        return self.config.patience is not None and self.best.stale >= self.config.patience
+
     def fit(self) -> dict:
-        """Train until max_steps or the time budget; checkpoint, evaluate and log along the way; export at the end."""
+        """Train until max_steps, the time budget or `patience` runs out; checkpoint, evaluate and log along the
+        way. The summary names the best evaluation (`best_step`, `best_eval_loss`)."""
         cfg, env = self.config, self.env
         if self.loader is None:
             self._open_loader(self._current_phase())
@@ -215,15 +276,13 @@ class Trainer:
             (self.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str) + "\n")
         eval_loss = None
         if start_step == 0:
-            eval_loss = self.evaluate()
-            if eval_loss is not None:
-                metrics.log(0, eval_loss=eval_loss)
+            eval_loss = self._evaluate_and_track(metrics)
         run_start = time.perf_counter()
         seconds_before = self.progress.seconds
         window_tokens, window_start = 0, time.perf_counter()
         last_saved = start_step
         try:
-            while not self.progress.done():
+            while not self.progress.done() and not self.out_of_patience():
                 tokens_before = self.progress.tokens
                 record = self.train_step()
                 self.progress.seconds = seconds_before + _synced_time(env) - run_start
@@ -237,9 +296,7 @@ class Trainer:
                     window_tokens, window_start = 0, now
                 metrics.progress(step, record["loss"], tokens_per_s, self.progress.fraction(), self.progress.seconds)
                 if cfg.eval_every and (step % cfg.eval_every == 0 or self.progress.done()):
-                    eval_loss = self.evaluate()
-                    if eval_loss is not None:
-                        metrics.log(step, eval_loss=eval_loss)
+                    eval_loss = self._evaluate_and_track(metrics)
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                     self.save()
                     last_saved = step
@@ -249,18 +306,40 @@ class Trainer:
             metrics.close()
         summary = {"steps": self.progress.step, "tokens": self.progress.tokens,
                    "seconds": round(self.progress.seconds, 1), "eval_loss": eval_loss}
-        if env.is_main:
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if self.best.step is not None:
+            summary.update(best_step=self.best.step, best_eval_loss=self.best.loss)
+        if self.out_of_patience():
+            summary["stopped_early"] = True
+        self.write_summary(summary)
         return summary
 
+    def write_summary(self, summary: dict) -> None:
+        if self.env.is_main:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+    def _exports_best(self) -> bool:
+        return self.config.keep_best and self.best.step is not None
+
+    def exported(self) -> dict:
+        """Which weights `export` writes: `exported_step` and `exported_eval_loss` (None if not evaluated there)."""
+        if self._exports_best():
+            return {"exported_step": self.best.step, "exported_eval_loss": self.best.loss}
+        step = self.progress.step
+        loss = self.last_eval[1] if self.last_eval and self.last_eval[0] == step else None
+        return {"exported_step": step, "exported_eval_loss": loss}
+
     def export(self, directory: str | os.PathLike) -> Path:
-        """Write the model in the Hugging Face format (plus tokenizer, training config and log) — rank 0 writes."""
+        """Write the model in the Hugging Face format (plus tokenizer, training config and log) — rank 0 writes.
+        With `keep_best`, the weights of the best evaluation; otherwise the current ones."""
         from mellum.checkpoint import save_pretrained
         from mellum.model import Transformer
 
         cfg, env = self.config, self.env
         directory = Path(directory)
-        state, _ = checkpointing.model_and_optimizer_state(self.model, [])
+        if self._exports_best():
+            state = self.best.state  # rank 0's CPU copy
+        else:
+            state, _ = checkpointing.model_and_optimizer_state(self.model, [])
         if env.is_main:
             plain = Transformer(cfg.model)  # unsharded, on the CPU
             plain.load_state_dict({k: _full(v).detach().to("cpu", torch.float32) for k, v in state.items()})
@@ -344,6 +423,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     parser.add_argument("--max-minutes", type=float, help="wall-clock budget of the training loop; the LR decay "
                         "follows it and training ends cleanly (checkpoint + export) when it is spent")
+    parser.add_argument("--patience", type=int, help="stop after this many evaluations in a row without a lower "
+                        "held-out loss")
     parser.add_argument("--export", default=None, help="directory for the Hugging Face model (default OUT/model)")
     parser.add_argument("--no-export", action="store_true", help="skip the Hugging Face export")
     parser.add_argument("--no-bar", action="store_true", help="no progress bar (logs still go to metrics.jsonl)")
@@ -352,7 +433,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args) -> TrainConfig:
     overrides = list(args.overrides)
     for flag, key in (("data", "data"), ("eval_data", "eval_data"), ("tokenizer", "tokenizer"),
-                      ("max_steps", "max_steps"), ("max_minutes", "max_minutes")):
+                      ("max_steps", "max_steps"), ("max_minutes", "max_minutes"), ("patience", "patience")):
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={value!r}" if isinstance(value, str) else f"{key}={value}")
@@ -373,7 +454,8 @@ def run(args) -> int:
         summary = trainer.fit()
         if not args.no_export:
             path = trainer.export(args.export or out / "model")
-            summary["model"] = str(path)
+            summary.update(model=str(path), **trainer.exported())
+            trainer.write_summary(summary)
         if env.is_main:
             print(json.dumps(summary))
     finally:

@@ -49,6 +49,8 @@ class TrainConfig:
     doc_masking: bool = True  # attention and positions restart at every packed document
     eval_every: int = 50
     eval_batches: int = 8
+    keep_best: bool = False  # keep a CPU copy of the weights with the lowest held-out loss; export those
+    patience: int | None = None  # stop after this many evaluations in a row without a lower held-out loss
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     log_every: int = 1
@@ -66,6 +68,8 @@ class TrainConfig:
             raise ValueError(f"max_steps must be positive, got {self.max_steps}")
         if self.phases and abs(self.phases[-1].until - 1.0) > 1e-9:
             raise ValueError("the last curriculum phase must end at progress 1.0")
+        if self.patience is not None and self.patience < 1:
+            raise ValueError(f"patience must be at least 1 evaluation, got {self.patience}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -125,16 +129,17 @@ def mellum_tiny_model() -> ModelConfig:
 def mellum_tiny() -> TrainConfig:
     """The reference model on one GPU for a few minutes: context 1,024, 128k-token batches, WSD keyed to time.
 
-    Data: `scripts/reference_model.sh prepare` (build/reference/). The LR decays over the last 25% of the wall-clock
-    budget (`--max-minutes`), so the run ends annealed whenever the budget ends.
+    Data: `scripts/reference_model.sh prepare` or `gpu` (build/reference/). The LR decays over the last 25% of the
+    wall-clock budget (`--max-minutes`), so the run ends annealed whenever the budget ends. The export holds the
+    weights of the evaluation with the lowest held-out loss (`keep_best`: a few passes over a small corpus over-fit).
     """
     return TrainConfig(
         name="mellum-tiny", model=mellum_tiny_model(), data="build/reference/shards/train",
         eval_data="build/reference/shards/heldout", tokenizer="build/reference/tokenizer",
         seq_len=1024, micro_batch=32, batch_ramp=BatchRamp(((0, 64), (20_000_000, 128))), max_steps=20_000,
         schedule=WSDSchedule(warmup_steps=200, decay_fraction=0.25), optim=OptimConfig(lr=2e-3, weight_decay=0.1),
-        precision="auto", compile=True, doc_masking=True, eval_every=250, eval_batches=16, checkpoint_every=500,
-        export_dtype="bfloat16", export_max_shard_mb=15,
+        precision="auto", compile=True, doc_masking=True, eval_every=250, eval_batches=16, keep_best=True,
+        checkpoint_every=500, export_dtype="bfloat16", export_max_shard_mb=15,
     )
 
 

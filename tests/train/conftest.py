@@ -29,3 +29,11 @@ def code_shards(tmp_path_factory, tiny_tokenizer):
     tiny_tokenizer.save(tokenizer_dir)
     return (str(_write_shards(root / "train", tiny_tokenizer, TRAIN_FILES)),
             str(_write_shards(root / "heldout", tiny_tokenizer, HELDOUT_FILES)), str(tokenizer_dir))
+
+
+@pytest.fixture(scope="session")
+def overfit_shards(tmp_path_factory, tiny_tokenizer, code_shards):
+    """(train_dir, heldout_dir, tokenizer_dir) whose training data is one small file: at the tiny-cpu recipe's
+    learning rate the held-out loss falls for about 10 steps, then rises as the model memorises the file."""
+    root = tmp_path_factory.mktemp("overfit")
+    return str(_write_shards(root / "train", tiny_tokenizer, ["bisect.py"])), code_shards[1], code_shards[2]
