@@ -180,9 +180,15 @@ class Sample:
     fim: FimSplit | None = None
 
 
+@lru_cache(maxsize=1 << 16)
+def _folders(path: str) -> tuple[str, ...]:
+    # Cached: a repository sample ranks every file of its project, so large projects ask for the same paths often.
+    return PurePosixPath(path).parent.parts
+
+
 def path_distance(a: str, b: str) -> int:
     """Directory hops between two files (siblings: 0; a file in a subfolder: 1; ...)."""
-    da, db = PurePosixPath(a).parent.parts, PurePosixPath(b).parent.parts
+    da, db = _folders(a), _folders(b)
     common = 0
     for x, y in zip(da, db):
         if x != y:
