@@ -190,12 +190,12 @@ gpu() {  # one command on a bare GPU machine (carry $TOKENIZER and $WHEELS): it 
   stage shards make_shards
   data_report
   if [[ ${BASELINE:-1} == 1 ]]; then stage baseline baseline; fi
-  left=$(( ${DEADLINE_S:-560} - SECONDS - 60 ))  # 60 s: start-up, compilation, evaluations, export and packing
+  left=$(( ${DEADLINE_S:-560} - SECONDS - 75 ))  # 75 s: start-up, compilation, evaluations, export and packing
   if (( left < 30 )); then
     echo "error: ${SECONDS} s spent on data, too little left to train (DEADLINE_S ${DEADLINE_S:-560})" >&2
     exit 4
   fi
-  MINUTES=$(awk -v cap="$MINUTES" -v left="$left" 'BEGIN { m = left / 60; if (m > cap) m = cap; printf "%.2f", m }')
+  MINUTES=$("$PYTHON" -c "print(f'{min($MINUTES, $left / 60):.2f}')")
   echo "training budget: $MINUTES minutes"
   stage train train
   echo "timings (s): ${TIMINGS[*]}; total ${SECONDS}"
