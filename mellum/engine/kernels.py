@@ -5,6 +5,11 @@ On this machine's MKL, `F.linear` with one to sixteen rows runs on a single core
 the same product written as `bmm` over two or four row blocks of the weight uses every core and reaches
 15–19 GB/s (measured with weights larger than the caches: docs/engine.md). Prefill (many rows) is compute-bound
 and keeps `F.linear`.
+
+The split product is a parallel region per matrix: when other processes keep a core busy, each region waits for a
+descheduled thread and the product collapses to under 1 GB/s (measured here with a training job beside it), while
+single-threaded `F.linear` keeps its speed. `SplitSwitch` turns the split on and off, and `KernelChooser` lets the
+engine keep whichever of the two its recent decode steps ran faster with.
 """
 
 from __future__ import annotations
@@ -17,10 +22,42 @@ from torch import nn
 SPLIT_MAX_ROWS = 16
 
 
-class SplitLinear(nn.Linear):
-    """A bias-free `nn.Linear` whose few-row products run as `bmm` over `splits` row blocks of the weight."""
+class SplitSwitch:
+    """Shared on/off state of the `SplitLinear` layers of one model."""
 
-    def __init__(self, linear: nn.Linear, splits: int):
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+
+
+class KernelChooser:
+    """Chooses between two kernel settings (True / False) from measured step times: it runs the current setting,
+    tries the other one every `explore_every` steps and switches when that step was `margin` times faster than the
+    step just before it (adjacent steps do the same work, so one pair is a fair comparison)."""
+
+    def __init__(self, explore_every: int = 64, margin: float = 0.8, initial: bool = True):
+        self.explore_every, self.margin, self.current = explore_every, margin, initial
+        self.steps, self.switches = 0, 0
+        self._exploring = False
+        self._last: float | None = None  # seconds of the latest step with the current setting
+
+    def choose(self) -> bool:
+        self.steps += 1
+        self._exploring = self._last is not None and self.steps % self.explore_every == 0
+        return not self.current if self._exploring else self.current
+
+    def record(self, seconds: float) -> None:
+        if not self._exploring:
+            self._last = seconds
+        elif seconds < self.margin * self._last:
+            self.current, self._last = not self.current, seconds
+            self.switches += 1
+
+
+class SplitLinear(nn.Linear):
+    """A bias-free `nn.Linear` whose few-row products run as `bmm` over `splits` row blocks of the weight
+    (while `switch.enabled`)."""
+
+    def __init__(self, linear: nn.Linear, splits: int, switch: SplitSwitch | None = None):
         if linear.bias is not None:
             raise ValueError("SplitLinear takes bias-free layers only")
         out_features, in_features = linear.weight.shape
@@ -29,11 +66,13 @@ class SplitLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=False, device="meta")
         self.weight = linear.weight  # shared, not copied (a tied output head stays tied)
         self.splits = splits
+        self.switch = switch if switch is not None else SplitSwitch()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k, n = self.in_features, self.out_features
         rows = x.numel() // k
-        if rows > SPLIT_MAX_ROWS or x.device.type != "cpu" or x.dtype != self.weight.dtype:
+        if (rows > SPLIT_MAX_ROWS or not self.switch.enabled or x.device.type != "cpu"
+                or x.dtype != self.weight.dtype):
             return F.linear(x, self.weight)
         s = self.splits
         xt = x.reshape(rows, k).t()  # [K, rows]
@@ -44,20 +83,19 @@ class SplitLinear(nn.Linear):
         return f"in_features={self.in_features}, out_features={self.out_features}, splits={self.splits}"
 
 
-def split_linears(model: nn.Module, threads: int | None = None) -> int:
-    """Replace every bias-free `nn.Linear` whose rows divide evenly by `SplitLinear`, in place; returns the count.
-    `threads`: the block count to aim for (default: torch's intra-op threads, at least 2)."""
+def split_linears(model: nn.Module, threads: int | None = None) -> SplitSwitch:
+    """Replace every bias-free `nn.Linear` whose rows divide evenly by `SplitLinear`, in place; returns the switch
+    they share. `threads`: the block count to aim for (default: torch's intra-op threads, at least 2)."""
     want = max(2, threads or torch.get_num_threads())
-    count = 0
+    switch = SplitSwitch()
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if type(child) is not nn.Linear or child.bias is not None:
                 continue
             splits = next((s for s in (want, 4, 2) if child.out_features % s == 0), None)
             if splits:
-                setattr(module, name, SplitLinear(child, splits))
-                count += 1
-    return count
+                setattr(module, name, SplitLinear(child, splits, switch))
+    return switch
 
 
 def fuse_projections(model: nn.Module) -> None:

@@ -12,7 +12,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mellum.engine.api import GenerationResult
-from mellum.engine.kernels import fuse_projections, fuse_state_dict, split_linears
+from mellum.engine.kernels import KernelChooser, fuse_projections, fuse_state_dict, split_linears
 from mellum.engine.kv_cache import KVCache
 from mellum.engine.prefix_cache import PrefixCache
 from mellum.engine.sampling import SamplingParams, make_generator, probabilities, sample
@@ -78,8 +78,11 @@ class NativeEngine:
             from mellum.engine.quant import quantize_int8
 
             quantize_int8(self.model)
-        elif self.device.type == "cpu":
-            split_linears(self.model)  # decode products over all cores (mellum.engine.kernels)
+        self._split, self._choosers = None, {}
+        if quantize is None and self.device.type == "cpu" and torch.get_num_threads() > 1:
+            # Decode products over all cores, kept only while they are faster (mellum.engine.kernels); one chooser
+            # per step size (1, 2-4, 5-16, more tokens), so that compared steps do the same work.
+            self._split = split_linears(self.model)
         if opts.first_chunk is None:  # an explicit prefill_chunk also sizes the first chunk
             opts.first_chunk = opts.prefill_chunk or (8192 if self.device.type == "cuda" else 2048)
         if opts.prefill_chunk is None:
@@ -194,6 +197,18 @@ class NativeEngine:
                  graphs: bool = True):
         """`graphs=False` for prefill chunks: their lengths vary per request, and capturing a graph for each new
         (length, key bucket) costs more than one eager forward."""
+        if self._split is None or not graphs:
+            return self._forward_once(ids, positions, view, last_only, graphs)
+        # A decode or verify step: split or single-threaded products, whichever recent steps ran faster with.
+        n = ids.numel()
+        chooser = self._choosers.setdefault(0 if n == 1 else 1 if n <= 4 else 2 if n <= 16 else 3, KernelChooser())
+        self._split.enabled = chooser.choose()
+        t0 = time.perf_counter()
+        out = self._forward_once(ids, positions, view, last_only, graphs)
+        chooser.record(time.perf_counter() - t0)
+        return out
+
+    def _forward_once(self, ids: torch.Tensor, positions: torch.Tensor, view, last_only: bool, graphs: bool):
         if (self._graphs is not None and ids.shape[0] == 1 and (graphs or ids.shape[1] == 1)
                 and ids.shape[1] <= self._graphs.MAX_TOKENS):
             try:

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mellum.engine import NativeEngine, SamplingParams
-from mellum.engine.kernels import SPLIT_MAX_ROWS, SplitLinear, fuse_projections, fuse_state_dict, split_linears
+from mellum.engine.kernels import (SPLIT_MAX_ROWS, KernelChooser, SplitLinear, fuse_projections, fuse_state_dict,
+                                  split_linears)
 from mellum.engine.scheduler import Sequence
 from tests.engine.helpers import reference_greedy, tiny_model
 
@@ -34,7 +35,8 @@ def test_fused_and_split_model_computes_the_same_logits(preset):
     model = tiny_model(preset)
     fast = copy.deepcopy(model)
     fuse_projections(fast)
-    assert split_linears(fast, threads=2) > 0
+    switch = split_linears(fast, threads=2)
+    assert sum(isinstance(m, SplitLinear) and m.switch is switch for m in fast.modules()) >= 2 * fast.config.num_layers
     names = {name.rsplit(".", 1)[-1] for name, _ in fast.named_modules()}
     assert "qkv_proj" in names and "q_proj" not in names
     if preset == "tiny-dense":
@@ -80,5 +82,36 @@ def test_a_request_dropped_during_prefill_leaves_its_chunks_in_the_prefix_cache(
         result = engine.generate(typed, SamplingParams(max_new_tokens=6))
         assert result.cached_tokens == 64
         assert result.tokens == reference_greedy(model, typed, 6)
+    finally:
+        engine.close()
+
+
+def test_kernel_chooser_keeps_the_faster_setting_and_switches_when_the_other_wins():
+    chooser = KernelChooser(explore_every=4, margin=0.8, initial=True)
+    timings = {True: 1.0, False: 3.0}  # split products fast (an idle machine)
+    used = []
+    for _ in range(12):
+        setting = chooser.choose()
+        used.append(setting)
+        chooser.record(timings[setting])
+    assert chooser.current is True and used.count(False) == 3  # tried every 4th step, never adopted
+    timings = {True: 5.0, False: 1.0}  # another process keeps a core busy: the split collapses
+    for _ in range(8):
+        chooser.record(timings[chooser.choose()])
+    assert chooser.current is False and chooser.switches == 1
+    assert [chooser.choose() for _ in range(3)] == [False, False, False]
+
+
+def test_engine_tokens_are_the_same_with_split_products_on_or_off():
+    model = tiny_model("tiny-dense")
+    prompt = torch.randint(0, model.config.vocab_size, (40,), generator=torch.Generator().manual_seed(6)).tolist()
+    want = reference_greedy(model, prompt, 12)
+    engine = NativeEngine(copy.deepcopy(model), speculative="lookup", prefix_cache_mb=0)
+    try:
+        if engine._split is None:
+            pytest.skip("one CPU thread: the engine does not split products")
+        for explore_every in (1_000_000, 2):  # always split; alternate every other step
+            engine._choosers = {k: KernelChooser(explore_every=explore_every) for k in range(4)}
+            assert engine.generate(prompt, SamplingParams(max_new_tokens=12)).tokens == want
     finally:
         engine.close()
