@@ -10,8 +10,8 @@
 #   scripts/reference_model.sh unpack DIR         # reassemble DIR/mellum-tiny.tar.part-* into mellum/assets/mellum-tiny
 #
 # Settings (environment): PYTHON (default .venv/bin/python if present, else python3), REF (build/reference),
-# TOKENIZER ($REF/tokenizer), MINUTES (training-loop budget: 7.5 for train, at most 6 for gpu), DEVICE (cuda), VOCAB (16384),
-# TRAIN_MB (text for training: 80 for prepare, 400 for gpu), SOURCES (the `data build` sources, [LABEL=]PATH words;
+# TOKENIZER ($REF/tokenizer), MINUTES (training-loop budget: 7.5 for train, at most 6 for gpu), DEVICE (cuda),
+# VOCAB (16384), TRAIN_MB (text for training: 80 for prepare, 400 for gpu), SOURCES (`data build` sources, [LABEL=]PATH;
 # default "stdlib=<stdlib> site=<site-packages>"), WORKERS (data build processes, default all CPUs), PATIENCE
 # (evaluations without a lower held-out loss before training stops; default never), WHEELS ($REF/wheels),
 # DEADLINE_S (gpu: seconds by which the command should end, default 560; training gets what is left),
@@ -35,9 +35,10 @@ QUIET=""
 STDLIB=$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
 SITE=$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 SOURCES=${SOURCES:-stdlib=$STDLIB site=$SITE}
-# What `data build`/`shards` import beyond torch, numpy, tokenizers, safetensors and tqdm (module=distribution),
-# and the versions `wheels` fetches for the GPU machine (CPython 3.12, x86-64; it has xxhash and scipy).
-PIPELINE_MODULES="torch numpy tokenizers safetensors tqdm zstandard xxhash scipy datasketch license_expression=license-expression boolean=boolean.py"
+# The modules data build, shards and training import (module=distribution where the names differ), and the wheels
+# `wheels` fetches for the GPU machine (CPython 3.12, x86-64): the ones its image lacks (it has xxhash and scipy).
+PIPELINE_MODULES="torch numpy tokenizers safetensors tqdm zstandard xxhash scipy datasketch"
+PIPELINE_MODULES+=" license_expression=license-expression boolean=boolean.py"
 GPU_WHEELS="zstandard==0.25.0 datasketch==2.0.0 license-expression==30.4.4 boolean.py==5.0"
 
 prepare() {
