@@ -260,7 +260,7 @@ def section_fim(model, args, prompts, table):
               f"prefill {prefill_ms:.0f} ms, decode {ours.timings_ms['decode']:.0f} ms")
     table.add("FIM request repeated (prompt in the prefix cache)", f"{warm_ms:.0f} ms",
               f"{warm.cached_tokens} of {warm.prompt_tokens} prompt tokens cached")
-    hf_ms, same = transformers_generate(model, args, prompt, n, ours.tokens)
+    hf_ms, same = transformers_generate(args, prompt, n, ours.tokens)
     if hf_ms is not None:
         table.add("FIM request, transformers generate (same weights)", f"{hf_ms:.0f} ms", f"ours {ours_ms:.0f} ms cold",
                   f"{hf_ms / ours_ms:.2f}× faster", "≥ 4×")
@@ -274,19 +274,16 @@ def section_fim(model, args, prompts, table):
         table.add("llama.cpp comparison", "skipped: llama-cpp-python not installed")
 
 
-def transformers_generate(model, args, prompt, n, our_tokens):
-    if args.skip_hf:
+def transformers_generate(args, prompt, n, our_tokens):
+    if args.hf_checkpoint is None:
         return None, None
     try:
         import transformers
     except ImportError:
         print("# transformers not installed: skipping the generate comparison")
         return None, None
-    from mellum import save_pretrained
-
-    with tempfile.TemporaryDirectory() as tmp:
-        save_pretrained(model, tmp)
-        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=args.dtype).to(args.device).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(args.hf_checkpoint, dtype=args.dtype)
+    hf = hf.to(args.device).eval()
     ids = torch.tensor([prompt], device=args.device)
     kwargs = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
     with torch.inference_mode():
@@ -469,6 +466,15 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         model = build_model(args, shape)
         params = sum(p.numel() for p in model.parameters())
+        # The transformers reference loads the weights as saved now: engines then take the model over (fused
+        # projections, int8), and such a model no longer saves in the Hugging Face layout.
+        hf_dir = tempfile.TemporaryDirectory()
+        args.hf_checkpoint = None
+        if "fim" in args.sections and not args.skip_hf:
+            from mellum import save_pretrained
+
+            save_pretrained(model, hf_dir.name)
+            args.hf_checkpoint = hf_dir.name
         prompts = Prompts(model.config.vocab_size)
         table = Table(f"{args.model or shape}: {params / 1e6:.0f}M parameters, {name}, {str(args.dtype).split('.')[-1]}"
                       f", bandwidth {bw / 1e9:.1f} GB/s")
@@ -498,6 +504,7 @@ def main(argv=None) -> int:
             tmp.write_text("\n\n".join(tables) + "\n")
             os.replace(tmp, args.out)
         del model
+        hf_dir.cleanup()
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -228,6 +228,13 @@ def save_pretrained(model, path: str | os.PathLike, dtype=None, max_shard_size_m
     files in the directory (a tokenizer) are left alone."""
     from safetensors.torch import save_file
 
+    prepared = [name for name, m in model.named_modules()
+                if any(isinstance(getattr(m, attr, None), torch.nn.Module) for attr in ("qkv_proj", "gate_up_proj"))
+                or hasattr(m, "qweight")]
+    if prepared:
+        raise ValueError(f"this model was prepared for inference by the engine (fused or int8 layers, e.g. "
+                         f"{prepared[0]!r}) and no longer has the checkpoint layout: save the model before handing "
+                         "it to an engine, or load it again")
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{out} exists and is not a directory")

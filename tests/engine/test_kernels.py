@@ -115,3 +115,13 @@ def test_engine_tokens_are_the_same_with_split_products_on_or_off():
             assert engine.generate(prompt, SamplingParams(max_new_tokens=12)).tokens == want
     finally:
         engine.close()
+
+
+def test_a_model_prepared_by_the_engine_refuses_to_save_in_the_checkpoint_layout(tmp_path):
+    from mellum import save_pretrained
+
+    model = tiny_model("tiny-dense")
+    NativeEngine(model, speculative=None).close()  # the engine fused the model's projections in place
+    with pytest.raises(ValueError, match="prepared for inference"):
+        save_pretrained(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
