@@ -73,15 +73,19 @@ def stdlib_texts() -> list[tuple[str, str]]:
 class Prompts:
     """FIM prompts of real code: context files then the current file, cut at a cursor, encoded to a token budget."""
 
-    def __init__(self, vocab_size: int):
-        from mellum.tokenizer import train_bpe
+    def __init__(self, vocab_size: int, model_dir: str | None = None, prompt_format: str = "mellum"):
+        from mellum.tokenizer import Tokenizer, train_bpe
 
         self.texts = stdlib_texts()
-        t0 = time.perf_counter()
-        self.tok = train_bpe([t for _, t in self.texts], vocab_size=min(vocab_size, 16384))
-        self.fmt = get_format("mellum")
-        print(f"# tokenizer: BPE {self.tok.vocab_size} trained on {len(self.texts)} stdlib files "
-              f"in {time.perf_counter() - t0:.1f}s", flush=True)
+        self.fmt = get_format(prompt_format)
+        if model_dir:  # real weights: their own tokenizer and prompt format
+            self.tok = Tokenizer.from_pretrained(model_dir)
+            print(f"# tokenizer: {model_dir} ({self.tok.vocab_size} tokens), format {self.fmt.name}", flush=True)
+        else:
+            t0 = time.perf_counter()
+            self.tok = train_bpe([t for _, t in self.texts], vocab_size=min(vocab_size, 16384))
+            print(f"# tokenizer: BPE {self.tok.vocab_size} trained on {len(self.texts)} stdlib files "
+                  f"in {time.perf_counter() - t0:.1f}s", flush=True)
         self.stop_ids = tuple(self.tok.id_of(s) for s in self.fmt.stop)
         self.newline_ids = [i for i, s in enumerate(self.tok.token_strings) if "\n" in s]
 
@@ -475,7 +479,7 @@ def main(argv=None) -> int:
 
             save_pretrained(model, hf_dir.name)
             args.hf_checkpoint = hf_dir.name
-        prompts = Prompts(model.config.vocab_size)
+        prompts = Prompts(model.config.vocab_size, args.model, model.config.prompt_format)
         table = Table(f"{args.model or shape}: {params / 1e6:.0f}M parameters, {name}, {str(args.dtype).split('.')[-1]}"
                       f", bandwidth {bw / 1e9:.1f} GB/s")
         print(f"# {table.title} (built in {time.perf_counter() - t0:.0f}s)", flush=True)
