@@ -77,7 +77,7 @@ class SplitLinear(nn.Linear):
         s = self.splits
         xt = x.reshape(rows, k).t()  # [K, rows]
         y = torch.bmm(self.weight.view(s, n // s, k), xt.expand(s, k, rows))  # [s, N/s, rows]
-        return y.reshape(n, rows).t().reshape(*x.shape[:-1], n)
+        return y.reshape(n, rows).t().contiguous().reshape(*x.shape[:-1], n)  # row-major, as F.linear returns
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, splits={self.splits}"

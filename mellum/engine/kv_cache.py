@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mellum.model.attention import attention_mask
+from mellum.model.attention import CachedPrefix, attention_mask
 
 
 @dataclass
@@ -155,12 +155,16 @@ class CacheView:
             # masked attention over the cache, and is_causal SDPA skips the upper triangle (about 2x faster on CPU
             # at 4k tokens than an explicit boolean mask).
             return k.to(layer.k.dtype), v.to(layer.v.dtype), None
-        if T == 1 and B == 1 and not (layer.ring or self.padded) and layer_idx not in self.cache.separate_layers:
-            # A one-token step of one row on a full-attention layer: slots 0..kv_len-1 hold exactly positions
-            # 0..kv_len-1 of this sequence (prefix-cache copy, prefill and decode fill them in order; entries of
-            # rejected drafts lie at or beyond kv_len), so every key is visible and SDPA needs no mask (2-3x
-            # faster at 4k keys on CPU than the boolean mask).
-            return k_all, v_all, None
+        if B == 1 and not (layer.ring or self.padded) and layer_idx not in self.cache.separate_layers:
+            # One row on a full-attention layer: slots 0..kv_len-1 hold exactly positions 0..kv_len-1 of this
+            # sequence (prefix-cache copy, kept row prefix, prefill and decode fill them in order; entries of
+            # rejected drafts lie at or beyond kv_len), and the new tokens are the last T of them. So no mask:
+            if T == 1:  # every key is visible (2-3x faster at 4k keys on CPU than the boolean mask)
+                return k_all, v_all, None
+            start = self.kv_len - T
+            if start > 0 and k.device.type == "cpu":  # the cached prefix in full, the new tokens causally
+                prefix = CachedPrefix(k_all[:, :, :start], v_all[:, :, :start])
+                return k.to(layer.k.dtype), v.to(layer.v.dtype), prefix
         kind = ("own", layer_idx) if layer_idx in self.cache.separate_layers else (layer.window, layer.size)
         mask = self._masks.get(kind)
         if mask is None:

@@ -281,7 +281,8 @@ class NativeEngine:
         t0 = time.perf_counter()
         n = len(seq.prompt)
         a = seq.filled
-        b = min(n, a + (self.options.first_chunk if a == 0 else self.options.prefill_chunk))
+        # The first chunk of a request is the large one (causal from position 0, or causal after its cached prefix).
+        b = min(n, a + (self.options.first_chunk if a == seq.cached else self.options.prefill_chunk))
         ids = self._tensor([seq.prompt[a:b]])  # [1, T]
         positions = torch.arange(a, b, device=self.device)[None]  # [1, T]
         last = b == n

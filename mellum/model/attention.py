@@ -7,6 +7,8 @@ ring buffer (mellum.engine) plug in through one protocol: `k, v, mask = cache.up
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,6 +40,34 @@ def attention_mask(
             raise ValueError("attention_mask: q_doc given without k_doc")
         mask = mask & (q_doc[:, :, None] == k_doc[:, None, :])
     return mask[:, None]  # [B, 1, T, S]
+
+
+class CachedPrefix(NamedTuple):
+    """Keys/values [B, Hkv, P, D] of the positions before a chunk of new tokens, every one of them visible to every
+    new token (a cache's alternative to a mask: the new tokens then attend causally among themselves)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+
+def prefix_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: CachedPrefix) -> torch.Tensor:
+    """softmax attention of q [B, H, T, D] over prefix keys (all visible) plus the T new keys k, v [B, Hkv, T, D]
+    (causal), without a [T, P + T] mask: two CPU flash-attention passes merged by their log-sum-exp (the
+    split-softmax identity of FlashAttention / FlashDecoding). The prefix pass folds each key head's query group
+    into its query length, so grouped-query prefixes are read once, not repeated per query head."""
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # assumes unit stride in the last dim
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    if prefix.k.stride(-1) != 1 or prefix.v.stride(-1) != 1:
+        prefix = CachedPrefix(prefix.k.contiguous(), prefix.v.contiguous())
+    b, h, t, d = q.shape
+    groups = h // k.shape[1]
+    out_p, lse_p = flash(q.reshape(b, h // groups, groups * t, d), prefix.k, prefix.v)
+    out_p, lse_p = out_p.reshape(b, h, t, d), lse_p.reshape(b, h, t)
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    out_n, lse_n = flash(q, k, v, is_causal=True)
+    lse = torch.logaddexp(lse_p, lse_n)  # [B, H, T]
+    return out_p * torch.exp(lse_p - lse)[..., None].to(q.dtype) + out_n * torch.exp(lse_n - lse)[..., None].to(q.dtype)
 
 
 class Attention(nn.Module):
@@ -80,7 +110,9 @@ class Attention(nn.Module):
         if cache is not None:
             k, v, mask = cache.update(self.layer_idx, k, v, positions)  # [B, Hkv, S, D], mask [B, 1, T, S]
         gqa = self.num_heads != self.num_kv_heads
-        if mask is None:
+        if isinstance(mask, CachedPrefix):
+            y = prefix_causal_attention(q, k, v, mask)
+        elif mask is None:
             # No mask: causal over the keys of these tokens alone, or for one query token (a decode step) every
             # key the cache returned (the cache returns no mask only when all of them are visible).
             y = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=gqa)

@@ -76,3 +76,24 @@ def test_fresh_first_chunk_runs_causal_and_matches_masked_prefill():
     k = torch.zeros(1, view.cache.layers[0].k.shape[1], 5, view.cache.layers[0].k.shape[-1])
     _, _, mask = view.update(0, k, k, torch.arange(5)[None])
     assert mask is None
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2)])
+def test_prefix_causal_attention_equals_masked_attention(heads, kv_heads):
+    """The mask-free path for a chunk after a cached prefix (two flash passes merged by log-sum-exp), with grouped
+    heads and inputs whose last dimension is not contiguous (as a transposed product leaves them)."""
+    import torch.nn.functional as F
+
+    from mellum.model.attention import CachedPrefix, attention_mask, prefix_causal_attention
+
+    torch.manual_seed(0)
+    prefix_len, t, d = 37, 9, 16
+    q = torch.randn(1, heads, d, t).transpose(-1, -2)  # [1, H, T, D] with last-dim stride T
+    k_all = torch.randn(1, kv_heads, prefix_len + t, d)
+    v_all = torch.randn(1, kv_heads, prefix_len + t, d)
+    positions = torch.arange(prefix_len, prefix_len + t)[None]
+    mask = attention_mask(positions, torch.arange(prefix_len + t)[None])
+    want = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=heads != kv_heads)
+    prefix = CachedPrefix(k_all[:, :, :prefix_len], v_all[:, :, :prefix_len])
+    got = prefix_causal_attention(q, k_all[:, :, prefix_len:], v_all[:, :, prefix_len:], prefix)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
