@@ -235,12 +235,8 @@ preflight() {  # no network on the GPU machine: install only the carried wheels,
 }
 
 wheels() {  # the wheels of GPU_WHEELS for CPython 3.12 on x86-64 Linux → $WHEELS (about 6 MB)
-  mkdir -p "$WHEELS"
   # shellcheck disable=SC2086
-  "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-    -d "$WHEELS" $GPU_WHEELS
-  ls -la "$WHEELS"
+  PYTHON=$PYTHON scripts/fetch_wheels.sh "$WHEELS" $GPU_WHEELS
 }
 
 train_cpu() {
