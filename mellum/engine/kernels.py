@@ -69,18 +69,24 @@ class SplitLinear(nn.Linear):
         self.switch = switch if switch is not None else SplitSwitch()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k, n = self.in_features, self.out_features
-        rows = x.numel() // k
-        if (rows > SPLIT_MAX_ROWS or not self.switch.enabled or x.device.type != "cpu"
-                or x.dtype != self.weight.dtype):
-            return F.linear(x, self.weight)
-        s = self.splits
-        xt = x.reshape(rows, k).t()  # [K, rows]
-        y = torch.bmm(self.weight.view(s, n // s, k), xt.expand(s, k, rows))  # [s, N/s, rows]
-        return y.reshape(n, rows).t().contiguous().reshape(*x.shape[:-1], n)  # row-major, as F.linear returns
+        y = few_row_product(x.reshape(-1, self.in_features), self.weight, self.splits, self.switch)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, splits={self.splits}"
+
+
+def few_row_product(x: torch.Tensor, weight: torch.Tensor, splits: int, switch: SplitSwitch) -> torch.Tensor:
+    """x [M, In] @ weight [Out, In].T: for at most SPLIT_MAX_ROWS rows on CPU one `bmm` over `splits` row blocks of
+    the weight (or 4 or 2, whichever divides Out) while the switch is on; `F.linear` otherwise."""
+    rows, k = x.shape
+    n = weight.shape[0]
+    s = next((s for s in (splits, 4, 2) if n % s == 0), None)
+    if (s is None or rows > SPLIT_MAX_ROWS or not switch.enabled or x.device.type != "cpu"
+            or x.dtype != weight.dtype):
+        return F.linear(x, weight)
+    y = torch.bmm(weight.view(s, n // s, k), x.t().expand(s, k, rows))  # [s, N/s, M]
+    return y.reshape(n, rows).t().contiguous()  # row-major [M, N], as F.linear returns
 
 
 def split_linears(model: nn.Module, threads: int | None = None) -> SplitSwitch:
