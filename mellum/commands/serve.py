@@ -22,13 +22,17 @@ def add_model_arguments(parser) -> None:
     parser.add_argument("--prefix-cache-mb", type=float, default=None,
                         help="memory budget of the engine's cross-request prefix (KV) cache (default 256; 0 = off)")
     parser.add_argument("--quantize", choices=["int8"], default=None, help="int8 weight-only quantization")
+    parser.add_argument("--kv-cache-mb", type=float, default=None,
+                        help="memory budget of the engine's KV cache: concurrent sequences are limited to what fits "
+                             "(default on CPU: a quarter of the machine's memory)")
 
 
 def load_service(path, args):
     """The completion service for `path` with the engine options given on the command line."""
     from mellum.complete import CompletionService
 
-    options = {} if args.prefix_cache_mb is None else {"prefix_cache_mb": args.prefix_cache_mb}
+    options = {name: value for name, value in (("prefix_cache_mb", args.prefix_cache_mb),
+                                               ("kv_cache_mb", args.kv_cache_mb)) if value is not None}
     return CompletionService.from_pretrained(path, device=args.device, quantize=args.quantize, **options)
 
 

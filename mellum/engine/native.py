@@ -3,6 +3,8 @@ chunked prefill, batched decoding, speculative decoding (prompt lookup or MTP) a
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 import time
 from dataclasses import dataclass, fields
@@ -27,7 +29,8 @@ _EAGER_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBa
 class EngineOptions:
     """Budgets and knobs of the native engine (token counts unless named otherwise)."""
 
-    max_batch: int = 4  # concurrent sequences (cache rows)
+    max_batch: int = 4  # concurrent sequences (cache rows); fewer when the KV cache budget holds fewer
+    kv_cache_mb: float | None = None  # KV cache budget; None: a quarter of the machine's memory on CPU, unbounded on GPU
     max_seq_len: int | None = None  # tokens per sequence; None: the model's context, at most 8192
     prefill_chunk: int | None = None  # prompt tokens per prefill forward (between decode steps); None: 512 CPU, 2048 GPU
     first_chunk: int | None = None  # tokens of a cold prompt's first chunk (causal, no mask); None: prefill_chunk if
@@ -93,9 +96,11 @@ class NativeEngine:
         # Cache layers: the main layers, plus the MTP layer (index num_layers) when it drafts.
         n_layers = config.num_layers + (1 if opts.speculative == "mtp" else 0)
         self.windows = [config.window(i) for i in range(n_layers)]
+        slack = max(opts.ring_slack, opts.max_draft + 1, 2 * opts.block_tokens)
+        opts.max_batch = self._fit_rows(config, slack)
         self.cache = KVCache(self.windows, rows=opts.max_batch, max_len=self.max_len,
                              num_kv_heads=config.num_kv_heads, head_dim=config.head_dim, dtype=dtype,
-                             device=self.device, slack=max(opts.ring_slack, opts.max_draft + 1, 2 * opts.block_tokens),
+                             device=self.device, slack=slack,
                              separate_layers=tuple(range(config.num_layers, n_layers)))
         self.prefix_cache = PrefixCache(int(opts.prefix_cache_mb * 2**20), opts.block_tokens, self.windows)
         self._resident: dict[int, Sequence] = {}  # row → the last request that ran there (its KV stays until reused)
@@ -109,6 +114,31 @@ class NativeEngine:
 
             self._graphs = GraphedDecode(self)
         self.scheduler = Scheduler(self, opts.max_batch, speculative=opts.speculative is not None)
+
+    def _fit_rows(self, config, slack: int) -> int:
+        """Cache rows that fit the KV budget (at most max_batch). A Mellum-4B row of 8,192 tokens holds 6 GB of fp32
+        KV on a CPU, so four rows would not fit beside the weights on most machines: the engine runs fewer
+        concurrent sequences (later requests queue) and says so."""
+        opts = self.options
+        budget_mb = opts.kv_cache_mb
+        if budget_mb is None and self.device.type == "cpu":
+            try:
+                budget_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 4 / 2**20
+            except (ValueError, OSError, AttributeError):  # not reported on this platform: no limit
+                budget_mb = None
+        if budget_mb is None:
+            return opts.max_batch
+        sizes = [self.max_len if w is None else min(self.max_len, w + slack) for w in self.windows]
+        row_bytes = sum(sizes) * (2 * config.num_kv_heads * config.head_dim * self.dtype.itemsize + 8)
+        rows = min(opts.max_batch, int(budget_mb * 2**20 // row_bytes))
+        if rows < 1:
+            raise ValueError(f"one sequence of {self.max_len} tokens needs {row_bytes / 2**20:,.0f} MB of KV cache, "
+                             f"more than the {budget_mb:,.0f} MB budget: lower max_seq_len or raise kv_cache_mb")
+        if rows < opts.max_batch:
+            print(f"mellum.engine: {rows} concurrent sequence(s) instead of {opts.max_batch}: each needs "
+                  f"{row_bytes / 2**20:,.0f} MB of KV cache and the budget is {budget_mb:,.0f} MB (kv_cache_mb)",
+                  file=sys.stderr)
+        return rows
 
     @classmethod
     def from_pretrained(cls, path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, **kwargs):

@@ -125,3 +125,19 @@ def test_a_model_prepared_by_the_engine_refuses_to_save_in_the_checkpoint_layout
     with pytest.raises(ValueError, match="prepared for inference"):
         save_pretrained(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_kv_cache_budget_limits_concurrent_rows_and_rejects_a_budget_below_one_sequence(capsys):
+    model = tiny_model("tiny-dense")
+    cfg = model.config
+    row_mb = 256 * cfg.num_layers * (2 * cfg.num_kv_heads * cfg.head_dim * 4 + 8) / 2**20  # 256-token rows, fp32
+    engine = NativeEngine(model, speculative=None, max_batch=4, max_seq_len=256, kv_cache_mb=2.5 * row_mb)
+    try:
+        assert engine.options.max_batch == 2 and engine.cache.rows == 2
+        assert "2 concurrent sequence(s) instead of 4" in capsys.readouterr().err
+        prompt = list(range(1, 40))
+        assert engine.generate(prompt, SamplingParams(max_new_tokens=5)).tokens == reference_greedy(model, prompt, 5)
+    finally:
+        engine.close()
+    with pytest.raises(ValueError, match="lower max_seq_len or raise kv_cache_mb"):
+        NativeEngine(model, max_seq_len=256, kv_cache_mb=0.5 * row_mb)
