@@ -40,6 +40,7 @@ class EngineOptions:
     ring_slack: int = 64  # extra ring entries of sliding layers (speculative rollback, prefix-cache copy-out)
     speculative: str | None = "lookup"  # None | "lookup" (prompt n-grams) | "mtp" (the model's MTP layer)
     max_draft: int = 8  # longest prompt-lookup draft
+    max_mtp_draft: int = 2  # longest MTP draft: the MTP layer chained on its own hidden state after the first token
     min_ngram: int = 2
     max_ngram: int = 4
     cuda_graphs: bool = True  # replay captured graphs for single-sequence decode steps on CUDA
@@ -256,12 +257,36 @@ class NativeEngine:
         out = self.model(ids, positions, view)  # any model with the Transformer interface (e.g. test stubs)
         return (out.logits[:, -1:] if last_only else out.logits), out.hidden
 
-    def _mtp(self, hidden: torch.Tensor, next_ids: list[int], start: int, row: int) -> torch.Tensor:
-        """Run the MTP layer over positions [start, start + n) of one row (filling its cache); logits [V] of the last."""
+    def _mtp(self, hidden: torch.Tensor, next_ids: list[int], start: int, row: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the MTP layer over positions [start, start + n) of one row (filling its cache): logits [V] and the
+        layer's output hidden state [1, 1, C] at the last position (the input of a chained draft)."""
         ids = torch.tensor([next_ids], device=self.device)  # [1, n]
         positions = torch.arange(start, start + len(next_ids), device=self.device)[None]  # [1, n]
         view = self.cache.view([row], start + len(next_ids))
-        return self.model.mtp(hidden, ids, positions, view)[0, -1].float()
+        logits, out = self.model.mtp(hidden, ids, positions, view, return_hidden=True)
+        return logits[0, -1].float(), out[:, -1:]
+
+    def _mtp_draft(self, seq: Sequence, k: int) -> tuple[list[int], torch.Tensor | None]:
+        """Up to k draft tokens from the MTP layer and, when sampling, their distributions [k, V].
+
+        The first comes from the MTP logits of the last verified position (main hidden state h_p and token p+1
+        predict token p+2, DeepSeek-V3 §2.2). Each further one runs the same layer again one position on, with its
+        own output hidden state standing in for the main model's, which is not known before verification (the
+        recursive use of one MTP module for longer drafts). Verification decides; the layer's cache entries written
+        here are recomputed from the main model's hidden states once the draft is verified."""
+        logits, hidden = seq.state["mtp_logits"], seq.state["mtp_hidden"]
+        draft, probs = [], []
+        for i in range(k):
+            if seq.params.greedy:
+                token = int(torch.argmax(logits))
+            else:
+                q = probabilities(logits[None], seq.params)[0]  # [V]
+                token = int(torch.multinomial(q, 1, generator=seq.generator))
+                probs.append(q)
+            draft.append(token)
+            if i + 1 < k:  # MTP at position filled + i: the draft token just made is its "next token" input
+                logits, hidden = self._mtp(hidden, [token], seq.filled + i, seq.row)
+        return draft, (torch.stack(probs) if probs else None)
 
     def _tensor(self, rows: list[list[int]]) -> torch.Tensor:
         return torch.tensor(rows, dtype=torch.long, device=self.device)
@@ -288,6 +313,8 @@ class NativeEngine:
             seq.state["drafter"] = NgramDrafter(seq.prompt, self.options.min_ngram, self.options.max_ngram)
             seq.state["draft_len"] = DraftLength(maximum=self.options.max_draft, current=min(4, self.options.max_draft))
         seq.state["mtp"] = self.options.speculative == "mtp"
+        if seq.state["mtp"]:
+            seq.state["draft_len"] = DraftLength(maximum=max(1, self.options.max_mtp_draft), current=1)
 
     def _resident_prefix(self, seq: Sequence) -> int:
         """Prompt tokens whose KV the row's previous request left valid: its tokens [0, filled) that the new prompt
@@ -329,7 +356,8 @@ class NativeEngine:
             return
         token = int(sample(logits[:, -1], seq.params, seq.generator, seq.params.allowed_first_ids)[0])
         if seq.state["mtp"]:
-            seq.state["mtp_logits"] = self._mtp(hidden, seq.prompt[a + 1:] + [token], a, seq.row)
+            seq.state["mtp_logits"], seq.state["mtp_hidden"] = self._mtp(hidden, seq.prompt[a + 1:] + [token], a,
+                                                                         seq.row)
         # Blocks ending before the last prompt token: their KV (MTP layer included) depends on prompt tokens only.
         self.prefix_cache.insert(seq.prompt, n - 1, self.cache, seq.row, seq.filled)
         seq.prefilling = False
@@ -355,14 +383,8 @@ class NativeEngine:
         """Draft, verify in one forward, accept (exactly for greedy, by rejection sampling otherwise)."""
         room = min(seq.params.max_new_tokens - len(seq.generated), self.max_len - seq.filled - 1) - 1
         if seq.state.get("mtp"):
-            draft_logits = seq.state["mtp_logits"]
-            if room < 1:
-                self._verify(seq, [], None)
-            elif seq.params.greedy:
-                self._verify(seq, [int(torch.argmax(draft_logits))], None)
-            else:
-                q = probabilities(draft_logits[None], seq.params)  # [1, V]
-                self._verify(seq, [int(torch.multinomial(q[0], 1, generator=seq.generator))], q)
+            k = min(seq.state["draft_len"].current, room) if room >= 1 else 0
+            self._verify(seq, *self._mtp_draft(seq, k))
             return
         drafter: NgramDrafter = seq.state.get("drafter")
         if drafter is None:
@@ -398,4 +420,4 @@ class NativeEngine:
                 return
         if seq.state.get("mtp"):
             # MTP at position p reads the main model's hidden state at p and token p+1 (mellum.model.mtp).
-            seq.state["mtp_logits"] = self._mtp(hidden[:, :n + 1], emitted, start, seq.row)
+            seq.state["mtp_logits"], seq.state["mtp_hidden"] = self._mtp(hidden[:, :n + 1], emitted, start, seq.row)

@@ -39,8 +39,11 @@ class MTP(nn.Module):
         cache=None,
         doc_ids: torch.Tensor | None = None,
         return_router_logits: bool = False,
+        return_hidden: bool = False,
     ):
-        """hidden [B, T, C] (ModelOutput.hidden), next_ids [B, T] (token t+1 at t) -> logits [B, T, V] for t+2."""
+        """hidden [B, T, C] (ModelOutput.hidden), next_ids [B, T] (token t+1 at t) -> logits [B, T, V] for t+2;
+        with `return_hidden`, (logits, the layer's output before the final norm [B, T, C]) — the hidden state a
+        chained draft feeds back in place of the main model's."""
         parent = self._parent[0]
         e = self.pre_fc_norm_embedding(parent.embed_tokens(next_ids))  # [B, T, C]
         h = self.pre_fc_norm_hidden(hidden)  # [B, T, C]
@@ -51,6 +54,8 @@ class MTP(nn.Module):
         logits = parent.lm_head(self.norm(x))
         if return_router_logits:
             return logits, [] if router is None else [router]
+        if return_hidden:
+            return logits, x
         return logits
 
 

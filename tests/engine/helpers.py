@@ -56,8 +56,9 @@ class StubModel(nn.Module):
         hidden = torch.zeros(b, t, 4, dtype=self.anchor.dtype)
         return ModelOutput(self._apply_fn(self.next_fn, input_ids), hidden, [])
 
-    def mtp(self, hidden, next_ids, positions=None, cache=None):
-        return self._apply_fn(self.draft_fn, next_ids)
+    def mtp(self, hidden, next_ids, positions=None, cache=None, return_hidden=False):
+        logits = self._apply_fn(self.draft_fn, next_ids)
+        return (logits, torch.zeros(*next_ids.shape, 4, dtype=self.anchor.dtype)) if return_hidden else logits
 
 
 def stub_config(vocab: int, mtp: bool):

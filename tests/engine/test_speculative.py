@@ -128,3 +128,21 @@ def test_sampled_speculative_decoding_preserves_the_distribution(mode):
         engine.close()
     assert drafted > 500
     assert _chi_square_ok(counts, p), counts / counts.sum()
+
+
+def test_chained_mtp_drafts_are_accepted_several_at_a_time_and_stay_exact():
+    """The MTP layer run again on its own hidden state drafts up to max_mtp_draft tokens per verification."""
+    vocab = 16
+    counts = {}
+    for longest in (1, 3):
+        engine = NativeEngine(_cycle_model(vocab, lambda t: t + 1), speculative="mtp", prefix_cache_mb=0,
+                              max_mtp_draft=longest)
+        try:
+            result = engine.generate([3], SamplingParams(max_new_tokens=30))
+        finally:
+            engine.close()
+        assert result.tokens == [(3 + i) % vocab for i in range(1, 31)]
+        assert result.accepted_tokens == result.draft_tokens
+        counts[longest] = result.accepted_tokens
+    # One draft per step accepts about every other token; chains of three accept about three in four.
+    assert counts[1] <= 15 < 20 <= counts[3]
