@@ -10,7 +10,7 @@ excluded) + 12·L·T·C (attention scores and values, PaLM appendix B; causal at
 conventional) and the peak is a large square matmul timed right before, in the run's precision (fp32 on CPU,
 bf16 on GPU). The step is the real training step of mellum.train.pretrain (forward, losses, backward, Muon +
 AdamW), on random tokens. `--fp8` measures each model twice, bf16 and then with the hidden linears converted by
-the trainer's own torchao float8 conversion (`precision="fp8"` in the recipe); both rows' MFU is against the
+the trainer's own torchao float8 conversion (`fp8=True` in a recipe); both rows' MFU is against the
 same bf16 peak, so they compare directly (the fp8 matmul peak is about twice it).
 """
 
@@ -122,7 +122,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--compile", action="store_true", help="torch.compile each block (GPU default: on)")
     parser.add_argument("--fp8", action="store_true", help="also measure each model with float8 hidden linears "
-                        "(torchao, tensorwise scaling, as the trainer's precision=fp8; needs an H100-class GPU)")
+                        "(torchao, tensorwise scaling, as the trainer with fp8=True; needs an H100-class GPU)")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
