@@ -87,19 +87,24 @@ def test_a_request_dropped_during_prefill_leaves_its_chunks_in_the_prefix_cache(
 
 
 def test_kernel_chooser_keeps_the_faster_setting_and_switches_when_the_other_wins():
-    chooser = KernelChooser(explore_every=4, margin=0.8, initial=True)
+    chooser = KernelChooser(explore_every=8, margin=0.8, initial=True)
     timings = {True: 1.0, False: 3.0}  # split products fast (an idle machine)
     used = []
-    for _ in range(12):
+    for _ in range(24):
         setting = chooser.choose()
         used.append(setting)
         chooser.record(timings[setting])
-    assert chooser.current is True and used.count(False) == 3  # tried every 4th step, never adopted
+    # Tried at steps 2 and 4, then every 8th; never adopted.
+    assert chooser.current is True and [i + 1 for i, u in enumerate(used) if not u] == [2, 4, 8, 16, 24]
     timings = {True: 5.0, False: 1.0}  # another process keeps a core busy: the split collapses
     for _ in range(8):
         chooser.record(timings[chooser.choose()])
     assert chooser.current is False and chooser.switches == 1
     assert [chooser.choose() for _ in range(3)] == [False, False, False]
+    busy = KernelChooser(explore_every=64)  # a busy machine from the start: the switch comes at step 2
+    for _ in range(3):
+        busy.record({True: 5.0, False: 1.0}[busy.choose()])
+    assert busy.current is False
 
 
 def test_engine_tokens_are_the_same_with_split_products_on_or_off():
