@@ -1,10 +1,23 @@
-"""Fixtures of the training tests: real token shards of standard-library code (train and held-out files)."""
+"""Fixtures of the training tests: real token shards of standard-library code (train and held-out files), and one
+intra-op thread for the fine-tuning tests."""
 
 from __future__ import annotations
 
 import pytest
 
 from tests.conftest import STDLIB
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: on two shared cores, one thread per process is many times faster than two
+    fighting for them (the fine-tuning tests use it through `pytestmark`)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 # Disjoint sets of real Python files: the held-out loss is measured on code the model never trained on.
 TRAIN_FILES = ["argparse.py", "textwrap.py", "dataclasses.py", "functools.py", "json/decoder.py", "json/encoder.py",

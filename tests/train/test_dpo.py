@@ -18,12 +18,7 @@ from mellum.train.sft import FinetuneConfig
 from tests.conftest import STDLIB
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/train/conftest.py
 
 
 def _model(seed=0):

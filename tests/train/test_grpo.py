@@ -18,13 +18,7 @@ from mellum.train.schedule import WSDSchedule
 from mellum.train.sft import FinetuneConfig, Finetuner
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two shared cores: one intra-op thread per process is many times faster than two fighting for them.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/train/conftest.py
 
 
 # ---- the math against hand-computed values -------------------------------------------------------------------
@@ -187,7 +181,6 @@ def test_grpo_raises_mean_reward_on_unit_tested_task(tiny_tokenizer):
     from mellum.data.samples import Sample, SegmentEncoder, encode_samples, render_segments
     from mellum.model import Transformer
     from mellum.prompt import get_format
-    from mellum.train.grpo import train_grpo
     from mellum.train.sft import train_sft
 
     train_tasks = _tasks(["alpha", "beta", "gamma", "delta"])
@@ -217,18 +210,13 @@ def test_grpo_raises_mean_reward_on_unit_tested_task(tiny_tokenizer):
     assert result["sandbox_runs"] < 15 * 32  # each distinct (task, completion) ran once
 
 
-def test_train_grpo_command(tiny_tokenizer, tmp_path):
+def test_train_grpo_command(tiny_model_dir, tmp_path):
     import json
 
-    from mellum import load_pretrained, save_pretrained
+    from mellum import load_pretrained
     from mellum.cli import main
-    from mellum.config import get_config
-    from mellum.model import Transformer
 
-    torch.manual_seed(0)
-    base = tmp_path / "base"
-    save_pretrained(Transformer(get_config("tiny-dense")), base)
-    tiny_tokenizer.save(base)
+    base = tiny_model_dir  # read only: the run writes to its own --out
     tasks = tmp_path / "tasks.jsonl"
     tasks.write_text("".join(json.dumps({"task_id": t.task_id, "prefix": t.prefix, "suffix": t.suffix,
                                          "test": t.test}) + "\n" for t in _tasks(["a", "b"])))

@@ -21,12 +21,7 @@ HELDOUT_FILES = ["copy.py", "colorsys.py"]
 SMALL = FimSFTConfig(prefix_chars=600, suffix_chars=300, context_chars=800, context_files=2, samples_per_file=6)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/train/conftest.py
 
 
 def _trained(tok, example) -> str:
@@ -156,17 +151,12 @@ def test_sft_lowers_heldout_fim_loss_on_syntactic_middles(tiny_tokenizer):
     assert heldout_loss(model, heldout, tiny_tokenizer.eos_id, 8, 384) == pytest.approx(summary["heldout_loss_after"])
 
 
-def test_train_sft_command_fim_and_chat(tiny_tokenizer, tmp_path):
-    from mellum import load_pretrained, save_pretrained
+def test_train_sft_command_fim_and_chat(tiny_model_dir, tmp_path):
+    from mellum import load_pretrained
     from mellum.cli import main
-    from mellum.config import get_config
-    from mellum.model import Transformer
     from mellum.train.metrics import read_metrics
 
-    torch.manual_seed(0)
-    base = tmp_path / "base"
-    save_pretrained(Transformer(get_config("tiny-dense")), base)
-    tiny_tokenizer.save(base)
+    base = tiny_model_dir  # read only: the run writes to its own --out
     project = tmp_path / "project"
     project.mkdir()
     for name in ["textwrap.py", "shlex.py", "bisect.py", "heapq.py"]:
