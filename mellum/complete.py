@@ -288,7 +288,7 @@ class CompletionService:
                 visible, consistent = _unheal(self.tokenizer.decode(watched), prompt.healed)
                 if not consistent:
                     decided["reason"] = "healing_mismatch"
-                elif (cut := _first_stop(visible, request.stop)) is not None:
+                elif _first_stop(visible, request.stop) is not None:
                     decided["reason"] = "stop_string"
                 else:
                     lines = visible.count("\n")

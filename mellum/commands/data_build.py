@@ -34,7 +34,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from mellum.data.corpus import BuildConfig, build_corpus
     from mellum.data.dedup import DedupConfig
-    from mellum.data.filters import FilterConfig
 
     config = BuildConfig()
     if args.allow:

@@ -46,7 +46,7 @@ class GRPOConfig:
         if self.icepop_k < 1:
             raise ValueError(f"icepop_k must be >= 1 (the kept band is [1/k, k]), got {self.icepop_k}")
         if not (0 <= self.clip_low < 1 and self.clip_high >= 0):
-            raise ValueError(f"clip bounds must satisfy 0 <= clip_low < 1 and clip_high >= 0")
+            raise ValueError("clip bounds must satisfy 0 <= clip_low < 1 and clip_high >= 0")
 
 
 # ---- the math, as pure functions ------------------------------------------------------------------------------
@@ -197,7 +197,7 @@ def train_grpo(policy, tokenizer, tasks: Sequence[UnitTestTask], config: Finetun
             staleness.append(trained - batch.version)  # versions count the batches trained on
             for k, v in batch.stats["statuses"].items():
                 statuses[k] = statuses.get(k, 0) + v
-            record = grpo_update(tuner, policy, batch.groups, grpo, tokenizer.eos_id, config.micro_batch)
+            grpo_update(tuner, policy, batch.groups, grpo, tokenizer.eos_id, config.micro_batch)
             rewards.append(batch.stats["reward"])
             tuner.log(reward=batch.stats["reward"], staleness=staleness[-1], **{f"status_{k}": v for k, v in
                                                                                  batch.stats["statuses"].items()})

@@ -14,7 +14,6 @@ checkpoints of pre-training). Legend: B batch, T time, V vocabulary.
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from mellum.train.losses import IGNORE
 from mellum.train.records import read_jsonl
 from mellum.train.metrics import Metrics
 from mellum.train.optim import OptimConfig, build_optimizers, set_lr_factor
+from mellum.train.pretrain import seed_everything
 from mellum.train.schedule import WSDSchedule
 
 Example = tuple[list[int], list[int]]  # (token ids, loss mask: 1 where the token is predicted)
@@ -328,12 +328,6 @@ class FinetuneConfig:
             raise ValueError(f"max_steps must be positive, got {self.max_steps}")
         if self.batch_size <= 0 or self.micro_batch <= 0:
             raise ValueError("batch_size and micro_batch must be positive")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 class Finetuner:
