@@ -51,7 +51,7 @@ class KVCache:
         self.num_kv_heads, self.head_dim, self.dtype, self.device = num_kv_heads, head_dim, dtype, torch.device(device)
         self.layers: list[LayerKV] = []
         for window in self.windows:
-            size = max_len if window is None else min(max_len, window + slack)
+            size = self.layer_size(window, max_len, slack)
             shape = (rows, num_kv_heads, size, head_dim)
             self.layers.append(LayerKV(
                 k=torch.zeros(shape, dtype=dtype, device=self.device),
@@ -59,6 +59,18 @@ class KVCache:
                 pos=torch.full((rows, size), -1, dtype=torch.long, device=self.device),
                 window=window, ring=size < max_len,
             ))
+
+    @staticmethod
+    def layer_size(window: int | None, max_len: int, slack: int) -> int:
+        """Slots per row of one layer: every position for full attention, a ring of window + slack otherwise."""
+        return max_len if window is None else min(max_len, window + slack)
+
+    @classmethod
+    def row_nbytes(cls, windows: list[int | None], max_len: int, num_kv_heads: int, head_dim: int,
+                   dtype: torch.dtype, slack: int) -> int:
+        """Bytes one row takes over all layers: keys, values and stored positions."""
+        per_slot = 2 * num_kv_heads * head_dim * dtype.itemsize + torch.empty((), dtype=torch.long).element_size()
+        return sum(cls.layer_size(w, max_len, slack) for w in windows) * per_slot
 
     @property
     def nbytes(self) -> int:

@@ -129,8 +129,8 @@ class NativeEngine:
                 budget_mb = None
         if budget_mb is None:
             return opts.max_batch
-        sizes = [self.max_len if w is None else min(self.max_len, w + slack) for w in self.windows]
-        row_bytes = sum(sizes) * (2 * config.num_kv_heads * config.head_dim * self.dtype.itemsize + 8)
+        row_bytes = KVCache.row_nbytes(self.windows, self.max_len, config.num_kv_heads, config.head_dim, self.dtype,
+                                       slack)
         rows = min(opts.max_batch, int(budget_mb * 2**20 // row_bytes))
         if rows < 1:
             raise ValueError(f"one sequence of {self.max_len} tokens needs {row_bytes / 2**20:,.0f} MB of KV cache, "

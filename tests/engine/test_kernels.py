@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mellum.engine import NativeEngine, SamplingParams
+from mellum.engine import KVCache, NativeEngine, SamplingParams
 from mellum.engine.kernels import (SPLIT_MAX_ROWS, KernelChooser, SplitLinear, fuse_projections, fuse_state_dict,
                                   split_linears)
 from mellum.engine.scheduler import Sequence
@@ -144,5 +144,8 @@ def test_the_kv_cache_budget_limits_concurrent_rows_and_rejects_a_budget_below_o
         assert engine.generate(prompt, SamplingParams(max_new_tokens=5)).tokens == reference_greedy(model, prompt, 5)
     finally:
         engine.close()
+    # The budget's row size is what the cache allocates per row.
+    assert engine.cache.nbytes == 2 * KVCache.row_nbytes(engine.windows, 256, cfg.num_kv_heads, cfg.head_dim,
+                                                         torch.float32, engine.cache.slack)
     with pytest.raises(ValueError, match="lower max_seq_len or raise kv_cache_mb"):
         NativeEngine(model, max_seq_len=256, kv_cache_mb=0.5 * row_mb)
