@@ -395,7 +395,28 @@ class CompletionService:
         return path, packed.prefix, packed.suffix, packed.context, cut
 
     # ---- prompt -------------------------------------------------------------------------------------------
+    def reference_nll(self, request: CompletionRequest, reference: str) -> tuple[float, int]:
+        """(mean negative log-likelihood in nats/token, tokens) of `reference` written as the completion of
+        `request`, after exactly the prompt the request would get (context, budget, trimming; no token healing).
+        The reference is tokenized on its own and cut to `max_new_tokens`. Lower is better: for comparing context
+        settings on the same holes, where a weak model's exact matches are too rare to tell them apart."""
+        score = getattr(self.engine, "score", None)
+        if score is None:
+            raise ValueError(f"{type(self.engine).__name__} cannot score text (log-likelihoods need the native engine)")
+        max_new = request.max_new_tokens or self.config.max_new_tokens
+        target = self.tokenizer.encode(reference)[:max_new]
+        if not target:
+            raise ValueError("reference_nll: the reference text is empty")
+        logprobs = score(self._fitted_prompt(request, max_new).ids, target)
+        return -sum(logprobs) / len(logprobs), len(logprobs)
+
     def _prompt(self, request: CompletionRequest, max_new: int) -> Prompt:
+        prompt = self._fitted_prompt(request, max_new)
+        if self.config.token_healing:
+            self._heal(prompt)
+        return prompt
+
+    def _fitted_prompt(self, request: CompletionRequest, max_new: int) -> Prompt:
         budget = self.window - max_new
         if budget < 8:
             raise ValueError(f"max_new_tokens={max_new} leaves no room for a prompt in the model's "
@@ -414,8 +435,6 @@ class CompletionService:
             prompt = self._encode(path, prefix, suffix, context, truncated=True)
         if len(prompt.ids) > budget:
             raise ValueError(f"the prompt does not fit the model's {self.window}-token window even without context")
-        if self.config.token_healing:
-            self._heal(prompt)
         return prompt
 
     def _encode(self, path: str, prefix: str, suffix: str, context: list[ContextFile], truncated: bool) -> Prompt:

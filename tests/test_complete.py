@@ -172,6 +172,25 @@ def test_concurrent_requests_match_sequential(service):
     assert [got[i] for i in range(len(reqs))] == expected
 
 
+def test_reference_nll_scores_the_reference_after_the_unhealed_prompt(service, model_dir, tiny_tokenizer):
+    import mellum
+
+    prefix, suffix, reference = CODE + "\n    def save(self, data):\n        with op", "\n", "en(self.path) as f:"
+    context = [ContextFile("util.py", "def helper():\n    pass\n")]
+    req = CompletionRequest("store.py", prefix, suffix, max_new_tokens=16, extra_context=context)
+    nll, tokens = service.reference_nll(req, reference)
+    ids = tiny_tokenizer.encode_segments(get_format("mellum").segments("store.py", prefix, suffix, context))
+    target = tiny_tokenizer.encode(reference)
+    with torch.no_grad():
+        logits = mellum.load_pretrained(model_dir)(torch.tensor([ids + target])).logits[0]
+    logprobs = torch.log_softmax(logits[len(ids) - 1:-1], -1).gather(1, torch.tensor(target)[:, None])
+    assert tokens == len(target) and nll == pytest.approx(-logprobs.mean().item(), abs=1e-4)
+    short, n = service.reference_nll(CompletionRequest("store.py", prefix, suffix, max_new_tokens=2), reference)
+    assert n == 2  # cut to what the request may generate
+    with pytest.raises(ValueError, match="empty"):
+        service.reference_nll(req, "")
+
+
 def test_bad_requests(service):
     with pytest.raises(ValueError, match="path"):
         CompletionRequest("", "x", "")

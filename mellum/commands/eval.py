@@ -81,6 +81,10 @@ def _common_arguments(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--seed", type=int, default=0, help="run seed: each (task, sample) gets a seed derived from it")
     sub.add_argument("--timeout", type=float, default=None, metavar="S", help="sandbox time limit per program run")
     sub.add_argument("--fresh", action="store_true", help="discard earlier results in --out instead of resuming")
+    sub.add_argument("--nll", action="store_true",
+                     help="also score the reference's negative log-likelihood (nats/token) after the same prompt "
+                          "(match benchmarks, --model only): tells context settings apart where a small model's "
+                          "exact matches are too rare to")
     sub.add_argument("--device", default="cpu", help="torch device for --model (default cpu)")
     sub.add_argument("--quantize", choices=["int8"], default=None, help="int8 weight-only quantization for --model")
     sub.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -113,7 +117,7 @@ def run(args) -> int:
         raise ValueError(f"pass@{max(ks)} needs --n {max(ks)} or more samples per task (got --n {args.n})")
     temperature = args.temperature if args.temperature is not None else (0.0 if args.n == 1 else 0.8)
     config = RunConfig(n=args.n, limit=args.limit, workers=args.workers, languages=tuple(args.lang),
-                       sampling=Sampling(temperature, args.top_p, args.seed), fresh=args.fresh)
+                       sampling=Sampling(temperature, args.top_p, args.seed), fresh=args.fresh, nll=args.nll)
     sandbox_config = SandboxConfig() if args.timeout is None else SandboxConfig(timeout_s=args.timeout)
     completer = make_completer(args.check, model=args.model, url=args.url, prompt_format=args.prompt_format,
                                served_model=args.served_model, device=args.device, quantize=args.quantize)
@@ -123,7 +127,8 @@ def run(args) -> int:
     finally:
         completer.close()
     written = write_report(summaries, out, args.json, plots=not args.no_plots)
-    print(to_markdown(summaries).split("\n## ")[0])
+    sections = to_markdown(summaries).split("\n## ")  # the tables; failing tasks stay in the files
+    print("\n## ".join([sections[0]] + [x for x in sections[1:] if x.startswith("Paired")]))
     print(f"summary: {written['json']}  report: {written['markdown']}", file=sys.stderr)
     return 0
 
@@ -153,7 +158,7 @@ def _run_benchmarks(args, completer, config, sandbox, out: Path, ks: list[int]) 
     if args.timeout is not None:  # the user's limit wins over each benchmark's own
         for bench in benches:
             bench.timeout_s = bench.run_timeout_s = args.timeout
-    summaries = []
+    summaries, runs = [], []
     for bench in benches:
         slug = bench.title.replace("/", "_") + (f"_{bench.budget_label}" if hasattr(bench, "budget_label") else "")
         start = time.monotonic()
@@ -163,11 +168,25 @@ def _run_benchmarks(args, completer, config, sandbox, out: Path, ks: list[int]) 
             extra["context_budget"] = bench.budget_label
         summaries.append(summarize(records, bench.title + (f"@{bench.budget_label}" if "context_budget" in extra else ""),
                                    bench.scoring, ks, time.monotonic() - start, extra))
+        runs.append((bench, records))
+    _compare_with_no_context(summaries, runs)
     if args.benchmark == "cceval" and args.budgets and not args.no_plots:
         _budget_curve(summaries, out)
     if args.benchmark == "safim" and len(summaries) == 3:
         summaries.append(_safim_average(summaries))
     return summaries
+
+
+def _compare_with_no_context(summaries: list[dict], runs: list[tuple]) -> None:
+    """Each context setting of cceval / repo-bench against the no-context run of the same tasks, paired per task."""
+    from mellum.eval.report import paired_differences
+
+    base = next(((bench, records) for bench, records in runs if bench.split == "none"), None)
+    if base is None:
+        return
+    for summary, (bench, records) in zip(summaries, runs):
+        if bench is not base[0] and bench.scoring == "match":
+            summary["vs_base"] = {"baseline": base[0].title, "metrics": paired_differences(base[1], records)}
 
 
 def _safim_average(summaries: list[dict]) -> dict:

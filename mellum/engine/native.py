@@ -176,6 +176,20 @@ class NativeEngine:
         """Generate after `prompt_ids`; blocks until a stop condition. `on_token` runs on the engine thread."""
         return self.wait(self.submit(prompt_ids, params, cancel, on_token))
 
+    @torch.inference_mode()
+    def score(self, prompt_ids: Seq[int], target_ids: Seq[int]) -> list[float]:
+        """Log-probabilities (nats) of `target_ids` following `prompt_ids`, one per target token, from one uncached
+        forward pass (teacher forcing). For evaluation, e.g. how much context raises the likelihood of the right
+        line; it runs on the caller's thread beside the scheduler and touches no cache."""
+        prompt, target = self._check_ids(prompt_ids, "prompt"), self._check_ids(target_ids, "target")
+        if len(prompt) + len(target) > self.max_len:
+            raise ValueError(f"score: prompt ({len(prompt)}) and target ({len(target)}) exceed the "
+                             f"{self.max_len}-token window")
+        ids = torch.tensor([prompt + target], device=self.device)
+        logits = self.model(ids[:, :-1]).logits[0, len(prompt) - 1:].float()
+        picked = torch.log_softmax(logits, dim=-1).gather(1, ids[0, len(prompt):, None])
+        return picked[:, 0].tolist()
+
     @torch.no_grad()
     def load_weights(self, state: dict[str, torch.Tensor]) -> None:
         """Copy an (unfused, unquantized) model state dict into the engine's weights, e.g. after a training
@@ -195,18 +209,22 @@ class NativeEngine:
     def close(self) -> None:
         self.scheduler.close()
 
-    def _check_prompt(self, prompt_ids) -> list[int]:
-        if isinstance(prompt_ids, torch.Tensor):
-            prompt_ids = prompt_ids.reshape(-1).tolist()
-        prompt = list(prompt_ids)
-        if not prompt:
-            raise ValueError("the prompt is empty: at least one token id is needed to generate from")
-        if not all(isinstance(i, int) and not isinstance(i, bool) for i in prompt):
-            bad = next(i for i in prompt if not isinstance(i, int) or isinstance(i, bool))
-            raise ValueError(f"prompt token ids must be integers, got {bad!r} ({type(bad).__name__})")
-        bad = [i for i in prompt if not 0 <= i < self.vocab_size]
+    def _check_ids(self, ids, what: str) -> list[int]:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.reshape(-1).tolist()
+        ids = list(ids)
+        if not ids:
+            raise ValueError(f"the {what} is empty: at least one token id is needed")
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            bad = next(i for i in ids if not isinstance(i, int) or isinstance(i, bool))
+            raise ValueError(f"{what} token ids must be integers, got {bad!r} ({type(bad).__name__})")
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
-            raise ValueError(f"prompt has token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
+            raise ValueError(f"{what} has token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
+        return ids
+
+    def _check_prompt(self, prompt_ids) -> list[int]:
+        prompt = self._check_ids(prompt_ids, "prompt")
         if len(prompt) >= self.max_len:
             raise ValueError(f"the prompt has {len(prompt)} tokens but the context window holds {self.max_len} "
                              "(prompt plus at least one generated token): shorten the context before calling the engine")

@@ -44,6 +44,11 @@ class Completer:
         """Tokens of `text` for the model, when known (context packing budgets)."""
         return None
 
+    def reference_nll(self, problem: Problem, bench: Benchmark) -> tuple[float, int] | None:
+        """(mean negative log-likelihood in nats/token, tokens) of the reference after this completer's prompt, or
+        None when it cannot score text (servers, harness checks)."""
+        return None
+
     def describe(self) -> dict:
         return {"completer": self.name}
 
@@ -103,9 +108,18 @@ class NativeCompleter(Completer):
         self.service = CompletionService.from_pretrained(model_dir, device=device, quantize=quantize, compile=compile)
 
     def complete(self, problem, bench, sample, sampling) -> str:
+        return self.service.complete(self._request(problem, bench, sample, sampling)).text
+
+    def reference_nll(self, problem, bench) -> tuple[float, int] | None:
+        if not problem.reference:
+            return None
+        return self.service.reference_nll(self._request(problem, bench, 0, Sampling()), problem.reference)
+
+    @staticmethod
+    def _request(problem, bench, sample: int, sampling: Sampling):
         from mellum.complete import CompletionRequest
 
-        request = CompletionRequest(
+        return CompletionRequest(
             path=problem.path,
             prefix=problem.prefix,
             suffix=problem.suffix,
@@ -117,7 +131,6 @@ class NativeCompleter(Completer):
             multiline=bench.multiline,
             stop=list(bench.stop),
         )
-        return self.service.complete(request).text
 
     def count_tokens(self, text: str) -> int:
         return self.service.tokenizer.count(text, allow_special=True)

@@ -2,7 +2,9 @@
 
 Metric names follow the benchmark README: `pass@k` for execution benchmarks (fractions in [0, 1]; the Markdown
 shows percent, like the published numbers), `exact_match`, `edit_similarity`, `identifier_em`, `identifier_f1`
-for match benchmarks. pass@1 with one sample per task gets a Wilson interval; everything else a bootstrap over tasks.
+for match benchmarks, and `reference_nll` (nats/token, with `--nll`). pass@1 with one sample per task gets a Wilson
+interval; everything else a bootstrap over tasks. Settings of one benchmark on the same tasks (context or not) are
+also compared pairwise (`paired_differences`), which separates them where the separate intervals overlap.
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ PUBLISHED = {
     "safim/average": {"Mellum-4b-base": 38.11, "Mellum-4b-sft-python": 42.12},
 }
 MAX_LISTED_FAILURES = 200
+MATCH_METRICS = ["exact_match", "edit_similarity", "identifier_em", "identifier_f1"]
+# Metrics kept once per task (not per sample), in their own units: mean negative log-likelihood of the reference
+# in nats/token (`--nll`), lower is better.
+TASK_METRICS = ["reference_nll"]
 
 
 def summarize(records: Sequence[dict], title: str, scoring: str = "execution", ks: Sequence[int] = (1,),
@@ -81,18 +87,49 @@ def _metrics(records: Sequence[dict], scoring: str, ks: Sequence[int]) -> dict:
             out[f"pass@{k}"] = {"value": value, "ci95": list(ci)}
     # Per-sample metrics (match scores, EvalPlus "base"), averaged per task, then over tasks.
     names = sorted({name for r in records for x in r["results"] for name in x.get("metrics", {})})
-    for name in names:
-        per_task = []
-        for r in records:
-            values = [x["metrics"][name] for x in r["results"] if name in x.get("metrics", {})]
-            if values:
-                per_task.append(sum(values) / len(values))
+    for name in names + [n for n in TASK_METRICS if any(n in r for r in records)]:
+        per_task = list(task_values(records, name).values())
         if not per_task:
             continue
         key = "base_pass@1" if name == "base" else name
-        binary = all(v in (0.0, 1.0) for v in per_task)
+        binary = name not in TASK_METRICS and all(v in (0.0, 1.0) for v in per_task)
         ci = metrics.wilson_interval(sum(per_task), len(per_task)) if binary else metrics.bootstrap_interval(per_task)
         out[key] = {"value": sum(per_task) / len(per_task), "ci95": list(ci)}
+    return out
+
+
+def task_values(records: Sequence[dict], name: str) -> dict[str, float]:
+    """{task_id: value} of one metric: a per-sample metric averaged over the task's samples, or a per-task one
+    (`reference_nll`). Tasks without it are left out."""
+    out = {}
+    for r in records:
+        if name in TASK_METRICS:
+            if r.get(name) is not None:
+                out[r["task_id"]] = float(r[name])
+            continue
+        values = [x["metrics"][name] for x in r["results"] if name in x.get("metrics", {})]
+        if values:
+            out[r["task_id"]] = sum(values) / len(values)
+    return out
+
+
+def paired_differences(base: Sequence[dict], other: Sequence[dict], names: Sequence[str] | None = None) -> dict:
+    """Per metric, the mean of (other − base) over the tasks both runs scored, with a paired bootstrap 95% interval:
+    the same holes under two settings (e.g. with and without context) differ far less than their separate
+    intervals suggest."""
+    base = [r for r in base if not r.get("skipped")]
+    other = [r for r in other if not r.get("skipped")]
+    if names is None:
+        names = [n for n in MATCH_METRICS + TASK_METRICS if task_values(base, n)]
+    out = {}
+    for name in names:
+        a, b = task_values(base, name), task_values(other, name)
+        common = [t for t in a if t in b]
+        if not common:
+            continue
+        deltas = [b[t] - a[t] for t in common]
+        out[name] = {"delta": sum(deltas) / len(deltas), "ci95": list(metrics.bootstrap_interval(deltas)),
+                     "tasks": len(common)}
     return out
 
 
@@ -102,8 +139,7 @@ def to_markdown(summaries: Sequence[dict]) -> str:
     for s in summaries:
         published = ", ".join(f"{k} {v}" for k, v in s.get("published", {}).items())
         for name, m in s["metrics"].items():
-            lo, hi = m["ci95"]
-            lines.append(f"| {s['benchmark']} | {name} | {100 * m['value']:.2f} | {100 * lo:.1f}–{100 * hi:.1f} "
+            lines.append(f"| {s['benchmark']} | {_label(name)} | {_value(name, m['value'])} | {_interval(name, m['ci95'])} "
                          f"| {s['scored']} | {published} |")
             published = ""
         for lang, entry in s.get("by_language", {}).items():
@@ -112,10 +148,18 @@ def to_markdown(summaries: Sequence[dict]) -> str:
                              f"{entry.get('skipped_reason', '')} |")
                 continue
             for name, m in entry["metrics"].items():
-                lo, hi = m["ci95"]
-                lines.append(f"| {s['benchmark']} [{lang}] | {name} | {100 * m['value']:.2f} | "
-                             f"{100 * lo:.1f}–{100 * hi:.1f} | {entry['scored']} | |")
+                lines.append(f"| {s['benchmark']} [{lang}] | {_label(name)} | {_value(name, m['value'])} | "
+                             f"{_interval(name, m['ci95'])} | {entry['scored']} | |")
     out = ["# Evaluation summary", "", *lines, ""]
+    paired = [s for s in summaries if s.get("vs_base")]
+    if paired:
+        out += ["## Paired differences (same tasks, setting − baseline)", "",
+                "| benchmark | baseline | metric | Δ | 95% CI | tasks |", "|---|---|---|---|---|---|"]
+        for s in paired:
+            for name, d in s["vs_base"]["metrics"].items():
+                out.append(f"| {s['benchmark']} | {s['vs_base']['baseline']} | {_label(name)} | "
+                           f"{_value(name, d['delta'], signed=True)} | {_interval(name, d['ci95'])} | {d['tasks']} |")
+        out.append("")
     for s in summaries:
         if s.get("levels"):
             out += [f"## latency: {s.get('url', '')}", "",
@@ -131,6 +175,21 @@ def to_markdown(summaries: Sequence[dict]) -> str:
                 out.append(f"- … {s['failures'] - 50} more in summary.json / the results JSONL")
             out.append("")
     return "\n".join(out)
+
+
+def _label(name: str) -> str:
+    return f"{name} (nats/token)" if name in TASK_METRICS else name
+
+
+def _value(name: str, value: float, signed: bool = False) -> str:
+    """Percent for scores in [0, 1]; as measured for the per-task metrics in their own units."""
+    sign = "+" if signed else ""
+    return f"{value:{sign}.3f}" if name in TASK_METRICS else f"{100 * value:{sign}.2f}"
+
+
+def _interval(name: str, ci: Sequence[float]) -> str:
+    lo, hi = ci
+    return f"{lo:.3f}–{hi:.3f}" if name in TASK_METRICS else f"{100 * lo:.1f}–{100 * hi:.1f}"
 
 
 def write_report(summaries: Sequence[dict], out_dir: Path, json_file: Path | None = None,

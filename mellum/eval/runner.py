@@ -30,6 +30,7 @@ class RunConfig:
     languages: tuple[str, ...] = ()  # keep only problems in these languages (SAFIM, CrossCodeEval)
     sampling: Sampling = Sampling()
     fresh: bool = False  # discard an existing result file instead of resuming
+    nll: bool = False  # also score the reference's log-likelihood (match benchmarks, native model)
 
     def __post_init__(self):
         if self.n < 1:
@@ -63,12 +64,17 @@ def run(
 ) -> list[dict]:
     """Run (or resume) a benchmark; returns one record per selected task, in problem order."""
     sandbox = sandbox or Sandbox()
+    if config.nll and type(completer).reference_nll is Completer.reference_nll:
+        raise ValueError(f"--nll needs a model run in-process (--model); the {completer.name} completer cannot "
+                         "score text")
     problems = select(bench.load(), config)
     completer.prepare(problems)
     results_path = Path(results_path)
     results_path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"benchmark": bench.title, "n": config.n, "temperature": config.sampling.temperature,
             "top_p": config.sampling.top_p, "seed": config.sampling.seed, **completer.describe()}
+    if config.nll:
+        meta["nll"] = True
     done = _resume(results_path, meta, config.fresh)
     todo = [p for p in problems if p.task_id not in done]
     lock = threading.Lock()
@@ -116,6 +122,10 @@ def _one(bench: Benchmark, completer: Completer, problem: Problem, config: RunCo
         "skipped": all(r.get("skipped") for r in results),
         "seconds": round(time.monotonic() - start, 3),
     }
+    if config.nll and bench.scoring == "match":
+        scored = completer.reference_nll(problem, bench)
+        if scored is not None:
+            record["reference_nll"], record["reference_tokens"] = round(scored[0], 5), scored[1]
     return record
 
 

@@ -117,11 +117,13 @@ def mellum2() -> TrainConfig:
 def mellum_tiny_model() -> ModelConfig:
     """Mellum-4B's shape scaled down: Llama, no GQA, untied head, SwiGLU at 2.69× width, RoPE 500k.
 
-    23.2M parameters (12.6M of them embedding + head at vocabulary 16,384): 46 MB in bf16.
+    23.2M parameters (12.6M of them embedding + head at vocabulary 16,384): 46 MB in bf16. The window is the
+    length it is trained at (1,024): served at 2,048, positions it never saw raised the held-out NLL of repo-bench
+    lines from 3.13 to 3.42 nats/token even without context (measured; `mellum-tiny-long` extends it with YaRN).
     """
     return ModelConfig(
         architecture="llama", vocab_size=16384, hidden_size=384, num_layers=6, num_heads=6, num_kv_heads=6,
-        head_dim=64, intermediate_size=1024, max_position_embeddings=2048, rope_theta=500000.0,
+        head_dim=64, intermediate_size=1024, max_position_embeddings=1024, rope_theta=500000.0,
         tie_word_embeddings=False, prompt_format="mellum", eos_token_id=0, bos_token_id=0,
     )
 

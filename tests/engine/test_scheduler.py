@@ -117,3 +117,26 @@ def test_bad_options_are_refused():
         NativeEngine(model, prefil_chunk=3)
     with pytest.raises(ValueError, match="quantize"):
         NativeEngine(model, quantize="int4")
+
+
+def test_score_gives_the_log_probabilities_of_an_uncached_forward(engine):
+    reference = tiny_model("tiny-moe")  # the same seed: the weights the engine was built from
+    prompt, target = [5, 9, 2, 7, 7, 3], [11, 4, 4]
+    got = engine.score(prompt, target)
+    with torch.no_grad():
+        logits = reference(torch.tensor([prompt + target])).logits[0].float()
+    expected = [torch.log_softmax(logits[len(prompt) - 1 + i], -1)[t].item() for i, t in enumerate(target)]
+    assert got == pytest.approx(expected, abs=1e-4)
+    assert all(x < 0 for x in got)
+    engine.generate(prompt, SamplingParams(max_new_tokens=3))  # scoring left the engine working
+    assert engine.busy_slots == 0
+
+
+@pytest.mark.parametrize("prompt, target, message", [
+    ([1, 2], [], "target is empty"),
+    ([1, 2], [3, 5000], "outside the vocabulary"),
+    (list(range(1, 500)), list(range(1, 100)), "window"),
+])
+def test_score_refuses_bad_input(engine, prompt, target, message):
+    with pytest.raises(ValueError, match=message):
+        engine.score(prompt, target)

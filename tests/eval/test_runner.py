@@ -129,3 +129,67 @@ def test_repo_bench_hides_the_line_from_its_own_context(tmp_path):
     assert [p.task_id for p in again] == [p.task_id for p in problems]
     score = bench.score(hidden[0], "    " + marker)
     assert score.passed and score.metrics["edit_similarity"] == 1.0
+
+
+def _match_record(task_id: str, es: float, nll: float | None = None) -> dict:
+    record = {"task_id": task_id, "language": "python", "n": 1, "passed": 0, "skipped": False,
+              "results": [{"passed": False, "reason": "mismatch", "metrics": {"exact_match": 0.0, "edit_similarity": es}}]}
+    if nll is not None:
+        record["reference_nll"] = nll
+    return record
+
+
+def test_paired_differences_are_per_task_and_only_over_common_tasks():
+    from mellum.eval.report import paired_differences
+
+    base = [_match_record("a", 0.2, 3.0), _match_record("b", 0.5, 2.0), _match_record("c", 0.9, 1.0)]
+    other = [_match_record("a", 0.3, 2.5), _match_record("b", 0.7, 1.5), _match_record("d", 0.0, 9.0)]
+    diff = paired_differences(base, other)
+    assert diff["edit_similarity"]["tasks"] == 2
+    assert diff["edit_similarity"]["delta"] == pytest.approx(0.15)  # (0.1 + 0.2) / 2: task c and d are unpaired
+    assert diff["reference_nll"]["delta"] == pytest.approx(-0.5)
+    lo, hi = diff["reference_nll"]["ci95"]
+    assert lo == hi == pytest.approx(-0.5)  # the same difference on every task: no spread to resample
+    lo, hi = diff["edit_similarity"]["ci95"]
+    assert 0.1 - 1e-9 <= lo < hi <= 0.2 + 1e-9
+
+
+def test_reference_nll_is_summarised_in_its_own_units():
+    records = [_match_record("a", 0.2, 3.0), _match_record("b", 0.5, 2.0)]
+    summary = summarize(records, "cceval/python/none", scoring="match")
+    assert summary["metrics"]["reference_nll"]["value"] == pytest.approx(2.5)
+    text = to_markdown([summary])
+    assert "| reference_nll (nats/token) | 2.500 |" in text
+    assert "| edit_similarity | 35.00 |" in text
+
+
+def test_nll_needs_a_model_in_process(bench, tmp_path):
+    with pytest.raises(ValueError, match="--nll needs a model"):
+        runner.run(bench, OracleCompleter(), tmp_path / "r.jsonl", runner.RunConfig(nll=True), Sandbox(), progress=False)
+
+
+def test_cli_repo_bench_with_nll_compares_settings_pairwise(tiny_model_dir, tmp_path, capsys):
+    repo = tmp_path / "proj"
+    (repo / "pkg").mkdir(parents=True)
+    (repo / "pkg" / "shapes.py").write_text(
+        "class Rectangle:\n    def __init__(self, width, height):\n        self.width = width\n"
+        "        self.height = height\n\n    def area(self):\n        return self.width * self.height\n")
+    for i in range(3):
+        (repo / "pkg" / f"use_{i}.py").write_text(
+            f"from pkg.shapes import Rectangle\n\n\ndef build_{i}(n):\n    shape = Rectangle(n, {i} + n)\n"
+            f"    return shape.area() + {i}\n")
+    out = tmp_path / "out"
+    code = cli.main(["eval", "repo-bench", "--repo", str(repo), "--model", str(tiny_model_dir), "--tasks", "6",
+                     "--budget", "256", "--nll", "--quiet", "--no-plots", "--out", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "Paired differences" in printed and "reference_nll (nats/token)" in printed
+    summaries = {s["benchmark"]: s for s in json.loads((out / "native" / "summary.json").read_text())["summaries"]}
+    none = summaries["repo-bench/proj/none"]
+    assert none["metrics"]["reference_nll"]["value"] > 0 and "vs_base" not in none
+    for setting in ("path", "retrieval"):
+        gain = summaries[f"repo-bench/proj/{setting}"]["vs_base"]
+        assert gain["baseline"] == "repo-bench/proj/none"
+        assert gain["metrics"]["reference_nll"]["tasks"] == none["scored"]
+    records = [json.loads(l) for l in (out / "native" / "repo-bench_proj_none.jsonl").read_text().splitlines()]
+    assert all(r["reference_nll"] > 0 and r["reference_tokens"] >= 1 for r in records)
