@@ -197,10 +197,11 @@ def train_grpo(policy, tokenizer, tasks: Sequence[UnitTestTask], config: Finetun
             staleness.append(trained - batch.version)  # versions count the batches trained on
             for k, v in batch.stats["statuses"].items():
                 statuses[k] = statuses.get(k, 0) + v
-            grpo_update(tuner, policy, batch.groups, grpo, tokenizer.eos_id, config.micro_batch)
+            update = grpo_update(tuner, policy, batch.groups, grpo, tokenizer.eos_id, config.micro_batch)
             rewards.append(batch.stats["reward"])
-            tuner.log(reward=batch.stats["reward"], staleness=staleness[-1], **{f"status_{k}": v for k, v in
-                                                                                 batch.stats["statuses"].items()})
+            tuner.log(reward=batch.stats["reward"], staleness=staleness[-1],
+                      **{k: update[k] for k in ("shaped_reward", "solved_groups", "zero_signal_groups")},
+                      **{f"status_{k}": v for k, v in batch.stats["statuses"].items()})
             producer.updated(policy, trained + 1)
         producer.close()
         after = evaluate(_EVAL_CALL)  # the same seeds as before: a paired comparison

@@ -102,7 +102,7 @@ def test_sandbox_stops_hostile_completions_and_training_goes_on(tiny_tokenizer):
     from mellum.train.sft import token_logprobs
 
     task = UnitTestTask("f", prefix="", suffix="", test="assert f() == 1")
-    reward = UnitTestReward(RewardConfig(timeout_s=1.5, memory_mb=256, workers=2))
+    reward = UnitTestReward(RewardConfig(timeout_s=4.0, memory_mb=256, workers=2))  # room for a loaded CI machine
     try:
         verdicts = dict(zip(HOSTILE, reward.score_many([(task, c) for c in HOSTILE.values()])))
     finally:
@@ -227,6 +227,11 @@ def test_train_grpo_command(tiny_model_dir, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stage"] == "grpo" and summary["batches"] == 2 and len(summary["rewards"]) == 2
     assert sum(summary["statuses"].values()) == 2 * 2 * 2  # every completion was verified
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    per_batch = [r for r in logged if "reward" in r]
+    assert len(per_batch) == 2
+    for r in per_batch:  # the update's own statistics reach the log beside the rollout reward
+        assert 0 <= r["solved_groups"] <= 2 and 0 <= r["zero_signal_groups"] <= 2 and "shaped_reward" in r
     load_pretrained(out / "model")
     (tmp_path / "bad.jsonl").write_text('{"prefix": "x"}\n')
     assert main(["train", "grpo", "--model", str(base), "--tasks", str(tmp_path / "bad.jsonl"),
