@@ -46,7 +46,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
             sub.add_argument("--budgets", default="", metavar="T,T,...",
                              help="also run the packed setting at these context budgets (tokens) and plot the curve")
         if name == "repo-bench":
-            sub.add_argument("--repo", required=True, metavar="DIR", help="repository to build tasks from")
+            sub.add_argument("--repo", required=True, action="append", metavar="DIR",
+                             help="repository to build tasks from (repeatable: each is scored, then all pooled)")
             sub.add_argument("--tasks", type=int, default=100, metavar="N", help="tasks to build (default 100)")
             sub.add_argument("--budget", type=int, default=1024, metavar="T", help="context budget in tokens")
             sub.add_argument("--setting", choices=["none", "path", "retrieval", "all"], default="all",
@@ -142,8 +143,12 @@ def _run_benchmarks(args, completer, config, sandbox, out: Path, ks: list[int]) 
         from mellum.eval.tasks.repo_bench import SETTINGS, RepoBench
 
         settings = SETTINGS if args.setting == "all" else (args.setting,)
+        names = [Path(repo).resolve().name for repo in args.repo]
+        if len(set(names)) < len(names):
+            raise ValueError(f"--repo folders must have different names (results are filed by name): {names}")
         count = _counter(completer)
-        benches = [RepoBench(args.repo, s, tasks=args.tasks, budget=args.budget, count_tokens=count) for s in settings]
+        benches = [RepoBench(repo, s, tasks=args.tasks, budget=args.budget, count_tokens=count)
+                   for repo in args.repo for s in settings]
     else:
         data = benchmarks_dir(args.data)
         splits = SPLITS.get(args.benchmark, (None,))
@@ -170,6 +175,8 @@ def _run_benchmarks(args, completer, config, sandbox, out: Path, ks: list[int]) 
                                    bench.scoring, ks, time.monotonic() - start, extra))
         runs.append((bench, records))
     _compare_with_no_context(summaries, runs)
+    if args.benchmark == "repo-bench" and len(args.repo) > 1:
+        summaries += _pooled_repo_bench(runs, ks)
     if args.benchmark == "cceval" and args.budgets and not args.no_plots:
         _budget_curve(summaries, out)
     if args.benchmark == "safim" and len(summaries) == 3:
@@ -178,15 +185,33 @@ def _run_benchmarks(args, completer, config, sandbox, out: Path, ks: list[int]) 
 
 
 def _compare_with_no_context(summaries: list[dict], runs: list[tuple]) -> None:
-    """Each context setting of cceval / repo-bench against the no-context run of the same tasks, paired per task."""
+    """Each context setting of cceval / repo-bench against the no-context run of the same tasks (the same
+    repository), paired per task."""
     from mellum.eval.report import paired_differences
 
-    base = next(((bench, records) for bench, records in runs if bench.split == "none"), None)
-    if base is None:
-        return
+    bases = {getattr(bench, "repo", None): (bench, records) for bench, records in runs if bench.split == "none"}
     for summary, (bench, records) in zip(summaries, runs):
-        if bench is not base[0] and bench.scoring == "match":
+        base = bases.get(getattr(bench, "repo", None))
+        if base is not None and bench is not base[0] and bench.scoring == "match":
             summary["vs_base"] = {"baseline": base[0].title, "metrics": paired_differences(base[1], records)}
+
+
+def _pooled_repo_bench(runs: list[tuple], ks: list[int]) -> list[dict]:
+    """repo-bench/all/<setting>: the tasks of every repository together (task ids name their repository), with
+    the paired comparison against no context over all of them."""
+    from mellum.eval.report import paired_differences, summarize
+
+    pooled: dict[str, list[dict]] = {}
+    for bench, records in runs:
+        pooled.setdefault(bench.split, []).extend(records)
+    repos = sorted({bench.repo.name for bench, _ in runs})
+    summaries = []
+    for setting, records in pooled.items():
+        summary = summarize(records, f"repo-bench/all/{setting}", "match", ks, extra={"repositories": repos})
+        if setting != "none" and "none" in pooled:
+            summary["vs_base"] = {"baseline": "repo-bench/all/none", "metrics": paired_differences(pooled["none"], records)}
+        summaries.append(summary)
+    return summaries
 
 
 def _safim_average(summaries: list[dict]) -> dict:

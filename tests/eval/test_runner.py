@@ -168,28 +168,40 @@ def test_nll_needs_a_model_in_process(bench, tmp_path):
         runner.run(bench, OracleCompleter(), tmp_path / "r.jsonl", runner.RunConfig(nll=True), Sandbox(), progress=False)
 
 
-def test_cli_repo_bench_with_nll_compares_settings_pairwise(tiny_model_dir, tmp_path, capsys):
-    repo = tmp_path / "proj"
+def _shapes_project(repo, scale: int):
     (repo / "pkg").mkdir(parents=True)
     (repo / "pkg" / "shapes.py").write_text(
         "class Rectangle:\n    def __init__(self, width, height):\n        self.width = width\n"
-        "        self.height = height\n\n    def area(self):\n        return self.width * self.height\n")
+        f"        self.height = height\n\n    def area(self):\n        return self.width * self.height * {scale}\n")
     for i in range(3):
         (repo / "pkg" / f"use_{i}.py").write_text(
             f"from pkg.shapes import Rectangle\n\n\ndef build_{i}(n):\n    shape = Rectangle(n, {i} + n)\n"
             f"    return shape.area() + {i}\n")
+    return repo
+
+
+def test_cli_repo_bench_with_nll_compares_settings_pairwise(tiny_model_dir, tmp_path, capsys):
+    repos = [_shapes_project(tmp_path / "proj", 1), _shapes_project(tmp_path / "other", 2)]
     out = tmp_path / "out"
-    code = cli.main(["eval", "repo-bench", "--repo", str(repo), "--model", str(tiny_model_dir), "--tasks", "6",
-                     "--budget", "256", "--nll", "--quiet", "--no-plots", "--out", str(out)])
+    code = cli.main(["eval", "repo-bench", "--repo", str(repos[0]), "--repo", str(repos[1]), "--model",
+                     str(tiny_model_dir), "--tasks", "6", "--budget", "256", "--nll", "--quiet", "--no-plots",
+                     "--out", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
     assert "Paired differences" in printed and "reference_nll (nats/token)" in printed
     summaries = {s["benchmark"]: s for s in json.loads((out / "native" / "summary.json").read_text())["summaries"]}
-    none = summaries["repo-bench/proj/none"]
-    assert none["metrics"]["reference_nll"]["value"] > 0 and "vs_base" not in none
-    for setting in ("path", "retrieval"):
-        gain = summaries[f"repo-bench/proj/{setting}"]["vs_base"]
-        assert gain["baseline"] == "repo-bench/proj/none"
-        assert gain["metrics"]["reference_nll"]["tasks"] == none["scored"]
+    for name in ("proj", "other"):
+        none = summaries[f"repo-bench/{name}/none"]
+        assert none["metrics"]["reference_nll"]["value"] > 0 and "vs_base" not in none
+        for setting in ("path", "retrieval"):
+            gain = summaries[f"repo-bench/{name}/{setting}"]["vs_base"]
+            assert gain["baseline"] == f"repo-bench/{name}/none"  # each repository against its own holes
+            assert gain["metrics"]["reference_nll"]["tasks"] == none["scored"]
+    pooled = summaries["repo-bench/all/retrieval"]
+    both = summaries["repo-bench/proj/none"]["scored"] + summaries["repo-bench/other/none"]["scored"]
+    assert pooled["scored"] == both and pooled["vs_base"]["metrics"]["edit_similarity"]["tasks"] == both
     records = [json.loads(l) for l in (out / "native" / "repo-bench_proj_none.jsonl").read_text().splitlines()]
     assert all(r["reference_nll"] > 0 and r["reference_tokens"] >= 1 for r in records)
+    assert cli.main(["eval", "repo-bench", "--repo", str(repos[0]), "--repo", str(repos[0]), "--oracle", "--quiet",
+                     "--out", str(out)]) == 2
+    assert "different names" in capsys.readouterr().err
