@@ -109,7 +109,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="share of files (and conversations) kept out of training for the held-out loss")
     parser.add_argument("--samples-per-file", type=int, default=4, help="FIM samples drawn per source file")
     parser.add_argument("--max-middle-chars", type=int, default=700, help="longest middle (Mellum: ~700 characters)")
-    parser.add_argument("--context-chars", type=int, default=4000, help="budget of project context per sample")
+    parser.add_argument("--context", default="path", choices=["path", "retrieval"],
+                        help="project context of FIM samples: the beginnings of the nearest files (path, within "
+                             "--context-chars), or what the serving packer retrieves (retrieval: path, imports, "
+                             "lexical and definition sources; the whole example within --max-len tokens)")
+    parser.add_argument("--context-chars", type=int, default=4000,
+                        help="budget of project context per sample with --context path")
     add_common_arguments(parser, steps=200, lr=1e-4, batch=16)
 
 
@@ -125,7 +130,7 @@ def run(args) -> int:
     config = finetune_config(args)
     model, tokenizer = load_model_and_tokenizer(args.model)
     fim_config = FimSFTConfig(samples_per_file=args.samples_per_file, max_middle_chars=args.max_middle_chars,
-                              context_chars=args.context_chars,
+                              context_chars=args.context_chars, context=args.context, prompt_tokens=args.max_len,
                               prompt_format=getattr(model.config, "prompt_format", None) or "mellum")
     rng = np.random.default_rng(args.seed)
     train, heldout = [], []

@@ -13,8 +13,10 @@ checkpoints of pre-training). Legend: B batch, T time, V vocabulary.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +54,15 @@ class FimSFTConfig:
     context_chars: int = 4000  # budget of other project files (their beginnings), nearest last (REFERENCE.md §1)
     context_files: int = 4
     samples_per_file: int = 4
+    # "path": the beginnings of the nearest files (above); "retrieval": the serving packer (`mellum.context`: path,
+    # imports, lexical and definition sources, reciprocal-rank fusion) over the project, the whole prompt within
+    # `prompt_tokens` — samples then look exactly like the prompts the model is served.
+    context: str = "path"
+    prompt_tokens: int = 1024
+
+    def __post_init__(self):
+        if self.context not in ("path", "retrieval"):
+            raise ValueError(f"context must be 'path' or 'retrieval', got {self.context!r}")
 
 
 def _trim_prefix(prefix: str, chars: int) -> str:
@@ -79,24 +90,50 @@ def fim_examples(project: Sequence[tuple[str, str]], tokenizer, rng: np.random.G
     encoder.check_format(fmt)
     wanted = set(paths) if paths is not None else None
     samples = []
-    for path, text in project:
-        if wanted is not None and path not in wanted:
-            continue
-        language = LANGUAGES.get(Path(path).suffix)
-        spans = syntactic_spans(text, language, config.min_middle_chars, config.max_middle_chars) if language else []
-        if not spans:
-            continue
-        chosen = rng.choice(len(spans), size=min(config.samples_per_file, len(spans)), replace=False)
-        context = project_context(path, project, config.context_chars, config.context_files)
-        for i in sorted(int(c) for c in chosen):
-            start, end = spans[i]
-            prefix = _trim_prefix(text[:start], config.prefix_chars)
-            suffix = _trim_suffix(text[end:], config.suffix_chars)
-            segments = render_segments(fmt, path, prefix, suffix, context)
-            target_from = len(segments)
-            segments = segments + [("text", text[start:end]), ("literal", fmt.eos)]
-            samples.append(Sample(segments, "sft", target_from))
+    with _packer(project, tokenizer, config) as packer:
+        for path, text in project:
+            if wanted is not None and path not in wanted:
+                continue
+            language = LANGUAGES.get(Path(path).suffix)
+            spans = syntactic_spans(text, language, config.min_middle_chars, config.max_middle_chars) if language else []
+            if not spans:
+                continue
+            chosen = rng.choice(len(spans), size=min(config.samples_per_file, len(spans)), replace=False)
+            if packer is None:
+                context = project_context(path, project, config.context_chars, config.context_files)
+            for i in sorted(int(c) for c in chosen):
+                start, end = spans[i]
+                if packer is None:
+                    prefix = _trim_prefix(text[:start], config.prefix_chars)
+                    suffix = _trim_suffix(text[end:], config.suffix_chars)
+                else:  # the middle's tokens and the end-of-text come out of the prompt budget
+                    budget = config.prompt_tokens - tokenizer.count(text[start:end]) - 1
+                    packed = packer.pack(path, text[:start], text[end:], budget)
+                    prefix, suffix, context = packed.prefix, packed.suffix, packed.context
+                segments = render_segments(fmt, path, prefix, suffix, context)
+                target_from = len(segments)
+                segments = segments + [("text", text[start:end]), ("literal", fmt.eos)]
+                samples.append(Sample(segments, "sft", target_from))
     return [(ids, mask) for ids, mask in encode_samples(encoder, samples)] if samples else []
+
+
+@contextlib.contextmanager
+def _packer(project: Sequence[tuple[str, str]], tokenizer, config: FimSFTConfig):
+    """The serving packer over an in-memory index of `project` (files as editor buffers under an empty root,
+    so the index's rules apply: secret-looking and generated files never become context), or None for "path"."""
+    if config.context != "retrieval":
+        yield None
+        return
+    from mellum.context import ContextConfig, ContextPacker, ProjectIndex
+
+    settings = ContextConfig(prompt_format=config.prompt_format, window_tokens=config.prompt_tokens + 1,
+                             max_new_tokens=0, stable_order=False, sources=("path", "imports", "jaccard", "bm25",
+                                                                            "definitions"))
+    with tempfile.TemporaryDirectory(prefix="mellum-sft-index-") as root:
+        index = ProjectIndex(root, settings)
+        for path, text in project:
+            index.update(path, text)
+        yield ContextPacker(index, lambda t: tokenizer.count(t, allow_special=True), settings)
 
 
 def project_context(path: str, project: Sequence[tuple[str, str]], budget_chars: int,

@@ -112,6 +112,27 @@ def test_fim_examples_train_the_syntactic_middle_only(tiny_tokenizer):
         assert "<filename>lib/textwrap.py\n<fim_suffix>" in prompt and prompt.endswith("<fim_middle>")
 
 
+def test_fim_examples_with_retrieved_context_fit_the_budget_and_find_the_definition(tiny_tokenizer):
+    helpers = "\n\n".join(f"def unrelated_{i}(x):\n    return x + {i}\n" for i in range(40))
+    shapes = helpers + "\n\ndef rectangle_area(width, height):\n    return width * height\n"
+    user = ("from pkg.shapes import rectangle_area\n\n\n"
+            "def room(plan):\n    total = 0\n    for w, h in plan:\n        total += rectangle_area(w, h)\n"
+            "    return total\n")
+    project = [("pkg/shapes.py", shapes), ("pkg/user.py", user), ("pkg/.env", "SECRET_KEY=rectangle_area\n")]
+    config = FimSFTConfig(context="retrieval", prompt_tokens=160, samples_per_file=8, min_middle_chars=8)
+    examples = fim_examples(project, tiny_tokenizer, np.random.default_rng(0), config, paths=["pkg/user.py"])
+    assert examples
+    for ids, mask in examples:
+        assert len(ids) <= 160  # prompt, middle and end-of-text within the budget, to the token
+        prompt = tiny_tokenizer.decode(ids[: mask.index(1)])
+        assert prompt.endswith("<fim_middle>") and "SECRET_KEY" not in prompt  # secrets never become context
+        # The definition the file uses is retrieved from the end of shapes.py (its beginning alone would miss it).
+        assert "def rectangle_area(width, height)" in prompt
+        assert prompt.index("<filename>pkg/shapes.py") < prompt.index("<filename>pkg/user.py")
+    with pytest.raises(ValueError, match="context"):
+        FimSFTConfig(context="nearby")
+
+
 def test_collate_masks_targets_by_hand():
     batch = collate([([5, 6, 7, 8], [0, 0, 1, 1]), ([9, 10], [0, 1])], pad_id=0)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [9, 0, 0]]
