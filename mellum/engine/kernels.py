@@ -80,12 +80,10 @@ class SplitLinear(nn.Linear):
 
 def few_row_product(x: torch.Tensor, weight: torch.Tensor, splits: int, switch: SplitSwitch) -> torch.Tensor:
     """x [M, In] @ weight [Out, In].T: for at most SPLIT_MAX_ROWS rows on CPU one `bmm` over `splits` row blocks of
-    the weight (or 4 or 2, whichever divides Out) while the switch is on; `F.linear` otherwise."""
+    the weight (`splits` divides Out: `SplitLinear` checks it) while the switch is on; `F.linear` otherwise."""
     rows, k = x.shape
-    n = weight.shape[0]
-    s = next((s for s in (splits, 4, 2) if n % s == 0), None)
-    if (s is None or rows > SPLIT_MAX_ROWS or not switch.enabled or x.device.type != "cpu"
-            or x.dtype != weight.dtype):
+    n, s = weight.shape[0], splits
+    if rows > SPLIT_MAX_ROWS or not switch.enabled or x.device.type != "cpu" or x.dtype != weight.dtype:
         return F.linear(x, weight)
     y = torch.bmm(weight.view(s, n // s, k), x.t().expand(s, k, rows))  # [s, N/s, M]
     return y.reshape(n, rows).t().contiguous()  # row-major [M, N], as F.linear returns

@@ -125,10 +125,11 @@ def _packer(project: Sequence[tuple[str, str]], tokenizer, config: FimSFTConfig)
         yield None
         return
     from mellum.context import ContextConfig, ContextPacker, ProjectIndex
+    from mellum.context.repobench import SETTING_SOURCES
 
+    # The sources of repo-bench's "retrieval" setting: what the model is trained with is what it is scored with.
     settings = ContextConfig(prompt_format=config.prompt_format, window_tokens=config.prompt_tokens + 1,
-                             max_new_tokens=0, stable_order=False, sources=("path", "imports", "jaccard", "bm25",
-                                                                            "definitions"))
+                             max_new_tokens=0, stable_order=False, sources=SETTING_SOURCES["retrieval"])
     with tempfile.TemporaryDirectory(prefix="mellum-sft-index-") as root:
         index = ProjectIndex(root, settings)
         for path, text in project:
