@@ -49,7 +49,7 @@ torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_availab
   if "$PYTHON" -c 'import pytest' 2>/dev/null; then
     echo "pytest: $("$PYTHON" -c 'import pytest; print(pytest.__version__)') (installed)"
   elif compgen -G "$WHEELS/pytest/*.whl" >/dev/null; then
-    install_wheels "$SITE/pytest" "$WHEELS"/pytest/*.whl && paths="$SITE/pytest"
+    PYTHON=$PYTHON scripts/wheels.sh install "$SITE/pytest" "$WHEELS"/pytest/*.whl && paths="$SITE/pytest"
     echo "export PYTHONPATH=\"$paths:\$PYTHONPATH\"" > "$WORK/env.sh"
     PYTHONPATH="$paths:$PYTHONPATH" "$PYTHON" -c 'import pytest; print("pytest:", pytest.__version__, "(carried)")'
   else
@@ -65,7 +65,7 @@ torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_availab
         echo "torchao $version: no wheel in $dir"
         continue
       fi
-      install_wheels "$SITE/torchao-$version" "$dir"/*.whl || continue
+      PYTHON=$PYTHON scripts/wheels.sh install "$SITE/torchao-$version" "$dir"/*.whl || continue
       if torchao_works "$SITE/torchao-$version"; then
         paths="$SITE/torchao-$version${paths:+:$paths}"
         echo "export PYTHONPATH=\"$paths:\$PYTHONPATH\"" > "$WORK/env.sh"
@@ -78,15 +78,6 @@ torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_availab
   fi
   if (( ok )); then echo "export TORCHAO_OK=1" >> "$WORK/env.sh"; else echo "torchao: none works: fp8 skipped"; fi
   echo "env for the next stages:"; cat "$WORK/env.sh"
-}
-
-install_wheels() {  # install_wheels DIR WHEEL...: offline, into a folder of its own (PYTHONPATH, not site-packages)
-  local dir=$1
-  shift
-  rm -rf "$dir"
-  echo "installing into $dir: $(basename -a "$@" | tr '\n' ' ')"
-  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --disable-pip-version-check \
-    --target "$dir" "$@"
 }
 
 torchao_works() {  # torchao_works EXTRA_PATH: torchao's float8 training imports (and, on a GPU, runs a step)
@@ -246,9 +237,9 @@ PY
 wheels() {  # pytest (+ dependencies) → $WHEELS/pytest; each torchao candidate → $WHEELS/torchao-VERSION
   local version
   # shellcheck disable=SC2086
-  PYTHON=$PYTHON scripts/fetch_wheels.sh "$WHEELS/pytest" $PYTEST_WHEELS
+  PYTHON=$PYTHON scripts/wheels.sh fetch "$WHEELS/pytest" $PYTEST_WHEELS
   for version in $TORCHAO_VERSIONS; do
-    PYTHON=$PYTHON scripts/fetch_wheels.sh "$WHEELS/torchao-$version" "torchao==$version"
+    PYTHON=$PYTHON scripts/wheels.sh fetch "$WHEELS/torchao-$version" "torchao==$version"
   done
   du -sh "$WHEELS"
 }

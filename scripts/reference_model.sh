@@ -223,7 +223,7 @@ preflight() {  # no network on the GPU machine: install only the carried wheels,
   missing=$(missing_packages)
   if [[ -n $missing && -d $WHEELS ]]; then
     echo "missing: $missing; installing the carried wheels in $WHEELS"
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$REF/site" "$WHEELS"/*.whl
+    PYTHON=$PYTHON scripts/wheels.sh install "$REF/site" "$WHEELS"/*.whl
     PYTHONPATH="$PYTHONPATH:$(cd "$REF/site" && pwd)"
     missing=$(missing_packages)
   fi
@@ -236,7 +236,7 @@ preflight() {  # no network on the GPU machine: install only the carried wheels,
 
 wheels() {  # the wheels of GPU_WHEELS for CPython 3.12 on x86-64 Linux → $WHEELS (about 6 MB)
   # shellcheck disable=SC2086
-  PYTHON=$PYTHON scripts/fetch_wheels.sh "$WHEELS" $GPU_WHEELS
+  PYTHON=$PYTHON scripts/wheels.sh fetch "$WHEELS" $GPU_WHEELS
 }
 
 train_cpu() {
