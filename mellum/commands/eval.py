@@ -16,6 +16,8 @@ SUBCOMMANDS = {
     "mbpp-plus": "MBPP+: EvalPlus's MBPP with extra tests (base and plus pass@k)",
     "repo-bench": "repository-level next-line completion built from a repository on disk (--repo DIR)",
     "latency": "serving latency (p50/p90/p99) under concurrency against a running server (--url)",
+    "compare": "compare two runs of the same benchmarks task by task (e.g. a model before and after fine-tuning): "
+               "paired differences with 95% intervals",
 }
 SPLITS = {
     "humaneval-infilling": ("single-line", "multi-line", "random-span", "random-span-light"),
@@ -36,6 +38,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         sub = subs.add_parser(name, help=help_text, description=help_text)
         if name == "latency":
             _latency_arguments(sub)
+            continue
+        if name == "compare":
+            sub.add_argument("base", metavar="BASE", help="results of the baseline: a folder `mellum eval` wrote "
+                                                          "(e.g. runs/eval/native) or one results .jsonl")
+            sub.add_argument("other", metavar="OTHER", help="results of the run compared with it (same layout)")
+            sub.add_argument("--json", metavar="FILE", help="also write the comparison as JSON here")
             continue
         _common_arguments(sub)
         if name in SPLITS:
@@ -108,6 +116,8 @@ def _latency_arguments(sub: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     if args.benchmark == "latency":
         return _run_latency(args)
+    if args.benchmark == "compare":
+        return _run_compare(args)
     from mellum.eval.completer import Sampling, make_completer
     from mellum.eval.report import to_markdown, write_report
     from mellum.eval.runner import RunConfig
@@ -256,6 +266,18 @@ def _budget_curve(summaries: list[dict], out: Path) -> None:
     series = {n: [100 * m[n]["value"] for _, m in points if n in m] for n in names}
     plot_curve([b for b, _ in points], series, out / "cceval_budget.png", "context budget (tokens)", "%",
                "CrossCodeEval vs context budget (our packer)")
+
+
+def _run_compare(args) -> int:
+    import json
+
+    from mellum.eval.compare import compare, to_markdown
+
+    comparisons = compare(Path(args.base), Path(args.other))
+    print(to_markdown(comparisons))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"comparisons": comparisons}, indent=2) + "\n", encoding="utf-8")
+    return 0
 
 
 def _run_latency(args) -> int:

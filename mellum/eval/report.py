@@ -99,10 +99,13 @@ def _metrics(records: Sequence[dict], scoring: str, ks: Sequence[int]) -> dict:
 
 
 def task_values(records: Sequence[dict], name: str) -> dict[str, float]:
-    """{task_id: value} of one metric: a per-sample metric averaged over the task's samples, or a per-task one
-    (`reference_nll`). Tasks without it are left out."""
+    """{task_id: value} of one metric: a per-sample metric averaged over the task's samples, a per-task one
+    (`reference_nll`), or `pass@1` (passed / n). Tasks without it are left out."""
     out = {}
     for r in records:
+        if name == "pass@1":  # the share of the task's samples that passed: pass@1's unbiased estimate
+            out[r["task_id"]] = r["passed"] / r["n"]
+            continue
         if name in TASK_METRICS:
             if r.get(name) is not None:
                 out[r["task_id"]] = float(r[name])
@@ -139,8 +142,8 @@ def to_markdown(summaries: Sequence[dict]) -> str:
     for s in summaries:
         published = ", ".join(f"{k} {v}" for k, v in s.get("published", {}).items())
         for name, m in s["metrics"].items():
-            lines.append(f"| {s['benchmark']} | {_label(name)} | {_value(name, m['value'])} | {_interval(name, m['ci95'])} "
-                         f"| {s['scored']} | {published} |")
+            lines.append(f"| {s['benchmark']} | {metric_label(name)} | {format_value(name, m['value'])} | "
+                         f"{format_interval(name, m['ci95'])} | {s['scored']} | {published} |")
             published = ""
         for lang, entry in s.get("by_language", {}).items():
             if "metrics" not in entry:
@@ -148,8 +151,8 @@ def to_markdown(summaries: Sequence[dict]) -> str:
                              f"{entry.get('skipped_reason', '')} |")
                 continue
             for name, m in entry["metrics"].items():
-                lines.append(f"| {s['benchmark']} [{lang}] | {_label(name)} | {_value(name, m['value'])} | "
-                             f"{_interval(name, m['ci95'])} | {entry['scored']} | |")
+                lines.append(f"| {s['benchmark']} [{lang}] | {metric_label(name)} | {format_value(name, m['value'])} | "
+                             f"{format_interval(name, m['ci95'])} | {entry['scored']} | |")
     out = ["# Evaluation summary", "", *lines, ""]
     paired = [s for s in summaries if s.get("vs_base")]
     if paired:
@@ -157,8 +160,9 @@ def to_markdown(summaries: Sequence[dict]) -> str:
                 "| benchmark | baseline | metric | Δ | 95% CI | tasks |", "|---|---|---|---|---|---|"]
         for s in paired:
             for name, d in s["vs_base"]["metrics"].items():
-                out.append(f"| {s['benchmark']} | {s['vs_base']['baseline']} | {_label(name)} | "
-                           f"{_value(name, d['delta'], signed=True)} | {_interval(name, d['ci95'])} | {d['tasks']} |")
+                out.append(f"| {s['benchmark']} | {s['vs_base']['baseline']} | {metric_label(name)} | "
+                           f"{format_value(name, d['delta'], signed=True)} | {format_interval(name, d['ci95'])} "
+                           f"| {d['tasks']} |")
         out.append("")
     for s in summaries:
         if s.get("levels"):
@@ -177,17 +181,17 @@ def to_markdown(summaries: Sequence[dict]) -> str:
     return "\n".join(out)
 
 
-def _label(name: str) -> str:
+def metric_label(name: str) -> str:
     return f"{name} (nats/token)" if name in TASK_METRICS else name
 
 
-def _value(name: str, value: float, signed: bool = False) -> str:
+def format_value(name: str, value: float, signed: bool = False) -> str:
     """Percent for scores in [0, 1]; as measured for the per-task metrics in their own units."""
     sign = "+" if signed else ""
     return f"{value:{sign}.3f}" if name in TASK_METRICS else f"{100 * value:{sign}.2f}"
 
 
-def _interval(name: str, ci: Sequence[float]) -> str:
+def format_interval(name: str, ci: Sequence[float]) -> str:
     lo, hi = ci
     return f"{lo:.3f}–{hi:.3f}" if name in TASK_METRICS else f"{100 * lo:.1f}–{100 * hi:.1f}"
 

@@ -1,0 +1,92 @@
+"""Compare two evaluation runs task by task: does model B beat model A on the same benchmark results?
+
+Two runs of one benchmark (say, the bundled model before and after fine-tuning) score the same tasks, so their
+per-task differences are paired: a paired bootstrap separates them where the two runs' own intervals overlap.
+`mellum eval compare BASE OTHER` reads what `mellum eval` wrote (a results folder such as `runs/eval/native`, or one
+results JSONL) and reports, per results file both runs have, the mean difference of every metric they share.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mellum.eval.report import (MATCH_METRICS, TASK_METRICS, format_interval, format_value, metric_label,
+                                paired_differences, task_values)
+
+
+def load_runs(path: Path) -> dict[str, tuple[dict, list[dict]]]:
+    """{results name: (meta, records)}: every `*.jsonl` of a results folder with its `.meta.json`, or one file."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.jsonl"))
+    elif path.is_file():
+        files = [path]
+    else:
+        raise FileNotFoundError(f"no results at {path} (a folder `mellum eval --out` wrote into, e.g. "
+                                "runs/eval/native, or one of its .jsonl files)")
+    runs = {}
+    for file in files:
+        meta_path = file.with_name(file.name + ".meta.json")
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        records = []
+        for line in file.read_text(encoding="utf-8").splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut short by a crash, as the runner's resume treats it
+        runs[file.stem] = (meta, records)
+    if not runs:
+        raise FileNotFoundError(f"no results files (*.jsonl) in {path}")
+    return runs
+
+
+def compare(base: Path, other: Path) -> list[dict]:
+    """Per results file both runs have: what each side ran (model, settings) and, per metric, the mean over the
+    tasks both scored of (other − base) with a paired 95% interval. Files of different benchmarks are refused."""
+    a, b = load_runs(base), load_runs(other)
+    common = [name for name in a if name in b]
+    if not common:
+        raise ValueError(f"{base} and {other} share no results file (have: {', '.join(sorted(a))} vs "
+                         f"{', '.join(sorted(b))}); run the same benchmark into both")
+    out = []
+    for name in common:
+        (meta_a, records_a), (meta_b, records_b) = a[name], b[name]
+        title_a, title_b = meta_a.get("benchmark", name), meta_b.get("benchmark", name)
+        if title_a != title_b:
+            raise ValueError(f"{name}: different benchmarks ({title_a} vs {title_b}) cannot be paired")
+        names = [n for n in MATCH_METRICS + TASK_METRICS if task_values(records_a, n) and task_values(records_b, n)]
+        diffs = paired_differences(records_a, records_b, names or ["pass@1"])
+        for metric, d in diffs.items():
+            tasks = set(task_values(records_a, metric)) & set(task_values(records_b, metric))
+            d["base"] = _mean(task_values(records_a, metric), tasks)
+            d["other"] = _mean(task_values(records_b, metric), tasks)
+        out.append({"results": name, "benchmark": title_a, "base": _describe(meta_a), "other": _describe(meta_b),
+                    "metrics": diffs})
+    return out
+
+
+def to_markdown(comparisons: list[dict]) -> str:
+    """A table: one row per (results file, metric) with both sides' means over the paired tasks and the difference."""
+    lines = ["# Paired comparison (other − base, same tasks)", ""]
+    sides = {(c["base"], c["other"]) for c in comparisons}
+    for base, other in sorted(sides):
+        lines += [f"- base: {base}", f"- other: {other}"]
+    lines += ["", "| benchmark | metric | base | other | Δ | 95% CI | tasks |", "|---|---|---|---|---|---|---|"]
+    for c in comparisons:
+        for name, d in c["metrics"].items():
+            lines.append(f"| {c['benchmark']} | {metric_label(name)} | {format_value(name, d['base'])} | "
+                         f"{format_value(name, d['other'])} | {format_value(name, d['delta'], signed=True)} | "
+                         f"{format_interval(name, d['ci95'])} | {d['tasks']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _mean(values: dict[str, float], tasks: set[str]) -> float:
+    return sum(values[t] for t in tasks) / len(tasks)
+
+
+def _describe(meta: dict) -> str:
+    """Which model and settings produced a run, from its meta file."""
+    who = meta.get("model") or meta.get("url") or meta.get("completer") or "unknown"
+    settings = [f"{k} {meta[k]}" for k in ("n", "temperature", "seed") if k in meta]
+    return f"{who}" + (f" ({', '.join(settings)})" if settings else "")
