@@ -43,6 +43,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
             sub.add_argument("base", metavar="BASE", help="results of the baseline: a folder `mellum eval` wrote "
                                                           "(e.g. runs/eval/native) or one results .jsonl")
             sub.add_argument("other", metavar="OTHER", help="results of the run compared with it (same layout)")
+            sub.add_argument("--pool", action="append", default=[], metavar="GLOB",
+                             help="also one row over all results files matching GLOB (repeatable), e.g. "
+                                  "'repo-bench_*_retrieval' for every repository together")
             sub.add_argument("--json", metavar="FILE", help="also write the comparison as JSON here")
             continue
         _common_arguments(sub)
@@ -273,7 +276,7 @@ def _run_compare(args) -> int:
 
     from mellum.eval.compare import compare, to_markdown
 
-    comparisons = compare(Path(args.base), Path(args.other))
+    comparisons = compare(Path(args.base), Path(args.other), tuple(args.pool))
     print(to_markdown(comparisons))
     if args.json:
         Path(args.json).write_text(json.dumps({"comparisons": comparisons}, indent=2) + "\n", encoding="utf-8")

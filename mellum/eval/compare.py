@@ -8,6 +8,7 @@ results JSONL) and reports, per results file both runs have, the mean difference
 
 from __future__ import annotations
 
+import fnmatch
 import json
 from pathlib import Path
 
@@ -41,9 +42,11 @@ def load_runs(path: Path) -> dict[str, tuple[dict, list[dict]]]:
     return runs
 
 
-def compare(base: Path, other: Path) -> list[dict]:
+def compare(base: Path, other: Path, pools: tuple[str, ...] = ()) -> list[dict]:
     """Per results file both runs have: what each side ran (model, settings) and, per metric, the mean over the
-    tasks both scored of (other − base) with a paired 95% interval. Files of different benchmarks are refused."""
+    tasks both scored of (other − base) with a paired 95% interval. Files of different benchmarks are refused.
+    Each glob of `pools` adds one row over the tasks of every common file whose name matches it (e.g.
+    `repo-bench_*_retrieval`: all repositories together, as small projects give too few holes alone)."""
     a, b = load_runs(base), load_runs(other)
     common = [name for name in a if name in b]
     if not common:
@@ -55,15 +58,28 @@ def compare(base: Path, other: Path) -> list[dict]:
         title_a, title_b = meta_a.get("benchmark", name), meta_b.get("benchmark", name)
         if title_a != title_b:
             raise ValueError(f"{name}: different benchmarks ({title_a} vs {title_b}) cannot be paired")
-        names = [n for n in MATCH_METRICS + TASK_METRICS if task_values(records_a, n) and task_values(records_b, n)]
-        diffs = paired_differences(records_a, records_b, names or ["pass@1"])
-        for metric, d in diffs.items():
-            tasks = set(task_values(records_a, metric)) & set(task_values(records_b, metric))
-            d["base"] = _mean(task_values(records_a, metric), tasks)
-            d["other"] = _mean(task_values(records_b, metric), tasks)
-        out.append({"results": name, "benchmark": title_a, "base": _describe(meta_a), "other": _describe(meta_b),
-                    "metrics": diffs})
+        out.append(_paired(name, title_a, meta_a, meta_b, records_a, records_b))
+    for pattern in pools:
+        matched = [name for name in common if fnmatch.fnmatchcase(name, pattern)]
+        if not matched:
+            raise ValueError(f"--pool {pattern}: matches none of the common results files ({', '.join(common)})")
+        # Task ids are unique within a file only: name each by its file.
+        records_a = [dict(r, task_id=f"{name}:{r['task_id']}") for name in matched for r in a[name][1]]
+        records_b = [dict(r, task_id=f"{name}:{r['task_id']}") for name in matched for r in b[name][1]]
+        title = f"{pattern} ({len(matched)} files)"
+        out.append(_paired(pattern, title, a[matched[0]][0], b[matched[0]][0], records_a, records_b))
     return out
+
+
+def _paired(name: str, title: str, meta_a: dict, meta_b: dict, records_a: list[dict], records_b: list[dict]) -> dict:
+    names = [n for n in MATCH_METRICS + TASK_METRICS if task_values(records_a, n) and task_values(records_b, n)]
+    diffs = paired_differences(records_a, records_b, names or ["pass@1"])
+    for metric, d in diffs.items():
+        tasks = set(task_values(records_a, metric)) & set(task_values(records_b, metric))
+        d["base"] = _mean(task_values(records_a, metric), tasks)
+        d["other"] = _mean(task_values(records_b, metric), tasks)
+    return {"results": name, "benchmark": title, "base": _describe(meta_a), "other": _describe(meta_b),
+            "metrics": diffs}
 
 
 def to_markdown(comparisons: list[dict]) -> str:

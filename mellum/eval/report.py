@@ -193,7 +193,9 @@ def format_value(name: str, value: float, signed: bool = False) -> str:
 
 def format_interval(name: str, ci: Sequence[float]) -> str:
     lo, hi = ci
-    return f"{lo:.3f}–{hi:.3f}" if name in TASK_METRICS else f"{100 * lo:.1f}–{100 * hi:.1f}"
+    if name in TASK_METRICS:
+        return f"{lo:.3f}–{hi:.3f}"
+    return f"{round(100 * lo, 1) + 0.0:.1f}–{round(100 * hi, 1) + 0.0:.1f}"  # + 0.0: no "-0.0"
 
 
 def write_report(summaries: Sequence[dict], out_dir: Path, json_file: Path | None = None,

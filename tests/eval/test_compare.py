@@ -36,6 +36,21 @@ def test_match_metrics_are_paired_over_common_tasks(tmp_path):
     assert c["metrics"]["exact_match"]["delta"] == pytest.approx(0.5)
 
 
+def test_pool_pairs_the_tasks_of_several_files_together(tmp_path):
+    for side, shift in (("a", 0.0), ("b", 0.1)):  # the same task ids in both repositories: kept apart by file
+        _write_run(tmp_path / side, "repo-bench_x_retrieval", "repo-bench/x/retrieval", side,
+                   [("t1", 0.2 + shift, 2.0)])
+        _write_run(tmp_path / side, "repo-bench_y_retrieval", "repo-bench/y/retrieval", side,
+                   [("t1", 0.4 + 3 * shift, 2.0), ("t2", 0.5, 2.0)])
+        _write_run(tmp_path / side, "repo-bench_y_none", "repo-bench/y/none", side, [("t1", 0.9, 1.0)])
+    *files, pooled = compare(tmp_path / "a", tmp_path / "b", pools=("repo-bench_*_retrieval",))
+    assert len(files) == 3 and pooled["benchmark"] == "repo-bench_*_retrieval (2 files)"
+    es = pooled["metrics"]["edit_similarity"]
+    assert es["tasks"] == 3 and es["delta"] == pytest.approx((0.1 + 0.3 + 0.0) / 3)
+    with pytest.raises(ValueError, match="matches none"):
+        compare(tmp_path / "a", tmp_path / "b", pools=("cceval_*",))
+
+
 def test_runs_of_different_benchmarks_or_nothing_in_common_are_refused(tmp_path):
     _write_run(tmp_path / "a", "x", "cceval/none", "m", [("t1", 0.2, 3.0)])
     _write_run(tmp_path / "b", "x", "cceval/provided", "m", [("t1", 0.2, 3.0)])
