@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 
 HELP = "supervised fine-tuning (project-context FIM, chat)"
+# A base model's record of how it was made, carried into every model fine-tuned from it.
+LINEAGE_FILES = ("training_config.json", "training_log.jsonl", "data_report.md")
 
 
 # ---- arguments shared by sft, dpo and grpo ----------------------------------------------------------------------
@@ -79,14 +81,28 @@ def finish(args, out: Path, model, tokenizer, summary: dict, stage: str) -> int:
     from mellum.train.sft import export_model
 
     export = Path(args.export) if args.export else out / "model"
-    extra = {"training_log.jsonl": (out / "metrics.jsonl").read_text()} if (out / "metrics.jsonl").is_file() else {}
-    export_model(model, export, tokenizer, args.export_dtype, extra)
+    export_model(model, export, tokenizer, args.export_dtype, lineage(Path(args.model), out, stage, args))
     summary = {"stage": stage, **summary, "model": str(export)}
     tmp = out / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
     tmp.replace(out / "summary.json")
     print(json.dumps(summary))
     return 0
+
+
+def lineage(base: Path, out: Path, stage: str, args) -> dict[str, str]:
+    """What the exported model says about how it was made: the base model's own record (its pre-training config and
+    log, data report, earlier stages' logs and arguments), then this stage's log (`<stage>_log.jsonl`) and command
+    line (`<stage>_args.json`). A later stage of the same name replaces that stage's files."""
+    files = {}
+    for path in sorted(base.iterdir()):
+        if path.name in LINEAGE_FILES or path.name.endswith(("_log.jsonl", "_args.json")):
+            files[path.name] = path.read_text(encoding="utf-8")
+    if (out / "metrics.jsonl").is_file():
+        files[f"{stage}_log.jsonl"] = (out / "metrics.jsonl").read_text(encoding="utf-8")
+    arguments = {k: v for k, v in vars(args).items() if k != "func" and not callable(v)}
+    files[f"{stage}_args.json"] = json.dumps(arguments, indent=2, default=str) + "\n"
+    return files
 
 
 # ---- sft -----------------------------------------------------------------------------------------------------------

@@ -141,6 +141,10 @@ def test_train_dpo_command(tiny_tokenizer, tmp_path):
     base = tmp_path / "base"
     save_pretrained(_model(3), base)
     tiny_tokenizer.save(base)
+    # The base model's record of how it was made (as a pre-trained or fine-tuned export carries it).
+    (base / "training_config.json").write_text('{"name": "base-recipe"}')
+    (base / "data_report.md").write_text("# data report\n")
+    (base / "sft_log.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"prompt": f"<fim_prefix>v{i} = <fim_middle>", "chosen": str(i),
                                          "rejected": f"'{i}'"}) + "\n" for i in range(10)))
@@ -151,3 +155,12 @@ def test_train_dpo_command(tiny_tokenizer, tmp_path):
     assert summary["stage"] == "dpo" and summary["train_pairs"] == 8 and summary["heldout_pairs"] == 2
     assert summary["heldout_before"]["loss"] == pytest.approx(math.log(2))
     load_pretrained(out / "model")
+    # The export keeps the base's lineage and adds this stage's log and command line.
+    exported = {p.name: p for p in (out / "model").iterdir()}
+    assert json.loads(exported["training_config.json"].read_text()) == {"name": "base-recipe"}
+    assert exported["data_report.md"].read_text() == "# data report\n"
+    assert exported["sft_log.jsonl"].read_text() == '{"step": 1, "loss": 2.0}\n'
+    logged = [json.loads(line) for line in exported["dpo_log.jsonl"].read_text().splitlines()]
+    assert [r["step"] for r in logged if "loss" in r] == [1, 2]
+    args = json.loads(exported["dpo_args.json"].read_text())
+    assert args["beta"] == 0.2 and args["max_steps"] == 2 and args["model"] == str(base)
