@@ -30,7 +30,7 @@ class RunConfig:
     languages: tuple[str, ...] = ()  # keep only problems in these languages (SAFIM, CrossCodeEval)
     sampling: Sampling = Sampling()
     fresh: bool = False  # discard an existing result file instead of resuming
-    nll: bool = False  # also score the reference's log-likelihood (match benchmarks, native model)
+    nll: bool = False  # also score the reference's log-likelihood (native model; tasks with a reference)
 
     def __post_init__(self):
         if self.n < 1:
@@ -122,7 +122,7 @@ def _one(bench: Benchmark, completer: Completer, problem: Problem, config: RunCo
         "skipped": all(r.get("skipped") for r in results),
         "seconds": round(time.monotonic() - start, 3),
     }
-    if config.nll and bench.scoring == "match":
+    if config.nll:
         scored = completer.reference_nll(problem, bench)
         if scored is not None:
             record["reference_nll"], record["reference_tokens"] = round(scored[0], 5), scored[1]

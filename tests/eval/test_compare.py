@@ -83,3 +83,22 @@ def test_cli_compares_an_oracle_and_an_empty_run(shared_benchmarks, tmp_path, ca
     assert c["metrics"]["pass@1"]["delta"] == pytest.approx(passed - 1.0)
     assert cli.main(["eval", "compare", str(tmp_path / "oracle"), str(tmp_path / "missing")]) == 2
     assert "no results" in capsys.readouterr().err
+
+
+def test_execution_benchmark_with_nll_pairs_passes_and_likelihoods(tiny_model_dir, shared_benchmarks, tmp_path):
+    def run(out):
+        argv = ["eval", "humaneval-infilling", "--split", "single-line", "--limit", "3", "--quiet", "--no-plots",
+                "--data", str(shared_benchmarks), "--model", str(tiny_model_dir), "--nll", "--out", str(out)]
+        assert cli.main(argv) == 0
+        return out / "native"
+
+    first, again = run(tmp_path / "a"), run(tmp_path / "b")
+    records = [json.loads(line) for line in (first / "humaneval-infilling_single-line.jsonl").read_text().splitlines()]
+    assert all(r["reference_nll"] > 0 and r["reference_tokens"] >= 1 for r in records)
+    summary = json.loads((first / "summary.json").read_text())["summaries"][0]
+    assert set(summary["metrics"]) == {"pass@1", "reference_nll"}
+    [c] = compare(first, again)
+    assert list(c["metrics"]) == ["pass@1", "reference_nll"]
+    # The same model, greedy: the same completions and likelihoods on every task.
+    assert c["metrics"]["reference_nll"]["delta"] == 0.0 and c["metrics"]["pass@1"]["delta"] == 0.0
+    assert c["metrics"]["reference_nll"]["base"] == pytest.approx(summary["metrics"]["reference_nll"]["value"])
