@@ -74,7 +74,10 @@ def compare(base: Path, other: Path, pools: tuple[str, ...] = ()) -> list[dict]:
 def _paired(name: str, title: str, meta_a: dict, meta_b: dict, records_a: list[dict], records_b: list[dict]) -> dict:
     both = [n for n in MATCH_METRICS + TASK_METRICS if task_values(records_a, n) and task_values(records_b, n)]
     match = [n for n in both if n in MATCH_METRICS]
-    diffs = paired_differences(records_a, records_b, (match or ["pass@1"]) + [n for n in both if n in TASK_METRICS])
+    # pass@1 (passed / n) where some tasks are executed: all of them, or some in a pool of both kinds (SAFIM).
+    executed = not match or len(task_values(records_a, match[0])) < len(records_a)
+    names = (["pass@1"] if executed else []) + match + [n for n in both if n in TASK_METRICS]
+    diffs = paired_differences(records_a, records_b, names)
     for metric, d in diffs.items():
         tasks = set(task_values(records_a, metric)) & set(task_values(records_b, metric))
         d["base"] = _mean(task_values(records_a, metric), tasks)

@@ -47,6 +47,16 @@ def test_pool_pairs_the_tasks_of_several_files_together(tmp_path):
     assert len(files) == 3 and pooled["benchmark"] == "repo-bench_*_retrieval (2 files)"
     es = pooled["metrics"]["edit_similarity"]
     assert es["tasks"] == 3 and es["delta"] == pytest.approx((0.1 + 0.3 + 0.0) / 3)
+    # A pool of executed and matched tasks (SAFIM's splits) is paired on pass@1 over all of them.
+    _write_run(tmp_path / "a", "exec", "safim/block", "a", [("t1", 0.5, 1.0)])
+    _write_run(tmp_path / "b", "exec", "safim/block", "b", [("t1", 0.5, 1.0)])
+    for side, passed in (("a", 0), ("b", 1)):
+        record = json.loads((tmp_path / side / "exec.jsonl").read_text())
+        record.update(passed=passed, results=[{"passed": bool(passed)}])  # executed: no match metrics
+        (tmp_path / side / "exec.jsonl").write_text(json.dumps(record) + "\n")
+    mixed = compare(tmp_path / "a", tmp_path / "b", pools=("*",))[-1]
+    assert mixed["metrics"]["pass@1"]["tasks"] == 5 and mixed["metrics"]["pass@1"]["delta"] == pytest.approx(1 / 5)
+    assert mixed["metrics"]["edit_similarity"]["tasks"] == 4
     with pytest.raises(ValueError, match="matches none"):
         compare(tmp_path / "a", tmp_path / "b", pools=("cceval_*",))
 
