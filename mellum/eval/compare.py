@@ -93,9 +93,12 @@ def to_markdown(comparisons: list[dict]) -> str:
     for base, other in sorted(sides):
         lines += [f"- base: {base}", f"- other: {other}"]
     lines += ["", "| benchmark | metric | base | other | Δ | 95% CI | tasks |", "|---|---|---|---|---|---|---|"]
+    titles = [c["benchmark"] for c in comparisons]
     for c in comparisons:
+        # Runs of one benchmark at several settings (cceval's budgets) share a title: name their files too.
+        label = c["benchmark"] if titles.count(c["benchmark"]) == 1 else f"{c['benchmark']} [{c['results']}]"
         for name, d in c["metrics"].items():
-            lines.append(f"| {c['benchmark']} | {metric_label(name)} | {format_value(name, d['base'])} | "
+            lines.append(f"| {label} | {metric_label(name)} | {format_value(name, d['base'])} | "
                          f"{format_value(name, d['other'])} | {format_value(name, d['delta'], signed=True)} | "
                          f"{format_interval(name, d['ci95'])} | {d['tasks']} |")
     return "\n".join(lines) + "\n"

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from mellum import cli
-from mellum.eval.compare import compare
+from mellum.eval.compare import compare, to_markdown
 
 
 def _write_run(folder, name, title, model, rows):
@@ -34,6 +34,12 @@ def test_match_metrics_are_paired_over_common_tasks(tmp_path):
     assert es["delta"] == pytest.approx(0.35)  # (0.2 + 0.5) / 2
     assert c["metrics"]["reference_nll"]["delta"] == pytest.approx(-0.75)
     assert c["metrics"]["exact_match"]["delta"] == pytest.approx(0.5)
+    # Two files of one benchmark at different settings are told apart in the table by their file names.
+    _write_run(tmp_path / "a", "cceval_none_512", "cceval/none", "old", old)
+    _write_run(tmp_path / "b", "cceval_none_512", "cceval/none", "new", new)
+    table = to_markdown(compare(tmp_path / "a", tmp_path / "b"))
+    assert "| cceval/none [cceval_none_512] | edit_similarity | 35.00 | 70.00 | +35.00 |" in table
+    assert "| cceval/none [cceval_none] | edit_similarity |" in table
 
 
 def test_pool_pairs_the_tasks_of_several_files_together(tmp_path):
