@@ -7,7 +7,7 @@ from mellum.postprocess.cursor import Cursor
 from mellum.postprocess.indentation import normalize_indentation
 from mellum.postprocess.midline import trim_at_line_suffix
 from mellum.postprocess.pipeline import DEFAULT_FILTERS, Filter, Pipeline, pipeline
-from mellum.postprocess.repetition import drop_repetition
+from mellum.postprocess.repetition import drop_inline_loop, drop_repetition
 from mellum.postprocess.scope import is_multiline, limit_lines
 from mellum.postprocess.suffix import drop_suffix_overlap
 from mellum.postprocess.whitespace import trim_trailing_whitespace
@@ -17,6 +17,7 @@ __all__ = [
     "DEFAULT_FILTERS",
     "Filter",
     "Pipeline",
+    "drop_inline_loop",
     "drop_repetition",
     "drop_suffix_overlap",
     "is_multiline",

@@ -9,7 +9,7 @@ from mellum.postprocess.block import limit_to_block
 from mellum.postprocess.cursor import Cursor
 from mellum.postprocess.indentation import normalize_indentation
 from mellum.postprocess.midline import trim_at_line_suffix
-from mellum.postprocess.repetition import drop_repetition
+from mellum.postprocess.repetition import drop_inline_loop, drop_repetition
 from mellum.postprocess.scope import limit_lines
 from mellum.postprocess.suffix import drop_suffix_overlap
 from mellum.postprocess.whitespace import trim_trailing_whitespace
@@ -24,6 +24,7 @@ DEFAULT_FILTERS: tuple[Filter, ...] = (
     normalize_indentation,
     limit_to_block,
     drop_repetition,
+    drop_inline_loop,
     drop_suffix_overlap,
     trim_trailing_whitespace,
 )

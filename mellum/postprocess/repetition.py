@@ -1,4 +1,5 @@
-"""Degenerate loops removed: a line or block of lines repeated back to back is kept once."""
+"""Degenerate loops removed: a line or block of lines repeated back to back is kept once, and so is a short unit
+repeated to the end of the completion within its last line (`conn.conn.conn.conn.co`)."""
 
 from __future__ import annotations
 
@@ -36,3 +37,31 @@ def drop_repetition(
     if best is None:
         return text
     return "\n".join(lines[:best])
+
+
+def drop_inline_loop(text: str, cursor: Cursor, min_copies: int = 4, max_unit_chars: int = 40,
+                     min_unit_alnum: int = 2) -> str:
+    """Keep one copy of a unit of 2..`max_unit_chars` characters that the completion repeats back to back at least
+    `min_copies` times up to its very end (a last partial copy included), within its last line.
+
+    Reaching the end is what tells a loop from code: the model never got out of it (it ran to its token limit),
+    whereas a byte table or a rule of `=` is closed by other text. Units need `min_unit_alnum` letters or digits.
+    """
+    start = text.rfind("\n") + 1
+    line = text[start:]
+    n = len(line)
+    best: tuple[int, int] | None = None  # (where the run starts, unit length)
+    for unit in range(2, min(max_unit_chars, n // min_copies) + 1):
+        i = n - 1
+        while i >= unit and line[i] == line[i - unit]:
+            i -= 1
+        run_start = 0 if i < unit else i + 1 - unit  # line[i] breaks the period: the run begins after it
+        if n - run_start < min_copies * unit:
+            continue
+        if sum(c.isalnum() for c in line[run_start : run_start + unit]) < min_unit_alnum:
+            continue
+        if best is None or run_start < best[0]:
+            best = (run_start, unit)
+    if best is None:
+        return text
+    return text[: start + best[0] + best[1]].rstrip()
