@@ -17,7 +17,7 @@ SUBCOMMANDS = {
     "repo-bench": "repository-level next-line completion built from a repository on disk (--repo DIR)",
     "latency": "serving latency (p50/p90/p99) under concurrency against a running server (--url)",
     "compare": "compare two runs of the same benchmarks task by task (e.g. a model before and after fine-tuning): "
-               "paired differences with 95% intervals",
+               "paired differences with bootstrap confidence intervals",
 }
 SPLITS = {
     "humaneval-infilling": ("single-line", "multi-line", "random-span", "random-span-light"),
