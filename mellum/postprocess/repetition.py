@@ -46,8 +46,12 @@ def drop_inline_loop(text: str, cursor: Cursor, min_copies: int = 4, max_unit_ch
 
     Reaching the end is what tells a loop from code: the model never got out of it (it ran to its token limit),
     whereas a byte table or a rule of `=` is closed by other text. Units need `min_unit_alnum` letters or digits.
+    A one-line completion before text on the cursor's line (`[█]`) is left alone: there the suffix, not a loop, may
+    have ended it (`10, 10, 10, 10`).
     """
     start = text.rfind("\n") + 1
+    if start == 0 and cursor.line_suffix.strip():
+        return text
     line = text[start:]
     n = len(line)
     best: tuple[int, int] | None = None  # (where the run starts, unit length)

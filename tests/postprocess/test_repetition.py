@@ -40,3 +40,5 @@ def test_repeats_that_end_are_code_not_loops(at):
                  "x = (a, a, a)",  # too few copies
                  "conn.conn.conn.conn.conn.\nreturn conn"):  # the loop ended; the last line is fine
         assert drop_inline_loop(text, at("█")) == text
+    # Before text on the cursor's line, the suffix may be what ended a one-line completion.
+    assert drop_inline_loop("10, 10, 10, 10", at("sizes = [█]")) == "10, 10, 10, 10"
