@@ -77,13 +77,8 @@ def _paired(name: str, title: str, meta_a: dict, meta_b: dict, records_a: list[d
     # pass@1 (passed / n) where some tasks are executed: all of them, or some in a pool of both kinds (SAFIM).
     executed = not match or len(task_values(records_a, match[0])) < len(records_a)
     names = (["pass@1"] if executed else []) + match + [n for n in both if n in TASK_METRICS]
-    diffs = paired_differences(records_a, records_b, names)
-    for metric, d in diffs.items():
-        tasks = set(task_values(records_a, metric)) & set(task_values(records_b, metric))
-        d["base"] = _mean(task_values(records_a, metric), tasks)
-        d["other"] = _mean(task_values(records_b, metric), tasks)
     return {"results": name, "benchmark": title, "base": _describe(meta_a), "other": _describe(meta_b),
-            "metrics": diffs}
+            "metrics": paired_differences(records_a, records_b, names)}
 
 
 def to_markdown(comparisons: list[dict]) -> str:
@@ -102,10 +97,6 @@ def to_markdown(comparisons: list[dict]) -> str:
                          f"{format_value(name, d['other'])} | {format_value(name, d['delta'], signed=True)} | "
                          f"{format_interval(name, d['ci95'])} | {d['tasks']} |")
     return "\n".join(lines) + "\n"
-
-
-def _mean(values: dict[str, float], tasks: set[str]) -> float:
-    return sum(values[t] for t in tasks) / len(tasks)
 
 
 def _describe(meta: dict) -> str:

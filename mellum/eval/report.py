@@ -117,9 +117,9 @@ def task_values(records: Sequence[dict], name: str) -> dict[str, float]:
 
 
 def paired_differences(base: Sequence[dict], other: Sequence[dict], names: Sequence[str] | None = None) -> dict:
-    """Per metric, the mean of (other − base) over the tasks both runs scored, with a paired bootstrap 95% interval:
-    the same holes under two settings (e.g. with and without context) differ far less than their separate
-    intervals suggest."""
+    """Per metric, the mean of (other − base) over the tasks both runs scored, with a paired bootstrap 95% interval,
+    and each side's own mean over those tasks: the same holes under two settings (e.g. with and without context)
+    differ far less than their separate intervals suggest."""
     base = [r for r in base if not r.get("skipped")]
     other = [r for r in other if not r.get("skipped")]
     if names is None:
@@ -132,7 +132,8 @@ def paired_differences(base: Sequence[dict], other: Sequence[dict], names: Seque
             continue
         deltas = [b[t] - a[t] for t in common]
         out[name] = {"delta": sum(deltas) / len(deltas), "ci95": list(metrics.bootstrap_interval(deltas)),
-                     "tasks": len(common)}
+                     "tasks": len(common), "base": sum(a[t] for t in common) / len(common),
+                     "other": sum(b[t] for t in common) / len(common)}
     return out
 
 
