@@ -1,17 +1,22 @@
 """Training throughput: tokens/s and model-FLOPs utilisation against the matmul peak measured in the same run.
 
     python benchmarks/train_throughput.py                       # CPU: mellum-tiny-cpu shape, fp32
-    python benchmarks/train_throughput.py --device cuda         # GPU: mellum-tiny and the 4B shape, bf16
-    python benchmarks/train_throughput.py --device cuda --model mellum-4b --layers 4 --seq-len 8192
+    python benchmarks/train_throughput.py --device cuda         # GPU: mellum-tiny and the whole Mellum-4B, bf16
+    python benchmarks/train_throughput.py --device cuda --model mellum-4b --layers 4   # the 4B shape, 4 layers
     python benchmarks/train_throughput.py --device cuda --model mellum-4b --fp8   # bf16 row, then an fp8 row
+    python benchmarks/train_throughput.py --device cuda --model mellum-4b --accum 1,8   # one row per accumulation
 
 MFU = achieved model FLOP/s ÷ peak FLOP/s, where model FLOPs per token = 6·N (parameters in matmuls, embedding
 excluded) + 12·L·T·C (attention scores and values, PaLM appendix B; causal attention counted in full as is
-conventional) and the peak is a large square matmul timed right before, in the run's precision (fp32 on CPU,
+conventional; `mfu_causal` counts it at half, the work a causal kernel does) and the peak is a large square matmul timed right before, in the run's precision (fp32 on CPU,
 bf16 on GPU). The step is the real training step of mellum.train.pretrain (forward, losses, backward, Muon +
-AdamW), on random tokens. `--fp8` measures each model twice, bf16 and then with the hidden linears converted by
-the trainer's own torchao float8 conversion (`fp8=True` in a recipe); both rows' MFU is against the
-same bf16 peak, so they compare directly (the fp8 matmul peak is about twice it).
+AdamW), on random tokens. One optimizer step takes `--accum` micro-batches (gradient accumulation): the recipes'
+global batch is thousands of 8k-token sequences, so on any real number of GPUs the optimizer step (Muon's
+Newton–Schulz iterations on every hidden matrix) is shared by many forward/backward passes; the GPU default of 8
+micro-batches is what 256 GPUs give for Mellum-4B's 2,048-sequence batch. Each row also splits the time of one
+optimizer step into forward/backward and the optimizer. `--fp8` measures each model twice, bf16 and then with the
+hidden linears converted by the trainer's own torchao float8 conversion (`fp8=True` in a recipe); both rows' MFU is
+against the same bf16 peak, so they compare directly (the fp8 matmul peak is about twice it).
 """
 
 from __future__ import annotations
@@ -53,11 +58,12 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, seconds: float
     return best
 
 
-def model_flops_per_token(model: Transformer, seq_len: int) -> float:
+def model_flops_per_token(model: Transformer, seq_len: int, causal: bool = False) -> float:
+    """6·N + 12·L·T·C (PaLM appendix B); `causal` counts the attention at half, the work a causal kernel does."""
     config = model.config
     matmul_params = sum(p.numel() for n, p in model.named_parameters() if p.ndim >= 2 and "embed_tokens" not in n)
     attention = 12 * config.num_layers * seq_len * config.num_heads * config.head_dim
-    return 6 * matmul_params + attention
+    return 6 * matmul_params + (attention / 2 if causal else attention)
 
 
 def _sync(device: torch.device) -> None:
@@ -70,7 +76,8 @@ def _env(device: torch.device) -> DistEnv:
 
 
 def bench(name: str, model_config, seq_len: int, batch: int, steps: int, device: torch.device, compile: bool,
-          fp8: bool = False) -> dict:
+          fp8: bool = False, accum: int = 1) -> dict:
+    """Time `steps` optimizer steps of `accum` micro-batches each, after two warm-up steps (and compilation)."""
     torch.manual_seed(0)
     model = Transformer(model_config).to(device)
     if fp8:  # the trainer's order: to the device, float8 conversion, then compilation
@@ -83,43 +90,59 @@ def bench(name: str, model_config, seq_len: int, batch: int, steps: int, device:
     bf16 = device.type == "cuda"
     ids = torch.randint(0, model_config.vocab_size, (batch, seq_len + 1), device=device)
     data = {"input_ids": ids[:, :-1], "targets": ids[:, 1:]}
-    num = float(batch * seq_len)
+    num = float(batch * seq_len * accum)
 
-    def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss, _ = pretraining_loss(model, data, weights, num, doc_masking=False)
-        loss.backward()
+    def step() -> tuple[float, float]:  # seconds of forward/backward and of the optimizer
+        t = time.perf_counter()
+        for _ in range(accum):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss, _ = pretraining_loss(model, data, weights, num, doc_masking=False)
+            loss.backward()
+        _sync(device)
+        middle = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         for opt in optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
+        _sync(device)
+        return middle - t, time.perf_counter() - middle
 
-    for _ in range(3):  # warm-up (and compilation)
+    for _ in range(2):  # warm-up (and compilation)
         step()
-    _sync(device)
-    t = time.perf_counter()
+    fwd_bwd = optimizer = 0.0
     for _ in range(steps):
-        step()
-    _sync(device)
-    elapsed = time.perf_counter() - t
-    tokens_per_s = steps * batch * seq_len / elapsed
+        a, b = step()
+        fwd_bwd, optimizer = fwd_bwd + a, optimizer + b
+    tokens_per_s = steps * accum * batch * seq_len / (fwd_bwd + optimizer)
     flops = model_flops_per_token(model, seq_len) * tokens_per_s
+    causal_flops = model_flops_per_token(model, seq_len, causal=True) * tokens_per_s
     params = sum(p.numel() for p in model.parameters())
     precision = "fp8" if fp8 else ("bf16" if bf16 else "fp32")
     return {"model": name, "precision": precision, "params_M": round(params / 1e6, 1), "seq_len": seq_len,
-            "batch": batch, "tokens_per_s": round(tokens_per_s), "model_tflops": round(flops / 1e12, 3)}
+            "batch": batch, "accum": accum, "tokens_per_s": round(tokens_per_s),
+            "model_tflops": round(flops / 1e12, 3), "causal_tflops": round(causal_flops / 1e12, 3),
+            "fwd_bwd_s": round(fwd_bwd / steps, 3),
+            "optimizer_s": round(optimizer / steps, 3)}
+
+
+MAX_DEFAULT_ACCUM = 8  # Mellum-4B's 2,048-sequence batch over 256 GPUs
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--model", action="append", help="recipe (mellum-tiny, mellum-tiny-cpu) or preset "
-                        "(mellum-4b); default: mellum-tiny-cpu on CPU, mellum-tiny and mellum-4b on GPU")
-    parser.add_argument("--layers", type=int, default=None, help="truncate preset models to this many layers "
-                        "(the 4B shape's per-layer cost with fewer layers; default 4 for mellum-4b)")
+    parser.add_argument("--model", action="append", help="recipe (mellum-tiny, mellum-tiny-cpu, mellum-4b) or preset "
+                        "(e.g. mellum2-12b-a2.5b); default: mellum-tiny-cpu on CPU, mellum-tiny and mellum-4b on GPU")
+    parser.add_argument("--layers", type=int, default=None, help="truncate the model to this many layers (the "
+                        "shape's per-layer cost on a smaller device; default: whole recipes, 4 layers of a preset "
+                        "that is not a recipe)")
     parser.add_argument("--seq-len", type=int, default=None)
-    parser.add_argument("--batch", type=int, default=None)
-    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=None, help="sequences per micro-batch")
+    parser.add_argument("--accum", default=None, help="micro-batches per optimizer step, or a comma-separated list "
+                        "(one row each); default: the recipe's accumulation on one device, at most "
+                        f"{MAX_DEFAULT_ACCUM}; 1 on CPU")
+    parser.add_argument("--steps", type=int, default=None, help="timed optimizer steps (default: 20 micro-batches' "
+                        "worth on GPU, at least 3; 3 on CPU)")
     parser.add_argument("--compile", action="store_true", help="torch.compile each block (GPU default: on)")
     parser.add_argument("--fp8", action="store_true", help="also measure each model with float8 hidden linears "
                         "(torchao, tensorwise scaling, as the trainer with fp8=True; needs an H100-class GPU)")
@@ -128,6 +151,12 @@ def main() -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("no CUDA GPU", file=sys.stderr)
         return 2
+    try:
+        accums = [int(a) for a in args.accum.split(",")] if args.accum else None
+    except ValueError:
+        parser.error(f"--accum takes whole numbers, e.g. 8 or 1,8: {args.accum!r}")
+    if accums is not None and min(accums) < 1:
+        parser.error(f"--accum must be at least 1: {args.accum!r}")
     if args.fp8:  # fail before measuring anything, with the trainer's message (no CUDA, no torchao)
         try:
             _float8(torch.nn.Sequential(), _env(device))
@@ -142,32 +171,38 @@ def main() -> int:
           f"matmul peak measured {peak / 1e12:.3f} TFLOP/s ({str(dtype).split('.')[-1]})", flush=True)
     failed = 0
     for name in names:
+        layers = args.layers
         try:
             recipe = get_recipe(name)
             config, seq_len, batch = recipe.model, recipe.seq_len, recipe.micro_batch
+            default_accum = min(MAX_DEFAULT_ACCUM, max(1, recipe.batch_ramp.stages[0][1] // batch))
         except ValueError:
-            config = get_config(name)
-            config = config.replace(num_layers=args.layers or 4, max_position_embeddings=max(config.max_position_embeddings, 8192))
-            seq_len, batch = 8192, 1
-            name = f"{name} ({config.num_layers} layers)"
+            config, seq_len, batch, default_accum = get_config(name), 8192, 1, MAX_DEFAULT_ACCUM
+            layers = layers or 4
+        if layers and layers != config.num_layers:
+            config = config.replace(num_layers=layers)
+            name = f"{name} ({layers} layers)"
         if device.type == "cpu":
-            seq_len, batch = min(seq_len, 256), min(batch, 4)
+            seq_len, batch, default_accum = min(seq_len, 256), min(batch, 4), 1
         seq_len, batch = args.seq_len or seq_len, args.batch or batch
-        steps = args.steps or (20 if device.type == "cuda" else 3)
-        for fp8 in (False, True) if args.fp8 else (False,):
-            try:
-                row = bench(name, config, seq_len, batch, steps, device, compile, fp8=fp8)
-            except Exception as exc:  # noqa: BLE001 — one failed row (e.g. fp8 compilation) keeps the others
-                traceback.print_exc()
-                failed += 1
-                row = {"model": name, "precision": "fp8" if fp8 else ("bf16" if device.type == "cuda" else "fp32"),
-                       "error": f"{type(exc).__name__}: {exc}"[:500]}
-            else:
-                row["mfu"] = round(row["model_tflops"] * 1e12 / peak, 3)
-            print(json.dumps(row), flush=True)  # as measured: a later crash keeps the earlier rows
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        config = config.replace(max_position_embeddings=max(config.max_position_embeddings, seq_len))
+        for accum in accums or [default_accum]:
+            steps = args.steps or (max(3, -(-20 // accum)) if device.type == "cuda" else 3)
+            for fp8 in (False, True) if args.fp8 else (False,):
+                try:
+                    row = bench(name, config, seq_len, batch, steps, device, compile, fp8=fp8, accum=accum)
+                except Exception as exc:  # noqa: BLE001 — one failed row (e.g. fp8 compilation) keeps the others
+                    traceback.print_exc()
+                    failed += 1
+                    row = {"model": name, "precision": "fp8" if fp8 else ("bf16" if device.type == "cuda" else "fp32"),
+                           "accum": accum, "error": f"{type(exc).__name__}: {exc}"[:500]}
+                else:
+                    row["mfu"] = round(row["model_tflops"] * 1e12 / peak, 3)
+                    row["mfu_causal"] = round(row.pop("causal_tflops") * 1e12 / peak, 3)
+                print(json.dumps(row), flush=True)  # as measured: a later crash keeps the earlier rows
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
     return 1 if failed else 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -24,7 +25,9 @@ def test_gpu_checks_dry_run_on_cpu(tmp_path):
     assert result.stdout.rstrip().endswith(summary.rstrip().splitlines()[-1])  # the summary is printed last
     assert sorted(p.name for p in out.iterdir()) == ["summary.md", "test_cuda.log", "train.log", "train_fp8.log"]
     assert "| test_cuda | ok |" in summary and "| train | ok |" in summary
-    assert "| mellum-tiny-cpu | fp32 | 64 × 2 |" in summary
+    # One row per accumulation, each with its optimizer step split into forward/backward and the optimizer.
+    assert "| mellum-tiny-cpu | fp32 | 64 × 2 × 1 |" in summary and "| mellum-tiny-cpu | fp32 | 64 × 2 × 2 |" in summary
+    assert re.search(r"\| 64 × 2 × 2 \| [\d,]+ \| [\d.]+ \+ [\d.]+ \|", summary), summary
     # --fp8 on a CPU stops at once with the trainer's message, recorded as this stage's failure.
     assert "| train_fp8 | failed (rc 2) |" in summary
     assert "fp8 training needs a CUDA GPU" in (out / "train_fp8.log").read_text()

@@ -206,10 +206,10 @@ def write_report(summaries: Sequence[dict], out_dir: Path, json_file: Path | Non
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = json.dumps({"summaries": list(summaries)}, indent=2) + "\n"
     written = {"json": out_dir / "summary.json", "markdown": out_dir / "summary.md"}
-    _write_atomic(written["json"], payload)
-    _write_atomic(written["markdown"], to_markdown(summaries))
+    write_atomic(written["json"], payload)
+    write_atomic(written["markdown"], to_markdown(summaries))
     if json_file:
-        _write_atomic(Path(json_file), payload)
+        write_atomic(Path(json_file), payload)
         written["json_file"] = Path(json_file)
     if plots:
         png = plot_scores(summaries, out_dir / "scores.png")
@@ -297,7 +297,8 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file beside it, so readers never see a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")

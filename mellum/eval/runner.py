@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mellum.eval.completer import Completer, Sampling
+from mellum.eval.report import write_atomic
 from mellum.eval.sandbox import Sandbox
 from mellum.eval.tasks import Benchmark, Problem
 
@@ -133,7 +134,7 @@ def _resume(path: Path, meta: dict, fresh: bool) -> dict[str, dict]:
     meta_path = path.with_name(path.name + ".meta.json")
     if fresh or not path.exists():
         path.unlink(missing_ok=True)
-        _write_atomic(meta_path, json.dumps(meta, indent=2) + "\n")
+        write_atomic(meta_path, json.dumps(meta, indent=2) + "\n")
         return {}
     if meta_path.exists():
         old = json.loads(meta_path.read_text())
@@ -143,7 +144,7 @@ def _resume(path: Path, meta: dict, fresh: bool) -> dict[str, dict]:
             raise FileExistsError(f"{path} holds results of a different run ({detail}); pass --fresh to start over "
                                   "or --out another folder")
     else:
-        _write_atomic(meta_path, json.dumps(meta, indent=2) + "\n")
+        write_atomic(meta_path, json.dumps(meta, indent=2) + "\n")
     done: dict[str, dict] = {}
     with open(path, encoding="utf-8") as f:
         lines = f.readlines()
@@ -155,14 +156,8 @@ def _resume(path: Path, meta: dict, fresh: bool) -> dict[str, dict]:
         done[record["task_id"]] = record
     if lines and not lines[-1].endswith("\n"):
         # Drop the torn tail so appended lines start on a fresh line.
-        _write_atomic(path, "".join(json.dumps(r) + "\n" for r in done.values()))
+        write_atomic(path, "".join(json.dumps(r) + "\n" for r in done.values()))
     return done
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _progress(total: int, initial: int, title: str, enabled: bool):
