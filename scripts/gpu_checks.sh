@@ -206,11 +206,12 @@ for name in ("train", "train_fp8"):
     lines += [f"- {l}" for l in head]
     if rows:
         lines += ["", "| model | precision | seq × batch × accumulation | tokens/s | s per optimizer step: "
-                  "forward/backward + optimizer | model TFLOP/s | MFU |", "|---|---|---|---|---|---|---|"]
+                  "forward/backward + optimizer | model TFLOP/s | MFU | MFU, causal attention at half |",
+                  "|---|---|---|---|---|---|---|---|"]
         base = {}
         for r in rows:
             if "error" in r:
-                lines.append(f"| {r['model']} | {r['precision']} | error: {r['error'][:200]} | | | | |")
+                lines.append(f"| {r['model']} | {r['precision']} | error: {r['error'][:200]} | | | | | |")
                 continue
             note, key, accum = "", (r["model"], r.get("accum", 1)), r.get("accum", 1)
             if r["precision"] == "fp8" and key in base:
@@ -218,8 +219,9 @@ for name in ("train", "train_fp8"):
             else:
                 base[key] = r["tokens_per_s"]
             split = f"{r['fwd_bwd_s']} + {r['optimizer_s']}" if "fwd_bwd_s" in r else ""
+            causal = f"{r['mfu_causal']:.1%}" if "mfu_causal" in r else ""
             lines.append(f"| {r['model']} | {r['precision']} | {r['seq_len']} × {r['batch']} × {accum} | "
-                         f"{r['tokens_per_s']:,}{note} | {split} | {r['model_tflops']} | {r['mfu']:.1%} |")
+                         f"{r['tokens_per_s']:,}{note} | {split} | {r['model_tflops']} | {r['mfu']:.1%} | {causal} |")
 
 for name in ("engine_4b", "engine_mellum2"):
     text, table = log(name), work / f"{name}.md"

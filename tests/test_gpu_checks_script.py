@@ -27,7 +27,7 @@ def test_gpu_checks_dry_run_on_cpu(tmp_path):
     assert "| test_cuda | ok |" in summary and "| train | ok |" in summary
     # One row per accumulation, each with its optimizer step split into forward/backward and the optimizer.
     assert "| mellum-tiny-cpu | fp32 | 64 × 2 × 1 |" in summary and "| mellum-tiny-cpu | fp32 | 64 × 2 × 2 |" in summary
-    assert re.search(r"\| 64 × 2 × 2 \| [\d,]+ \| [\d.]+ \+ [\d.]+ \|", summary), summary
+    assert re.search(r"\| 64 × 2 × 2 \| [\d,]+ \| [\d.]+ \+ [\d.]+ \| [\d.]+ \| [\d.]+% \| [\d.]+% \|", summary), summary
     # --fp8 on a CPU stops at once with the trainer's message, recorded as this stage's failure.
     assert "| train_fp8 | failed (rc 2) |" in summary
     assert "fp8 training needs a CUDA GPU" in (out / "train_fp8.log").read_text()
