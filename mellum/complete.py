@@ -271,7 +271,9 @@ class CompletionService:
         params = SamplingParams(
             max_new_tokens=max_new, temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
             seed=request.seed, stop_ids=self.stop_ids, deadline_s=deadline_s,
-            max_lines=(self.config.max_lines if multiline else 1) if self._has_newline_ids else None,
+            # Re-typing a healed newline completes no line of the completion: the engine counts one more.
+            max_lines=((self.config.max_lines if multiline else 1) + prompt.healed.count("\n"))
+            if self._has_newline_ids else None,
             allowed_first_ids=prompt.allowed_first_ids,
         )
         stop_event = _Either(cancel)
@@ -460,13 +462,17 @@ class CompletionService:
 
     def _heal(self, prompt: Prompt) -> None:
         """Back off the prefix's last token(s) when a longer token could cover them (`self.get_us` → `self.get`
-        + a first token that starts with `_us`), constraining the first generated token to fit (issue #4 item 6)."""
+        + a first token that starts with `_us`), constraining the first generated token to fit (issue #4 item 6).
+
+        Newlines included: a cursor at the start of an empty line leaves the prefix ending in a lone "\n" token,
+        which training text almost never has (BPE merges the newline with the next line's indentation, e.g.
+        "\n       " + " return"), so unhealed the model indents by the wrong amount after it."""
         n = min(self.config.heal_tokens, len(prompt.prefix))
         special = self.tokenizer.special_ids
         while n > 0:
             removed_ids = prompt.prefix[-n:]
             removed = self.tokenizer.decode(removed_ids)
-            if any(i in special for i in removed_ids) or "\n" in removed or "\ufffd" in removed or not removed:
+            if any(i in special for i in removed_ids) or "\ufffd" in removed or not removed:
                 n -= 1
                 continue
             table = healing_table(self.tokenizer)

@@ -55,13 +55,14 @@ def test_ids_timings_and_counts(service):
 
 
 def test_return_prompt_is_the_exact_prompt(service, tiny_tokenizer):
-    prefix = CODE + "\n"  # ends with a newline: no token healing
+    prefix = CODE + "\n"
     req = CompletionRequest("store.py", prefix, "x = 1\n", return_prompt=True, max_new_tokens=4,
                             extra_context=[ContextFile("util.py", "def helper():\n    pass\n")])
     c = service.complete(req)
-    assert c.healed == ""
+    assert prefix.endswith(c.healed)  # the prompt ends before the text token healing backed off
     fmt = get_format("mellum")
-    assert c.prompt == fmt.render("store.py", prefix, "x = 1\n", [ContextFile("util.py", "def helper():\n    pass\n")])
+    kept = prefix[: len(prefix) - len(c.healed)]
+    assert c.prompt == fmt.render("store.py", kept, "x = 1\n", [ContextFile("util.py", "def helper():\n    pass\n")])
     assert c.prompt_tokens == len(tiny_tokenizer.encode(c.prompt, allow_special=True))
     assert c.context_paths == ["util.py"]
 
@@ -304,6 +305,26 @@ def test_healing_forces_a_consistent_first_token(tiny_tokenizer):
     try:
         c = svc.complete(CompletionRequest("a.py", prefix, "\n", max_new_tokens=8))
         assert c.text == "" and c.stop_reason == "healing_mismatch" and c.raw_text.startswith("list")
+    finally:
+        svc.close()
+
+
+def test_healing_a_trailing_newline_lets_the_model_write_the_indentation(tiny_tokenizer):
+    # A cursor at the start of an empty line: the prefix ends in a lone "\n" token, which BPE training text rarely
+    # has (the newline merges with the next line's indentation). Healing backs it off; the model re-types it as
+    # part of a newline+indentation token, and the completion is what follows the newline.
+    prefix = "def f(x):\n"
+    indent = tiny_tokenizer.encode("def f(x):\n    return x\n")
+    strings = [tiny_tokenizer.token_strings[i] for i in indent]
+    first = next(i for i, s in zip(indent, strings) if s.startswith("\n") and s.strip(" ") != s)
+    rest = tiny_tokenizer.decode(indent[indent.index(first) + 1:])
+    svc, _ = scripted(tiny_tokenizer, rest, ServiceConfig(token_healing=True), first_ids=[first])
+    try:
+        c = svc.complete(CompletionRequest("a.py", prefix, "\n", max_new_tokens=16, multiline=False,
+                                           return_prompt=True))
+        assert c.healed == "\n" and c.prompt.endswith("def f(x):<fim_middle>")
+        # Single-line: the engine stops at the end of the completion's line, not at the re-typed newline.
+        assert c.text == "    return x" and c.stop_reason == "lines"
     finally:
         svc.close()
 
