@@ -19,7 +19,7 @@ import uuid
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 from mellum.postprocess import Cursor, Pipeline, is_multiline, pipeline
 from mellum.prompt import ContextFile, PromptFormat, get_format
@@ -140,6 +140,28 @@ class HealingTable:
         return [i for n in range(1, len(text)) for i in self.by_string.get(text[:n], ())]
 
 
+class HealingConstraint:
+    """Token healing's constraint on the first generated tokens (`SamplingParams.allowed_next`): until the output
+    has re-typed the healed text, each token must either start with what remains of it or be a prefix of that
+    remainder. The first token alone is not enough: after a prefix token (`\n    ` of a healed `\n        `) an
+    unconstrained model may continue with other text (`return`, four spaces short), and the completion is lost.
+    None once the healed text is covered (or the output diverged, which the service reports), or when a set is
+    larger than `cap` (remote backends' `logit_bias` limits)."""
+
+    def __init__(self, table: HealingTable, strings: Sequence[str], healed: str, cap: int | None = None):
+        self.table, self.strings, self.healed, self.cap = table, strings, healed, cap
+
+    def __call__(self, generated: tuple[int, ...]) -> tuple[int, ...] | None:
+        done = "".join(self.strings[i] for i in generated)
+        if len(done) >= len(self.healed) or not self.healed.startswith(done):
+            return None
+        remaining = self.healed[len(done):]
+        allowed = tuple(sorted(set(self.table.extending(remaining)) | set(self.table.prefixes(remaining))))
+        if not allowed or (self.cap is not None and len(allowed) > self.cap):
+            return None
+        return allowed
+
+
 _TABLES: "weakref.WeakKeyDictionary[object, HealingTable]" = weakref.WeakKeyDictionary()
 _TABLES_LOCK = threading.Lock()
 
@@ -164,7 +186,7 @@ class Prompt:
     context: list[ContextFile]
     truncated: bool
     healed: str = ""
-    allowed_first_ids: tuple[int, ...] | None = None
+    allowed_next: "Callable[[tuple[int, ...]], tuple[int, ...] | None] | None" = None  # healing's constraint
 
     @property
     def ids(self) -> list[int]:
@@ -274,7 +296,7 @@ class CompletionService:
             # Re-typing a healed newline completes no line of the completion: the engine counts one more.
             max_lines=((self.config.max_lines if multiline else 1) + prompt.healed.count("\n"))
             if self._has_newline_ids else None,
-            allowed_first_ids=prompt.allowed_first_ids,
+            allowed_next=prompt.allowed_next,
         )
         stop_event = _Either(cancel)
         tokens: "queue.Queue[int | None]" = queue.Queue()
@@ -480,13 +502,14 @@ class CompletionService:
             if len(extending) < 2:  # only the token itself: nothing to heal
                 n -= 1
                 continue
-            allowed = sorted(set(extending) | set(table.prefixes(removed)))
-            if self.config.max_healing_ids is not None and len(allowed) > self.config.max_healing_ids:
+            cap = self.config.max_healing_ids
+            constraint = HealingConstraint(table, self.tokenizer.token_strings, removed, cap)
+            if constraint(()) is None:  # more first tokens than the backend takes
                 n -= 1
                 continue
             prompt.prefix = prompt.prefix[:-n]
             prompt.healed = removed
-            prompt.allowed_first_ids = tuple(allowed)
+            prompt.allowed_next = constraint
             return
 
     # ---- result -------------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from mellum.complete import CompletionRequest, CompletionService, ServiceConfig, healing_table, newline_ids
+from mellum.complete import (CompletionRequest, CompletionService, HealingConstraint, ServiceConfig, healing_table,
+                             newline_ids)
 from mellum.config import get_config
 from mellum.engine import NativeEngine
 from mellum.model import ModelOutput
@@ -300,11 +301,13 @@ def test_healing_forces_a_consistent_first_token(tiny_tokenizer):
         assert c.raw_text.startswith("load(f)") and c.text == "ad(f)"
     finally:
         svc.close()
-    # A first token that is a prefix of the healed text ("l") but a continuation that contradicts it.
+    # A first token that is a prefix of the healed text ("l"), then a model that would write "ist": the tokens
+    # after it stay constrained until "lo" is re-typed, so the output cannot contradict the typed text.
     svc, _ = scripted(tiny_tokenizer, "ist\n", healing, first_ids=[token("l")])
     try:
         c = svc.complete(CompletionRequest("a.py", prefix, "\n", max_new_tokens=8))
-        assert c.text == "" and c.stop_reason == "healing_mismatch" and c.raw_text.startswith("list")
+        assert tiny_tokenizer.token_strings[c.tokens[0]] == "l" and c.raw_text.startswith("lo")
+        assert c.stop_reason != "healing_mismatch"
     finally:
         svc.close()
 
@@ -325,6 +328,42 @@ def test_healing_a_trailing_newline_lets_the_model_write_the_indentation(tiny_to
         assert c.healed == "\n" and c.prompt.endswith("def f(x):<fim_middle>")
         # Single-line: the engine stops at the end of the completion's line, not at the re-typed newline.
         assert c.text == "    return x" and c.stop_reason == "lines"
+    finally:
+        svc.close()
+
+
+def test_healing_constraint_lasts_until_the_healed_text_is_retyped(tiny_tokenizer):
+    table, strings = healing_table(tiny_tokenizer), tiny_tokenizer.token_strings
+    healed = "\n" + " " * 8
+    constraint = HealingConstraint(table, strings, healed)
+    first = constraint(())
+    assert first and all(strings[i].startswith(healed) or healed.startswith(strings[i]) for i in first)
+    short = max((i for i in first if len(strings[i]) < len(healed)), key=lambda i: len(strings[i]))  # e.g. "\n   "
+    second = constraint((short,))
+    rest = healed[len(strings[short]):]
+    assert second and all(strings[i].startswith(rest) or rest.startswith(strings[i]) for i in second)
+    assert tiny_tokenizer.id_of("i") not in second
+    covering = next(i for i in second if strings[i].startswith(rest))
+    assert constraint((short, covering)) is None  # re-typed: free from here
+    assert constraint((tiny_tokenizer.id_of("i"),)) is None  # diverged (the service reports the mismatch)
+    assert HealingConstraint(table, strings, healed, cap=1)(()) is None  # more ids than a remote backend takes
+
+
+def test_healing_a_newline_with_indentation_retypes_all_of_it(tiny_tokenizer):
+    # A CRLF file: the prefix ends in "\r" + a newline+indentation token. The model's first token re-types only part
+    # of the indentation ("\n    " of "\n        "), then it would write code at the wrong depth: the constraint
+    # keeps it typing spaces until the healed text is complete.
+    prefix = "def f(x):\r\n    for i in x:\r\n        "
+    healing = ServiceConfig(token_healing=True)
+    strings = tiny_tokenizer.token_strings
+    last = strings[tiny_tokenizer.encode(prefix)[-1]]
+    assert "\n" in last and len(last) > 2, last
+    short = max((i for i, s in enumerate(strings) if last.startswith(s) and 1 < len(s) < len(last)),
+                key=lambda i: len(strings[i]))
+    svc, _ = scripted(tiny_tokenizer, "print(i)\r\n", healing, first_ids=[short])
+    try:
+        c = svc.complete(CompletionRequest("a.py", prefix, "\r\n", max_new_tokens=16, multiline=False))
+        assert c.healed == last and c.raw_text.startswith(last) and c.stop_reason != "healing_mismatch"
     finally:
         svc.close()
 

@@ -17,7 +17,7 @@ from mellum.engine.api import GenerationResult
 from mellum.engine.kernels import KernelChooser, fuse_projections, fuse_state_dict, split_linears
 from mellum.engine.kv_cache import KVCache
 from mellum.engine.prefix_cache import PrefixCache
-from mellum.engine.sampling import SamplingParams, make_generator, probabilities, sample
+from mellum.engine.sampling import SamplingParams, constrain, make_generator, probabilities, sample
 from mellum.engine.scheduler import Scheduler, Sequence
 from mellum.engine.speculative import DraftLength, NgramDrafter, accept_greedy, accept_sampled
 
@@ -372,7 +372,7 @@ class NativeEngine:
             self.prefix_cache.insert(seq.prompt, b, self.cache, seq.row, b)
             seq.prefill_s += time.perf_counter() - t0
             return
-        token = int(sample(logits[:, -1], seq.params, seq.generator, seq.params.allowed_first_ids)[0])
+        token = int(sample(logits[:, -1], seq.params, seq.generator, seq.allowed_ids())[0])
         if seq.state["mtp"]:
             seq.state["mtp_logits"], seq.state["mtp_hidden"] = self._mtp(hidden, seq.prompt[a + 1:] + [token], a,
                                                                          seq.row)
@@ -395,11 +395,14 @@ class NativeEngine:
         for i, seq in enumerate(seqs):
             seq.state["mtp"] = False  # batched steps do not run the MTP layer; its cache would have gaps
             seq.filled += 1
-            seq.emit(int(sample(logits[i:i + 1, -1], seq.params, seq.generator)[0]))
+            seq.emit(int(sample(logits[i:i + 1, -1], seq.params, seq.generator, seq.allowed_ids())[0]))
 
     def speculative_step(self, seq: Sequence) -> None:
         """Draft, verify in one forward, accept (exactly for greedy, by rejection sampling otherwise)."""
         room = min(seq.params.max_new_tokens - len(seq.generated), self.max_len - seq.filled - 1) - 1
+        if seq.allowed_ids() is not None:  # a constrained token (token healing) is never drafted
+            self.decode_step([seq])
+            return
         if seq.state.get("mtp"):
             k = min(seq.state["draft_len"].current, room) if room >= 1 else 0
             self._verify(seq, *self._mtp_draft(seq, k))
@@ -422,6 +425,8 @@ class NativeEngine:
         positions = torch.arange(start, start + k + 1, device=self.device)[None]  # [1, k+1]
         logits, hidden = self._forward(ids, positions, self.cache.view([seq.row], start + k + 1))
         logits = logits[0].float()  # [k+1, V]
+        if not k:  # only undrafted steps can be constrained (speculative_step never drafts them)
+            logits = constrain(logits, seq.allowed_ids())
         if seq.params.greedy:
             n, token = accept_greedy(draft, logits)
         else:

@@ -5,8 +5,8 @@ Prompts travel as token-id arrays (the completions API accepts them), so the ser
 the native engine would. Generated ids come back as `token_ids` (vLLM, with `return_token_ids`) or `tokens`
 (llama.cpp, with `return_tokens`); for servers that return only text, pass `encode` (text → ids), which the
 completion service takes from its tokenizer — the engine itself never imports one. Streaming (SSE) gives
-`on_token`, cancellation, deadlines and `max_lines` on the client side. `allowed_first_ids` (token healing)
-becomes a one-token request with `logit_bias`, then the rest.
+`on_token`, cancellation, deadlines and `max_lines` on the client side. Each constrained token (token healing:
+`allowed_first_ids`, `allowed_next`) is a one-token request with `logit_bias`, then the rest is one request.
 """
 
 from __future__ import annotations
@@ -70,11 +70,13 @@ class OpenAIEngine:
             return "length" if len(tokens) >= params.max_new_tokens else None
 
         reason = None
-        if params.allowed_first_ids is not None:
-            bias = {str(i): _FORCE_BIAS for i in params.allowed_first_ids}
-            reason = self._stream(prompt, params, 1, bias, take, cancel, deadline)
-            if reason == "length" and len(tokens) < params.max_new_tokens:
-                reason = None
+        # Constrained tokens (token healing) one request each, the allowed ids forced through `logit_bias`.
+        while reason is None and (allowed := params.allowed_ids(tuple(tokens))) is not None:
+            before = len(tokens)
+            reason = self._stream(prompt + tokens, params, 1, {str(i): _FORCE_BIAS for i in allowed}, take, cancel,
+                                  deadline)
+            if reason == "length" and before < len(tokens) < params.max_new_tokens:
+                reason = None  # the one token came: on to the next (a server that sent none ends the request)
         if reason is None:
             reason = self._stream(prompt + tokens, params, params.max_new_tokens - len(tokens), None, take, cancel,
                                   deadline)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -16,6 +17,9 @@ class SamplingParams:
     `max_lines`: end after the token that completes this many lines (needs the engine's `newline_ids`).
     `deadline_s`: wall-clock budget from submission, in seconds. `allowed_first_ids`: the first generated token
     must be one of these (token healing: the completion must start by re-typing the text backed off the prompt).
+    `allowed_next`: the general form, for constraints that last more than one token: called with the tokens
+    generated so far (a tuple, empty for the first), it returns the ids the next token must be one of, or None once
+    the output is free; after its first None it is not called again. It replaces `allowed_first_ids` when given.
     """
 
     max_new_tokens: int
@@ -27,6 +31,7 @@ class SamplingParams:
     max_lines: int | None = None
     deadline_s: float | None = None
     allowed_first_ids: tuple[int, ...] | None = None
+    allowed_next: Callable[[tuple[int, ...]], tuple[int, ...] | None] | None = None
 
     def __post_init__(self):
         # Accept lists/sets from callers; store tuples so params stay hashable and immutable.
@@ -47,6 +52,17 @@ class SamplingParams:
             raise ValueError(f"deadline_s must be > 0 seconds or None, got {self.deadline_s!r}")
         if self.allowed_first_ids is not None and len(self.allowed_first_ids) == 0:
             raise ValueError("allowed_first_ids is empty: no first token could be generated")
+        if self.allowed_next is not None and not callable(self.allowed_next):
+            raise ValueError(f"allowed_next must be a function of the generated tokens, got {self.allowed_next!r}")
+
+    def allowed_ids(self, generated: tuple[int, ...]) -> tuple[int, ...] | None:
+        """The ids the token after `generated` must be one of, or None (unconstrained)."""
+        if self.allowed_next is not None:
+            allowed = self.allowed_next(generated)
+            if allowed is not None and len(allowed) == 0:
+                raise ValueError(f"allowed_next returned no ids after {len(generated)} tokens: nothing could follow")
+            return None if allowed is None else tuple(int(i) for i in allowed)
+        return self.allowed_first_ids if not generated else None
 
     @property
     def greedy(self) -> bool:

@@ -50,10 +50,23 @@ class Sequence:
         self.t_start = self.t_first = self.t_end = None
         self.prefill_s = 0.0
         self.done = threading.Event()
+        self._constrained = params.allowed_next is not None or params.allowed_first_ids is not None
+        self._allowed: tuple[int, tuple[int, ...] | None] = (-1, None)  # (len(generated), ids) of the last answer
 
     @property
     def finished(self) -> bool:
         return self.stop_reason is not None
+
+    def allowed_ids(self) -> tuple[int, ...] | None:
+        """The ids the next token must be one of (token healing), or None; asked once per position, and never
+        again after the first None."""
+        if not self._constrained:
+            return None
+        n = len(self.generated)
+        if self._allowed[0] != n:
+            self._allowed = (n, self.params.allowed_ids(tuple(self.generated)))
+            self._constrained = self._allowed[1] is not None
+        return self._allowed[1]
 
     def emit(self, token: int) -> bool:
         """Record one generated token (streaming it); return True when the request must stop here."""

@@ -66,6 +66,12 @@ def test_remote_backend_returns_what_the_server_generates(served):
         healed = remote.generate(prompt, SamplingParams(max_new_tokens=5, allowed_first_ids=[77]))
         assert healed.tokens[0] == 77 and len(healed.tokens) == 5
         assert requests[-2]["max_tokens"] == 1 and requests[-2]["logit_bias"] == {"77": 100}
+        # A constraint over two tokens: two one-token requests, each with its own bias, then the rest.
+        constrained = SamplingParams(max_new_tokens=5, allowed_next=lambda g: {0: (77,), 1: (91, 92)}.get(len(g)))
+        healed = remote.generate(prompt, constrained)
+        assert healed.tokens[:2] in ([77, 91], [77, 92]) and len(healed.tokens) == 5
+        assert [r.get("logit_bias") for r in requests[-3:]] == [{"77": 100}, {"91": 100, "92": 100}, None]
+        assert requests[-2]["prompt"] == prompt + [77] and requests[-1]["max_tokens"] == 3
         with pytest.raises(ValueError, match="empty"):
             remote.generate([], params)
         with pytest.raises(ValueError, match="vocabulary"):

@@ -78,6 +78,15 @@ def test_streaming_stop_ids_lines_and_deadline():
         assert (r.tokens, r.stop_reason) == ([7, 8, 9], "length")
         r = engine.generate([6], SamplingParams(max_new_tokens=3, allowed_first_ids=[12, 13]))
         assert r.tokens == [12, 13, 14]  # the constraint applies to the first token only
+        # A constraint over several tokens: asked with the tokens so far, until its first None.
+        asked = []
+
+        def allowed_next(generated):
+            asked.append(generated)
+            return {0: (12, 13), 1: (1,)}.get(len(generated))
+
+        r = engine.generate([6], SamplingParams(max_new_tokens=4, allowed_next=allowed_next))
+        assert r.tokens == [12, 1, 2, 3] and asked == [(), (12,), (12, 1)]
         def on_token(_):
             time.sleep(0.02)
 

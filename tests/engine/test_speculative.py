@@ -38,6 +38,30 @@ def test_draft_length_adapts_to_acceptance():
     assert length.current == 1
 
 
+@pytest.mark.parametrize("mode", ["lookup", "mtp"])
+def test_constrained_tokens_are_never_drafted(mode):
+    # Token healing constrains the first tokens (`allowed_next`): speculative engines take those one by one under the
+    # constraint, then draft as usual, and give plain decoding's tokens.
+    model = tiny_model("tiny-moe")
+    spec = NativeEngine(model, speculative=mode, prefix_cache_mb=0, prefill_chunk=64)
+    plain = NativeEngine(model, speculative=None, prefix_cache_mb=0, prefill_chunk=64)
+    sets = {0: tuple(range(100, 140)), 1: (7, 8, 9), 2: tuple(range(500, 600, 3))}
+
+    def allowed_next(generated):
+        return sets.get(len(generated))
+
+    try:
+        for seed in range(4):
+            prompt = repetitive_prompt(model.config.vocab_size, 40 + 9 * seed, seed)
+            params = SamplingParams(max_new_tokens=16, allowed_next=allowed_next)
+            result, expected = spec.generate(prompt, params), plain.generate(prompt, params).tokens
+            assert [result.tokens[i] in sets[i] for i in range(3)] == [True] * 3
+            assert result.tokens == expected, (mode, seed)
+    finally:
+        spec.close()
+        plain.close()
+
+
 @pytest.mark.parametrize("preset, mode", [("tiny-dense", "lookup"), ("tiny-moe", "lookup"), ("tiny-moe", "mtp")])
 def test_speculative_greedy_equals_plain_greedy(preset, mode):
     model = tiny_model(preset)
