@@ -484,7 +484,7 @@ class CompletionService:
 
     def _heal(self, prompt: Prompt) -> None:
         """Back off the prefix's last token(s) when a longer token could cover them (`self.get_us` → `self.get`
-        + a first token that starts with `_us`), constraining the first generated token to fit (issue #4 item 6).
+        + output that starts with `_us`), constraining the generated tokens until they re-type it (issue #4 item 6).
 
         Newlines included: a cursor at the start of an empty line leaves the prefix ending in a lone "\n" token,
         which training text almost never has (BPE merges the newline with the next line's indentation, e.g.
