@@ -3,8 +3,9 @@
 A decode step multiplies a few activation rows by every weight matrix once, so it is bound by memory bandwidth.
 On this machine's MKL, `F.linear` with one to sixteen rows runs on a single core and reads weights at 10–13 GB/s;
 the same product written as `bmm` over two or four row blocks of the weight uses every core and reaches
-15–19 GB/s (measured with weights larger than the caches: docs/engine.md). Prefill (many rows) is compute-bound
-and keeps `F.linear`.
+15–19 GB/s (measured with weights larger than the caches: docs/engine.md). Mellum's own AVX2 kernel
+(`mellum.engine.cpu_kernels`, used once loaded) streams the weight rows on every core at 20–25 GB/s; the `bmm`
+remains the fallback where it cannot be built. Prefill (many rows) is compute-bound and keeps `F.linear`.
 
 The split product is a parallel region per matrix: when other processes keep a core busy, each region waits for a
 descheduled thread and the product collapses to under 1 GB/s (measured here with a training job beside it), while
@@ -17,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mellum.engine import cpu_kernels
 
 # Inputs with at most this many rows (decode, speculative verify, small batches) take the split product.
 SPLIT_MAX_ROWS = 16
@@ -79,12 +82,15 @@ class SplitLinear(nn.Linear):
 
 
 def few_row_product(x: torch.Tensor, weight: torch.Tensor, splits: int, switch: SplitSwitch) -> torch.Tensor:
-    """x [M, In] @ weight [Out, In].T: for at most SPLIT_MAX_ROWS rows on CPU one `bmm` over `splits` row blocks of
-    the weight (`splits` divides Out: `SplitLinear` checks it) while the switch is on; `F.linear` otherwise."""
+    """x [M, In] @ weight [Out, In].T: for at most SPLIT_MAX_ROWS rows on CPU, while the switch is on, Mellum's
+    kernel (fp32, once `cpu_kernels.load()` succeeded) or one `bmm` over `splits` row blocks of the weight (`splits`
+    divides Out: `SplitLinear` checks it); `F.linear` otherwise."""
     rows, k = x.shape
     n, s = weight.shape[0], splits
     if rows > SPLIT_MAX_ROWS or not switch.enabled or x.device.type != "cpu" or x.dtype != weight.dtype:
         return F.linear(x, weight)
+    if x.dtype == torch.float32 and cpu_kernels.ready():
+        return cpu_kernels.few_rows(x, weight)
     y = torch.bmm(weight.view(s, n // s, k), x.t().expand(s, k, rows))  # [s, N/s, M]
     return y.reshape(n, rows).t().contiguous()  # row-major [M, N], as F.linear returns
 

@@ -13,6 +13,7 @@ from typing import Callable, Sequence as Seq
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from mellum.engine import cpu_kernels
 from mellum.engine.api import GenerationResult
 from mellum.engine.kernels import KernelChooser, fuse_projections, fuse_state_dict, split_linears
 from mellum.engine.kv_cache import KVCache
@@ -78,6 +79,12 @@ class NativeEngine:
             if param.is_floating_point():
                 param.data = param.data.to(dtype)
         fuse_projections(self.model)  # one product for q/k/v and one for gate/up
+        if self.device.type == "cpu":
+            # Mellum's decode products and one-token attention (built once, ~20 s); PyTorch's if unavailable.
+            if cpu_kernels.load(quiet=False):
+                for module in self.model.modules():
+                    if hasattr(module, "decode_attention"):
+                        module.decode_attention = cpu_kernels.decode_attention
         if quantize == "int8":
             from mellum.engine.quant import quantize_int8
 

@@ -82,6 +82,9 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c, self.num_kv_heads * d, bias=False)
         self.o_proj = nn.Linear(self.num_heads * d, c, bias=False)
         self.qkv_proj: nn.Linear | None = None  # set by fuse_projections (inference)
+        # Inference engines may install a faster attention for one query token over all cached keys:
+        # f(q [B, H, 1, D], k, v [B, Hkv, S, D]) -> [B, H, 1, D], equal to unmasked SDPA (the CPU engine does).
+        self.decode_attention = None
         # Qwen3-style QK-norm: one RMSNorm over each head's D features, shared by all heads.
         self.q_norm = RMSNorm(d, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(d, config.rms_norm_eps) if config.qk_norm else None
@@ -115,7 +118,10 @@ class Attention(nn.Module):
         elif mask is None:
             # No mask: causal over the keys of these tokens alone, or for one query token (a decode step) every
             # key the cache returned (the cache returns no mask only when all of them are visible).
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=gqa)
+            if t == 1 and self.decode_attention is not None:
+                y = self.decode_attention(q, k, v)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)  # [B, H, T, D]
         y = y.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)  # [B, T, H*D]
