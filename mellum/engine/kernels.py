@@ -89,7 +89,7 @@ def few_row_product(x: torch.Tensor, weight: torch.Tensor, splits: int, switch: 
     n, s = weight.shape[0], splits
     if rows > SPLIT_MAX_ROWS or not switch.enabled or x.device.type != "cpu" or x.dtype != weight.dtype:
         return F.linear(x, weight)
-    if x.dtype == torch.float32 and cpu_kernels.ready():
+    if x.dtype == torch.float32 and weight.is_contiguous() and cpu_kernels.ready():
         return cpu_kernels.few_rows(x, weight)
     y = torch.bmm(weight.view(s, n // s, k), x.t().expand(s, k, rows))  # [s, N/s, M]
     return y.reshape(n, rows).t().contiguous()  # row-major [M, N], as F.linear returns
