@@ -30,6 +30,28 @@ inline float horizontal_sum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// exp(x) for x <= 0 (softmax scores minus their maximum), eight at a time: x = n ln2 + r with |r| <= ln2 / 2,
+// exp(r) by its degree-6 Taylor polynomial (relative error < 3e-7 over that range), times 2^n built in the exponent
+// bits. Inputs below -87 give 0 (as float exp underflows there anyway).
+inline __m256 exp_nonpositive(__m256 x) {
+  const __m256 floor_x = _mm256_set1_ps(-87.0f);
+  const __m256 under = _mm256_cmp_ps(x, floor_x, _CMP_LT_OQ);
+  x = _mm256_max_ps(x, floor_x);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // ln 2 in two parts: exact first product
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.0f / 720);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.0f / 120));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.0f / 24));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.0f / 6));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(0.5f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.0f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.0f));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(under, _mm256_mul_ps(y, _mm256_castsi256_ps(bits)));
+}
+
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
@@ -117,9 +139,9 @@ at::Tensor few_rows_int8(const at::Tensor& x, const at::Tensor& qweight, const a
 
 // Attention of one query token over S cached keys: out[b, h] = softmax(q[b, h] . k[b, g]^T * scale) v[b, g] with
 // g = h / (H / Hkv) (grouped heads). Keys and values may be views into a larger cache (each head's S x D block
-// contiguous, any stride between heads and rows). Two passes per head: the S scores, then the weighted sum of the
-// values; each reads its S x D block once, at memory speed, where PyTorch's CPU flash attention for a single query
-// reads about half as fast (docs/engine.md).
+// contiguous, any stride between heads and rows). Two passes per head, each reading its S x D block once: the S
+// scores (eight keys at a time, their sums reduced together) with a vector exp, then the weighted sum of the values
+// (64 features at a time in registers). 1.3-1.4x PyTorch's CPU flash attention for one query (docs/engine.md).
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "mellum::decode_attention: CPU only");
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.size(2) == 1,
@@ -140,34 +162,71 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   float* op = out.data_ptr<float>();
   const int64_t groups = H / Hkv;
   const float fscale = static_cast<float>(scale);
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+  // Heads per thread at least: small caches stay on one thread (waking the other costs more than it saves).
+  const int64_t grain = std::max<int64_t>(1, kGrainElems / (S * D));
+  at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> p(S), acc(D);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H, g = h / groups;
       const float* qh = qp + bh * D;
       const float* kh = kp + b * k.stride(0) + g * k.stride(1);
       const float* vh = vp + b * v.stride(0) + g * v.stride(1);
+      // Scores, eight keys at a time: eight dot-product accumulators reduced together by a transpose of sums.
       float top = -INFINITY;
-      for (int64_t s = 0; s < S; ++s) {
-        const float* ks = kh + s * D;
-        __m256 a = _mm256_setzero_ps();
-        int64_t d = 0;
-        for (; d + 8 <= D; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(qh + d), _mm256_loadu_ps(ks + d), a);
-        float dot = horizontal_sum(a);
-        for (; d < D; ++d) dot += qh[d] * ks[d];
+      int64_t s = 0;
+      const int64_t D8 = D - D % 8;
+      for (; s + 8 <= S; s += 8) {
+        __m256 a[8];
+        for (int j = 0; j < 8; ++j) a[j] = _mm256_setzero_ps();
+        for (int64_t d = 0; d < D8; d += 8) {
+          const __m256 qv = _mm256_loadu_ps(qh + d);
+          for (int j = 0; j < 8; ++j) a[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kh + (s + j) * D + d), a[j]);
+        }
+        const __m256 h01 = _mm256_hadd_ps(a[0], a[1]), h23 = _mm256_hadd_ps(a[2], a[3]);
+        const __m256 h45 = _mm256_hadd_ps(a[4], a[5]), h67 = _mm256_hadd_ps(a[6], a[7]);
+        const __m256 h0123 = _mm256_hadd_ps(h01, h23), h4567 = _mm256_hadd_ps(h45, h67);
+        // lanes: [k0 k1 k2 k3 | k0 k1 k2 k3] halves of h0123, same for k4..k7: add the 128-bit halves across.
+        const __m256 lo = _mm256_permute2f128_ps(h0123, h4567, 0x20), hi = _mm256_permute2f128_ps(h0123, h4567, 0x31);
+        _mm256_storeu_ps(p.data() + s, _mm256_add_ps(lo, hi));
+        for (int j = 0; j < 8; ++j) {
+          float& score = p[s + j];
+          for (int64_t d = D8; d < D; ++d) score += qh[d] * kh[(s + j) * D + d];
+          score *= fscale;
+          top = std::max(top, score);
+        }
+      }
+      for (; s < S; ++s) {
+        float dot = 0.f;
+        for (int64_t d = 0; d < D; ++d) dot += qh[d] * kh[s * D + d];
         p[s] = dot * fscale;
         top = std::max(top, p[s]);
       }
       float total = 0.f;
-      for (int64_t s = 0; s < S; ++s) total += (p[s] = std::exp(p[s] - top));
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t s = 0; s < S; ++s) {
-        const float* vs = vh + s * D;
-        const __m256 w = _mm256_set1_ps(p[s]);
-        int64_t d = 0;
-        for (; d + 8 <= D; d += 8)
-          _mm256_storeu_ps(acc.data() + d, _mm256_fmadd_ps(w, _mm256_loadu_ps(vs + d), _mm256_loadu_ps(acc.data() + d)));
-        for (; d < D; ++d) acc[d] += p[s] * vs[d];
+      s = 0;
+      __m256 sum8 = _mm256_setzero_ps();
+      for (; s + 8 <= S; s += 8) {
+        const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(p.data() + s), _mm256_set1_ps(top)));
+        _mm256_storeu_ps(p.data() + s, e);
+        sum8 = _mm256_add_ps(sum8, e);
+      }
+      total = horizontal_sum(sum8);
+      for (; s < S; ++s) total += (p[s] = std::exp(p[s] - top));
+      // Weighted values, 64 features at a time held in registers across all keys.
+      for (int64_t d0 = 0; d0 < D8; d0 += 64) {
+        const int64_t n8 = std::min<int64_t>(8, (D8 - d0) / 8);
+        __m256 o[8];
+        for (int j = 0; j < 8; ++j) o[j] = _mm256_setzero_ps();
+        for (int64_t t = 0; t < S; ++t) {
+          const __m256 w = _mm256_set1_ps(p[t]);
+          const float* vt = vh + t * D + d0;
+          for (int j = 0; j < n8; ++j) o[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 8 * j), o[j]);
+        }
+        for (int j = 0; j < n8; ++j) _mm256_storeu_ps(acc.data() + d0 + 8 * j, o[j]);
+      }
+      for (int64_t d = D8; d < D; ++d) {
+        float sum = 0.f;
+        for (int64_t t = 0; t < S; ++t) sum += p[t] * vh[t * D + d];
+        acc[d] = sum;
       }
       float* oh = op + bh * D;
       for (int64_t d = 0; d < D; ++d) oh[d] = acc[d] / total;
