@@ -38,10 +38,10 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # [N, in]
-        if (x.device.type == "cpu" and x2.shape[0] <= INT8_KERNEL_MAX_ROWS and x.dtype == torch.float32
-                and self.scale.dtype == torch.float32 and cpu_kernels.ready()):
+        few_rows = x.device.type == "cpu" and x2.shape[0] <= INT8_KERNEL_MAX_ROWS
+        if few_rows and x.dtype == self.scale.dtype == torch.float32 and cpu_kernels.ready():
             y = cpu_kernels.few_rows_int8(x2, self.qweight, self.scale)
-        elif x.device.type == "cpu" and x2.shape[0] <= INT8_KERNEL_MAX_ROWS:
+        elif few_rows:
             y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.qweight, self.scale.to(torch.bfloat16))
             y = y.to(x.dtype)
         else:
