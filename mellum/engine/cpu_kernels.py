@@ -28,8 +28,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-SOURCE = Path(__file__).with_name("csrc") / "few_rows.cpp"
-CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-std=c++20", "-shared", "-DNDEBUG"]
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = (CSRC / "few_rows.cpp", CSRC / "decoder.cpp")  # one library; simd.h holds what they share
+CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-std=c++20", "-DNDEBUG"]
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "ok": bool, "status": str, once loading was tried
@@ -63,18 +64,20 @@ def _disabled_by_env() -> bool:
 
 
 def _library_path(cxx: str, flags: list[str]) -> Path:
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), torch.__version__, cxx, *flags]).encode()).hexdigest()[:16]
-    return kernel_dir() / f"mellum_few_rows_{key}.so"
+    texts = [f.read_text() for f in sorted(CSRC.iterdir()) if f.suffix in (".cpp", ".h")]
+    key = hashlib.sha256("\0".join([*texts, torch.__version__, cxx, *flags]).encode()).hexdigest()[:16]
+    return kernel_dir() / f"mellum_kernels_{key}.so"
 
 
-def _flags() -> list[str]:
+def _flags() -> tuple[list[str], list[str]]:
+    """(compile flags, link flags)."""
     from torch.utils import cpp_extension
 
     includes = [f"-I{p}" for p in cpp_extension.include_paths()]
     libs = cpp_extension.library_paths()
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
     links = [f"-L{p}" for p in libs] + [f"-Wl,-rpath,{p}" for p in libs] + ["-lc10", "-ltorch_cpu"]
-    return CFLAGS + [abi] + includes + links
+    return CFLAGS + [abi] + includes, ["-shared", "-fopenmp"] + links
 
 
 def build(quiet: bool = True) -> Path:
@@ -83,25 +86,29 @@ def build(quiet: bool = True) -> Path:
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
-    flags = _flags()
-    path = _library_path(cxx, flags)
+    compile_flags, link_flags = _flags()
+    path = _library_path(cxx, compile_flags + link_flags)
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     if not quiet:
-        print(f"mellum: compiling the CPU decode kernels into {path} (once, ~20 s)", file=sys.stderr, flush=True)
-    # Written beside the target and renamed: a concurrent build or an interrupted one never leaves a broken file.
-    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp.so", dir=path.parent)
-    os.close(fd)
-    try:
-        cmd = [cxx, str(SOURCE), "-o", tmp, *flags]
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        print(f"mellum: compiling the CPU decode kernels into {path} (once, ~30 s)", file=sys.stderr, flush=True)
+    # Objects in a scratch directory, the sources compiled side by side; the library is linked beside the target
+    # and renamed: a concurrent build or an interrupted one never leaves a broken file.
+    with tempfile.TemporaryDirectory(prefix=path.stem + ".", dir=path.parent) as scratch:
+        objects = [Path(scratch) / (src.stem + ".o") for src in SOURCES]
+        jobs = [(src, subprocess.Popen([cxx, "-c", str(src), "-o", str(obj), *compile_flags], text=True,
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+                for src, obj in zip(SOURCES, objects)]
+        for src, job in jobs:
+            output, _ = job.communicate()
+            if job.returncode != 0:
+                raise RuntimeError(f"compiling {src.name} failed ({cxx} -c {src.name} ...):\n{output[-3000:]}")
+        tmp = Path(scratch) / path.name
+        done = subprocess.run([cxx, *map(str, objects), "-o", str(tmp), *link_flags], capture_output=True, text=True)
         if done.returncode != 0:
-            raise RuntimeError(f"compiling {SOURCE.name} failed ({' '.join(cmd[:3])} ...):\n{done.stderr[-3000:]}")
+            raise RuntimeError(f"linking {path.name} failed:\n{done.stderr[-3000:]}")
         os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

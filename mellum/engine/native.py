@@ -45,6 +45,7 @@ class EngineOptions:
     min_ngram: int = 2
     max_ngram: int = 4
     cuda_graphs: bool = True  # replay captured graphs for single-sequence decode steps on CUDA
+    fused_decode: bool = True  # CPU: steps of 1-16 tokens of one sequence through the fused C++ forward (fused.py)
 
 
 class NativeEngine:
@@ -116,6 +117,14 @@ class NativeEngine:
         self._forward_layers = self._layers_forward
         if compile:
             self._forward_layers = torch.compile(self._layers_forward, dynamic=True)
+        self._fused = None
+        if opts.fused_decode and self.device.type == "cpu" and self._layered:
+            from mellum.engine.fused import FusedDecoder
+
+            self._fused, why = FusedDecoder.build(self.model, self.cache)
+            self.fused_status = why or "in use"
+        else:
+            self.fused_status = "off (fused_decode=False)" if not opts.fused_decode else "not on CPU"
         self._graphs = None
         if opts.cuda_graphs and self.device.type == "cuda" and self._layered and not compile:
             from mellum.engine.cuda_graphs import GraphedDecode
@@ -265,6 +274,11 @@ class NativeEngine:
         return out
 
     def _forward_once(self, ids: torch.Tensor, positions: torch.Tensor, view, last_only: bool, graphs: bool):
+        fused = self._fused
+        if (fused is not None and fused.fits(ids) and not view.padded and cpu_kernels.ready()
+                and (self._split is None or self._split.enabled)):
+            # A few tokens: every layer in one C++ call (each row's positions are consecutive in every caller).
+            return fused(ids, view.rows, positions[:, 0].tolist(), last_only)
         if (self._graphs is not None and ids.shape[0] == 1 and (graphs or ids.shape[1] == 1)
                 and ids.shape[1] <= self._graphs.MAX_TOKENS):
             try:

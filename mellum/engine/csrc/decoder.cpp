@@ -1,0 +1,308 @@
+// Mellum's fused CPU decode forward: the whole transformer for a few new tokens in one call.
+//
+// A decode step of the bundled 23M model runs ~40 PyTorch operators per layer, and on this CPU their dispatch costs
+// more than the arithmetic (0.55 ms per layer measured with near-zero weights: docs/engine.md). This class keeps
+// pointers to the engine's weights and KV cache and runs every layer in C++: RMSNorm, the fused q/k/v product,
+// QK-norm, RoPE, the cache write, attention over the cached keys, the output product, the SwiGLU MLP, the residuals
+// and the output head, with the few-row products and one-query attention of simd.h (every core).
+//
+// Scope: dense MLP layers, full or sliding-window attention, fp32 activations, fp32 or int8 (per-row scale)
+// weights, up to 16 tokens per call: T consecutive tokens in each of B cache rows (batched decode: T = 1; speculative
+// verify and short prefill chunks: B = 1). Masking follows the stored key positions exactly as
+// mellum.model.attention_mask does. The Python side (mellum/engine/fused.py) decides when it applies and falls back
+// to the layer-by-layer forward otherwise.
+
+#include <ATen/ATen.h>
+#include <torch/custom_class.h>
+#include <torch/library.h>
+
+#include "simd.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+using namespace mellum::simd;
+
+constexpr int64_t kMaxTokens = 16;
+constexpr int kPerLayer = 12;  // tensors per layer in the constructor's list (see Decoder::Decoder)
+
+// A bias-free linear layer: fp32 weight [N, K], or int8 [N, K] with one fp32 scale per output row.
+struct Linear {
+  at::Tensor weight, scale;  // kept alive; the engine copies new weights into them in place
+  const float* w32 = nullptr;
+  const int8_t* w8 = nullptr;
+  const float* s = nullptr;
+  int64_t N = 0, K = 0;
+
+  Linear() = default;
+  Linear(const at::Tensor& w, const at::Tensor& sc, int64_t in_features, const char* name, int64_t layer)
+      : weight(w), scale(sc) {
+    TORCH_CHECK(w.device().is_cpu() && w.dim() == 2 && w.is_contiguous() && w.size(1) == in_features,
+                "mellum::Decoder: layer ", layer, " ", name, ": a contiguous CPU weight [N, ", in_features,
+                "] expected, got ", w.sizes());
+    N = w.size(0), K = w.size(1);
+    if (sc.numel() == 0) {
+      TORCH_CHECK(w.scalar_type() == at::kFloat, "mellum::Decoder: layer ", layer, " ", name,
+                  ": float32 weight expected (or int8 with scales), got ", w.scalar_type());
+      w32 = w.data_ptr<float>();
+    } else {
+      TORCH_CHECK(w.scalar_type() == at::kChar && sc.scalar_type() == at::kFloat && sc.dim() == 1 &&
+                      sc.size(0) == N && sc.is_contiguous(),
+                  "mellum::Decoder: layer ", layer, " ", name, ": int8 weight with ", N, " float32 scales expected");
+      w8 = w.data_ptr<int8_t>();
+      s = sc.data_ptr<float>();
+    }
+  }
+
+  void operator()(const float* x, float* y, int64_t M) const {
+    if (w8 != nullptr)
+      product_into(x, w8, s, y, M, K, N);
+    else
+      product_into(x, w32, nullptr, y, M, K, N);
+  }
+};
+
+const float* vector_of(const at::Tensor& t, int64_t n, const char* name, int64_t layer) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 1 && t.size(0) == n &&
+                  t.is_contiguous(),
+              "mellum::Decoder: layer ", layer, " ", name, ": a contiguous float32 vector of ", n, " expected, got ",
+              t.sizes(), " ", t.scalar_type());
+  return t.data_ptr<float>();
+}
+
+// y = weight * x / rms(x) over n features (statistics in fp32, as mellum.model.RMSNorm).
+inline void rms_norm(const float* x, const float* weight, float* y, int64_t n, float eps) {
+  float sum = 0.f;
+  for (int64_t i = 0; i < n; ++i) sum += x[i] * x[i];
+  const float r = 1.f / std::sqrt(sum / static_cast<float>(n) + eps);
+  for (int64_t i = 0; i < n; ++i) y[i] = weight[i] * (x[i] * r);
+}
+
+// Rotate-half RoPE of one head in place (dims i and i + D/2), cos/sin of its position already scaled.
+inline void rotate(float* x, const float* cos, const float* sin, int64_t half) {
+  for (int64_t i = 0; i < half; ++i) {
+    const float a = x[i], b = x[i + half];
+    x[i] = a * cos[i] - b * sin[i];
+    x[i + half] = b * cos[i] + a * sin[i];
+  }
+}
+
+struct Layer {
+  const float *in_norm, *post_norm, *q_norm = nullptr, *k_norm = nullptr;
+  Linear qkv, o, gate_up, down;
+  at::Tensor k_cache, v_cache, pos_cache, inv_freq;  // [R, Hkv, S, D] x2, [R, S] int64, [D / 2]
+  float *k, *v;
+  int64_t* pos;
+  const float* freqs;
+  int64_t slots, window;  // window 0: full attention
+  float attention_factor;
+};
+
+struct Decoder : torch::CustomClassHolder {
+  int64_t C, H, Hkv, D, I, V, rows;
+  float eps;
+  at::Tensor embed_t, final_norm_t;
+  const float *embed, *final_norm;
+  Linear lm_head;
+  std::vector<at::Tensor> norms;  // kept alive
+  std::vector<Layer> layers;
+
+  // dims: [hidden C, heads H, kv heads Hkv, head dim D, MLP width I, vocabulary V]. `layer_tensors`: per layer, in
+  // order, input norm [C], qkv weight, qkv scale, o weight, o scale, post-attention norm [C], gate/up weight,
+  // gate/up scale, down weight, down scale, q norm [D], k norm [D]; scales are empty tensors for fp32 weights and
+  // the QK norms empty without QK-norm. `caches`: per layer k, v [R, Hkv, S, D] and positions [R, S] (the engine's
+  // KVCache). `windows`: per layer, 0 for full attention. `inv_freqs` / `attention_factors`: each layer's rotary
+  // frequencies [D / 2] and scale.
+  Decoder(std::vector<int64_t> dims, double eps_, at::Tensor embed_weight, at::Tensor final_norm_weight,
+          at::Tensor lm_weight, at::Tensor lm_scale, std::vector<at::Tensor> layer_tensors,
+          std::vector<at::Tensor> caches, std::vector<int64_t> windows, std::vector<at::Tensor> inv_freqs,
+          std::vector<double> attention_factors)
+      : eps(static_cast<float>(eps_)) {
+    TORCH_CHECK(dims.size() == 6, "mellum::Decoder: dims [C, H, Hkv, D, I, V] expected");
+    C = dims[0], H = dims[1], Hkv = dims[2], D = dims[3], I = dims[4], V = dims[5];
+    TORCH_CHECK(C > 0 && H > 0 && Hkv > 0 && H % Hkv == 0 && D > 0 && D % 2 == 0 && I > 0 && V > 0,
+                "mellum::Decoder: bad dims");
+    const size_t L = windows.size();
+    TORCH_CHECK(L > 0 && layer_tensors.size() == L * kPerLayer && caches.size() == L * 3 && inv_freqs.size() == L &&
+                    attention_factors.size() == L,
+                "mellum::Decoder: ", L, " layers need ", L * kPerLayer, " layer tensors, ", L * 3,
+                " cache tensors and ", L, " rotary tables");
+    TORCH_CHECK(embed_weight.scalar_type() == at::kFloat && embed_weight.is_contiguous() && embed_weight.dim() == 2 &&
+                    embed_weight.size(0) == V && embed_weight.size(1) == C,
+                "mellum::Decoder: float32 embedding [V, C] expected");
+    embed_t = embed_weight, final_norm_t = final_norm_weight;
+    embed = embed_weight.data_ptr<float>();
+    final_norm = vector_of(final_norm_weight, C, "final norm", -1);
+    lm_head = Linear(lm_weight, lm_scale, C, "lm_head", -1);
+    TORCH_CHECK(lm_head.N == V, "mellum::Decoder: lm_head has ", lm_head.N, " outputs, vocabulary ", V);
+    norms = layer_tensors;
+    for (size_t i = 0; i < L; ++i) {
+      const at::Tensor* t = layer_tensors.data() + i * kPerLayer;
+      const int64_t li = static_cast<int64_t>(i);
+      Layer layer;
+      layer.in_norm = vector_of(t[0], C, "input norm", li);
+      layer.qkv = Linear(t[1], t[2], C, "qkv_proj", li);
+      TORCH_CHECK(layer.qkv.N == (H + 2 * Hkv) * D, "mellum::Decoder: layer ", li, " qkv_proj has ", layer.qkv.N,
+                  " outputs, expected ", (H + 2 * Hkv) * D);
+      layer.o = Linear(t[3], t[4], H * D, "o_proj", li);
+      TORCH_CHECK(layer.o.N == C, "mellum::Decoder: layer ", li, " o_proj has ", layer.o.N, " outputs");
+      layer.post_norm = vector_of(t[5], C, "post-attention norm", li);
+      layer.gate_up = Linear(t[6], t[7], C, "gate_up_proj", li);
+      TORCH_CHECK(layer.gate_up.N == 2 * I, "mellum::Decoder: layer ", li, " gate_up_proj has ", layer.gate_up.N,
+                  " outputs, expected ", 2 * I);
+      layer.down = Linear(t[8], t[9], I, "down_proj", li);
+      TORCH_CHECK(layer.down.N == C, "mellum::Decoder: layer ", li, " down_proj has ", layer.down.N, " outputs");
+      TORCH_CHECK((t[10].numel() == 0) == (t[11].numel() == 0), "mellum::Decoder: layer ", li,
+                  ": both QK norms or neither");
+      if (t[10].numel() != 0) {
+        layer.q_norm = vector_of(t[10], D, "q norm", li);
+        layer.k_norm = vector_of(t[11], D, "k norm", li);
+      }
+      layer.k_cache = caches[3 * i], layer.v_cache = caches[3 * i + 1], layer.pos_cache = caches[3 * i + 2];
+      const at::Tensor &kc = layer.k_cache, &vc = layer.v_cache, &pc = layer.pos_cache;
+      TORCH_CHECK(kc.scalar_type() == at::kFloat && kc.dim() == 4 && kc.size(1) == Hkv && kc.size(3) == D &&
+                      kc.is_contiguous() && vc.sizes() == kc.sizes() && vc.scalar_type() == at::kFloat &&
+                      vc.is_contiguous(),
+                  "mellum::Decoder: layer ", li, ": contiguous float32 k and v caches [R, ", Hkv, ", S, ", D,
+                  "] expected, got ", kc.sizes(), " and ", vc.sizes());
+      TORCH_CHECK(pc.scalar_type() == at::kLong && pc.dim() == 2 && pc.size(0) == kc.size(0) &&
+                      pc.size(1) == kc.size(2) && pc.is_contiguous(),
+                  "mellum::Decoder: layer ", li, ": int64 positions [R, S] expected");
+      if (i == 0) rows = kc.size(0);
+      TORCH_CHECK(kc.size(0) == rows, "mellum::Decoder: every layer's cache needs the same rows");
+      layer.k = kc.data_ptr<float>(), layer.v = vc.data_ptr<float>(), layer.pos = pc.data_ptr<int64_t>();
+      layer.slots = kc.size(2);
+      layer.window = windows[i];
+      TORCH_CHECK(layer.window >= 0, "mellum::Decoder: windows must be >= 0 (0: full attention)");
+      layer.inv_freq = inv_freqs[i];
+      layer.freqs = vector_of(inv_freqs[i], D / 2, "rotary frequencies", li);
+      layer.attention_factor = static_cast<float>(attention_factors[i]);
+      layers.push_back(std::move(layer));
+    }
+  }
+
+  // ids [B, T] (int64, 1 <= B * T <= 16): row b's tokens at positions starts[b]..starts[b]+T-1 of cache row
+  // rows[b]. Writes their keys and values; returns (logits [B, T, V], or [B, 1, V] with last_only; hidden [B, T, C]
+  // before the final norm).
+  std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& ids, std::vector<int64_t> cache_rows,
+                                             std::vector<int64_t> starts, bool last_only) {
+    TORCH_CHECK(ids.device().is_cpu() && ids.scalar_type() == at::kLong && ids.dim() == 2 && ids.is_contiguous(),
+                "mellum::Decoder: ids must be a contiguous int64 [B, T] tensor");
+    const int64_t B = ids.size(0), T = ids.size(1), M = B * T;
+    TORCH_CHECK(M >= 1 && M <= kMaxTokens, "mellum::Decoder: 1 to ", kMaxTokens, " tokens per call, got ", M);
+    TORCH_CHECK(static_cast<int64_t>(cache_rows.size()) == B && static_cast<int64_t>(starts.size()) == B,
+                "mellum::Decoder: one cache row and one start position per batch row");
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK(cache_rows[b] >= 0 && cache_rows[b] < rows, "mellum::Decoder: row ", cache_rows[b],
+                  " outside the cache's ", rows, " rows");
+      TORCH_CHECK(starts[b] >= 0, "mellum::Decoder: negative start position");
+      for (int64_t c = 0; c < b; ++c)
+        TORCH_CHECK(cache_rows[c] != cache_rows[b], "mellum::Decoder: cache row ", cache_rows[b], " given twice");
+      for (const Layer& layer : layers) {
+        if (layer.window == 0) {
+          TORCH_CHECK(starts[b] + T <= layer.slots, "mellum::Decoder: positions up to ", starts[b] + T,
+                      " exceed the cache's ", layer.slots);
+        } else {  // the T new entries must not overwrite a key an earlier one of them still sees
+          TORCH_CHECK(T <= layer.slots - layer.window + 1, "mellum::Decoder: ", T,
+                      " tokens overrun a sliding ring of ", layer.slots, " slots for window ", layer.window);
+        }
+      }
+    }
+    const int64_t* id = ids.data_ptr<int64_t>();
+    const int64_t Q = H * D, KV = Hkv * D, W = Q + 2 * KV, groups = H / Hkv, half = D / 2;
+    at::Tensor hidden = at::empty({B, T, C}, at::kFloat);
+    float* x = hidden.data_ptr<float>();
+    std::vector<int64_t> position(M);  // of each of the M = B * T tokens (row-major over [B, T])
+    for (int64_t m = 0; m < M; ++m) {
+      TORCH_CHECK(id[m] >= 0 && id[m] < V, "mellum::Decoder: token id ", id[m], " outside [0, ", V, ")");
+      std::copy(embed + id[m] * C, embed + (id[m] + 1) * C, x + m * C);
+      position[m] = starts[m / T] + m % T;
+    }
+    std::vector<float> h(M * C), qkv(M * W), attn(M * Q), tmp(M * C), gu(M * 2 * I), act(M * I), rope(M * D);
+    const float scale = 1.f / std::sqrt(static_cast<float>(D));
+    const float* last_freqs = nullptr;
+    float last_factor = 0.f;
+    for (const Layer& L : layers) {
+      for (int64_t m = 0; m < M; ++m) rms_norm(x + m * C, L.in_norm, h.data() + m * C, C, eps);
+      L.qkv(h.data(), qkv.data(), M);
+      if (L.freqs != last_freqs || L.attention_factor != last_factor) {  // cos | sin per token, once per table
+        last_freqs = L.freqs, last_factor = L.attention_factor;
+        for (int64_t m = 0; m < M; ++m) {
+          const float p = static_cast<float>(position[m]);
+          for (int64_t i = 0; i < half; ++i) {
+            const float f = p * L.freqs[i];
+            rope[m * D + i] = std::cos(f) * L.attention_factor;
+            rope[m * D + half + i] = std::sin(f) * L.attention_factor;
+          }
+        }
+      }
+      const int64_t S = L.slots;
+      for (int64_t m = 0; m < M; ++m) {
+        const int64_t r = cache_rows[m / T], slot = position[m] % S;
+        float* q = qkv.data() + m * W;
+        float* k = q + Q;
+        const float* v = k + KV;
+        const float* cos = rope.data() + m * D;
+        for (int64_t head = 0; head < H; ++head) {
+          if (L.q_norm != nullptr) rms_norm(q + head * D, L.q_norm, q + head * D, D, eps);
+          rotate(q + head * D, cos, cos + half, half);
+        }
+        for (int64_t g = 0; g < Hkv; ++g) {
+          if (L.k_norm != nullptr) rms_norm(k + g * D, L.k_norm, k + g * D, D, eps);
+          rotate(k + g * D, cos, cos + half, half);
+          std::copy(k + g * D, k + (g + 1) * D, L.k + ((r * Hkv + g) * S + slot) * D);
+          std::copy(v + g * D, v + (g + 1) * D, L.v + ((r * Hkv + g) * S + slot) * D);
+        }
+        L.pos[r * S + slot] = position[m];
+      }
+      // A token at position p sees keys at positions <= p: on a full layer slots [0, p] (slot = position), on a
+      // ring every slot, each checked against its stored position.
+      int64_t keys = S;
+      if (L.window == 0) keys = *std::max_element(position.begin(), position.end()) + 1;
+      const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, keys * D));
+      at::parallel_for(0, M * H, grain, [&](int64_t begin, int64_t end) {
+        std::vector<float> p(keys);
+        for (int64_t mh = begin; mh < end; ++mh) {
+          const int64_t m = mh / H, head = mh % H, g = head / groups, r = cache_rows[m / T];
+          const int64_t n = L.window == 0 ? position[m] + 1 : S;
+          const int64_t block = (r * Hkv + g) * S * D;
+          attend_head(qkv.data() + m * W + head * D, L.k + block, L.v + block, n, D, scale, L.pos + r * S,
+                      position[m], L.window, p.data(), attn.data() + m * Q + head * D);
+        }
+      });
+      L.o(attn.data(), tmp.data(), M);
+      for (int64_t i = 0; i < M * C; ++i) x[i] += tmp[i];
+      for (int64_t m = 0; m < M; ++m) rms_norm(x + m * C, L.post_norm, h.data() + m * C, C, eps);
+      L.gate_up(h.data(), gu.data(), M);
+      for (int64_t m = 0; m < M; ++m) {
+        const float* gate = gu.data() + m * 2 * I;
+        const float* up = gate + I;
+        float* a = act.data() + m * I;
+        for (int64_t i = 0; i < I; ++i) a[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];  // SiLU(gate) * up
+      }
+      L.down(act.data(), tmp.data(), M);
+      for (int64_t i = 0; i < M * C; ++i) x[i] += tmp[i];
+    }
+    const int64_t out_t = last_only ? 1 : T;
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t t = 0; t < out_t; ++t)
+        rms_norm(x + (b * T + T - out_t + t) * C, final_norm, h.data() + (b * out_t + t) * C, C, eps);
+    at::Tensor logits = at::empty({B, out_t, V}, at::kFloat);
+    lm_head(h.data(), logits.data_ptr<float>(), B * out_t);
+    return {logits, hidden};
+  }
+};
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(mellum, m) {
+  m.class_<Decoder>("Decoder")
+      .def(torch::init<std::vector<int64_t>, double, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                       std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<int64_t>,
+                       std::vector<at::Tensor>, std::vector<double>>())
+      .def("forward", &Decoder::forward);
+}
