@@ -62,7 +62,7 @@ struct Linear {
     if (w8 != nullptr)
       product_into(x, w8, s, y, M, K, N);
     else
-      product_into(x, w32, nullptr, y, M, K, N);
+      product_into(x, w32, y, M, K, N);
   }
 };
 

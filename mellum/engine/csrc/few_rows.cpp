@@ -22,12 +22,6 @@ namespace {
 
 using namespace mellum::simd;
 
-template <typename W>
-at::Tensor product(const at::Tensor& x, const W* w, const float* scale, int64_t N) {
-  at::Tensor y = at::empty({x.size(0), N}, x.options());
-  product_into(x.data_ptr<float>(), w, scale, y.data_ptr<float>(), x.size(0), x.size(1), N);
-  return y;
-}
 
 void check_input(const at::Tensor& x, const at::Tensor& w, const char* op) {
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), op, ": CPU tensors only");
@@ -42,7 +36,10 @@ at::Tensor few_rows(const at::Tensor& x, const at::Tensor& weight) {
   check_input(x, weight, "mellum::few_rows");
   TORCH_CHECK(weight.scalar_type() == at::kFloat, "mellum::few_rows: weight must be float32, got ",
               weight.scalar_type());
-  return product(x, weight.data_ptr<float>(), nullptr, weight.size(0));
+  at::Tensor y = at::empty({x.size(0), weight.size(0)}, x.options());
+  product_into(x.data_ptr<float>(), weight.data_ptr<float>(), y.data_ptr<float>(), x.size(0), x.size(1),
+               weight.size(0));
+  return y;
 }
 
 at::Tensor few_rows_int8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale) {
@@ -52,7 +49,10 @@ at::Tensor few_rows_int8(const at::Tensor& x, const at::Tensor& qweight, const a
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.dim() == 1 && scale.size(0) == qweight.size(0) &&
                   scale.is_contiguous(),
               "mellum::few_rows_int8: scale must be a contiguous float32 vector of ", qweight.size(0), " values");
-  return product(x, qweight.data_ptr<int8_t>(), scale.data_ptr<float>(), qweight.size(0));
+  at::Tensor y = at::empty({x.size(0), qweight.size(0)}, x.options());
+  product_into(x.data_ptr<float>(), qweight.data_ptr<int8_t>(), scale.data_ptr<float>(), y.data_ptr<float>(),
+               x.size(0), x.size(1), qweight.size(0));
+  return y;
 }
 
 // Attention of one query token over S cached keys: out[b, h] = softmax(q[b, h] . k[b, g]^T * scale) v[b, g] with
