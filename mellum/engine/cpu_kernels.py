@@ -1,13 +1,14 @@
-"""Mellum's own CPU decode kernels (csrc/few_rows.cpp), compiled on first use and loaded as torch ops.
+"""Mellum's own CPU decode kernels (csrc/), compiled on first use and loaded as torch ops and a torch class.
 
 `few_rows(x, weight)` and `few_rows_int8(x, qweight, scale)` compute x [M, K] @ weight [N, K].T for the few rows
 of a decode or verify step, fp32 or int8 weights with per-row scales, on every core. They read weights faster
 than PyTorch's products on this kind of CPU (docs/engine.md: 20-25 GB/s against 17-18 for the split `bmm` and
-12-17 for `F.linear`; int8 1.1-1.5x `torch._weight_int8pack_mm`, with fp32 instead of bf16 activations).
+12-17 for `F.linear`; int8 16-24 GB/s of int8, 1.5-2x `torch._weight_int8pack_mm`, with int16 instead of bf16
+activations). `decoder.cpp` adds the fused decode forward (mellum.engine.fused).
 
-The shared library is built once per source, torch version and compiler flags with the system C++ compiler
+The shared library is built once per source text, torch version and compiler flags with the system C++ compiler
 (`$CXX`, else c++ / g++ / clang++) into `$MELLUM_KERNEL_DIR` (default `~/.cache/mellum/kernels`), which takes
-~20 s; `./run setup` builds it ahead. Everything falls back to PyTorch's products, with the reason in `status()`,
+~30 s; `./run setup` builds it ahead. Everything falls back to PyTorch's products, with the reason in `status()`,
 when the CPU lacks AVX2/FMA, no compiler is found, the build fails, or `MELLUM_CPU_KERNELS=0`.
 
     python -c "from mellum.engine import cpu_kernels as k; raise SystemExit(k.main())"   # build, check, status
@@ -177,7 +178,8 @@ def few_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def few_rows_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [M, K] @ (qweight [N, K] int8 * scale [N, 1]).T with fp32 activations (`load()` must have returned True)."""
+    """x [M, K] @ (qweight [N, K] int8 * scale [N, 1]).T, each row of x rounded to int16 with its own scale
+    (max |x| / 32767; `load()` must have returned True)."""
     return torch.ops.mellum.few_rows_int8(x.contiguous(), qweight, scale)
 
 

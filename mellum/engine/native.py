@@ -81,7 +81,7 @@ class NativeEngine:
                 param.data = param.data.to(dtype)
         fuse_projections(self.model)  # one product for q/k/v and one for gate/up
         if self.device.type == "cpu":
-            # Mellum's decode products and one-token attention (built once, ~20 s); PyTorch's if unavailable.
+            # Mellum's decode kernels and fused decoder (built once, ~30 s); PyTorch's products if unavailable.
             if cpu_kernels.load(quiet=False):
                 for module in self.model.modules():
                     if hasattr(module, "decode_attention"):

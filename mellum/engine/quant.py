@@ -2,9 +2,9 @@
 
 Decoding one token reads every weight once, so on a bandwidth-bound CPU int8 weights (1 byte instead of 4) cut
 the decode floor about 4×. For a few rows (decode, speculative verify) the CPU path uses
-Mellum's kernel (`mellum.engine.cpu_kernels.few_rows_int8`: fp32 activations, each int8 widened in registers,
+Mellum's kernel (`mellum.engine.cpu_kernels.few_rows_int8`: activations rounded to int16 per row, integer products,
 every core) once it is loaded, else `torch._weight_int8pack_mm` with bf16 activations (≈3× faster than fp32
-`F.linear` here, REFERENCE.md §4; the kernel is 1.1–1.5× faster again and keeps fp32 activations); larger inputs
+`F.linear` here, REFERENCE.md §4; the kernel is 1.5–2× faster again and its int16 activations are finer than bf16); larger inputs
 (prefill) dequantize and run the fp32 matmul, where compute, not bandwidth, is the bound.
 """
 

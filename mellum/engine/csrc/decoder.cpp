@@ -6,9 +6,9 @@
 // QK-norm, RoPE, the cache write, attention over the cached keys, the output product, the SwiGLU MLP, the residuals
 // and the output head, with the few-row products and one-query attention of simd.h (every core).
 //
-// Scope: dense MLP layers, full or sliding-window attention, fp32 activations, fp32 or int8 (per-row scale)
-// weights, up to 16 tokens per call: T consecutive tokens in each of B cache rows (batched decode: T = 1; speculative
-// verify and short prefill chunks: B = 1). Masking follows the stored key positions exactly as
+// Scope: dense MLP layers, full or sliding-window attention, fp32 activations (rounded to int16 inside int8
+// products), fp32 or int8 (per-row scale) weights, up to 16 tokens per call: T consecutive tokens in each of B cache
+// rows (batched decode: T = 1; speculative verify and short prefill chunks: B = 1). Masking follows the stored key positions exactly as
 // mellum.model.attention_mask does. The Python side (mellum/engine/fused.py) decides when it applies and falls back
 // to the layer-by-layer forward otherwise.
 

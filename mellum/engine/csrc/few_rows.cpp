@@ -4,7 +4,7 @@
 // not arithmetic. MKL's few-row sgemm runs on one core here and reads 12-17 GB/s; this kernel streams four weight
 // rows at a time through AVX2 FMAs on every core (at::parallel_for over row blocks) and reads 20-25 GB/s on the
 // same machine (docs/engine.md). Weights are fp32, or int8 with one fp32 scale per output row (weight-only
-// quantization: activations stay fp32, each int8 is widened to fp32 in registers).
+// quantization: each activation row is rounded to int16 with its own scale, see simd.h).
 //
 // Built by mellum/engine/cpu_kernels.py with -mavx2 -mfma; loaded only on CPUs that report AVX2.
 
