@@ -1,5 +1,5 @@
-"""The fused CPU decode forward (csrc/decoder.cpp): every layer of a dense model for a few tokens of one sequence in
-one C++ call, instead of ~40 PyTorch operators per layer.
+"""The fused CPU decode forward (csrc/decoder.cpp): every layer of a dense model for a few new tokens (one or several
+sequences) in one C++ call, instead of ~40 PyTorch operators per layer.
 
 `FusedDecoder.build(model, cache)` returns None, with the reason, where it does not apply: not a `Transformer`,
 mixture-of-experts layers, weights other than fp32 or int8-with-fp32-scales, projections not fused, or Mellum's

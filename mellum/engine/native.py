@@ -45,7 +45,7 @@ class EngineOptions:
     min_ngram: int = 2
     max_ngram: int = 4
     cuda_graphs: bool = True  # replay captured graphs for single-sequence decode steps on CUDA
-    fused_decode: bool = True  # CPU: steps of 1-16 tokens of one sequence through the fused C++ forward (fused.py)
+    fused_decode: bool = True  # CPU: forwards of up to 16 tokens (decode, verify) through the fused C++ forward
 
 
 class NativeEngine:
@@ -124,7 +124,8 @@ class NativeEngine:
             self._fused, why = FusedDecoder.build(self.model, self.cache)
             self.fused_status = why or "in use"
         else:
-            self.fused_status = "off (fused_decode=False)" if not opts.fused_decode else "not on CPU"
+            self.fused_status = ("off (fused_decode=False)" if not opts.fused_decode
+                                 else "not on CPU" if self.device.type != "cpu" else "not a mellum Transformer")
         self._graphs = None
         if opts.cuda_graphs and self.device.type == "cuda" and self._layered and not compile:
             from mellum.engine.cuda_graphs import GraphedDecode
