@@ -68,12 +68,10 @@ class FusedDecoder:
             gate_up, down = _linear(getattr(mlp, "gate_up_proj", None)), _linear(mlp.down_proj)
             if None in (qkv, o, gate_up, down):
                 return None, f"layer {i}: projections not fused, or weights neither fp32 nor int8"
-            norms = [block.input_layernorm.weight, block.post_attention_layernorm.weight]
-            if attn.q_norm is not None:
-                norms += [attn.q_norm.weight, attn.k_norm.weight]
-            if any(n.dtype != torch.float32 for n in norms):
-                return None, f"layer {i}: norms are not float32"
             qk = (attn.q_norm.weight, attn.k_norm.weight) if attn.q_norm is not None else (empty, empty)
+            if any(n.dtype != torch.float32 for n in (block.input_layernorm.weight,
+                                                      block.post_attention_layernorm.weight, *qk)):
+                return None, f"layer {i}: norms are not float32"
             tensors += [block.input_layernorm.weight, *qkv, *o, block.post_attention_layernorm.weight, *gate_up,
                         *down, *qk]
             kv = cache.layers[i]

@@ -91,15 +91,21 @@ inline void rotate(float* x, const float* cos, const float* sin, int64_t half) {
   }
 }
 
+// One rotary table (frequencies [D / 2] and scale), shared by every layer of its attention type.
+struct RopeTable {
+  at::Tensor inv_freq;
+  const float* freqs;
+  float factor;
+};
+
 struct Layer {
   const float *in_norm, *post_norm, *q_norm = nullptr, *k_norm = nullptr;
   Linear qkv, o, gate_up, down;
-  at::Tensor k_cache, v_cache, pos_cache, inv_freq;  // [R, Hkv, S, D] x2, [R, S] int64, [D / 2]
+  at::Tensor k_cache, v_cache, pos_cache;  // [R, Hkv, S, D] x2, [R, S] int64
   float *k, *v;
   int64_t* pos;
-  const float* freqs;
   int64_t slots, window;  // window 0: full attention
-  float attention_factor;
+  size_t table;  // index into Decoder::tables
 };
 
 struct Decoder : torch::CustomClassHolder {
@@ -108,7 +114,8 @@ struct Decoder : torch::CustomClassHolder {
   at::Tensor embed_t, final_norm_t;
   const float *embed, *final_norm;
   Linear lm_head;
-  std::vector<at::Tensor> norms;  // kept alive
+  std::vector<at::Tensor> layer_tensors_;  // kept alive (Layer holds raw pointers into the norms)
+  std::vector<RopeTable> tables;
   std::vector<Layer> layers;
 
   // dims: [hidden C, heads H, kv heads Hkv, head dim D, MLP width I, vocabulary V]. `layer_tensors`: per layer, in
@@ -139,7 +146,7 @@ struct Decoder : torch::CustomClassHolder {
     final_norm = vector_of(final_norm_weight, C, "final norm", -1);
     lm_head = Linear(lm_weight, lm_scale, C, "lm_head", -1);
     TORCH_CHECK(lm_head.N == V, "mellum::Decoder: lm_head has ", lm_head.N, " outputs, vocabulary ", V);
-    norms = layer_tensors;
+    layer_tensors_ = layer_tensors;
     for (size_t i = 0; i < L; ++i) {
       const at::Tensor* t = layer_tensors.data() + i * kPerLayer;
       const int64_t li = static_cast<int64_t>(i);
@@ -178,9 +185,13 @@ struct Decoder : torch::CustomClassHolder {
       layer.slots = kc.size(2);
       layer.window = windows[i];
       TORCH_CHECK(layer.window >= 0, "mellum::Decoder: windows must be >= 0 (0: full attention)");
-      layer.inv_freq = inv_freqs[i];
-      layer.freqs = vector_of(inv_freqs[i], D / 2, "rotary frequencies", li);
-      layer.attention_factor = static_cast<float>(attention_factors[i]);
+      const float* freqs = vector_of(inv_freqs[i], D / 2, "rotary frequencies", li);
+      const float factor = static_cast<float>(attention_factors[i]);
+      layer.table = 0;
+      while (layer.table < tables.size() &&
+             (tables[layer.table].freqs != freqs || tables[layer.table].factor != factor))
+        ++layer.table;
+      if (layer.table == tables.size()) tables.push_back({inv_freqs[i], freqs, factor});
       layers.push_back(std::move(layer));
     }
   }
@@ -222,31 +233,31 @@ struct Decoder : torch::CustomClassHolder {
       std::copy(embed + id[m] * C, embed + (id[m] + 1) * C, x + m * C);
       position[m] = starts[m / T] + m % T;
     }
-    std::vector<float> h(M * C), qkv(M * W), attn(M * Q), tmp(M * C), gu(M * 2 * I), act(M * I), rope(M * D);
+    std::vector<float> h(M * C), qkv(M * W), attn(M * Q), tmp(M * C), gu(M * 2 * I), act(M * I);
+    // cos | sin of every token's position, once per rotary table: rope[(table * M + m) * D + ...].
+    std::vector<float> rope(tables.size() * M * D);
+    for (size_t j = 0; j < tables.size(); ++j) {
+      for (int64_t m = 0; m < M; ++m) {
+        const float p = static_cast<float>(position[m]);
+        float* out = rope.data() + (j * M + m) * D;
+        for (int64_t i = 0; i < half; ++i) {
+          const float f = p * tables[j].freqs[i];
+          out[i] = std::cos(f) * tables[j].factor;
+          out[half + i] = std::sin(f) * tables[j].factor;
+        }
+      }
+    }
     const float scale = 1.f / std::sqrt(static_cast<float>(D));
-    const float* last_freqs = nullptr;
-    float last_factor = 0.f;
     for (const Layer& L : layers) {
       for (int64_t m = 0; m < M; ++m) rms_norm(x + m * C, L.in_norm, h.data() + m * C, C, eps);
       L.qkv(h.data(), qkv.data(), M);
-      if (L.freqs != last_freqs || L.attention_factor != last_factor) {  // cos | sin per token, once per table
-        last_freqs = L.freqs, last_factor = L.attention_factor;
-        for (int64_t m = 0; m < M; ++m) {
-          const float p = static_cast<float>(position[m]);
-          for (int64_t i = 0; i < half; ++i) {
-            const float f = p * L.freqs[i];
-            rope[m * D + i] = std::cos(f) * L.attention_factor;
-            rope[m * D + half + i] = std::sin(f) * L.attention_factor;
-          }
-        }
-      }
       const int64_t S = L.slots;
       for (int64_t m = 0; m < M; ++m) {
         const int64_t r = cache_rows[m / T], slot = position[m] % S;
         float* q = qkv.data() + m * W;
         float* k = q + Q;
         const float* v = k + KV;
-        const float* cos = rope.data() + m * D;
+        const float* cos = rope.data() + (L.table * M + m) * D;
         for (int64_t head = 0; head < H; ++head) {
           if (L.q_norm != nullptr) rms_norm(q + head * D, L.q_norm, q + head * D, D, eps);
           rotate(q + head * D, cos, cos + half, half);
