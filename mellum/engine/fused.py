@@ -1,9 +1,9 @@
-"""The fused CPU decode forward (csrc/decoder.cpp): every layer of a dense model for a few new tokens (one or several
-sequences) in one C++ call, instead of ~40 PyTorch operators per layer.
+"""The fused CPU decode forward (csrc/decoder.cpp): every layer of the model (dense or mixture-of-experts) for a few
+new tokens (one or several sequences) in one C++ call, instead of ~40 PyTorch operators per layer.
 
 `FusedDecoder.build(model, cache)` returns None, with the reason, where it does not apply: not a `Transformer`,
-mixture-of-experts layers, weights other than fp32 or int8-with-fp32-scales, projections not fused, or Mellum's
-kernels not loaded. The engine then keeps the layer-by-layer forward, which stays the reference: both write the
+weights other than fp32 or int8-with-fp32-scales (routers: fp32), projections not fused, or Mellum's kernels not
+loaded. The engine then keeps the layer-by-layer forward, which stays the reference: both write the
 same cache entries and give the same tokens (tests/engine/test_fused_decode.py).
 """
 
@@ -14,7 +14,7 @@ from torch import nn
 
 from mellum.engine import cpu_kernels
 from mellum.engine.kv_cache import KVCache
-from mellum.engine.quant import Int8Linear
+from mellum.engine.quant import Int8Experts, Int8Linear
 
 MAX_TOKENS = 16  # tokens per call (B rows x T tokens: batched decode, speculative verify, short prefill chunks)
 
@@ -29,6 +29,16 @@ def _linear(module) -> tuple[torch.Tensor, torch.Tensor] | None:
     if isinstance(module, nn.Linear) and module.bias is None and module.weight.dtype == torch.float32:
         return module.weight.detach(), torch.empty(0)
     return None
+
+
+def _experts(experts, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(weights [E, N, K], scales) of a mixture's stacked expert weights: fp32 and an empty scale, or int8 and fp32
+    scales [E, N] (`Int8Experts`); None otherwise."""
+    if isinstance(experts, Int8Experts):
+        q, scale = getattr(experts, f"q{name}"), getattr(experts, f"{name}_scale")
+        return (q, scale) if scale.dtype == torch.float32 and q.is_contiguous() and scale.is_contiguous() else None
+    w = getattr(experts, name).detach()
+    return (w, torch.empty(0)) if w.dtype == torch.float32 and w.is_contiguous() else None
 
 
 class FusedDecoder:
@@ -62,10 +72,15 @@ class FusedDecoder:
         empty = torch.empty(0)
         for i, block in enumerate(layers):
             attn, mlp = block.self_attn, block.mlp
-            if block.sparse:
-                return None, f"layer {i} is a mixture of experts"
             qkv, o = _linear(getattr(attn, "qkv_proj", None)), _linear(attn.o_proj)
-            gate_up, down = _linear(getattr(mlp, "gate_up_proj", None)), _linear(mlp.down_proj)
+            router = empty
+            if block.sparse:  # the experts' stacked weights take the dense projections' places, with the router
+                gate_up, down = _experts(mlp.experts, "gate_up_proj"), _experts(mlp.experts, "down_proj")
+                router = mlp.gate.weight.detach()
+                if None in (gate_up, down) or router.dtype != torch.float32 or not router.is_contiguous():
+                    return None, f"layer {i}: experts not contiguous fp32 or int8 with fp32 scales, or router not fp32"
+            else:
+                gate_up, down = _linear(getattr(mlp, "gate_up_proj", None)), _linear(mlp.down_proj)
             if None in (qkv, o, gate_up, down):
                 return None, f"layer {i}: projections not fused, or weights neither fp32 nor int8"
             qk = (attn.q_norm.weight, attn.k_norm.weight) if attn.q_norm is not None else (empty, empty)
@@ -73,7 +88,7 @@ class FusedDecoder:
                                                       block.post_attention_layernorm.weight, *qk)):
                 return None, f"layer {i}: norms are not float32"
             tensors += [block.input_layernorm.weight, *qkv, *o, block.post_attention_layernorm.weight, *gate_up,
-                        *down, *qk]
+                        *down, *qk, router]
             kv = cache.layers[i]
             caches += [kv.k, kv.v, kv.pos]
             rotary = model.rotary[block.layer_type]
@@ -86,7 +101,8 @@ class FusedDecoder:
         if max_run < 1:
             return None, "sliding rings without room for one token"
         dims = [config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim, config.intermediate_size,
-                config.vocab_size]
+                config.vocab_size, config.num_experts, config.num_experts_per_tok, config.moe_intermediate_size,
+                int(config.norm_topk_prob)]
         decoder = torch.classes.mellum.Decoder(
             dims, float(config.rms_norm_eps), model.embed_tokens.weight.detach(), model.norm.weight.detach(), *lm_head,
             tensors, caches, windows, inv_freqs, factors)

@@ -89,7 +89,8 @@ class NativeEngine:
         if quantize == "int8":
             from mellum.engine.quant import quantize_int8
 
-            quantize_int8(self.model)
+            # Experts too on CPU; the CUDA graphs' sync-free expert path reads float expert weights.
+            quantize_int8(self.model, experts=self.device.type == "cpu")
         self._split, self._choosers = None, {}
         if quantize is None and self.device.type == "cpu" and torch.get_num_threads() > 1:
             # Decode products over all cores, kept only while they are faster (mellum.engine.kernels); one chooser

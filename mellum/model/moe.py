@@ -39,21 +39,29 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """x [N, C], weights/experts [N, K] -> [N, C]. Dropless: every token reaches all of its K experts.
+        """x [N, C], weights/experts [N, K] -> [N, C]. Dropless: every token reaches all of its K experts."""
+        return mix_experts(x, weights, experts, self.num_experts,
+                           lambda xs, counts: grouped_linear(xs, self.gate_up_proj, counts),
+                           lambda h, counts: grouped_linear(h, self.down_proj, counts))
 
-        Token-expert pairs are sorted by expert so each expert multiplies one contiguous slice of rows (the
-        grouped-GEMM layout of MegaBlocks, arXiv:2211.15841), then the results are scattered back, weighted.
-        """
-        n, k = experts.shape
-        flat = experts.reshape(-1)  # [N*K]
-        order = torch.argsort(flat, stable=True)  # pair indices grouped by expert
-        token = order // k  # [N*K] source token of each sorted pair
-        counts = torch.bincount(flat, minlength=self.num_experts)  # [E]
-        xs = x[token]  # [N*K, C]
-        gate, up = grouped_linear(xs, self.gate_up_proj, counts).chunk(2, dim=-1)  # [N*K, I] each
-        out = grouped_linear(F.silu(gate) * up, self.down_proj, counts)  # [N*K, C]
-        out = out * weights.reshape(-1)[order, None]
-        return torch.zeros_like(x).index_add_(0, token, out)  # [N, C]
+
+def mix_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, num_experts: int, gate_up, down):
+    """x [N, C], weights/experts [N, K] -> [N, C] through SwiGLU experts whose grouped products are
+    `gate_up(rows [M, C], counts [E]) -> [M, 2I]` and `down(rows [M, I], counts) -> [M, C]` (rows sorted by expert).
+
+    Token-expert pairs are sorted by expert so each expert multiplies one contiguous slice of rows (the
+    grouped-GEMM layout of MegaBlocks, arXiv:2211.15841), then the results are scattered back, weighted.
+    """
+    n, k = experts.shape
+    flat = experts.reshape(-1)  # [N*K]
+    order = torch.argsort(flat, stable=True)  # pair indices grouped by expert
+    token = order // k  # [N*K] source token of each sorted pair
+    counts = torch.bincount(flat, minlength=num_experts)  # [E]
+    xs = x[token]  # [N*K, C]
+    gate, up = gate_up(xs, counts).chunk(2, dim=-1)  # [N*K, I] each
+    out = down(F.silu(gate) * up, counts)  # [N*K, C]
+    out = out * weights.reshape(-1)[order, None]
+    return torch.zeros_like(x).index_add_(0, token, out)  # [N, C]
 
 
 def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -66,11 +74,17 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> to
     if _grouped_mm_ok(x):
         offsets = torch.cumsum(counts, 0).to(torch.int32)  # [E] end row of each group
         return torch._grouped_mm(x, w.transpose(1, 2), offs=offsets)
-    out = x.new_empty(x.shape[0], w.shape[1])
+    return per_group(x, counts, w.shape[1], lambda rows, e: F.linear(rows, w[e]))
+
+
+def per_group(x: torch.Tensor, counts: torch.Tensor, out_features: int, product) -> torch.Tensor:
+    """Rows x [M, In] sorted by group, group sizes counts [E] -> [M, out_features], `product(rows, e)` per non-empty
+    group (one host sync per call)."""
+    out = x.new_empty(x.shape[0], out_features)
     start = 0
-    for e, count in enumerate(counts.tolist()):  # one host sync per call
+    for e, count in enumerate(counts.tolist()):
         if count:
-            out[start : start + count] = F.linear(x[start : start + count], w[e])
+            out[start : start + count] = product(x[start : start + count], e)
             start += count
     return out
 

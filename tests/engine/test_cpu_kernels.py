@@ -14,7 +14,8 @@ from torch import nn
 
 from mellum.engine import NativeEngine, SamplingParams, cpu_kernels
 from mellum.engine.kernels import SplitLinear, SplitSwitch
-from mellum.engine.quant import Int8Linear
+from mellum.engine.quant import Int8Experts, Int8Linear
+from mellum.model.moe import Experts
 from tests.engine.helpers import reference_greedy, tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -147,6 +148,9 @@ def dequantized(model: nn.Module) -> nn.Module:
                 plain = nn.Linear(child.in_features, child.out_features, bias=False)
                 plain.weight = nn.Parameter(Int8Linear(child.weight).dequantize())
                 setattr(module, name, plain)
+            elif isinstance(child, Experts):  # each expert's rows quantized as Int8Experts does
+                int8 = Int8Experts(child)
+                child.gate_up_proj.data, child.down_proj.data = int8.dequantize("gate_up_proj"), int8.dequantize("down_proj")
     return model
 
 

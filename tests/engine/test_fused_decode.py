@@ -57,7 +57,7 @@ def restore(engine, state):
         layer.k.copy_(k), layer.v.copy_(v), layer.pos.copy_(pos)
 
 
-@pytest.mark.parametrize("preset", ["tiny-dense", "sliding"])
+@pytest.mark.parametrize("preset", ["tiny-dense", "sliding", "tiny-moe"])
 @pytest.mark.parametrize("quantize", [None, "int8"])
 @pytest.mark.parametrize("lengths,new", [([40], 1), ([40], 5), ([7], 16), ([70, 3, 25], 1), ([33, 50], 2)])
 @torch.inference_mode()
@@ -95,7 +95,8 @@ def test_fused_forward_equals_the_layer_by_layer_forward(preset, quantize, lengt
 
 
 @pytest.mark.parametrize("preset,speculative", [("tiny-dense", None), ("tiny-dense", "lookup"), ("sliding", None),
-                                                ("sliding", "lookup"), ("sliding", "mtp")])
+                                                ("sliding", "lookup"), ("sliding", "mtp"), ("tiny-moe", None),
+                                                ("tiny-moe", "mtp")])
 def test_greedy_tokens_equal_uncached_forwards(preset, speculative):
     """Decode steps, verifies of prompt-lookup and MTP drafts, and the keystroke-sized prefill chunks of requests that
     reuse a row all run fused; the tokens are those of full forwards without a cache (prompts past the window)."""
@@ -175,13 +176,16 @@ def test_bad_calls_raise_clear_errors():
 
 
 def test_where_it_does_not_apply_the_engine_says_why_and_stays_exact():
-    moe = NativeEngine(tiny_model("tiny-moe"), speculative=None, prefix_cache_mb=0)
+    model = tiny_model("tiny-moe")
+    model.layers[2].mlp.experts.down_proj.data = model.layers[2].mlp.experts.down_proj.data.transpose(1, 2).contiguous(
+        ).transpose(1, 2)  # the same values, not contiguous
+    strided = NativeEngine(model, speculative=None, prefix_cache_mb=0)
     off = NativeEngine(tiny_model("tiny-dense"), speculative=None, prefix_cache_mb=0, fused_decode=False)
     try:
-        assert moe._fused is None and moe.fused_status == "layer 1 is a mixture of experts"
+        assert strided._fused is None and strided.fused_status.startswith("layer 2: experts not contiguous")
         assert off._fused is None and off.fused_status == "off (fused_decode=False)"
         prompt = repetitive_prompt(1024, 40, seed=3)
-        got = moe.generate(prompt, SamplingParams(max_new_tokens=12)).tokens
+        got = strided.generate(prompt, SamplingParams(max_new_tokens=12)).tokens
         assert got == reference_greedy(tiny_model("tiny-moe"), prompt, len(got))
     finally:
-        moe.close(), off.close()
+        strided.close(), off.close()

@@ -6,8 +6,8 @@
 // QK-norm, RoPE, the cache write, attention over the cached keys, the output product, the SwiGLU MLP, the residuals
 // and the output head, with the few-row products and one-query attention of simd.h (every core).
 //
-// Scope: dense MLP layers, full or sliding-window attention, fp32 activations (rounded to int16 inside int8
-// products), fp32 or int8 (per-row scale) weights, up to 16 tokens per call: T consecutive tokens in each of B cache
+// Scope: dense SwiGLU or mixture-of-experts layers (fp32 router), full or sliding-window attention, fp32 activations
+// (rounded to int16 inside int8 products), fp32 or int8 (per-row scale) weights, up to 16 tokens per call: T consecutive tokens in each of B cache
 // rows (batched decode: T = 1; speculative verify and short prefill chunks: B = 1). Masking follows the stored key positions exactly as
 // mellum.model.attention_mask does. The Python side (mellum/engine/fused.py) decides when it applies and falls back
 // to the layer-by-layer forward otherwise.
@@ -28,7 +28,7 @@ namespace {
 using namespace mellum::simd;
 
 constexpr int64_t kMaxTokens = 16;
-constexpr int kPerLayer = 12;  // tensors per layer in the constructor's list (see Decoder::Decoder)
+constexpr int kPerLayer = 13;  // tensors per layer in the constructor's list (see Decoder::Decoder)
 
 // A bias-free linear layer: fp32 weight [N, K], or int8 [N, K] with one fp32 scale per output row.
 struct Linear {
@@ -98,9 +98,96 @@ struct RopeTable {
   float factor;
 };
 
+// A mixture-of-experts MLP (Qwen3-MoE / Mellum 2 routing, as mellum.model.moe): softmax over E router scores, the
+// top K experts (renormalised to sum to one when `renormalise`), each a SwiGLU MLP of width I. Expert weights are
+// fp32, or int8 with one fp32 scale per row (mellum.engine.quant.Int8Experts); the router is fp32.
+struct Experts {
+  const float* router = nullptr;  // [E, C]
+  Linear gate_up, down;  // all experts as one [E * 2I, C] and one [E * C, I] matrix (expert e: rows e * N_e...)
+  int64_t E = 0, K = 0, I = 0;
+  bool renormalise = true;
+
+  // y[M, N] = x[M, K] @ expert e's rows of `w` (N of them)^T.
+  static void product(const Linear& w, int64_t e, int64_t N, const float* x, float* y, int64_t M) {
+    if (w.w8 != nullptr)
+      product_into(x, w.w8 + e * N * w.K, w.s + e * N, y, M, w.K, N);
+    else
+      product_into(x, w.w32 + e * N * w.K, y, M, w.K, N);
+  }
+};
+
+const float* tensor_of(const at::Tensor& t, std::vector<int64_t> shape, const char* name, int64_t layer) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.sizes() == at::IntArrayRef(shape) &&
+                  t.is_contiguous(),
+              "mellum::Decoder: layer ", layer, " ", name, ": a contiguous float32 tensor ", shape, " expected, got ",
+              t.sizes(), " ", t.scalar_type());
+  return t.data_ptr<float>();
+}
+
+// Stacked expert weights [E, N, K] (and scales [E, N] for int8) viewed as one [E * N, K] linear layer.
+Linear experts_linear(const at::Tensor& w, const at::Tensor& scale, std::vector<int64_t> shape, const char* name,
+                      int64_t layer) {
+  TORCH_CHECK(w.dim() == 3 && w.sizes() == at::IntArrayRef(shape) && w.is_contiguous(), "mellum::Decoder: layer ",
+              layer, " ", name, ": contiguous weights ", shape, " expected, got ", w.sizes());
+  TORCH_CHECK(scale.numel() == 0 || (scale.dim() == 2 && scale.size(0) == shape[0] && scale.size(1) == shape[1]),
+              "mellum::Decoder: layer ", layer, " ", name, ": scales [", shape[0], ", ", shape[1], "] expected");
+  return Linear(w.view({shape[0] * shape[1], shape[2]}), scale.numel() == 0 ? scale : scale.reshape({-1}), shape[2],
+                name, layer);
+}
+
+inline void silu_times(const float* gate, const float* up, float* out, int64_t n) {  // SiLU(gate) * up
+  for (int64_t i = 0; i < n; ++i) out[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+}
+
+// out[M, C] = the experts' weighted sum for rows h[M, C]. Each used expert multiplies the rows routed to it, in
+// ascending expert order, so every token sums its experts in the order mellum.model.moe's index_add_ does.
+void mixture(const Experts& ex, const float* h, float* out, int64_t M, int64_t C) {
+  const int64_t E = ex.E, K = ex.K, I = ex.I;
+  std::vector<float> probs(M * E), weight(M * K);
+  std::vector<int64_t> chosen(M * K);
+  product_into(h, ex.router, probs.data(), M, C, E);
+  for (int64_t m = 0; m < M; ++m) {
+    float* p = probs.data() + m * E;
+    const float top = *std::max_element(p, p + E);
+    float sum = 0.f;
+    for (int64_t e = 0; e < E; ++e) sum += (p[e] = std::exp(p[e] - top));
+    for (int64_t e = 0; e < E; ++e) p[e] /= sum;
+    std::vector<int64_t> order(E);
+    for (int64_t e = 0; e < E; ++e) order[e] = e;
+    std::partial_sort(order.begin(), order.begin() + K, order.end(),
+                      [p](int64_t a, int64_t b) { return p[a] > p[b] || (p[a] == p[b] && a < b); });
+    float picked = 0.f;
+    for (int64_t k = 0; k < K; ++k) picked += p[order[k]];
+    for (int64_t k = 0; k < K; ++k) {
+      chosen[m * K + k] = order[k];
+      weight[m * K + k] = ex.renormalise ? p[order[k]] / picked : p[order[k]];
+    }
+  }
+  std::fill(out, out + M * C, 0.f);
+  std::vector<float> rows(M * C), gu(M * 2 * I), act(M * I), y(M * C), w(M);
+  std::vector<int64_t> token(M);
+  for (int64_t e = 0; e < E; ++e) {
+    int64_t n = 0;
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; ++k)
+        if (chosen[m * K + k] == e) {
+          token[n] = m, w[n] = weight[m * K + k];
+          std::copy(h + m * C, h + (m + 1) * C, rows.data() + n * C);
+          ++n;
+        }
+    if (n == 0) continue;
+    Experts::product(ex.gate_up, e, 2 * I, rows.data(), gu.data(), n);
+    for (int64_t j = 0; j < n; ++j) silu_times(gu.data() + j * 2 * I, gu.data() + j * 2 * I + I, act.data() + j * I, I);
+    Experts::product(ex.down, e, C, act.data(), y.data(), n);
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t c = 0; c < C; ++c) out[token[j] * C + c] += w[j] * y[j * C + c];
+  }
+}
+
 struct Layer {
   const float *in_norm, *post_norm, *q_norm = nullptr, *k_norm = nullptr;
-  Linear qkv, o, gate_up, down;
+  Linear qkv, o, gate_up, down;  // gate_up, down: dense layers only
+  Experts experts;  // sparse layers only (experts.E > 0)
   at::Tensor k_cache, v_cache, pos_cache;  // [R, Hkv, S, D] x2, [R, S] int64
   float *k, *v;
   int64_t* pos;
@@ -109,7 +196,8 @@ struct Layer {
 };
 
 struct Decoder : torch::CustomClassHolder {
-  int64_t C, H, Hkv, D, I, V, rows;
+  int64_t C, H, Hkv, D, I, V, rows, E, K, EI;
+  bool renormalise;
   float eps;
   at::Tensor embed_t, final_norm_t;
   const float *embed, *final_norm;
@@ -118,10 +206,13 @@ struct Decoder : torch::CustomClassHolder {
   std::vector<RopeTable> tables;
   std::vector<Layer> layers;
 
-  // dims: [hidden C, heads H, kv heads Hkv, head dim D, MLP width I, vocabulary V]. `layer_tensors`: per layer, in
-  // order, input norm [C], qkv weight, qkv scale, o weight, o scale, post-attention norm [C], gate/up weight,
-  // gate/up scale, down weight, down scale, q norm [D], k norm [D]; scales are empty tensors for fp32 weights and
-  // the QK norms empty without QK-norm. `caches`: per layer k, v [R, Hkv, S, D] and positions [R, S] (the engine's
+  // dims: [hidden C, heads H, kv heads Hkv, head dim D, MLP width I, vocabulary V, experts E, experts per token K,
+  // expert width EI, renormalise top-K weights 0/1] (E = 0 without experts). `layer_tensors`: per layer, in order,
+  // input norm [C], qkv weight, qkv scale, o weight, o scale, post-attention norm [C], gate/up weight, gate/up scale,
+  // down weight, down scale, q norm [D], k norm [D], router [E, C]; scales are empty tensors for fp32 weights, the
+  // QK norms empty without QK-norm, the router empty on dense layers. A layer with a router is a mixture of experts:
+  // its gate/up weight is the experts' [E, 2 EI, C] and its down weight [E, C, EI], fp32 with empty scales or int8
+  // with scales [E, 2 EI] and [E, C]. `caches`: per layer k, v [R, Hkv, S, D] and positions [R, S] (the engine's
   // KVCache). `windows`: per layer, 0 for full attention. `inv_freqs` / `attention_factors`: each layer's rotary
   // frequencies [D / 2] and scale.
   Decoder(std::vector<int64_t> dims, double eps_, at::Tensor embed_weight, at::Tensor final_norm_weight,
@@ -129,10 +220,12 @@ struct Decoder : torch::CustomClassHolder {
           std::vector<at::Tensor> caches, std::vector<int64_t> windows, std::vector<at::Tensor> inv_freqs,
           std::vector<double> attention_factors)
       : eps(static_cast<float>(eps_)) {
-    TORCH_CHECK(dims.size() == 6, "mellum::Decoder: dims [C, H, Hkv, D, I, V] expected");
+    TORCH_CHECK(dims.size() == 10, "mellum::Decoder: dims [C, H, Hkv, D, I, V, E, K, EI, renormalise] expected");
     C = dims[0], H = dims[1], Hkv = dims[2], D = dims[3], I = dims[4], V = dims[5];
+    E = dims[6], K = dims[7], EI = dims[8], renormalise = dims[9] != 0;
     TORCH_CHECK(C > 0 && H > 0 && Hkv > 0 && H % Hkv == 0 && D > 0 && D % 2 == 0 && I > 0 && V > 0,
                 "mellum::Decoder: bad dims");
+    TORCH_CHECK(E == 0 || (K >= 1 && K <= E && EI > 0), "mellum::Decoder: bad expert dims");
     const size_t L = windows.size();
     TORCH_CHECK(L > 0 && layer_tensors.size() == L * kPerLayer && caches.size() == L * 3 && inv_freqs.size() == L &&
                     attention_factors.size() == L,
@@ -158,11 +251,20 @@ struct Decoder : torch::CustomClassHolder {
       layer.o = Linear(t[3], t[4], H * D, "o_proj", li);
       TORCH_CHECK(layer.o.N == C, "mellum::Decoder: layer ", li, " o_proj has ", layer.o.N, " outputs");
       layer.post_norm = vector_of(t[5], C, "post-attention norm", li);
-      layer.gate_up = Linear(t[6], t[7], C, "gate_up_proj", li);
-      TORCH_CHECK(layer.gate_up.N == 2 * I, "mellum::Decoder: layer ", li, " gate_up_proj has ", layer.gate_up.N,
-                  " outputs, expected ", 2 * I);
-      layer.down = Linear(t[8], t[9], I, "down_proj", li);
-      TORCH_CHECK(layer.down.N == C, "mellum::Decoder: layer ", li, " down_proj has ", layer.down.N, " outputs");
+      if (t[12].numel() != 0) {
+        TORCH_CHECK(E > 0, "mellum::Decoder: layer ", li, " has a router but dims declare no experts");
+        Experts& ex = layer.experts;
+        ex.router = tensor_of(t[12], {E, C}, "router", li);
+        ex.gate_up = experts_linear(t[6], t[7], {E, 2 * EI, C}, "experts gate_up_proj", li);
+        ex.down = experts_linear(t[8], t[9], {E, C, EI}, "experts down_proj", li);
+        ex.E = E, ex.K = K, ex.I = EI, ex.renormalise = renormalise;
+      } else {
+        layer.gate_up = Linear(t[6], t[7], C, "gate_up_proj", li);
+        TORCH_CHECK(layer.gate_up.N == 2 * I, "mellum::Decoder: layer ", li, " gate_up_proj has ", layer.gate_up.N,
+                    " outputs, expected ", 2 * I);
+        layer.down = Linear(t[8], t[9], I, "down_proj", li);
+        TORCH_CHECK(layer.down.N == C, "mellum::Decoder: layer ", li, " down_proj has ", layer.down.N, " outputs");
+      }
       TORCH_CHECK((t[10].numel() == 0) == (t[11].numel() == 0), "mellum::Decoder: layer ", li,
                   ": both QK norms or neither");
       if (t[10].numel() != 0) {
@@ -288,14 +390,13 @@ struct Decoder : torch::CustomClassHolder {
       L.o(attn.data(), tmp.data(), M);
       for (int64_t i = 0; i < M * C; ++i) x[i] += tmp[i];
       for (int64_t m = 0; m < M; ++m) rms_norm(x + m * C, L.post_norm, h.data() + m * C, C, eps);
-      L.gate_up(h.data(), gu.data(), M);
-      for (int64_t m = 0; m < M; ++m) {
-        const float* gate = gu.data() + m * 2 * I;
-        const float* up = gate + I;
-        float* a = act.data() + m * I;
-        for (int64_t i = 0; i < I; ++i) a[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];  // SiLU(gate) * up
+      if (L.experts.E > 0) {
+        mixture(L.experts, h.data(), tmp.data(), M, C);
+      } else {
+        L.gate_up(h.data(), gu.data(), M);
+        for (int64_t m = 0; m < M; ++m) silu_times(gu.data() + m * 2 * I, gu.data() + m * 2 * I + I, act.data() + m * I, I);
+        L.down(act.data(), tmp.data(), M);
       }
-      L.down(act.data(), tmp.data(), M);
       for (int64_t i = 0; i < M * C; ++i) x[i] += tmp[i];
     }
     const int64_t out_t = last_only ? 1 : T;
