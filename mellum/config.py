@@ -113,9 +113,11 @@ class ModelConfig:
             self.rope_scaling.setdefault("beta_slow", 1.0)
         if self.architecture == "llama":
             # Llama checkpoints have no place for these; refuse rather than write a config transformers misreads.
-            if uses_sliding or "sparse" in self.all_mlp_types or self.qk_norm or self.num_mtp_layers:
+            # An MTP head is the exception: a full-attention dense block under mtp.* that LlamaForCausalLM ignores
+            # (the config key and the tensors), added to a finished model as a speculative draft.
+            if uses_sliding or "sparse" in self.all_mlp_types or self.qk_norm:
                 raise ValueError(
-                    "architecture 'llama' supports only full attention, dense MLPs, no QK-norm and no MTP; "
+                    "architecture 'llama' supports only full attention, dense MLPs and no QK-norm; "
                     "use architecture 'mellum'"
                 )
         if self.architecture == "mellum" and not self.qk_norm:
@@ -200,6 +202,7 @@ class ModelConfig:
                 params.setdefault("rope_type", params.pop("type", "default"))
             kw["rope_theta"] = params.get("rope_theta", 10000.0)
             kw["rope_scaling"] = _yarn_from_hf(params, "rope_parameters")
+            kw["num_mtp_layers"] = hf.get("num_nextn_predict_layers") or 0
             return cls(**kw)
         # Mellum 2: rope parameters keyed by layer type, per-layer patterns, experts, MTP.
         layer_types = tuple(hf.get("layer_types") or ("full_attention",) * num_layers)
@@ -260,6 +263,8 @@ class ModelConfig:
             full_rope = {**{k: v for k, v in self.rope_scaling.items()}, "rope_type": "yarn", "rope_theta": float(self.rope_theta)}
         if self.architecture == "llama":
             hf.update(mlp_bias=False, rope_parameters=full_rope)
+            if self.num_mtp_layers:
+                hf.update(num_nextn_predict_layers=self.num_mtp_layers)
         else:
             hf.update(
                 rope_parameters={

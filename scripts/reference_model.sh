@@ -7,6 +7,8 @@
 #                                                 #   split → shards (carried tokenizer) → baseline → train → $OUT
 #   scripts/reference_model.sh wheels             # here: download the wheels `gpu` needs and the GPU machine lacks
 #   scripts/reference_model.sh train-cpu          # CPU fallback (mellum-tiny-cpu recipe) → mellum/assets/mellum-tiny
+#   scripts/reference_model.sh mtp-cpu            # an MTP head for the bundled model, the model frozen (CPU, MINUTES,
+#                                                 #   default 30) → $REF/run-mtp/mellum-tiny-mtp (not installed)
 #   scripts/reference_model.sh unpack DIR         # reassemble DIR/mellum-tiny.tar.part-* into mellum/assets/mellum-tiny
 #
 # Settings (environment): PYTHON (default .venv/bin/python if present, else python3), REF (build/reference),
@@ -278,6 +280,15 @@ print('$dest:', sum(p.numel() for p in m.parameters()) / 1e6, 'M parameters')"
   du -sh "$dest"
 }
 
+mtp_cpu() {  # the bundled model plus a trained MTP head (recipe mellum-tiny-mtp): measures MTP speculative decoding
+  local run=${RUN:-$REF/run-mtp}
+  rm -rf "$run"
+  # shellcheck disable=SC2086
+  "$PYTHON" -m mellum.train.pretrain --recipe mellum-tiny-mtp --device cpu --max-minutes "${MINUTES:-30}" \
+    --out "$run" --data "$REF/shards/train" --eval-data "$REF/shards/heldout" --tokenizer mellum/assets/mellum-tiny \
+    --export "$run/mellum-tiny-mtp" ${PATIENCE:+--patience "$PATIENCE"} $EXTRA
+}
+
 case "${1:-}" in
   prepare) prepare ;;
   data-report) data_report ;;
@@ -285,7 +296,8 @@ case "${1:-}" in
   gpu) mkdir -p "${OUT:?set OUT to the directory for the parts}" && gpu 2>&1 | tee "$OUT/reference_gpu.log" ;;
   wheels) wheels ;;
   train-cpu) train_cpu ;;
+  mtp-cpu) mtp_cpu ;;
   pack) pack "$2" "${3:-${OUT:-$REF/out}}" ;;
   unpack) unpack "${2:?usage: $0 unpack DIR}" ;;
-  *) sed -n '2,19p' "$0"; exit 2 ;;
+  *) sed -n '2,21p' "$0"; exit 2 ;;
 esac

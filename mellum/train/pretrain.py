@@ -28,7 +28,7 @@ import torch
 
 from mellum.train import checkpointing
 from mellum.train.distributed import DistEnv, all_reduce_sum, barrier, init_distributed, shard_model, shutdown
-from mellum.train.losses import IGNORE, LossWeights, pretraining_loss, token_loss_sum, valid_targets
+from mellum.train.losses import IGNORE, LossWeights, mtp_inputs_and_targets, pretraining_loss, valid_targets
 from mellum.train.metrics import Metrics
 from mellum.train.optim import build_optimizers, set_lr_factor
 from mellum.train.recipes import RECIPES, TrainConfig, get_recipe
@@ -75,6 +75,7 @@ class Trainer:
         self.loader = None
         self.best = Best()
         self.last_eval: tuple[int, float] | None = None  # (step, held-out loss) of the latest evaluation
+        self.last_losses: dict[str, float] | None = None  # its parts (evaluate_losses)
         self.bar = bar
         self.autocast = self._autocast_context()
 
@@ -86,6 +87,10 @@ class Trainer:
         model = Transformer(cfg.model)
         if cfg.init_from:
             self._load_initial_weights(model, cfg.init_from)
+        if cfg.train_only:
+            trained = [name for name, p in model.named_parameters() if p.requires_grad_(self._trains(name)).requires_grad]
+            if not trained:
+                raise ValueError(f"train_only {list(cfg.train_only)} matches no parameter of the model")
         model.to(env.device)
         if cfg.fp8:
             model = _float8(model, env)
@@ -101,8 +106,12 @@ class Trainer:
         source = load_pretrained(path, dtype=torch.float32)
         # Rotary tables are buffers computed from this run's config (YaRN in the long-context stage): keep ours.
         missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
-        if unexpected or [k for k in missing if "rotary" not in k]:
+        # What this run trains from scratch (`train_only`, e.g. a new MTP head) may be absent from the source.
+        if unexpected or [k for k in missing if "rotary" not in k and not (self.config.train_only and self._trains(k))]:
             raise ValueError(f"{path} does not match the recipe's model: missing {missing}, unexpected {unexpected}")
+
+    def _trains(self, name: str) -> bool:
+        return not self.config.train_only or name.startswith(tuple(self.config.train_only))
 
     def _autocast_context(self):
         precision = self.config.precision
@@ -211,9 +220,15 @@ class Trainer:
         self.progress.tokens += accum * cfg.micro_batch * env.world_size * cfg.seq_len
         return record
 
-    @torch.no_grad()
     def evaluate(self) -> float | None:
         """Mean next-token loss over `eval_batches` held-out batches in total (the same rows on every call)."""
+        losses = self.evaluate_losses()
+        return None if losses is None else losses["loss"]
+
+    @torch.no_grad()
+    def evaluate_losses(self) -> dict[str, float] | None:
+        """Held-out means over `eval_batches` batches in total (the same rows on every call): `loss` (next token)
+        and, for a model trained with an MTP loss, `mtp_loss` (token t+2, over the positions that have one)."""
         cfg, env = self.config, self.env
         if not cfg.eval_data:
             return None
@@ -222,28 +237,38 @@ class Trainer:
         loader = PackedLoader(cfg.eval_data, cfg.seq_len, cfg.micro_batch, seed=0, rank=env.rank,
                               world_size=env.world_size, epochs=1)
         self.model.eval()
-        total = torch.zeros((), device=env.device)
-        count = torch.zeros((), device=env.device)
+        sums = torch.zeros(4, device=env.device)  # next-token loss, its targets, MTP loss, its targets
         per_rank = max(1, cfg.eval_batches // env.world_size)  # the same rows in total for any number of ranks
         for i, batch in enumerate(loader):
             if i >= per_rank:
                 break
             batch = {k: v.to(env.device) for k, v in batch.items()}
-            positions, doc_ids = (batch["positions"], batch["doc_ids"]) if cfg.doc_masking else (None, None)
             with self.autocast():
-                out = self.model(batch["input_ids"], positions=positions, doc_ids=doc_ids)
-            total += token_loss_sum(out.logits, batch["targets"])
-            count += (valid_targets(batch["targets"]) != IGNORE).sum()
+                _, parts = pretraining_loss(self.model, batch, self.weights, 1.0, cfg.doc_masking)
+            sums[0] += parts["ce_sum"]
+            sums[1] += (valid_targets(batch["targets"]) != IGNORE).sum()
+            if "mtp_sum" in parts:
+                doc_ids = batch["doc_ids"] if cfg.doc_masking else None
+                sums[2] += parts["mtp_sum"]
+                sums[3] += (mtp_inputs_and_targets(batch["targets"], doc_ids)[1] != IGNORE).sum()
         self.model.train()
-        return (all_reduce_sum(total) / all_reduce_sum(count).clamp(min=1)).item()
+        sums = all_reduce_sum(sums)
+        losses = {"loss": (sums[0] / sums[1].clamp(min=1)).item()}
+        if self.weights.mtp:
+            losses["mtp_loss"] = (sums[2] / sums[3].clamp(min=1)).item()
+        return losses
 
     def _evaluate_and_track(self, metrics: Metrics) -> float | None:
-        """Evaluate and log; remember the evaluation with the lowest loss (its weights too with keep_best)."""
-        loss = self.evaluate()
-        if loss is None:
+        """Evaluate and log; remember the evaluation with the lowest held-out objective (its weights too with
+        keep_best). The objective is the next-token loss, plus the MTP loss at its weight when the model has one
+        (so a run that trains only an MTP head keeps its best head)."""
+        losses = self.evaluate_losses()
+        if losses is None:
             return None
         step = self.progress.step
-        metrics.log(step, eval_loss=loss)
+        metrics.log(step, **{f"eval_{k}": v for k, v in losses.items()})
+        self.last_losses = losses
+        loss = losses["loss"] + self.weights.mtp * losses.get("mtp_loss", 0.0)
         self.last_eval = (step, loss)
         if loss < self.best.loss:
             self.best.step, self.best.loss, self.best.stale = step, loss, 0
@@ -265,7 +290,8 @@ class Trainer:
 
     def fit(self) -> dict:
         """Train until max_steps, the time budget or `patience` runs out; checkpoint, evaluate and log along the
-        way. The summary names the best evaluation (`best_step`, `best_eval_loss`)."""
+        way. The summary names the best evaluation (`best_step`, `best_eval_loss`). Its losses are the held-out
+        objective (see `_evaluate_and_track`); `eval_mtp_loss` is the last evaluation's MTP loss alone."""
         cfg, env = self.config, self.env
         if self.loader is None:
             self._open_loader(self._current_phase())
@@ -306,6 +332,8 @@ class Trainer:
             metrics.close()
         summary = {"steps": self.progress.step, "tokens": self.progress.tokens,
                    "seconds": round(self.progress.seconds, 1), "eval_loss": eval_loss}
+        if self.last_losses and "mtp_loss" in self.last_losses:
+            summary["eval_mtp_loss"] = self.last_losses["mtp_loss"]
         if self.best.step is not None:
             summary.update(best_step=self.best.step, best_eval_loss=self.best.loss)
         if self.out_of_patience():

@@ -55,6 +55,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 1
     init_from: str | None = None  # Hugging Face model directory to start from (long-context stage, continued runs)
+    # Parameter-name prefixes to train, everything else frozen (empty: train all). Weights under these prefixes may
+    # be missing from `init_from` (freshly initialized): ("mtp.",) adds an MTP head to a finished model.
+    train_only: tuple[str, ...] = ()
     export_dtype: str = "bfloat16"
     export_max_shard_mb: float | None = None
 
@@ -68,6 +71,8 @@ class TrainConfig:
             raise ValueError(f"max_steps must be positive, got {self.max_steps}")
         if self.phases and abs(self.phases[-1].until - 1.0) > 1e-9:
             raise ValueError("the last curriculum phase must end at progress 1.0")
+        # "train_only=mtp." on the command line is one prefix, not its characters
+        self.train_only = (self.train_only,) if isinstance(self.train_only, str) else tuple(self.train_only)
         if self.patience is not None and self.patience < 1:
             raise ValueError(f"patience must be at least 1 evaluation, got {self.patience}")
 
@@ -173,6 +178,20 @@ def mellum_tiny_long() -> TrainConfig:
     )
 
 
+def mellum_tiny_mtp() -> TrainConfig:
+    """An MTP head for the bundled reference model, the model itself frozen: Mellum 2's draft layer (DeepSeek-V3
+    §2.2, arXiv:2412.19437: one block predicting token t+2 from h_t and the embedding of token t+1), trained on the
+    reference data so speculative decoding can be measured with trained weights. Only the head's 2.1M parameters
+    learn (the trunk runs forward only), so a CPU trains it in minutes: `scripts/reference_model.sh mtp-cpu`."""
+    base = mellum_tiny()
+    return dataclasses.replace(
+        base, name="mellum-tiny-mtp", model=base.model.replace(num_mtp_layers=1), init_from="mellum/assets/mellum-tiny",
+        train_only=("mtp.",), seq_len=512, micro_batch=8, batch_ramp=BatchRamp(((0, 8),)), max_steps=2000,
+        schedule=WSDSchedule(warmup_steps=20, decay_fraction=0.3), optim=OptimConfig(lr=2e-3, weight_decay=0.0),
+        precision="fp32", compile=False, eval_every=50, eval_batches=8, checkpoint_every=50,
+    )
+
+
 # ---- tiny recipes for tests and this CPU --------------------------------------------------------------------
 def tiny_cpu() -> TrainConfig:
     """Seconds on a CPU: the tiny-dense preset, context 64, batches of 8 sequences."""
@@ -204,6 +223,7 @@ RECIPES: dict[str, Callable[[], TrainConfig]] = {
     "mellum-tiny": mellum_tiny,
     "mellum-tiny-cpu": mellum_tiny_cpu,
     "mellum-tiny-long": mellum_tiny_long,
+    "mellum-tiny-mtp": mellum_tiny_mtp,
     "tiny-cpu": tiny_cpu,
     "tiny-moe-cpu": tiny_moe_cpu,
     "tiny-long-cpu": tiny_long_cpu,

@@ -68,6 +68,13 @@ def test_hf_config_reading_details():
         {**llama4, "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8192}}
     )
     assert yarn.rope_scaling == {"factor": 4.0, "original_max_position_embeddings": 8192, "beta_fast": 32.0, "beta_slow": 1.0}
+    # An MTP head on a Llama model: written under DeepSeek's key, which LlamaForCausalLM ignores; read back.
+    llama_mtp = get_config("tiny-dense").replace(num_mtp_layers=1)
+    hf = llama_mtp.to_hf_config()
+    assert hf["architectures"] == ["LlamaForCausalLM"] and hf["num_nextn_predict_layers"] == 1
+    assert ModelConfig.from_hf_config(hf) == llama_mtp
+    assert (llama_mtp.mtp_layer_type, llama_mtp.mtp_mlp_type) == ("full_attention", "dense")
+    assert "num_nextn_predict_layers" not in get_config("tiny-dense").to_hf_config()
     mellum = get_config("tiny-moe").to_hf_config()
     mellum["rope_parameters"]["sliding_attention"] = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0,
                                                       "original_max_position_embeddings": 64}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -85,6 +86,42 @@ def test_long_context_stage_continues_from_exported_model(tmp_path, code_shards)
         torch.testing.assert_close(p, first.model.state_dict()[name])
     summary = trainer.fit()
     assert summary["tokens"] == 2 * 4 * 128 and summary["eval_loss"] < 7.0
+
+
+def test_mtp_head_trains_on_a_frozen_finished_model(tmp_path, code_shards):
+    """`train_only`: an MTP head added to an exported dense model learns while every trunk weight stays put."""
+    from mellum.checkpoint import load_pretrained
+
+    base = get_recipe("tiny-cpu", _data_overrides(code_shards) + ["max_steps=20", "eval_every=0", "checkpoint_every=0"])
+    first = Trainer(base, tmp_path / "base", init_distributed("cpu"), bar=False)
+    first.fit()
+    exported = first.export(tmp_path / "base-model")
+    config = get_recipe("tiny-cpu", _data_overrides(code_shards) + [
+        f"init_from={str(exported)!r}", "model.num_mtp_layers=1", "train_only=mtp.", "max_steps=20",
+        "eval_every=20", "checkpoint_every=0", "optim.lr=3e-3"])
+    assert config.train_only == ("mtp.",)
+    trainer = Trainer(config, tmp_path / "mtp", init_distributed("cpu"), bar=False)
+    trained = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trained and all(n.startswith("mtp.") for n in trained)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    summary = trainer.fit()
+    for name, p in trainer.model.named_parameters():
+        if name.startswith("mtp."):
+            if p.ndim == 2:  # matrices move (the norms' weights may stay close to one)
+                assert not torch.equal(p, before[name]), name
+        else:
+            torch.testing.assert_close(p, before[name], atol=0, rtol=0)
+    evals = [r for r in read_metrics(tmp_path / "mtp" / "metrics.jsonl") if "eval_mtp_loss" in r]
+    assert len(evals) == 2 and evals[0]["eval_loss"] == pytest.approx(evals[1]["eval_loss"], abs=1e-5)
+    assert evals[1]["eval_mtp_loss"] < evals[0]["eval_mtp_loss"] - 0.5, evals  # the head learns token t+2
+    assert summary["eval_mtp_loss"] == pytest.approx(evals[1]["eval_mtp_loss"])
+    assert summary["eval_loss"] == pytest.approx(evals[1]["eval_loss"] + 0.3 * evals[1]["eval_mtp_loss"])
+    model = load_pretrained(trainer.export(tmp_path / "mtp-model"))  # a Llama model with an MTP head
+    assert model.config.architecture == "llama" and model.config.num_mtp_layers == 1
+    torch.testing.assert_close(model.mtp.fc.weight, trainer.model.mtp.fc.weight)
+    with pytest.raises(ValueError, match="matches no parameter"):
+        Trainer(dataclasses.replace(config, init_from=None, train_only=("nothing.",)), tmp_path / "x",
+                init_distributed("cpu"), bar=False)
 
 
 def test_exact_resume_after_sigkill(tmp_path, code_shards):
