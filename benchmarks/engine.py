@@ -4,9 +4,12 @@ under 1/4/16 concurrent simulated typists. Every ratio is measured in the same r
 
 CPU (default): a Mellum-4B-shaped model scaled down to ~70M parameters, fp32 and int8, random weights.
 GPU: `--device cuda` runs the full `mellum-4b` and `mellum2-12b-a2.5b` shapes in bf16 with random weights.
-Prompts are real code (this Python's standard library) rendered in the Mellum FIM format and encoded with a
-BPE trained on the same files at start-up. Random weights do not continue code the way a trained model does, so
-speculative acceptance here measures the mechanism, not a trained model's: pass `--model DIR` for real weights.
+Prompts are real code (this Python's standard library, or `--code DIR`) rendered in the Mellum FIM format and
+encoded with a BPE trained on the same files at start-up. Random weights do not continue code the way a trained
+model does, so speculative acceptance here measures the mechanism, not a trained model's: pass `--model DIR` for
+real weights (its own tokenizer), e.g. the bundled model with a trained MTP head on code it has not seen:
+
+    python benchmarks/engine.py --model build/reference/run-mtp/mellum-tiny-mtp --code mellum --sections speculative
 
     python benchmarks/engine.py                       # CPU, minutes
     python benchmarks/engine.py --device cuda         # both full shapes on a GPU
@@ -70,13 +73,26 @@ def stdlib_texts() -> list[tuple[str, str]]:
     return out
 
 
+def code_texts(root: str, count: int = len(CONTEXT_FILES)) -> list[tuple[str, str]]:
+    """The `count` largest Python files under `root` (paths relative to it), largest first: code a trained model
+    has not seen (the standard library is in the bundled model's training data)."""
+    base = Path(root)
+    files = sorted((p for p in base.rglob("*.py") if p.is_file()), key=lambda p: (-p.stat().st_size, str(p)))
+    out = [(str(p.relative_to(base)), p.read_text(encoding="utf-8")) for p in files[:count]]
+    if len(out) < 4 or any(len(t) < 4000 for _, t in out[:4]):
+        raise FileNotFoundError(f"--code {root}: need at least 4 Python files of 4,000 characters or more")
+    return out
+
+
 class Prompts:
     """FIM prompts of real code: context files then the current file, cut at a cursor, encoded to a token budget."""
 
-    def __init__(self, vocab_size: int, model_dir: str | None = None, prompt_format: str = "mellum"):
+    def __init__(self, vocab_size: int, model_dir: str | None = None, prompt_format: str = "mellum",
+                 code: str | None = None):
         from mellum.tokenizer import Tokenizer, train_bpe
 
-        self.texts = stdlib_texts()
+        self.texts = code_texts(code) if code else stdlib_texts()
+        self.source = code or "stdlib"
         self.fmt = get_format(prompt_format)
         if model_dir:  # real weights: their own tokenizer and prompt format
             self.tok = Tokenizer.from_pretrained(model_dir)
@@ -84,20 +100,28 @@ class Prompts:
         else:
             t0 = time.perf_counter()
             self.tok = train_bpe([t for _, t in self.texts], vocab_size=min(vocab_size, 16384))
-            print(f"# tokenizer: BPE {self.tok.vocab_size} trained on {len(self.texts)} stdlib files "
+            print(f"# tokenizer: BPE {self.tok.vocab_size} trained on {len(self.texts)} {self.source} files "
                   f"in {time.perf_counter() - t0:.1f}s", flush=True)
         self.stop_ids = tuple(self.tok.id_of(s) for s in self.fmt.stop)
         self.newline_ids = [i for i, s in enumerate(self.tok.token_strings) if "\n" in s]
 
-    def _cursor(self, file_index: int, cursor_frac: float) -> tuple[str, str, str]:
+    def _cursor(self, file_index: int, cursor_frac: float, tokens: int | None = None) -> tuple[str, str, str, str]:
+        """(name, prefix, suffix, rest): up to 3,000 characters before the cursor and 1,500 after it, both cut by
+        a quarter at a time until the current file alone renders to at most `tokens` (None: no limit)."""
         name, text = self.texts[file_index % len(self.texts)]
         cut = text.index("\n", int(len(text) * cursor_frac)) + 1
-        return name, text[:cut][-3000:], text[cut:]
+        before, rest = 3000, text[cut:]
+        while True:
+            prefix, suffix = text[:cut][-before:], rest[:before // 2]
+            if tokens is None or before < 200 or self.tok.count(self.fmt.render(name, prefix, suffix)) <= tokens:
+                return name, prefix, suffix, rest
+            before = before * 3 // 4
 
-    def context(self, tokens: int, file_index: int = 0, cursor_frac: float = 0.6) -> list[ContextFile]:
+    def context(self, tokens: int, file_index: int = 0, cursor_frac: float = 0.6,
+                fit: bool = False) -> list[ContextFile]:
         """Context files (the other modules, the first one trimmed from the left) filling the prompt to `tokens`."""
-        name, prefix, rest = self._cursor(file_index, cursor_frac)
-        budget = tokens - self.tok.count(self.fmt.render(name, prefix, rest[:1500]))
+        name, prefix, suffix, _ = self._cursor(file_index, cursor_frac, tokens if fit else None)
+        budget = tokens - self.tok.count(self.fmt.render(name, prefix, suffix))
         context: list[ContextFile] = []
         for n, t in [(n, t) for n, t in self.texts if n != name]:
             if budget <= 0:
@@ -109,13 +133,15 @@ class Prompts:
         return context
 
     def fim(self, tokens: int, file_index: int = 0, cursor_frac: float = 0.6, typed: str = "",
-            context: list[ContextFile] | None = None) -> tuple[list[int], str]:
+            context: list[ContextFile] | None = None, fit: bool = False) -> tuple[list[int], str]:
         """A prompt of about `tokens` tokens with `typed` added to the prefix, and the text after the cursor.
-        Pass the same `context` for a keystroke sequence: an editor's context stays put while the user types."""
-        name, prefix, rest = self._cursor(file_index, cursor_frac)
+        Pass the same `context` for a keystroke sequence: an editor's context stays put while the user types.
+        The current file alone renders to ~950 tokens; `fit` shortens its prefix and suffix to stay within `tokens`
+        (a model with a short window)."""
+        name, prefix, suffix, rest = self._cursor(file_index, cursor_frac, tokens if fit else None)
         if context is None:
-            context = self.context(tokens, file_index, cursor_frac)
-        prompt = self.fmt.render(name, prefix + typed, rest[:1500], context)  # typing leaves the suffix as it is
+            context = self.context(tokens, file_index, cursor_frac, fit)
+        prompt = self.fmt.render(name, prefix + typed, suffix, context)  # typing leaves the suffix as it is
         return self.tok.encode(prompt, allow_special=True), rest
 
     def repetitive(self, tokens: int) -> list[int]:
@@ -161,6 +187,7 @@ def bandwidths(device: torch.device, nbytes: int, repeats: int = 7) -> tuple[flo
 def decode_bytes(engine: NativeEngine, context: int) -> int:
     """Bytes one decode step must read: all weights but the embedding table (one row) and the experts a token
     does not route to (top-k of E), plus the KV of `context`."""
+    from mellum.engine.quant import Int8Experts
     from mellum.model.moe import Experts
 
     model, cfg = engine.model, engine.config
@@ -168,9 +195,9 @@ def decode_bytes(engine: NativeEngine, context: int) -> int:
     if not cfg.tie_word_embeddings:
         weights -= model.embed_tokens.weight.nbytes
     for module in model.modules():
-        if isinstance(module, Experts) and cfg.num_experts:
+        if isinstance(module, (Experts, Int8Experts)) and cfg.num_experts:
             unused = 1 - cfg.num_experts_per_tok / cfg.num_experts
-            weights -= int(unused * (module.gate_up_proj.nbytes + module.down_proj.nbytes))
+            weights -= int(unused * sum(t.nbytes for t in [*module.parameters(), *module.buffers()]))
     kv = sum(2 * cfg.num_kv_heads * min(context, w or context) * cfg.head_dim for w in engine.windows)
     return weights + kv * engine.cache.layers[0].k.element_size()
 
@@ -369,7 +396,11 @@ def section_speculative(model, args, prompts, table):
     prompt = prompts.repetitive(args.spec_context)
     n = args.spec_tokens
     modes = ["lookup"] + (["mtp"] if model.config.num_mtp_layers else [])
-    results = {}
+    # Real code too: FIM completions at several cursors, each ending where the model ends it (or at 64 tokens).
+    fim = [prompts.fim(args.spec_context, file_index=i, cursor_frac=0.3 + 0.5 * i / max(1, args.spec_prompts),
+                       fit=True)[0] for i in range(args.spec_prompts)]
+    fim_params = SamplingParams(max_new_tokens=64, stop_ids=prompts.stop_ids)
+    results, fim_results = {}, {}
     for mode in [None] + modes:
         engine = make_engine(model, args, prompts, speculative=mode, prefix_cache_mb=0, max_batch=1)
         try:
@@ -380,6 +411,7 @@ def section_speculative(model, args, prompts, table):
                 if best is None or r.timings_ms["decode"] < best.timings_ms["decode"]:
                     best = r
             results[mode] = best
+            fim_results[mode] = [engine.generate(p, fim_params) for p in fim]
         finally:
             engine.close()
     plain = results[None]
@@ -391,8 +423,22 @@ def section_speculative(model, args, prompts, table):
         table.add(f"speculative ({mode}), same prompt", f"{tps(r):.1f} tokens/s",
                   f"acceptance {r.acceptance:.0%} of {r.draft_tokens} drafted; identical: "
                   f"{'yes' if r.tokens == plain.tokens else 'NO'}", f"{tps(r) / tps(plain):.2f}×", goal)
+    # Tokens after the first (the prefill's) over decode time, summed over the completions.
+    rate = lambda rs: (sum(max(0, len(r.tokens) - 1) for r in rs)  # noqa: E731
+                       / max(1e-6, sum(r.timings_ms["decode"] for r in rs) / 1e3))
+    base = fim_results[None]
+    table.add(f"plain decoding, FIM completions of {prompts.source} code ({len(fim)} prompts of "
+              f"~{sum(map(len, fim)) // len(fim)} tokens, {sum(len(r.tokens) for r in base)} tokens)",
+              f"{rate(base):.1f} tokens/s")
+    for mode in modes:
+        rs = fim_results[mode]
+        drafted, accepted = sum(r.draft_tokens for r in rs), sum(r.accepted_tokens for r in rs)
+        same = sum(a.tokens == b.tokens for a, b in zip(rs, base))
+        table.add(f"speculative ({mode}), FIM completions", f"{rate(rs):.1f} tokens/s",
+                  f"acceptance {accepted / max(1, drafted):.0%} of {drafted} drafted; identical: {same}/{len(rs)}",
+                  f"{rate(rs) / rate(base):.2f}×")
     if not model.config.num_mtp_layers:
-        table.add("MTP acceptance", "n/a: this shape has no MTP layer (try --shape mellum2-cpu)")
+        table.add("MTP acceptance", "n/a: this model has no MTP layer (try --shape mellum2-cpu, or a --model with one)")
 
 
 def section_concurrency(model, args, prompts, table):
@@ -451,6 +497,11 @@ def parse_args(argv=None):
     p.add_argument("--keystroke-new-tokens", type=int, default=16)
     p.add_argument("--spec-context", type=int, default=1024)
     p.add_argument("--spec-tokens", type=int, default=128)
+    p.add_argument("--spec-prompts", type=int, default=8,
+                   help="FIM completions of real code for the speculative rows (each ends at the format's stop "
+                        "tokens or 64 tokens)")
+    p.add_argument("--code", help="a directory whose largest Python files make the prompts (default: modules of "
+                                  "this Python's standard library; use code a --model has not trained on)")
     p.add_argument("--typists", default="1,4,16", help="concurrency levels")
     p.add_argument("--typist-tokens", type=int, default=None, help="prompt tokens per typist (default 1024 CPU, 8192 CUDA)")
     p.add_argument("--typist-requests", type=int, default=5)
@@ -505,7 +556,7 @@ def main(argv=None) -> int:
 
             save_pretrained(model, hf_dir.name)
             args.hf_checkpoint = hf_dir.name
-        prompts = Prompts(model.config.vocab_size, args.model, model.config.prompt_format)
+        prompts = Prompts(model.config.vocab_size, args.model, model.config.prompt_format, args.code)
         table = Table(f"{args.model or shape}: {params / 1e6:.0f}M parameters, {name}, {str(args.dtype).split('.')[-1]}"
                       f", bandwidth {bw / 1e9:.1f} GB/s")
         print(f"# {table.title} (built in {time.perf_counter() - t0:.0f}s)", flush=True)
