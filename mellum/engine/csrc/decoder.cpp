@@ -7,9 +7,9 @@
 // and the output head, with the few-row products and one-query attention of simd.h (every core).
 //
 // Scope: dense SwiGLU or mixture-of-experts layers (fp32 router), full or sliding-window attention, fp32 activations
-// (rounded to int16 inside int8 products), fp32 or int8 (per-row scale) weights, up to 16 tokens per call: T consecutive tokens in each of B cache
-// rows (batched decode: T = 1; speculative verify and short prefill chunks: B = 1). Masking follows the stored key positions exactly as
-// mellum.model.attention_mask does. The Python side (mellum/engine/fused.py) decides when it applies and falls back
+// (rounded to int16 inside int8 products), fp32 or int8 (per-row scale) weights, up to 16 tokens per call: T
+// consecutive tokens in each of B cache rows (batched decode: T = 1; speculative verify and short prefill chunks:
+// B = 1). Masking follows the stored key positions exactly as mellum.model.attention_mask does. The Python side (mellum/engine/fused.py) decides when it applies and falls back
 // to the layer-by-layer forward otherwise.
 
 #include <ATen/ATen.h>
@@ -103,7 +103,7 @@ struct RopeTable {
 // fp32, or int8 with one fp32 scale per row (mellum.engine.quant.Int8Experts); the router is fp32.
 struct Experts {
   const float* router = nullptr;  // [E, C]
-  Linear gate_up, down;  // all experts as one [E * 2I, C] and one [E * C, I] matrix (expert e: rows e * N_e...)
+  Linear gate_up, down;  // all experts as one [E * 2I, C] and one [E * C, I] matrix: expert e's N rows start at e * N
   int64_t E = 0, K = 0, I = 0;
   bool renormalise = true;
 
