@@ -109,6 +109,7 @@ def pretraining_loss(
         mtp_sum = token_loss_sum(mtp_logits, mtp_targets)
         total = total + weights.mtp * mtp_sum / num_targets
         parts["mtp_sum"] = mtp_sum.detach()
+        parts["mtp_targets"] = (mtp_targets != IGNORE).sum()  # positions with a token t+2 (held-out means)
     return total, parts
 
 

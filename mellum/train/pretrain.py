@@ -28,7 +28,7 @@ import torch
 
 from mellum.train import checkpointing
 from mellum.train.distributed import DistEnv, all_reduce_sum, barrier, init_distributed, shard_model, shutdown
-from mellum.train.losses import IGNORE, LossWeights, mtp_inputs_and_targets, pretraining_loss, valid_targets
+from mellum.train.losses import IGNORE, LossWeights, pretraining_loss, valid_targets
 from mellum.train.metrics import Metrics
 from mellum.train.optim import build_optimizers, set_lr_factor
 from mellum.train.recipes import RECIPES, TrainConfig, get_recipe
@@ -248,9 +248,8 @@ class Trainer:
             sums[0] += parts["ce_sum"]
             sums[1] += (valid_targets(batch["targets"]) != IGNORE).sum()
             if "mtp_sum" in parts:
-                doc_ids = batch["doc_ids"] if cfg.doc_masking else None
                 sums[2] += parts["mtp_sum"]
-                sums[3] += (mtp_inputs_and_targets(batch["targets"], doc_ids)[1] != IGNORE).sum()
+                sums[3] += parts["mtp_targets"]
         self.model.train()
         sums = all_reduce_sum(sums)
         losses = {"loss": (sums[0] / sums[1].clamp(min=1)).item()}

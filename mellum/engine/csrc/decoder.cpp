@@ -66,10 +66,10 @@ struct Linear {
   }
 };
 
-const float* vector_of(const at::Tensor& t, int64_t n, const char* name, int64_t layer) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 1 && t.size(0) == n &&
+const float* tensor_of(const at::Tensor& t, std::vector<int64_t> shape, const char* name, int64_t layer) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.sizes() == at::IntArrayRef(shape) &&
                   t.is_contiguous(),
-              "mellum::Decoder: layer ", layer, " ", name, ": a contiguous float32 vector of ", n, " expected, got ",
+              "mellum::Decoder: layer ", layer, " ", name, ": a contiguous float32 tensor ", shape, " expected, got ",
               t.sizes(), " ", t.scalar_type());
   return t.data_ptr<float>();
 }
@@ -115,14 +115,6 @@ struct Experts {
       product_into(x, w.w32 + e * N * w.K, y, M, w.K, N);
   }
 };
-
-const float* tensor_of(const at::Tensor& t, std::vector<int64_t> shape, const char* name, int64_t layer) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.sizes() == at::IntArrayRef(shape) &&
-                  t.is_contiguous(),
-              "mellum::Decoder: layer ", layer, " ", name, ": a contiguous float32 tensor ", shape, " expected, got ",
-              t.sizes(), " ", t.scalar_type());
-  return t.data_ptr<float>();
-}
 
 // Stacked expert weights [E, N, K] (and scales [E, N] for int8) viewed as one [E * N, K] linear layer.
 Linear experts_linear(const at::Tensor& w, const at::Tensor& scale, std::vector<int64_t> shape, const char* name,
@@ -236,7 +228,7 @@ struct Decoder : torch::CustomClassHolder {
                 "mellum::Decoder: float32 embedding [V, C] expected");
     embed_t = embed_weight, final_norm_t = final_norm_weight;
     embed = embed_weight.data_ptr<float>();
-    final_norm = vector_of(final_norm_weight, C, "final norm", -1);
+    final_norm = tensor_of(final_norm_weight, {C}, "final norm", -1);
     lm_head = Linear(lm_weight, lm_scale, C, "lm_head", -1);
     TORCH_CHECK(lm_head.N == V, "mellum::Decoder: lm_head has ", lm_head.N, " outputs, vocabulary ", V);
     layer_tensors_ = layer_tensors;
@@ -244,13 +236,13 @@ struct Decoder : torch::CustomClassHolder {
       const at::Tensor* t = layer_tensors.data() + i * kPerLayer;
       const int64_t li = static_cast<int64_t>(i);
       Layer layer;
-      layer.in_norm = vector_of(t[0], C, "input norm", li);
+      layer.in_norm = tensor_of(t[0], {C}, "input norm", li);
       layer.qkv = Linear(t[1], t[2], C, "qkv_proj", li);
       TORCH_CHECK(layer.qkv.N == (H + 2 * Hkv) * D, "mellum::Decoder: layer ", li, " qkv_proj has ", layer.qkv.N,
                   " outputs, expected ", (H + 2 * Hkv) * D);
       layer.o = Linear(t[3], t[4], H * D, "o_proj", li);
       TORCH_CHECK(layer.o.N == C, "mellum::Decoder: layer ", li, " o_proj has ", layer.o.N, " outputs");
-      layer.post_norm = vector_of(t[5], C, "post-attention norm", li);
+      layer.post_norm = tensor_of(t[5], {C}, "post-attention norm", li);
       if (t[12].numel() != 0) {
         TORCH_CHECK(E > 0, "mellum::Decoder: layer ", li, " has a router but dims declare no experts");
         Experts& ex = layer.experts;
@@ -268,8 +260,8 @@ struct Decoder : torch::CustomClassHolder {
       TORCH_CHECK((t[10].numel() == 0) == (t[11].numel() == 0), "mellum::Decoder: layer ", li,
                   ": both QK norms or neither");
       if (t[10].numel() != 0) {
-        layer.q_norm = vector_of(t[10], D, "q norm", li);
-        layer.k_norm = vector_of(t[11], D, "k norm", li);
+        layer.q_norm = tensor_of(t[10], {D}, "q norm", li);
+        layer.k_norm = tensor_of(t[11], {D}, "k norm", li);
       }
       layer.k_cache = caches[3 * i], layer.v_cache = caches[3 * i + 1], layer.pos_cache = caches[3 * i + 2];
       const at::Tensor &kc = layer.k_cache, &vc = layer.v_cache, &pc = layer.pos_cache;
@@ -287,7 +279,7 @@ struct Decoder : torch::CustomClassHolder {
       layer.slots = kc.size(2);
       layer.window = windows[i];
       TORCH_CHECK(layer.window >= 0, "mellum::Decoder: windows must be >= 0 (0: full attention)");
-      const float* freqs = vector_of(inv_freqs[i], D / 2, "rotary frequencies", li);
+      const float* freqs = tensor_of(inv_freqs[i], {D / 2}, "rotary frequencies", li);
       const float factor = static_cast<float>(attention_factors[i]);
       layer.table = 0;
       while (layer.table < tables.size() &&
