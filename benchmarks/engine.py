@@ -11,6 +11,10 @@ real weights (its own tokenizer), e.g. the bundled model with a trained MTP head
 
     python benchmarks/engine.py --model build/reference/run-mtp/mellum-tiny-mtp --code mellum --sections speculative
 
+When llama-cpp-python and gguf are installed (`pip install llama-cpp-python gguf`; it compiles for minutes), Llama
+shapes are also run by llama.cpp on the same weights exported to GGUF (`mellum.gguf`): decode F32 beside fp32 and
+Q8_0 beside int8, and the FIM request, with greedy tokens compared.
+
     python benchmarks/engine.py                       # CPU, minutes
     python benchmarks/engine.py --device cuda         # both full shapes on a GPU
     python benchmarks/engine.py --sections decode,fim --shape mellum2-cpu
@@ -268,6 +272,7 @@ def section_decode(model, args, prompts, table, bw):
             for _ in range(args.repeats):
                 r = engine.generate(prompt, SamplingParams(max_new_tokens=n))
                 best = min(best, r.timings_ms["decode"] / (len(r.tokens) - 1))
+                ours_tokens = r.tokens
                 if ab:
                     with cpu_kernels.disabled():
                         r = engine.generate(prompt, SamplingParams(max_new_tokens=n))
@@ -286,6 +291,13 @@ def section_decode(model, args, prompts, table, bw):
                           f"{torch_best / best:.2f}× faster with them")
         finally:
             engine.close()
+        if args.llama_cpp_missing is None:  # llama.cpp on the same weights: F32 beside fp32, Q8_0 beside int8
+            kind = "q8_0" if quant else "f32"
+            _, _, step, tokens = llama_cpp_generate(args, kind, prompt, n, args.repeats)
+            table.add(f"decode ms/token, llama.cpp {kind.upper()} (same weights, GGUF)", f"{step:.2f} ms",
+                      f"ours {label} {best:.2f} ms", f"ours {step / best:.2f}× its speed", "≥ 1× (peer to beat)")
+            if not quant:
+                table.add("identical greedy tokens, llama.cpp F32 vs ours", same_prefix(tokens, ours_tokens))
 
 
 def section_fim(model, args, prompts, table):
@@ -317,15 +329,20 @@ def section_fim(model, args, prompts, table):
         table.add("FIM request, transformers vs ours with prefix cache", f"{hf_ms:.0f} ms", f"ours {warm_ms:.0f} ms",
                   f"{hf_ms / warm_ms:.1f}× faster")
         table.add("identical greedy tokens vs transformers", "yes" if same else "no")
-    try:
-        import llama_cpp  # noqa: F401
-        table.add("llama.cpp", "installed but not wired in this run (needs a GGUF export)")
-    except ImportError:
-        table.add("llama.cpp comparison", "skipped: llama-cpp-python not installed")
+    if args.llama_cpp_missing is not None:
+        table.add("llama.cpp comparison", f"skipped: {args.llama_cpp_missing}")
+        return
+    total, prefill, _, tokens = llama_cpp_generate(args, "f32", prompt, n)
+    table.add("FIM request, llama.cpp F32 (same weights, GGUF)", f"{total:.0f} ms",
+              f"ours {ours_ms:.0f} ms cold (prefill {prefill_ms:.0f} vs {prefill:.0f} ms)",
+              f"ours {total / ours_ms:.2f}× its speed")
+    table.add("FIM request, llama.cpp F32 vs ours with prefix cache", f"{total:.0f} ms", f"ours {warm_ms:.0f} ms",
+              f"ours {total / warm_ms:.1f}× its speed")
+    table.add("identical greedy tokens, llama.cpp F32 vs ours (FIM request)", same_prefix(tokens, ours.tokens))
 
 
 def transformers_generate(args, prompt, n, our_tokens):
-    if args.hf_checkpoint is None:
+    if args.hf_checkpoint is None or args.skip_hf:
         return None, None
     try:
         import transformers
@@ -345,6 +362,68 @@ def transformers_generate(args, prompt, n, our_tokens):
         ms = (time.perf_counter() - t0) * 1e3
     del hf
     return ms, out[0, len(prompt):].tolist() == our_tokens
+
+
+def llama_cpp_missing(args, model) -> str | None:
+    """Why llama.cpp is not compared in this run, or None when it is."""
+    if args.device != "cpu":
+        return "CPU runs only (this build of llama-cpp-python is CPU)"
+    if model.config.architecture != "llama":
+        return f"no llama.cpp architecture for {model.config.architecture!r} models (GGUF export is Llama only)"
+    try:
+        import gguf  # noqa: F401
+        import llama_cpp  # noqa: F401
+    except ImportError as exc:
+        return f"{exc.name} not installed (pip install llama-cpp-python gguf)"
+    return None
+
+
+def gguf_file(args, kind: str) -> str:
+    """The run's checkpoint exported to GGUF `kind` (f32, q8_0), once per shape."""
+    from mellum.gguf import export_gguf
+
+    if kind not in args.gguf:
+        path = Path(args.hf_checkpoint) / f"model-{kind}.gguf"
+        export_gguf(args.hf_checkpoint, path, kind, progress=False)
+        args.gguf[kind] = str(path)
+    return args.gguf[kind]
+
+
+def llama_cpp_generate(args, kind: str, prompt: list[int], n: int, repeats: int = 1):
+    """llama.cpp (llama-cpp-python) on the same weights in GGUF `kind`: greedy over `n` tokens after `prompt`,
+    threads as ours. Returns (request ms, prefill ms, decode ms per token, tokens), best of `repeats` each."""
+    import llama_cpp
+    import numpy as np
+
+    threads = torch.get_num_threads()
+    llm = llama_cpp.Llama(gguf_file(args, kind), n_ctx=len(prompt) + n + 8, n_threads=threads,
+                          n_threads_batch=threads, n_batch=512, verbose=False)
+    try:
+        llm.eval(prompt[:64])  # warm-up
+        total = prefill = step = float("inf")
+        for _ in range(repeats):
+            llm.reset()
+            t0 = time.perf_counter()
+            llm.eval(prompt)
+            t1 = time.perf_counter()
+            tokens = []
+            for i in range(n):
+                logits = llama_cpp.llama_get_logits_ith(llm.ctx, -1)  # the last evaluated token's
+                tokens.append(int(np.ctypeslib.as_array(logits, shape=(llm.n_vocab(),)).argmax()))
+                if i + 1 < n:
+                    llm.eval([tokens[-1]])
+            t2 = time.perf_counter()
+            total, prefill = min(total, (t2 - t0) * 1e3), min(prefill, (t1 - t0) * 1e3)
+            step = min(step, (t2 - t1) * 1e3 / max(1, n - 1))
+    finally:
+        llm.close()
+    return total, prefill, step, tokens
+
+
+def same_prefix(a: list[int], b: list[int]) -> str:
+    """How many leading tokens two greedy runs share, e.g. "32 of 32"."""
+    k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return f"{k} of {max(len(a), len(b))}"
 
 
 def keystroke_prompts(prompts: Prompts, tokens: int, count: int, file_index: int = 0, seed: int = 0) -> list[list[int]]:
@@ -549,14 +628,18 @@ def main(argv=None) -> int:
         params = sum(p.numel() for p in model.parameters())
         # The transformers reference loads the weights as saved now: engines then take the model over (fused
         # projections, int8), and such a model no longer saves in the Hugging Face layout.
+        # llama.cpp reads the same checkpoint exported to GGUF, with the run's tokenizer inside.
         hf_dir = tempfile.TemporaryDirectory()
-        args.hf_checkpoint = None
-        if "fim" in args.sections and not args.skip_hf:
+        args.hf_checkpoint, args.gguf = None, {}
+        args.llama_cpp_missing = llama_cpp_missing(args, model)
+        prompts = Prompts(model.config.vocab_size, args.model, model.config.prompt_format, args.code)
+        if ("fim" in args.sections and not args.skip_hf) or (
+                args.llama_cpp_missing is None and {"decode", "fim"} & set(args.sections)):
             from mellum import save_pretrained
 
             save_pretrained(model, hf_dir.name)
+            prompts.tok.save(hf_dir.name)
             args.hf_checkpoint = hf_dir.name
-        prompts = Prompts(model.config.vocab_size, args.model, model.config.prompt_format, args.code)
         table = Table(f"{args.model or shape}: {params / 1e6:.0f}M parameters, {name}, {str(args.dtype).split('.')[-1]}"
                       f", bandwidth {bw / 1e9:.1f} GB/s")
         print(f"# {table.title} (built in {time.perf_counter() - t0:.0f}s)", flush=True)

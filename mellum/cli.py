@@ -27,12 +27,14 @@ COMMANDS: dict[str, str] = {
     "train dpo": "train_dpo",
     "train grpo": "train_grpo",
     "eval": "eval",
+    "export gguf": "export_gguf",
 }
 
 GROUP_HELP = {
     "data": "build training corpora and export preference pairs",
     "tokenizer": "train a byte-level BPE tokenizer with the Mellum special tokens",
     "train": "pre-training and post-training stages",
+    "export": "write a model in another engine's format",
 }
 
 # One-line help per command, kept here so `mellum --help` imports no command module.
@@ -51,6 +53,7 @@ COMMAND_HELP = {
     "train dpo": "direct preference optimisation from preference pairs",
     "train grpo": "reinforcement learning with verifiable rewards (GRPO)",
     "eval": "benchmarks: FIM, repository-level, generation, latency",
+    "export gguf": "write a Llama-architecture model as a GGUF file for llama.cpp (f32, f16, bf16, q8_0)",
 }
 
 
