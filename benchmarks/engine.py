@@ -258,46 +258,57 @@ def make_engine(model, args, prompts: Prompts, **options) -> NativeEngine:
 def section_decode(model, args, prompts, table, bw):
     prompt, _ = prompts.fim(args.decode_context)
     n = args.decode_tokens
-    variants = [("fp32" if args.dtype == torch.float32 else str(args.dtype).split(".")[-1], None)]
+    weights = [("fp32" if args.dtype == torch.float32 else str(args.dtype).split(".")[-1], None)]
     if args.int8:
-        variants.append(("int8", "int8"))
-    for label, quant in variants:
-        m = model if quant is None else build_model(args, args.current_shape)
-        engine = make_engine(m, args, prompts, speculative=None, prefix_cache_mb=0, max_batch=1, quantize=quant)
-        try:
-            engine.generate(prompt[:64], SamplingParams(max_new_tokens=4))  # warm-up
-            # On CPU, Mellum's kernels and PyTorch's products alternate run by run (a noisy machine shifts both).
-            ab = engine.device.type == "cpu" and cpu_kernels.ready()
-            best, torch_best = float("inf"), float("inf")
-            for _ in range(args.repeats):
-                r = engine.generate(prompt, SamplingParams(max_new_tokens=n))
-                best = min(best, r.timings_ms["decode"] / (len(r.tokens) - 1))
-                ours_tokens = r.tokens
-                if ab:
-                    with cpu_kernels.disabled():
-                        r = engine.generate(prompt, SamplingParams(max_new_tokens=n))
-                    torch_best = min(torch_best, r.timings_ms["decode"] / (len(r.tokens) - 1))
-            read, copy = bandwidths(engine.device, (2 << 30) if engine.device.type == "cuda" else (256 << 20))
-            bw = max(bw, read, copy)
-            floor = decode_bytes(engine, len(prompt) + n) / bw * 1e3
-            read_floor = decode_bytes(engine, len(prompt) + n) / read * 1e3
-            table.add(f"decode ms/token, batch 1, {label}, context {len(prompt)}", f"{best:.2f} ms",
-                      f"floor {floor:.2f} ms ({decode_bytes(engine, len(prompt)) / 1e6:.0f} MB / {bw / 1e9:.1f} GB/s; "
-                      f"read-only {read / 1e9:.1f} GB/s: {read_floor / best:.0%})",
-                      f"{floor / best:.0%} of floor", "≥ 75%")
-            if ab:
-                table.add(f"decode ms/token, {label}, PyTorch's products (Mellum's CPU kernels off)",
-                          f"{torch_best:.2f} ms", f"with the kernels {best:.2f} ms (runs alternated)",
-                          f"{torch_best / best:.2f}× faster with them")
-        finally:
-            engine.close()
+        weights.append(("int8", "int8"))
+    # On CPU each weight type also runs with an fp16 KV cache (kv_dtype), llama.cpp's default cache type.
+    kv_types = [None, "float16"] if args.device == "cpu" and args.dtype == torch.float32 else [None]
+    for label, quant in weights:
+        for kv in kv_types:
+            m = model if quant is None and kv is None else build_model(args, args.current_shape)
+            name = label if kv is None else f"{label}, fp16 KV cache"
+            best, tokens = decode_rows(m, args, prompts, table, bw, prompt, n, name, quant=quant, kv=kv)
         if args.llama_cpp_missing is None:  # llama.cpp on the same weights: F32 beside fp32, Q8_0 beside int8
             kind = "q8_0" if quant else "f32"
-            _, _, step, tokens = llama_cpp_generate(args, kind, prompt, n, args.repeats)
-            table.add(f"decode ms/token, llama.cpp {kind.upper()} (same weights, GGUF)", f"{step:.2f} ms",
-                      f"ours {label} {best:.2f} ms", f"ours {step / best:.2f}× its speed", "≥ 1× (peer to beat)")
-            if not quant:
-                table.add("identical greedy tokens, llama.cpp F32 vs ours", same_prefix(tokens, ours_tokens))
+            _, _, step, theirs = llama_cpp_generate(args, kind, prompt, n, args.repeats)
+            table.add(f"decode ms/token, llama.cpp {kind.upper()}, F16 KV cache (same weights, GGUF)", f"{step:.2f} ms",
+                      f"ours {name} {best:.2f} ms", f"ours {step / best:.2f}× its speed", "≥ 1× (peer to beat)")
+            table.add(f"identical greedy tokens, llama.cpp {kind.upper()} vs ours {name}", same_prefix(theirs, tokens))
+
+
+def decode_rows(model, args, prompts, table, bw, prompt, n, label, quant=None, kv=None) -> tuple[float, list[int]]:
+    """Decode ms/token of one engine setting against the bandwidth floor (and, with Mellum's CPU kernels and an
+    fp32-or-int8 cache, against PyTorch's products in alternated runs). Returns (best ms/token, greedy tokens)."""
+    engine = make_engine(model, args, prompts, speculative=None, prefix_cache_mb=0, max_batch=1, quantize=quant,
+                         kv_dtype=kv)
+    try:
+        engine.generate(prompt[:64], SamplingParams(max_new_tokens=4))  # warm-up
+        # On CPU, Mellum's kernels and PyTorch's products alternate run by run (a noisy machine shifts both).
+        ab = engine.device.type == "cpu" and cpu_kernels.ready() and kv is None
+        best, torch_best = float("inf"), float("inf")
+        for _ in range(args.repeats):
+            r = engine.generate(prompt, SamplingParams(max_new_tokens=n))
+            best = min(best, r.timings_ms["decode"] / (len(r.tokens) - 1))
+            tokens = r.tokens
+            if ab:
+                with cpu_kernels.disabled():
+                    r = engine.generate(prompt, SamplingParams(max_new_tokens=n))
+                torch_best = min(torch_best, r.timings_ms["decode"] / (len(r.tokens) - 1))
+        read, copy = bandwidths(engine.device, (2 << 30) if engine.device.type == "cuda" else (256 << 20))
+        bw = max(bw, read, copy)
+        floor = decode_bytes(engine, len(prompt) + n) / bw * 1e3
+        read_floor = decode_bytes(engine, len(prompt) + n) / read * 1e3
+        table.add(f"decode ms/token, batch 1, {label}, context {len(prompt)}", f"{best:.2f} ms",
+                  f"floor {floor:.2f} ms ({decode_bytes(engine, len(prompt)) / 1e6:.0f} MB / {bw / 1e9:.1f} GB/s; "
+                  f"read-only {read / 1e9:.1f} GB/s: {read_floor / best:.0%})",
+                  f"{floor / best:.0%} of floor", "≥ 75%")
+        if ab:
+            table.add(f"decode ms/token, {label}, PyTorch's products (Mellum's CPU kernels off)",
+                      f"{torch_best:.2f} ms", f"with the kernels {best:.2f} ms (runs alternated)",
+                      f"{torch_best / best:.2f}× faster with them")
+    finally:
+        engine.close()
+    return best, tokens
 
 
 def section_fim(model, args, prompts, table):

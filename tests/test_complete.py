@@ -411,6 +411,10 @@ def test_complete_command(model_dir, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["generated_tokens"] <= 5 and out["id"] and "total" in out["timings_ms"]
     assert "<filename>store.py\n" in out["prompt"]
+    rc = main(["complete", "--model", str(model_dir), "--file", str(src), "--line", str(line), "--column", "12",
+               "--project", str(src.parent), "--json", "--max-new-tokens", "5", "--kv-dtype", "float16"])
+    half = json.loads(capsys.readouterr().out)
+    assert rc == 0 and half["prompt_tokens"] == out["prompt_tokens"] and half["generated_tokens"] <= 5
     assert main(["complete", "--model", str(model_dir), "--file", str(src), "--line", "99", "--column", "1"]) == 2
     assert "line 99 is outside" in capsys.readouterr().err
     assert main(["complete", "--model", str(tmp_path), "--file", str(src), "--line", "1", "--column", "1"]) == 2

@@ -36,6 +36,9 @@ def configure(parser) -> None:
                                                                    "inside the JSON with --json)")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument("--quantize", choices=["int8"], default=None, help="int8 weight-only quantization")
+    parser.add_argument("--kv-dtype", choices=["float32", "float16"], default=None,
+                        help="KV cache element type on CPU: float32 (default, exact) or float16 (half the bytes "
+                             "attention reads per decode step; keys and values rounded)")
 
 
 def split_at(text: str, line: int, column: int) -> tuple[str, str]:
@@ -74,7 +77,8 @@ def run(args) -> int:
         raise FileNotFoundError(f"no model at {model_dir} (expected config.json, weights and tokenizer.json)")
 
     rel = _display_path(path, args.project)
-    service = CompletionService.from_pretrained(model_dir, device=args.device, quantize=args.quantize)
+    options = {"kv_dtype": args.kv_dtype} if args.kv_dtype else {}
+    service = CompletionService.from_pretrained(model_dir, device=args.device, quantize=args.quantize, **options)
     try:
         request = CompletionRequest(path=rel, prefix=prefix, suffix=suffix, project_root=args.project,
                                     max_new_tokens=args.max_new_tokens, temperature=args.temperature,

@@ -22,6 +22,9 @@ def add_model_arguments(parser) -> None:
     parser.add_argument("--prefix-cache-mb", type=float, default=None,
                         help="memory budget of the engine's cross-request prefix (KV) cache (default 256; 0 = off)")
     parser.add_argument("--quantize", choices=["int8"], default=None, help="int8 weight-only quantization")
+    parser.add_argument("--kv-dtype", choices=["float32", "float16"], default=None,
+                        help="KV cache element type on CPU: float32 (default, exact) or float16 (half the cache "
+                             "memory and of the bytes attention reads per decode step; keys and values rounded)")
     parser.add_argument("--kv-cache-mb", type=float, default=None,
                         help="memory budget of the engine's KV cache: concurrent sequences are limited to what fits "
                              "(default on CPU: a quarter of the machine's memory)")
@@ -32,7 +35,8 @@ def load_service(path, args):
     from mellum.complete import CompletionService
 
     options = {name: value for name, value in (("prefix_cache_mb", args.prefix_cache_mb),
-                                               ("kv_cache_mb", args.kv_cache_mb)) if value is not None}
+                                               ("kv_cache_mb", args.kv_cache_mb),
+                                               ("kv_dtype", args.kv_dtype)) if value is not None}
     return CompletionService.from_pretrained(path, device=args.device, quantize=args.quantize, **options)
 
 

@@ -61,8 +61,8 @@ class FusedDecoder:
         layers = getattr(model, "layers", None)
         if config is None or layers is None or not hasattr(model, "embed_tokens"):
             return None, "not a mellum Transformer"
-        if cache.device.type != "cpu" or cache.dtype != torch.float32:
-            return None, "the KV cache is not float32 on CPU"
+        if cache.device.type != "cpu" or cache.dtype not in (torch.float32, torch.float16):
+            return None, "the KV cache is not float32 or float16 on CPU"
         if model.embed_tokens.weight.dtype != torch.float32:
             return None, "the weights are not float32"
         lm_head = _linear(model.lm_head)

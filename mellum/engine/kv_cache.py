@@ -137,7 +137,17 @@ class CacheView:
         return t[self._slice] if self._slice is not None else t[self._rows]
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
-        """Store k, v [B, Hkv, T, D] at `positions` [B, T]; return (k_all, v_all [B, Hkv, S, D], mask [B, 1, T, S])."""
+        """Store k, v [B, Hkv, T, D] at `positions` [B, T]; return (k_all, v_all [B, Hkv, S, D], mask [B, 1, T, S]).
+        A cache of another dtype than k (fp16 beside fp32 activations) stores rounded values and returns them in k's
+        dtype, so attention sees exactly what later steps (and the fused decoder) read back."""
+        k_all, v_all, mask = self._update(layer_idx, k, v, positions)
+        if k_all.dtype == k.dtype:
+            return k_all, v_all, mask
+        if isinstance(mask, CachedPrefix):
+            mask = CachedPrefix(mask.k.to(k.dtype), mask.v.to(k.dtype))
+        return k_all.to(k.dtype), v_all.to(k.dtype), mask
+
+    def _update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
         layer = self.cache.layers[layer_idx]
         B, _, T, _ = k.shape
         slots = positions % layer.size  # [B, T]

@@ -46,6 +46,10 @@ class EngineOptions:
     max_ngram: int = 4
     cuda_graphs: bool = True  # replay captured graphs for single-sequence decode steps on CUDA
     fused_decode: bool = True  # CPU: forwards of up to 16 tokens (decode, verify) through the fused C++ forward
+    # KV cache element type; None: the compute dtype. torch.float16 (or "float16") on CPU halves the bytes attention
+    # reads per decode step and the cache's memory (llama.cpp's default cache type); keys and values are then rounded
+    # to fp16, so greedy tokens may differ from an fp32 cache's where two logits nearly tie.
+    kv_dtype: torch.dtype | str | None = None
 
 
 class NativeEngine:
@@ -100,6 +104,7 @@ class NativeEngine:
             opts.first_chunk = opts.prefill_chunk or (8192 if self.device.type == "cuda" else 2048)
         if opts.prefill_chunk is None:
             opts.prefill_chunk = 2048 if self.device.type == "cuda" else 512
+        self.kv_dtype = self._kv_dtype(opts.kv_dtype)
         self.vocab_size = config.vocab_size
         self.max_len = opts.max_seq_len or min(config.max_position_embeddings, 8192)
         self.newline_ids = frozenset(int(i) for i in newline_ids)
@@ -109,7 +114,7 @@ class NativeEngine:
         slack = max(opts.ring_slack, opts.max_draft + 1, 2 * opts.block_tokens)
         opts.max_batch = self._fit_rows(config, slack)
         self.cache = KVCache(self.windows, rows=opts.max_batch, max_len=self.max_len,
-                             num_kv_heads=config.num_kv_heads, head_dim=config.head_dim, dtype=dtype,
+                             num_kv_heads=config.num_kv_heads, head_dim=config.head_dim, dtype=self.kv_dtype,
                              device=self.device, slack=slack,
                              separate_layers=tuple(range(config.num_layers, n_layers)))
         self.prefix_cache = PrefixCache(int(opts.prefix_cache_mb * 2**20), opts.block_tokens, self.windows)
@@ -134,6 +139,22 @@ class NativeEngine:
             self._graphs = GraphedDecode(self)
         self.scheduler = Scheduler(self, opts.max_batch, speculative=opts.speculative is not None)
 
+    def _kv_dtype(self, kv_dtype) -> torch.dtype:
+        """The cache's element type: the compute dtype, or float16 beside fp32 compute on CPU."""
+        if kv_dtype is None:
+            return self.dtype
+        names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+                 "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+        if isinstance(kv_dtype, str):
+            if kv_dtype not in names:
+                raise ValueError(f"unknown kv_dtype {kv_dtype!r}; use one of {', '.join(names)}")
+            kv_dtype = names[kv_dtype]
+        if kv_dtype != self.dtype and not (self.device.type == "cpu" and kv_dtype == torch.float16
+                                           and self.dtype == torch.float32):
+            raise ValueError(f"kv_dtype {kv_dtype} with compute dtype {self.dtype} on {self.device.type}: only the "
+                             "compute dtype, or float16 beside float32 on CPU")
+        return kv_dtype
+
     def _fit_rows(self, config, slack: int) -> int:
         """Cache rows that fit the KV budget (at most max_batch). A Mellum-4B row of 8,192 tokens holds 6 GB of fp32
         KV on a CPU, so four rows would not fit beside the weights on most machines: the engine runs fewer
@@ -147,8 +168,8 @@ class NativeEngine:
                 budget_mb = None
         if budget_mb is None:
             return opts.max_batch
-        row_bytes = KVCache.row_nbytes(self.windows, self.max_len, config.num_kv_heads, config.head_dim, self.dtype,
-                                       slack)
+        row_bytes = KVCache.row_nbytes(self.windows, self.max_len, config.num_kv_heads, config.head_dim,
+                                       self.kv_dtype, slack)
         rows = min(opts.max_batch, int(budget_mb * 2**20 // row_bytes))
         if rows < 1:
             raise ValueError(f"one sequence of {self.max_len} tokens needs {row_bytes / 2**20:,.0f} MB of KV cache, "

@@ -180,8 +180,9 @@ struct Layer {
   const float *in_norm, *post_norm, *q_norm = nullptr, *k_norm = nullptr;
   Linear qkv, o, gate_up, down;  // gate_up, down: dense layers only
   Experts experts;  // sparse layers only (experts.E > 0)
-  at::Tensor k_cache, v_cache, pos_cache;  // [R, Hkv, S, D] x2, [R, S] int64
-  float *k, *v;
+  at::Tensor k_cache, v_cache, pos_cache;  // [R, Hkv, S, D] x2 (fp32 or fp16), [R, S] int64
+  float *k = nullptr, *v = nullptr;  // fp32 caches
+  uint16_t *k16 = nullptr, *v16 = nullptr;  // fp16 caches
   int64_t* pos;
   int64_t slots, window;  // window 0: full attention
   size_t table;  // index into Decoder::tables
@@ -265,17 +266,23 @@ struct Decoder : torch::CustomClassHolder {
       }
       layer.k_cache = caches[3 * i], layer.v_cache = caches[3 * i + 1], layer.pos_cache = caches[3 * i + 2];
       const at::Tensor &kc = layer.k_cache, &vc = layer.v_cache, &pc = layer.pos_cache;
-      TORCH_CHECK(kc.scalar_type() == at::kFloat && kc.dim() == 4 && kc.size(1) == Hkv && kc.size(3) == D &&
-                      kc.is_contiguous() && vc.sizes() == kc.sizes() && vc.scalar_type() == at::kFloat &&
-                      vc.is_contiguous(),
-                  "mellum::Decoder: layer ", li, ": contiguous float32 k and v caches [R, ", Hkv, ", S, ", D,
-                  "] expected, got ", kc.sizes(), " and ", vc.sizes());
+      TORCH_CHECK((kc.scalar_type() == at::kFloat || kc.scalar_type() == at::kHalf) && kc.dim() == 4 &&
+                      kc.size(1) == Hkv && kc.size(3) == D && kc.is_contiguous() && vc.sizes() == kc.sizes() &&
+                      vc.scalar_type() == kc.scalar_type() && vc.is_contiguous(),
+                  "mellum::Decoder: layer ", li, ": contiguous float32 or float16 k and v caches [R, ", Hkv, ", S, ",
+                  D, "] expected, got ", kc.sizes(), " and ", vc.sizes());
       TORCH_CHECK(pc.scalar_type() == at::kLong && pc.dim() == 2 && pc.size(0) == kc.size(0) &&
                       pc.size(1) == kc.size(2) && pc.is_contiguous(),
                   "mellum::Decoder: layer ", li, ": int64 positions [R, S] expected");
       if (i == 0) rows = kc.size(0);
       TORCH_CHECK(kc.size(0) == rows, "mellum::Decoder: every layer's cache needs the same rows");
-      layer.k = kc.data_ptr<float>(), layer.v = vc.data_ptr<float>(), layer.pos = pc.data_ptr<int64_t>();
+      if (kc.scalar_type() == at::kHalf) {
+        layer.k16 = reinterpret_cast<uint16_t*>(kc.data_ptr<at::Half>());
+        layer.v16 = reinterpret_cast<uint16_t*>(vc.data_ptr<at::Half>());
+      } else {
+        layer.k = kc.data_ptr<float>(), layer.v = vc.data_ptr<float>();
+      }
+      layer.pos = pc.data_ptr<int64_t>();
       layer.slots = kc.size(2);
       layer.window = windows[i];
       TORCH_CHECK(layer.window >= 0, "mellum::Decoder: windows must be >= 0 (0: full attention)");
@@ -359,8 +366,14 @@ struct Decoder : torch::CustomClassHolder {
         for (int64_t g = 0; g < Hkv; ++g) {
           if (L.k_norm != nullptr) rms_norm(k + g * D, L.k_norm, k + g * D, D, eps);
           rotate(k + g * D, cos, cos + half, half);
-          std::copy(k + g * D, k + (g + 1) * D, L.k + ((r * Hkv + g) * S + slot) * D);
-          std::copy(v + g * D, v + (g + 1) * D, L.v + ((r * Hkv + g) * S + slot) * D);
+          const int64_t at = ((r * Hkv + g) * S + slot) * D;
+          if (L.k16 != nullptr) {
+            store_half(k + g * D, L.k16 + at, D);
+            store_half(v + g * D, L.v16 + at, D);
+          } else {
+            std::copy(k + g * D, k + (g + 1) * D, L.k + at);
+            std::copy(v + g * D, v + (g + 1) * D, L.v + at);
+          }
         }
         L.pos[r * S + slot] = position[m];
       }
@@ -375,8 +388,12 @@ struct Decoder : torch::CustomClassHolder {
           const int64_t m = mh / H, head = mh % H, g = head / groups, r = cache_rows[m / T];
           const int64_t n = L.window == 0 ? position[m] + 1 : S;
           const int64_t block = (r * Hkv + g) * S * D;
-          attend_head(qkv.data() + m * W + head * D, L.k + block, L.v + block, n, D, scale, L.pos + r * S,
-                      position[m], L.window, p.data(), attn.data() + m * Q + head * D);
+          if (L.k16 != nullptr)
+            attend_head(qkv.data() + m * W + head * D, L.k16 + block, L.v16 + block, n, D, scale, L.pos + r * S,
+                        position[m], L.window, p.data(), attn.data() + m * Q + head * D);
+          else
+            attend_head(qkv.data() + m * W + head * D, L.k + block, L.v + block, n, D, scale, L.pos + r * S,
+                        position[m], L.window, p.data(), attn.data() + m * Q + head * D);
         }
       });
       L.o(attn.data(), tmp.data(), M);

@@ -1,7 +1,8 @@
 // Shared pieces of Mellum's CPU decode kernels (few_rows.cpp: the single ops; decoder.cpp: the fused decode
 // forward): AVX2 few-row products and one-query attention over a block of cached keys, on raw pointers.
 //
-// Built by mellum/engine/cpu_kernels.py with -mavx2 -mfma; loaded only on CPUs that report AVX2.
+// Built by mellum/engine/cpu_kernels.py with -mavx2 -mfma -mf16c; loaded only on CPUs that report AVX2,
+// FMA and F16C.
 
 #pragma once
 
@@ -187,12 +188,29 @@ inline void product_into(const float* x, const int8_t* w, const float* scale, fl
   });
 }
 
+// Cached keys and values are fp32, or IEEE fp16 held as uint16_t (the engine's kv_dtype=float16: half the bytes
+// attention reads per step, as llama.cpp's default cache); F16C converts eight at a time, exactly.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline float load1(const float* p) { return *p; }
+inline float load1(const uint16_t* p) { return _cvtsh_ss(*p); }
+
+// dst[0, n) = src rounded to fp16 (to nearest, ties to even: the rounding of torch's .to(torch.float16)).
+inline void store_half(const float* src, uint16_t* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+  for (; i < n; ++i) dst[i] = _cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT);
+}
+
 // One query head over S cached keys and values (each an S x D block, row-major): out[D] = softmax(q . k * scale) v.
 // With `pos` (the slots' stored positions), only slots with 0 <= pos <= qpos and, for window > 0, qpos - pos < window
 // count (the engine's masking rule, mellum.model.attention_mask); without, every slot does. `p`: S floats of scratch.
 // Two passes, each reading the block once: the scores eight keys at a time (eight sums reduced together) with a
 // vector exp, then the weighted values, 64 features at a time held in registers across all keys.
-inline void attend_head(const float* qh, const float* kh, const float* vh, int64_t S, int64_t D, float scale,
+template <typename KV>
+inline void attend_head(const float* qh, const KV* kh, const KV* vh, int64_t S, int64_t D, float scale,
                         const int64_t* pos, int64_t qpos, int64_t window, float* p, float* out) {
   const int64_t D8 = D - D % 8;
   int64_t s = 0;
@@ -201,7 +219,7 @@ inline void attend_head(const float* qh, const float* kh, const float* vh, int64
     for (int j = 0; j < 8; ++j) a[j] = _mm256_setzero_ps();
     for (int64_t d = 0; d < D8; d += 8) {
       const __m256 qv = _mm256_loadu_ps(qh + d);
-      for (int j = 0; j < 8; ++j) a[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kh + (s + j) * D + d), a[j]);
+      for (int j = 0; j < 8; ++j) a[j] = _mm256_fmadd_ps(qv, load8(kh + (s + j) * D + d), a[j]);
     }
     const __m256 h01 = _mm256_hadd_ps(a[0], a[1]), h23 = _mm256_hadd_ps(a[2], a[3]);
     const __m256 h45 = _mm256_hadd_ps(a[4], a[5]), h67 = _mm256_hadd_ps(a[6], a[7]);
@@ -210,11 +228,11 @@ inline void attend_head(const float* qh, const float* kh, const float* vh, int64
     const __m256 lo = _mm256_permute2f128_ps(h0123, h4567, 0x20), hi = _mm256_permute2f128_ps(h0123, h4567, 0x31);
     _mm256_storeu_ps(p + s, _mm256_add_ps(lo, hi));
     for (int j = 0; j < 8; ++j)
-      for (int64_t d = D8; d < D; ++d) p[s + j] += qh[d] * kh[(s + j) * D + d];
+      for (int64_t d = D8; d < D; ++d) p[s + j] += qh[d] * load1(kh + (s + j) * D + d);
   }
   for (; s < S; ++s) {
     float dot = 0.f;
-    for (int64_t d = 0; d < D; ++d) dot += qh[d] * kh[s * D + d];
+    for (int64_t d = 0; d < D; ++d) dot += qh[d] * load1(kh + s * D + d);
     p[s] = dot;
   }
   float top = -INFINITY;
@@ -243,14 +261,14 @@ inline void attend_head(const float* qh, const float* kh, const float* vh, int64
     for (int j = 0; j < 8; ++j) o[j] = _mm256_setzero_ps();
     for (int64_t t = 0; t < S; ++t) {
       const __m256 w = _mm256_set1_ps(p[t]);
-      const float* vt = vh + t * D + d0;
-      for (int j = 0; j < n8; ++j) o[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 8 * j), o[j]);
+      const KV* vt = vh + t * D + d0;
+      for (int j = 0; j < n8; ++j) o[j] = _mm256_fmadd_ps(w, load8(vt + 8 * j), o[j]);
     }
     for (int j = 0; j < n8; ++j) _mm256_storeu_ps(out + d0 + 8 * j, _mm256_mul_ps(o[j], _mm256_set1_ps(inv)));
   }
   for (int64_t d = D8; d < D; ++d) {
     float sum = 0.f;
-    for (int64_t t = 0; t < S; ++t) sum += p[t] * vh[t * D + d];
+    for (int64_t t = 0; t < S; ++t) sum += p[t] * load1(vh + t * D + d);
     out[d] = sum * inv;
   }
 }
