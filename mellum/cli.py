@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (FileNotFoundError, ValueError, NotADirectoryError, FileExistsError, PermissionError) as exc:
+    except (FileNotFoundError, ValueError, NotADirectoryError, FileExistsError, PermissionError,
+            ConnectionError) as exc:
         # Library code raises these with messages written for users; no traceback for bad input.
         print(f"mellum: error: {exc}", file=sys.stderr)
         return 2

@@ -250,6 +250,25 @@ class CompletionService:
                                               newline_ids=newline_ids(tokenizer), **engine_options)
         return cls(engine, tokenizer, engine.config, config, context_config)
 
+    @classmethod
+    def from_remote(cls, model_dir, base_url: str, model: str | None = None, api_key: str | None = None,
+                    config: ServiceConfig | None = None, context_config=None, timeout_s: float = 60.0):
+        """A service whose engine is an OpenAI-compatible server (vLLM, llama.cpp's llama-server) serving the model
+        of `model_dir`; only its config.json and tokenizer are read here. `model`: the name the server knows it by
+        (default: the directory's name). Token healing asks at most 300 ids of `logit_bias` (OpenAI's cap)."""
+        from mellum.checkpoint import load_config
+        from mellum.engine import OpenAIEngine
+        from mellum.tokenizer import Tokenizer
+
+        model_dir = Path(model_dir)
+        model_config = load_config(model_dir)
+        tokenizer = Tokenizer.from_pretrained(model_dir)
+        engine = OpenAIEngine(base_url, model or model_dir.name, api_key=api_key, newline_ids=newline_ids(tokenizer),
+                              encode=tokenizer.encode, timeout_s=timeout_s, vocab_size=model_config.vocab_size)
+        if config is None:
+            config = ServiceConfig(max_healing_ids=300)
+        return cls(engine, tokenizer, model_config, config, context_config)
+
     def close(self) -> None:
         self.engine.close()
 

@@ -39,6 +39,9 @@ def configure(parser) -> None:
     parser.add_argument("--kv-dtype", choices=["float32", "float16"], default=None,
                         help="KV cache element type on CPU: float32 (default, exact) or float16 (half the bytes "
                              "attention reads per decode step; keys and values rounded)")
+    from mellum.commands.serve import add_backend_arguments
+
+    add_backend_arguments(parser)
 
 
 def split_at(text: str, line: int, column: int) -> tuple[str, str]:
@@ -56,6 +59,7 @@ def split_at(text: str, line: int, column: int) -> tuple[str, str]:
 
 def run(args) -> int:
     from mellum.assets import default_model_dir
+    from mellum.commands.serve import remote_service
     from mellum.complete import CompletionRequest, CompletionService
 
     path = Path(args.file)
@@ -77,8 +81,10 @@ def run(args) -> int:
         raise FileNotFoundError(f"no model at {model_dir} (expected config.json, weights and tokenizer.json)")
 
     rel = _display_path(path, args.project)
-    options = {"kv_dtype": args.kv_dtype} if args.kv_dtype else {}
-    service = CompletionService.from_pretrained(model_dir, device=args.device, quantize=args.quantize, **options)
+    service = remote_service(model_dir, args)
+    if service is None:
+        options = {"kv_dtype": args.kv_dtype} if args.kv_dtype else {}
+        service = CompletionService.from_pretrained(model_dir, device=args.device, quantize=args.quantize, **options)
     try:
         request = CompletionRequest(path=rel, prefix=prefix, suffix=suffix, project_root=args.project,
                                     max_new_tokens=args.max_new_tokens, temperature=args.temperature,

@@ -28,11 +28,37 @@ def add_model_arguments(parser) -> None:
     parser.add_argument("--kv-cache-mb", type=float, default=None,
                         help="memory budget of the engine's KV cache: concurrent sequences are limited to what fits "
                              "(default on CPU: a quarter of the machine's memory)")
+    add_backend_arguments(parser)
+
+
+def add_backend_arguments(parser) -> None:
+    """A remote OpenAI-compatible server as the engine (shared by `serve`, `lsp` and `complete`)."""
+    parser.add_argument("--backend-url", metavar="URL",
+                        help="generate on an OpenAI-compatible /v1/completions server (vLLM, llama.cpp's llama-server "
+                             "with a `mellum export gguf` file) instead of in-process: --model then only supplies the "
+                             "tokenizer and config, and the engine options (--device, --quantize, --kv-*, "
+                             "--prefix-cache-mb) do not apply")
+    parser.add_argument("--backend-model", metavar="NAME",
+                        help="the model's name on that server (default: the --model directory's name)")
+    parser.add_argument("--backend-api-key", default=os.environ.get("MELLUM_BACKEND_API_KEY"), metavar="KEY",
+                        help="bearer token for that server (default: $MELLUM_BACKEND_API_KEY)")
+
+
+def remote_service(path, args):
+    """The completion service over --backend-url, or None when the engine runs in-process."""
+    if not args.backend_url:
+        return None
+    from mellum.complete import CompletionService
+
+    return CompletionService.from_remote(path, args.backend_url, args.backend_model, args.backend_api_key)
 
 
 def load_service(path, args):
     """The completion service for `path` with the engine options given on the command line."""
     from mellum.complete import CompletionService
+
+    if (service := remote_service(path, args)) is not None:
+        return service
 
     options = {name: value for name, value in (("prefix_cache_mb", args.prefix_cache_mb),
                                                ("kv_cache_mb", args.kv_cache_mb),

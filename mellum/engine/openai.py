@@ -96,6 +96,14 @@ class OpenAIEngine:
             body["stop_token_ids"] = list(params.stop_ids)
         if logit_bias:
             body["logit_bias"] = logit_bias
+        import httpx
+
+        try:
+            return self._read(body, take, cancel, deadline)
+        except httpx.TransportError as exc:  # refused, unreachable, timed out: say where, without a traceback
+            raise ConnectionError(f"cannot reach the backend at {self.url}: {exc}") from exc
+
+    def _read(self, body, take, cancel, deadline) -> str:
         with self._client.stream("POST", self.url, json=body) as response:
             if response.status_code != 200:
                 raise RuntimeError(f"{self.url} answered {response.status_code}: {response.read()[:500]!r}")

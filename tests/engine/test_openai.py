@@ -78,3 +78,27 @@ def test_remote_backend_returns_what_the_server_generates(served):
             remote.generate([5000], params)
     finally:
         remote.close()
+
+
+def test_complete_command_over_a_remote_backend(served, tiny_model_dir, tmp_path, capsys):
+    """`mellum complete --backend-url`: the service builds the same prompt from the model directory's tokenizer and
+    the server generates it; the completion equals the in-process one on the same weights (served is tiny-dense,
+    seed 0, as tiny_model_dir)."""
+    from mellum.cli import main
+
+    url, _, requests = served
+    src = tmp_path / "calc.py"
+    src.write_text("def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - \n")
+    where = ["--file", str(src), "--line", "6", "--column", "16", "--json", "--max-new-tokens", "8",
+             "--model", str(tiny_model_dir)]
+    assert main(["complete", *where]) == 0
+    local = json.loads(capsys.readouterr().out)
+    before = len(requests)
+    assert main(["complete", *where, "--backend-url", url, "--backend-model", "tiny"]) == 0
+    remote = json.loads(capsys.readouterr().out)
+    assert len(requests) > before and requests[-1]["model"] == "tiny" and requests[-1]["stream"] is True
+    assert remote["text"] == local["text"] and remote["prompt_tokens"] == local["prompt_tokens"]
+    assert remote["generated_tokens"] == local["generated_tokens"] > 0
+    # A server that is not there: a clear error, not a traceback.
+    assert main(["complete", *where, "--backend-url", "http://127.0.0.1:9/v1"]) == 2
+    assert "cannot reach the backend at http://127.0.0.1:9/v1/completions" in capsys.readouterr().err
