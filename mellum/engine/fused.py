@@ -53,14 +53,20 @@ class FusedDecoder:
         return ids.numel() <= MAX_TOKENS and ids.shape[1] <= self.max_run
 
     @classmethod
-    def build(cls, model, cache: KVCache) -> tuple["FusedDecoder | None", str]:
-        """(decoder, "") or (None, why not)."""
+    def build(cls, model, cache: KVCache, mtp: bool = False) -> tuple["FusedDecoder | None", str]:
+        """(decoder, "") or (None, why not). `mtp`: a decoder of the MTP layer alone (its block on cache layer
+        num_layers, its own final norm, the shared output head), called with `forward_hidden`."""
         if not cpu_kernels.ready() or not hasattr(torch.classes.mellum, "Decoder"):
             return None, "Mellum's CPU kernels are not loaded"
         config = getattr(model, "config", None)
         layers = getattr(model, "layers", None)
         if config is None or layers is None or not hasattr(model, "embed_tokens"):
             return None, "not a mellum Transformer"
+        final_norm, first = model.norm.weight, 0
+        if mtp:
+            if getattr(model, "mtp", None) is None or len(cache.layers) <= config.num_layers:
+                return None, "no MTP layer, or no cache layer for it"
+            layers, final_norm, first = model.mtp.layers, model.mtp.norm.weight, config.num_layers
         if cache.device.type != "cpu" or cache.dtype not in (torch.float32, torch.float16):
             return None, "the KV cache is not float32 or float16 on CPU"
         if model.embed_tokens.weight.dtype != torch.float32:
@@ -89,22 +95,23 @@ class FusedDecoder:
                 return None, f"layer {i}: norms are not float32"
             tensors += [block.input_layernorm.weight, *qkv, *o, block.post_attention_layernorm.weight, *gate_up,
                         *down, *qk, router]
-            kv = cache.layers[i]
+            kv = cache.layers[first + i]
             caches += [kv.k, kv.v, kv.pos]
             rotary = model.rotary[block.layer_type]
             inv_freqs.append(rotary.inv_freq.float().contiguous())
             factors.append(float(rotary.attention_factor))
         tensors = [t.detach() for t in tensors]
-        windows = [cache.layers[i].window or 0 for i in range(len(layers))]
+        own = cache.layers[first:first + len(layers)]
+        windows = [kv.window or 0 for kv in own]
         # A call's new entries must not overwrite, in a sliding ring, a key that an earlier of them still sees.
-        max_run = min([MAX_TOKENS] + [kv.size - kv.window + 1 for kv in cache.layers[:len(layers)] if kv.window])
+        max_run = min([MAX_TOKENS] + [kv.size - kv.window + 1 for kv in own if kv.window])
         if max_run < 1:
             return None, "sliding rings without room for one token"
         dims = [config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim, config.intermediate_size,
                 config.vocab_size, config.num_experts, config.num_experts_per_tok, config.moe_intermediate_size,
                 int(config.norm_topk_prob)]
         decoder = torch.classes.mellum.Decoder(
-            dims, float(config.rms_norm_eps), model.embed_tokens.weight.detach(), model.norm.weight.detach(), *lm_head,
+            dims, float(config.rms_norm_eps), model.embed_tokens.weight.detach(), final_norm.detach(), *lm_head,
             tensors, caches, windows, inv_freqs, factors)
         return cls(decoder, max_run), ""
 
@@ -113,3 +120,8 @@ class FusedDecoder:
         """ids [B, T] (int64): row b's tokens at positions starts[b]..starts[b]+T-1 of cache row rows[b] →
         (logits [B, T or 1, V], hidden [B, T, C]), as the engine's layer-by-layer forward returns them."""
         return self._decoder.forward(ids.contiguous(), rows, starts, last_only)
+
+    def forward_hidden(self, x: torch.Tensor, rows: list[int], starts: list[int],
+                       last_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same from first-layer inputs x [B, T, C] (float32) instead of token ids (the MTP decoder)."""
+        return self._decoder.forward_hidden(x, rows, starts, last_only)

@@ -123,12 +123,14 @@ class NativeEngine:
         self._forward_layers = self._layers_forward
         if compile:
             self._forward_layers = torch.compile(self._layers_forward, dynamic=True)
-        self._fused = None
+        self._fused = self._fused_mtp = None
         if opts.fused_decode and self.device.type == "cpu" and self._layered:
             from mellum.engine.fused import FusedDecoder
 
             self._fused, why = FusedDecoder.build(self.model, self.cache)
             self.fused_status = why or "in use"
+            if self._fused is not None and opts.speculative == "mtp":  # the draft layer fused too
+                self._fused_mtp, _ = FusedDecoder.build(self.model, self.cache, mtp=True)
         else:
             self.fused_status = ("off (fused_decode=False)" if not opts.fused_decode
                                  else "not on CPU" if self.device.type != "cpu" else "not a mellum Transformer")
@@ -323,6 +325,11 @@ class NativeEngine:
         """Run the MTP layer over positions [start, start + n) of one row (filling its cache): logits [V] and the
         layer's output hidden state [1, 1, C] at the last position (the input of a chained draft)."""
         ids = torch.tensor([next_ids], device=self.device)  # [1, n]
+        fused = self._fused_mtp
+        if (fused is not None and fused.fits(ids) and cpu_kernels.ready()
+                and (self._split is None or self._split.enabled)):
+            logits, out = fused.forward_hidden(self.model.mtp.combine(hidden, ids), [row], [start], True)
+            return logits[0, -1], out[:, -1:]
         positions = torch.arange(start, start + len(next_ids), device=self.device)[None]  # [1, n]
         view = self.cache.view([row], start + len(next_ids))
         logits, out = self.model.mtp(hidden, ids, positions, view, return_hidden=True)

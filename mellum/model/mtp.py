@@ -31,6 +31,13 @@ class MTP(nn.Module):
         # here, so their weights keep a single key each.
         self._parent = [parent]
 
+    def combine(self, hidden: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
+        """The layer's input: hidden [B, T, C] and token t+1's embedding, each normalised, concatenated and
+        projected -> [B, T, C]."""
+        e = self.pre_fc_norm_embedding(self._parent[0].embed_tokens(next_ids))  # [B, T, C]
+        h = self.pre_fc_norm_hidden(hidden)  # [B, T, C]
+        return self.fc(torch.cat([e, h], dim=-1))  # [B, T, 2C] -> [B, T, C]
+
     def forward(
         self,
         hidden: torch.Tensor,
@@ -45,9 +52,7 @@ class MTP(nn.Module):
         with `return_hidden`, (logits, the layer's output before the final norm [B, T, C]) — the hidden state a
         chained draft feeds back in place of the main model's."""
         parent = self._parent[0]
-        e = self.pre_fc_norm_embedding(parent.embed_tokens(next_ids))  # [B, T, C]
-        h = self.pre_fc_norm_hidden(hidden)  # [B, T, C]
-        x = self.fc(torch.cat([e, h], dim=-1))  # [B, T, 2C] -> [B, T, C]
+        x = self.combine(hidden, next_ids)
         layer = self.layers[0]
         positions, layer_inputs = parent.layer_inputs(positions, doc_ids, cache, next_ids.shape, x.dtype)
         x, router = layer(x, *layer_inputs[layer.layer_type], positions, cache)

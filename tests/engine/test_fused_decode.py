@@ -97,6 +97,39 @@ def test_fused_forward_equals_the_layer_by_layer_forward(preset, quantize, kv, l
         engine.close()
 
 
+@pytest.mark.parametrize("preset", ["sliding", "tiny-moe"])
+@pytest.mark.parametrize("quantize,kv", [(None, None), ("int8", "float16")])
+@pytest.mark.parametrize("n", [1, 3])
+@torch.inference_mode()
+def test_fused_mtp_layer_equals_the_layer_by_layer_mtp_layer(preset, quantize, kv, n):
+    """The MTP draft layer through its own fused decoder (forward_hidden: the combined embedding and hidden state
+    as the first layer's input, cache layer num_layers, the MTP norm, the shared head): the logits at the last
+    position, the output hidden state and the MTP cache entries of the layer-by-layer MTP forward."""
+    engine = NativeEngine(make_model(preset), speculative="mtp", prefix_cache_mb=0, max_batch=2, quantize=quantize,
+                          max_seq_len=256, kv_dtype=kv)
+    tol = 1e-4 if kv is None else 2e-3
+    try:
+        assert engine._fused_mtp is not None
+        g = torch.Generator().manual_seed(n)
+        ids = torch.randint(0, 1024, (1, 40), generator=g)
+        _, hidden = engine._layers_forward(ids, torch.arange(40)[None], engine.cache.view([1], 40, fresh=True), False)
+        engine._mtp(hidden[:, :30], ids[0, 1:31].tolist(), 0, 1)  # the MTP layer's cache up to position 29
+        before = snapshot(engine)
+        fused = engine._mtp(hidden[:, 30:30 + n], ids[0, 31:31 + n].tolist(), 30, 1)
+        fused_cache = snapshot(engine)[-1]
+        restore(engine, before)
+        engine._fused_mtp, kept = None, engine._fused_mtp
+        want = engine._mtp(hidden[:, 30:30 + n], ids[0, 31:31 + n].tolist(), 30, 1)
+        engine._fused_mtp = kept
+        torch.testing.assert_close(fused[0], want[0], rtol=tol, atol=tol)  # logits [V]
+        torch.testing.assert_close(fused[1], want[1], rtol=tol, atol=tol)  # hidden [1, 1, C]
+        for got, expected in zip(fused_cache, snapshot(engine)[-1]):
+            torch.testing.assert_close(got.float(), expected.float(), rtol=tol, atol=tol)
+        assert fused[0].shape == (1024,) and fused[1].shape == (1, 1, engine.config.hidden_size)
+    finally:
+        engine.close()
+
+
 @pytest.mark.parametrize("preset,speculative", [("tiny-dense", None), ("tiny-dense", "lookup"), ("sliding", None),
                                                 ("sliding", "lookup"), ("sliding", "mtp"), ("tiny-moe", None),
                                                 ("tiny-moe", "mtp")])

@@ -304,7 +304,31 @@ struct Decoder : torch::CustomClassHolder {
                                              std::vector<int64_t> starts, bool last_only) {
     TORCH_CHECK(ids.device().is_cpu() && ids.scalar_type() == at::kLong && ids.dim() == 2 && ids.is_contiguous(),
                 "mellum::Decoder: ids must be a contiguous int64 [B, T] tensor");
-    const int64_t B = ids.size(0), T = ids.size(1), M = B * T;
+    const int64_t B = ids.size(0), T = ids.size(1);
+    check_call(B, T, cache_rows, starts);
+    const int64_t* id = ids.data_ptr<int64_t>();
+    at::Tensor hidden = at::empty({B, T, C}, at::kFloat);
+    float* x = hidden.data_ptr<float>();
+    for (int64_t m = 0; m < B * T; ++m) {
+      TORCH_CHECK(id[m] >= 0 && id[m] < V, "mellum::Decoder: token id ", id[m], " outside [0, ", V, ")");
+      std::copy(embed + id[m] * C, embed + (id[m] + 1) * C, x + m * C);
+    }
+    return run(hidden, cache_rows, starts, last_only);
+  }
+
+  // The same with the first layer's input given, x [B, T, C] (float32), instead of token embeddings: the MTP
+  // layer's combined embedding and hidden state (mellum.model.mtp), run by a decoder holding only that layer.
+  std::tuple<at::Tensor, at::Tensor> forward_hidden(const at::Tensor& x, std::vector<int64_t> cache_rows,
+                                                    std::vector<int64_t> starts, bool last_only) {
+    TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 3 && x.size(2) == C,
+                "mellum::Decoder: inputs must be a float32 [B, T, ", C, "] tensor");
+    check_call(x.size(0), x.size(1), cache_rows, starts);
+    return run(x.contiguous().clone(), cache_rows, starts, last_only);
+  }
+
+ private:
+  void check_call(int64_t B, int64_t T, const std::vector<int64_t>& cache_rows, const std::vector<int64_t>& starts) {
+    const int64_t M = B * T;
     TORCH_CHECK(M >= 1 && M <= kMaxTokens, "mellum::Decoder: 1 to ", kMaxTokens, " tokens per call, got ", M);
     TORCH_CHECK(static_cast<int64_t>(cache_rows.size()) == B && static_cast<int64_t>(starts.size()) == B,
                 "mellum::Decoder: one cache row and one start position per batch row");
@@ -324,16 +348,17 @@ struct Decoder : torch::CustomClassHolder {
         }
       }
     }
-    const int64_t* id = ids.data_ptr<int64_t>();
+  }
+
+  // Every layer, the final norm and the output head over hidden [B, T, C] (the first layer's input, updated in
+  // place into the last layer's output).
+  std::tuple<at::Tensor, at::Tensor> run(at::Tensor hidden, const std::vector<int64_t>& cache_rows,
+                                         const std::vector<int64_t>& starts, bool last_only) {
+    const int64_t B = hidden.size(0), T = hidden.size(1), M = B * T;
     const int64_t Q = H * D, KV = Hkv * D, W = Q + 2 * KV, groups = H / Hkv, half = D / 2;
-    at::Tensor hidden = at::empty({B, T, C}, at::kFloat);
     float* x = hidden.data_ptr<float>();
     std::vector<int64_t> position(M);  // of each of the M = B * T tokens (row-major over [B, T])
-    for (int64_t m = 0; m < M; ++m) {
-      TORCH_CHECK(id[m] >= 0 && id[m] < V, "mellum::Decoder: token id ", id[m], " outside [0, ", V, ")");
-      std::copy(embed + id[m] * C, embed + (id[m] + 1) * C, x + m * C);
-      position[m] = starts[m / T] + m % T;
-    }
+    for (int64_t m = 0; m < M; ++m) position[m] = starts[m / T] + m % T;
     std::vector<float> h(M * C), qkv(M * W), attn(M * Q), tmp(M * C), gu(M * 2 * I), act(M * I);
     // cos | sin of every token's position, once per rotary table: rope[(table * M + m) * D + ...].
     std::vector<float> rope(tables.size() * M * D);
@@ -425,5 +450,6 @@ TORCH_LIBRARY_FRAGMENT(mellum, m) {
       .def(torch::init<std::vector<int64_t>, double, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                        std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<int64_t>,
                        std::vector<at::Tensor>, std::vector<double>>())
-      .def("forward", &Decoder::forward);
+      .def("forward", &Decoder::forward)
+      .def("forward_hidden", &Decoder::forward_hidden);
 }
