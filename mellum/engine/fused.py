@@ -4,7 +4,8 @@ new tokens (one or several sequences) in one C++ call, instead of ~40 PyTorch op
 `FusedDecoder.build(model, cache)` returns None, with the reason, where it does not apply: not a `Transformer`,
 weights other than fp32 or int8-with-fp32-scales (routers: fp32), projections not fused, or Mellum's kernels not
 loaded. The engine then keeps the layer-by-layer forward, which stays the reference: both write the
-same cache entries and give the same tokens (tests/engine/test_fused_decode.py).
+same cache entries and give the same tokens (tests/engine/test_fused_decode.py). `build(model, cache, mtp=True)`
+is a decoder of the MTP layer alone, fed its combined input through `forward_hidden` (the engine's MTP drafts).
 """
 
 from __future__ import annotations
