@@ -2,7 +2,8 @@
 keystroke sequences with and without the prefix cache, speculative vs plain decoding, and latency percentiles
 under 1/4/16 concurrent simulated typists. Every ratio is measured in the same run on the same weights.
 
-CPU (default): a Mellum-4B-shaped model scaled down to ~70M parameters, fp32 and int8, random weights.
+CPU (default): a Mellum-4B-shaped model scaled down to ~70M parameters, fp32 and int8 weights (each decoding with
+an fp32 and an fp16 KV cache), random weights.
 GPU: `--device cuda` runs the full `mellum-4b` and `mellum2-12b-a2.5b` shapes in bf16 with random weights.
 Prompts are real code (this Python's standard library, or `--code DIR`) rendered in the Mellum FIM format and
 encoded with a BPE trained on the same files at start-up. Random weights do not continue code the way a trained
@@ -277,8 +278,8 @@ def section_decode(model, args, prompts, table, bw):
 
 
 def decode_rows(model, args, prompts, table, bw, prompt, n, label, quant=None, kv=None) -> tuple[float, list[int]]:
-    """Decode ms/token of one engine setting against the bandwidth floor (and, with Mellum's CPU kernels and an
-    fp32-or-int8 cache, against PyTorch's products in alternated runs). Returns (best ms/token, greedy tokens)."""
+    """Decode ms/token of one engine setting against the bandwidth floor (and, with Mellum's CPU kernels and the
+    default KV cache, against PyTorch's products in alternated runs). Returns (best ms/token, greedy tokens)."""
     engine = make_engine(model, args, prompts, speculative=None, prefix_cache_mb=0, max_batch=1, quantize=quant,
                          kv_dtype=kv)
     try:

@@ -1,8 +1,8 @@
 // Shared pieces of Mellum's CPU decode kernels (few_rows.cpp: the single ops; decoder.cpp: the fused decode
 // forward): AVX2 few-row products and one-query attention over a block of cached keys, on raw pointers.
 //
-// Built by mellum/engine/cpu_kernels.py with -mavx2 -mfma -mf16c; loaded only on CPUs that report AVX2,
-// FMA and F16C.
+// Built by mellum/engine/cpu_kernels.py with -mavx2 -mfma -mf16c; loaded only on CPUs that report AVX2 (every
+// AVX2 CPU has FMA and F16C too).
 
 #pragma once
 
@@ -191,7 +191,9 @@ inline void product_into(const float* x, const int8_t* w, const float* scale, fl
 // Cached keys and values are fp32, or IEEE fp16 held as uint16_t (the engine's kv_dtype=float16: half the bytes
 // attention reads per step, as llama.cpp's default cache); F16C converts eight at a time, exactly.
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline __m256 load8(const uint16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
 inline float load1(const float* p) { return *p; }
 inline float load1(const uint16_t* p) { return _cvtsh_ss(*p); }
 
