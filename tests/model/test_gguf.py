@@ -118,6 +118,24 @@ def test_q8_0_is_within_half_a_step(tiny_model_dir, tmp_path):
     assert err.max() > 0  # it did quantize
 
 
+def test_tied_embeddings_export_without_an_output_matrix(tiny_model_dir, tmp_path):
+    """A tied model stores no lm_head; llama.cpp then uses token_embd as the output head, so none is written."""
+    import dataclasses
+
+    import mellum
+    from mellum.config import get_config
+    from mellum.model import Transformer
+
+    tied = tmp_path / "tied"
+    torch.manual_seed(0)
+    mellum.save_pretrained(Transformer(dataclasses.replace(get_config("tiny-dense"), tie_word_embeddings=True)), tied)
+    shutil.copy(tiny_model_dir / "tokenizer.json", tied / "tokenizer.json")
+    summary = export_gguf(tied, tmp_path / "tied.gguf", progress=False)
+    _, tensors = read_back(tmp_path / "tied.gguf")
+    assert summary["tensors"] == len(tensors) == 2 + 9 * 2
+    assert "output.weight" not in tensors and "token_embd.weight" in tensors
+
+
 def test_errors_name_the_problem(tiny_model_dir, tmp_path):
     from mellum.config import get_config
     from mellum.model import Transformer
@@ -220,3 +238,30 @@ def test_llama_cpp_computes_our_logits_and_greedy_tokens(llama):
         got.append(int(last_logits(llama).argmax()))
         llama.eval([got[-1]])
     assert got == expected
+
+
+def test_llama_cpp_runs_a_tied_grouped_query_model(tmp_path):
+    """tiny-dense's shape (4 query heads sharing 2 key/value heads of 16 dims) with tied embeddings: the q and k
+    reorderings per head count and the missing output matrix, as llama.cpp reads them."""
+    import dataclasses
+
+    import mellum
+    from mellum.config import get_config
+    from mellum.model import Transformer
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    torch.manual_seed(0)
+    model = Transformer(dataclasses.replace(get_config("tiny-dense"), tie_word_embeddings=True,
+                                            vocab_size=load_config(BUNDLED).vocab_size)).eval()
+    mellum.save_pretrained(model, tmp_path / "m")
+    shutil.copy(BUNDLED / "tokenizer.json", tmp_path / "m" / "tokenizer.json")
+    export_gguf(tmp_path / "m", tmp_path / "m.gguf", progress=False)
+    small = llama_cpp.Llama(str(tmp_path / "m.gguf"), n_ctx=128, n_threads=2, verbose=False)
+    try:
+        ids = list(range(100, 160))
+        small.eval(ids)
+        with torch.inference_mode():
+            ours = model(torch.tensor([ids])).logits[0, -1]
+        assert (last_logits(small) - ours).abs().max() < 1e-3 * ours.abs().max()
+    finally:
+        small.close()
