@@ -102,3 +102,25 @@ def test_complete_command_over_a_remote_backend(served, tiny_model_dir, tmp_path
     # A server that is not there: a clear error, not a traceback.
     assert main(["complete", *where, "--backend-url", "http://127.0.0.1:9/v1"]) == 2
     assert "cannot reach the backend at http://127.0.0.1:9/v1/completions" in capsys.readouterr().err
+
+
+def test_serve_and_lsp_load_the_remote_service(served, tiny_model_dir):
+    """`mellum serve` / `mellum lsp` build their service with load_service: --backend-url gives the remote one."""
+    import argparse
+
+    from mellum.commands.serve import add_model_arguments, load_service
+    from mellum.complete import CompletionRequest
+    from mellum.engine.openai import OpenAIEngine
+
+    url, _, requests = served
+    parser = argparse.ArgumentParser()
+    add_model_arguments(parser)
+    args = parser.parse_args(["--backend-url", url, "--backend-model", "tiny", "--backend-api-key", "k"])
+    service = load_service(tiny_model_dir, args)
+    try:
+        assert isinstance(service.engine, OpenAIEngine) and service.config.max_healing_ids == 300
+        done = service.complete(CompletionRequest(path="a.py", prefix="def f(x):\n    return ", suffix="\n",
+                                                  max_new_tokens=6))
+        assert requests[-1]["model"] == "tiny" and done.generated_tokens <= 6 and done.stop_reason
+    finally:
+        service.close()
