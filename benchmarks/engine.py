@@ -12,7 +12,7 @@ real weights (its own tokenizer), e.g. the bundled model with a trained MTP head
 
     python benchmarks/engine.py --model build/reference/run-mtp/mellum-tiny-mtp --code mellum --sections speculative
 
-When llama-cpp-python and gguf are installed (`pip install llama-cpp-python gguf`; it compiles for minutes), Llama
+When llama-cpp-python and gguf are installed (`pip install -e '.[llamacpp]'`; it compiles for minutes), Llama
 shapes are also run by llama.cpp on the same weights exported to GGUF (`mellum.gguf`): decode F32 beside fp32 and
 Q8_0 beside int8, and the FIM request, with greedy tokens compared.
 
@@ -386,7 +386,7 @@ def llama_cpp_missing(args, model) -> str | None:
         import gguf  # noqa: F401
         import llama_cpp  # noqa: F401
     except ImportError as exc:
-        return f"{exc.name} not installed (pip install llama-cpp-python gguf)"
+        return f"{exc.name} not installed (pip install -e '.[llamacpp]')"
     return None
 
 
