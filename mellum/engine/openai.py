@@ -2,9 +2,13 @@
 llama.cpp server, ...), for users who serve the model at scale.
 
 Prompts travel as token-id arrays (the completions API accepts them), so the server sees exactly the prompt
-the native engine would. Generated ids come back as `token_ids` (vLLM, with `return_token_ids`) or `tokens`
-(llama.cpp, with `return_tokens`); for servers that return only text, pass `encode` (text → ids), which the
-completion service takes from its tokenizer — the engine itself never imports one. Streaming (SSE) gives
+the native engine would. Generated ids come back as `token_ids` (vLLM, with `return_token_ids`), `tokens`
+(llama.cpp's native endpoint, with `return_tokens`) or the ids of `logprobs.content` (llama-server's
+`/v1/completions`, which streams special tokens such as `<filename>` as empty text, and one id per streamed piece:
+where `encode` is given, pieces with text are re-encoded, since a character split over tokens arrives as one piece
+under its last id); for servers that return only text, pass `encode` (text → ids), which the completion service
+takes from its tokenizer — the engine itself never imports one. Sampling knobs are sent explicitly (`top_k` 0 = off, `min_p` 0), since llama-server's defaults
+(top-k 40, min-p 0.05) would otherwise narrow sampled distributions. Streaming (SSE) gives
 `on_token`, cancellation, deadlines and `max_lines` on the client side. Each constrained token (token healing:
 `allowed_first_ids`, `allowed_next`) is a one-token request with `logit_bias`, then the rest is one request.
 """
@@ -87,9 +91,8 @@ class OpenAIEngine:
 
     def _stream(self, prompt, params, max_tokens, logit_bias, take, cancel, deadline) -> str:
         body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": params.temperature,
-                "top_p": params.top_p, "stream": True, "return_token_ids": True, "return_tokens": True}
-        if params.top_k:
-            body["top_k"] = params.top_k
+                "top_p": params.top_p, "top_k": params.top_k, "min_p": 0.0, "stream": True,
+                "return_token_ids": True, "return_tokens": True, "logprobs": 1}
         if params.seed is not None:
             body["seed"] = params.seed
         if params.stop_ids:
@@ -132,6 +135,14 @@ class OpenAIEngine:
             if ids and all(isinstance(i, int) for i in ids):
                 return ids
         text = choice.get("text") or ""
+        logprobs = choice.get("logprobs")
+        content = logprobs.get("content") if isinstance(logprobs, dict) else None
+        ids = [c.get("id") for c in content or [] if isinstance(c, dict)]
+        # llama-server lists one id per streamed piece, and a character split over several tokens is one piece
+        # under its last token's id: text is re-encoded when there is text, ids are taken for empty pieces (special
+        # tokens such as <filename>, streamed as "").
+        if ids and all(isinstance(i, int) for i in ids) and (not text or self.encode is None):
+            return ids
         if not text:
             return []
         if self.encode is None:

@@ -24,12 +24,15 @@ def served():
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             requests.append(body)
-            if self.path != "/v1/completions":
+            if self.path not in ("/v1/completions", "/llama/v1/completions"):
                 self.send_error(404)
                 return
+            # /llama/...: llama-server's stream, ids only in logprobs.content (special tokens stream as empty text),
+            # and stop_token_ids ignored (the client must stop on the ids it reads).
+            llama_style = self.path.startswith("/llama/")
             bias = body.get("logit_bias")
             params = SamplingParams(max_new_tokens=body["max_tokens"], temperature=body["temperature"],
-                                    stop_ids=body.get("stop_token_ids", ()),
+                                    stop_ids=() if llama_style else body.get("stop_token_ids", ()),
                                     allowed_first_ids=[int(k) for k in bias] if bias else None)
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
@@ -37,6 +40,9 @@ def served():
             result = native.generate(body["prompt"], params)
             for token in result.tokens:
                 chunk = {"choices": [{"index": 0, "text": "", "token_ids": [token], "finish_reason": None}]}
+                if llama_style:
+                    chunk = {"choices": [{"index": 0, "text": "", "finish_reason": None,
+                                          "logprobs": {"content": [{"id": token, "token": "", "logprob": -0.1}]}}]}
                 self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
             finish = "length" if result.stop_reason == "length" else "stop"
             self.wfile.write(f"data: {json.dumps({'choices': [{'text': '', 'finish_reason': finish}]})}\n\n".encode())
@@ -124,3 +130,22 @@ def test_serve_and_lsp_load_the_remote_service(served, tiny_model_dir):
         assert requests[-1]["model"] == "tiny" and done.generated_tokens <= 6 and done.stop_reason
     finally:
         service.close()
+
+
+def test_ids_from_llama_server_logprobs(served):
+    """llama-server's /v1/completions streams text only (special tokens as ""), plus, with logprobs, each token's id,
+    and ignores stop_token_ids: the backend reads the ids there and stops on them itself."""
+    from mellum.engine.openai import OpenAIEngine
+
+    url, native, requests = served
+    remote = OpenAIEngine(url.replace("/v1", "/llama/v1"), model="tiny", vocab_size=1024)  # no encode: ids needed
+    try:
+        prompt = list(range(7, 50))
+        want = native.generate(prompt, SamplingParams(max_new_tokens=8)).tokens
+        assert remote.generate(prompt, SamplingParams(max_new_tokens=8)).tokens == want
+        body = requests[-1]
+        assert body["logprobs"] == 1 and body["top_k"] == 0 and body["min_p"] == 0.0
+        stopped = remote.generate(prompt, SamplingParams(max_new_tokens=8, stop_ids=(want[3],)))
+        assert stopped.tokens == want[:want.index(want[3])] and stopped.stop_reason == "stop"
+    finally:
+        remote.close()

@@ -82,5 +82,17 @@ def test_completions_over_llama_server_equal_the_in_process_engine(llama_server)
                 assert got.prompt_tokens == want.prompt_tokens
                 compared += bool(want.text.strip())
         assert compared >= 4  # most cursors produced a non-empty completion to compare
+        # A special token (streamed by llama-server as empty text) still arrives as its id: forced first, it stops.
+        from mellum.engine import SamplingParams
+
+        filename = local.tokenizer.id_of("<filename>")
+        forced = remote.engine.generate(list(range(100, 140)), SamplingParams(max_new_tokens=4, stop_ids=(filename,),
+                                                                                allowed_first_ids=[filename]))
+        assert forced.tokens == [] and forced.stop_reason == "stop"
+        text = (SAMPLE / "shop" / "pricing.py").read_text(encoding="utf-8")
+        code = local.tokenizer.encode(text[:text.index("return ") + len("return ")])  # mid-statement
+        params = SamplingParams(max_new_tokens=16, stop_ids=(local.tokenizer.eos_id,))  # llama-server stops there too
+        free = remote.engine.generate(code, params)
+        assert free.tokens == local.engine.generate(code, params).tokens and len(free.tokens) > 0
     finally:
         local.close(), remote.close()
