@@ -144,7 +144,7 @@ def test_ids_from_llama_server_logprobs(served):
         want = native.generate(prompt, SamplingParams(max_new_tokens=8)).tokens
         assert remote.generate(prompt, SamplingParams(max_new_tokens=8)).tokens == want
         body = requests[-1]
-        assert body["logprobs"] == 1 and body["top_k"] == 0 and body["min_p"] == 0.0
+        assert body["logprobs"] == 1 and body["top_k"] == -1 and body["min_p"] == 0.0
         stopped = remote.generate(prompt, SamplingParams(max_new_tokens=8, stop_ids=(want[3],)))
         assert stopped.tokens == want[:want.index(want[3])] and stopped.stop_reason == "stop"
     finally:
