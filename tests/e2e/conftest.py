@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import sys
 from pathlib import Path
 
@@ -25,12 +24,6 @@ def workspace(tmp_path_factory):
     outside.write_text("OUTSIDE_MARKER = 'SECRET-OUTSIDE-ROOT'\n")
     os.symlink(outside, root / "linked_outside.py")
     return root
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def server_env() -> dict:

@@ -13,7 +13,9 @@ import time
 
 import pytest
 
-from .conftest import PYTHON, free_port, server_env
+from tests.ports import free_port
+
+from .conftest import PYTHON, server_env
 
 pytestmark = pytest.mark.timeout(150)
 KEY = "e2e-key"

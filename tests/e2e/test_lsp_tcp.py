@@ -7,7 +7,9 @@ import subprocess
 
 import pytest
 
-from .conftest import PYTHON, free_port, server_env
+from tests.ports import free_port
+
+from .conftest import PYTHON, server_env
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from mellum.eval.report import summarize
 from mellum.eval.sandbox import Sandbox
 from mellum.eval.tasks import get_benchmark
 from mellum.eval.tasks.latency import LatencyConfig, measure
+from tests.ports import free_port
 
 
 @pytest.fixture(scope="module")
@@ -45,15 +45,9 @@ def test_native_model_runs_a_benchmark(shared_benchmarks, model_dir, tmp_path):
     assert 0.0 <= summary["metrics"]["pass@1"]["value"] <= 1.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(model_dir):
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.Popen(
         [sys.executable, "-m", "mellum.cli", "serve", "--model", str(model_dir), "--port", str(port), "--no-telemetry"],
@@ -112,6 +106,6 @@ def test_openai_compatible_server_and_latency(shared_benchmarks, server, tmp_pat
 
 def test_unreachable_server_is_a_clear_error(shared_benchmarks):
     bench = get_benchmark("cceval", shared_benchmarks, "none")
-    completer = OpenAICompleter(f"http://127.0.0.1:{_free_port()}")
+    completer = OpenAICompleter(f"http://127.0.0.1:{free_port()}")
     with pytest.raises(ValueError, match="cannot reach"):
         completer.complete(bench.load()[0], bench, 0, runner.Sampling())

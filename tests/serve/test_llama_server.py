@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.ports import free_port
 
 EXECUTABLE = os.environ.get("LLAMA_SERVER") or shutil.which("llama-server")
 pytestmark = pytest.mark.skipif(not EXECUTABLE or not Path(EXECUTABLE).is_file(),
@@ -23,12 +24,6 @@ pytest.importorskip("gguf")
 pytest.importorskip("httpx")
 
 SAMPLE = Path(__file__).resolve().parents[2] / "examples" / "sample_project"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import dataclasses
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from mellum.train.distributed import init_distributed
 from mellum.train.metrics import read_metrics
 from mellum.train.pretrain import Trainer
 from mellum.train.recipes import get_recipe
+from tests.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -153,12 +153,6 @@ def test_exact_resume_after_sigkill(tmp_path, code_shards):
     assert resumed == expected  # exactly equal on CPU, step for step
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_match_one(tmp_path, code_shards):
     args = [f"--set={o}" for o in _data_overrides(code_shards)] + [
         "--max-steps", "4", "--set", "checkpoint_every=2", "--set", "eval_every=4", "--no-export"]
@@ -166,7 +160,7 @@ def test_two_processes_match_one(tmp_path, code_shards):
     subprocess.run(_command("--recipe", "tiny-cpu", "--out", str(one), *args), env=_env(), check=True,
                    capture_output=True, timeout=240)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                str(_free_port())]
+                str(free_port())]
     result = subprocess.run(torchrun + _command("--recipe", "tiny-cpu", "--out", str(two), *args)[1:], env=_env(),
                             capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
