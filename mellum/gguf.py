@@ -112,7 +112,7 @@ def vocabulary(tokenizer_json: dict, vocab_size: int) -> tuple[list[str], list[i
     return tokens, types, merges
 
 
-def _encode(w: torch.Tensor, kind: str, name: str):
+def _encode(w: torch.Tensor, kind: str):
     """(numpy data, GGML type) for one tensor. 1-D tensors stay F32; Q8_0 applies to rows whose length divides
     into its 32-value blocks, the others fall back to F16."""
     import numpy as np
@@ -207,7 +207,7 @@ def export_gguf(model: str | os.PathLike, out: str | os.PathLike, kind: str = "f
                     w = pairs_from_halves(w, config.num_heads)
                 elif name.endswith("attn_k.weight"):
                     w = pairs_from_halves(w, config.num_kv_heads)
-                data, dtype = _encode(w, kind, name)
+                data, dtype = _encode(w, kind)
                 writer.add_tensor(name, data, raw_dtype=dtype)
                 count += 1
     expected = 3 + 9 * config.num_layers - (1 if config.tie_word_embeddings else 0)
@@ -219,8 +219,11 @@ def export_gguf(model: str | os.PathLike, out: str | os.PathLike, kind: str = "f
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file(progress=progress)
-    finally:
+    except BaseException:
         writer.close()
+        partial.unlink(missing_ok=True)  # nothing half-written is left behind (a full disk, Ctrl-C)
+        raise
+    writer.close()
     os.replace(partial, out)
     return {"path": str(out), "type": kind, "tensors": count, "bytes": out.stat().st_size,
             "skipped": skipped, "pre_tokenizer": pre}

@@ -13,6 +13,7 @@ from typing import Callable, Sequence as Seq
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from mellum.checkpoint import DTYPES
 from mellum.engine import cpu_kernels
 from mellum.engine.api import GenerationResult
 from mellum.engine.kernels import KernelChooser, fuse_projections, fuse_state_dict, split_linears
@@ -145,12 +146,10 @@ class NativeEngine:
         """The cache's element type: the compute dtype, or float16 beside fp32 compute on CPU."""
         if kv_dtype is None:
             return self.dtype
-        names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-                 "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
         if isinstance(kv_dtype, str):
-            if kv_dtype not in names:
-                raise ValueError(f"unknown kv_dtype {kv_dtype!r}; use one of {', '.join(names)}")
-            kv_dtype = names[kv_dtype]
+            if kv_dtype not in DTYPES:
+                raise ValueError(f"unknown kv_dtype {kv_dtype!r}; use one of {', '.join(DTYPES)}")
+            kv_dtype = DTYPES[kv_dtype]
         if kv_dtype != self.dtype and not (self.device.type == "cpu" and kv_dtype == torch.float16
                                            and self.dtype == torch.float32):
             raise ValueError(f"kv_dtype {kv_dtype} with compute dtype {self.dtype} on {self.device.type}: only the "
@@ -298,10 +297,15 @@ class NativeEngine:
         chooser.record(time.perf_counter() - t0)
         return out
 
+    def _fusable(self, fused, ids: torch.Tensor) -> bool:
+        """Whether a forward of ids [B, T] runs through `fused` (the main or the MTP decoder): it exists, takes that
+        many tokens, the kernels are loaded, and the kernel chooser keeps multi-threaded products."""
+        return (fused is not None and fused.fits(ids) and cpu_kernels.ready()
+                and (self._split is None or self._split.enabled))
+
     def _forward_once(self, ids: torch.Tensor, positions: torch.Tensor, view, last_only: bool, graphs: bool):
         fused = self._fused
-        if (fused is not None and fused.fits(ids) and not view.padded and cpu_kernels.ready()
-                and (self._split is None or self._split.enabled)):
+        if self._fusable(fused, ids) and not view.padded:
             # A few tokens: every layer in one C++ call (each row's positions are consecutive in every caller).
             return fused(ids, view.rows, positions[:, 0].tolist(), last_only)
         if (self._graphs is not None and ids.shape[0] == 1 and (graphs or ids.shape[1] == 1)
@@ -326,8 +330,7 @@ class NativeEngine:
         layer's output hidden state [1, 1, C] at the last position (the input of a chained draft)."""
         ids = torch.tensor([next_ids], device=self.device)  # [1, n]
         fused = self._fused_mtp
-        if (fused is not None and fused.fits(ids) and cpu_kernels.ready()
-                and (self._split is None or self._split.enabled)):
+        if self._fusable(fused, ids):
             logits, out = fused.forward_hidden(self.model.mtp.combine(hidden, ids), [row], [start], True)
             return logits[0, -1], out[:, -1:]
         positions = torch.arange(start, start + len(next_ids), device=self.device)[None]  # [1, n]
