@@ -18,6 +18,7 @@ Q8_0 beside int8, and the FIM request, with greedy tokens compared.
 
     python benchmarks/engine.py                       # CPU, minutes
     python benchmarks/engine.py --device cuda         # both full shapes on a GPU
+    python benchmarks/engine.py --device cuda --shape mellum-4b --compile --sections decode,keystroke
     python benchmarks/engine.py --sections decode,fim --shape mellum2-cpu
 """
 
@@ -252,7 +253,7 @@ def build_model(args, shape: str) -> Transformer:
 def make_engine(model, args, prompts: Prompts, **options) -> NativeEngine:
     options.setdefault("max_seq_len", args.max_seq_len)
     return NativeEngine(model, model.config, device=args.device, dtype=args.dtype, newline_ids=prompts.newline_ids,
-                        **options)
+                        compile=args.compile, **options)
 
 
 # ---- sections -----------------------------------------------------------------------------------------
@@ -600,6 +601,10 @@ def parse_args(argv=None):
     p.add_argument("--max-seq-len", type=int, default=None, help="cache tokens per sequence (default: the largest prompt, at least 2048, + 256)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--skip-hf", action="store_true", help="skip the transformers comparison (default on CUDA)")
+    p.add_argument("--compile", action="store_true",
+                   help="engines with compile=True: on CUDA the graphs replay the decode step under torch.compile "
+                        "(compiled on first use, minutes for a 4B model); on CPU it compiles the layer loop, which "
+                        "the fused decoder takes over for decode steps")
     p.add_argument("--out", help="also write the tables (markdown) to this file")
     args = p.parse_args(argv)
     cuda = args.device.startswith("cuda")
@@ -653,7 +658,7 @@ def main(argv=None) -> int:
             prompts.tok.save(hf_dir.name)
             args.hf_checkpoint = hf_dir.name
         table = Table(f"{args.model or shape}: {params / 1e6:.0f}M parameters, {name}, {str(args.dtype).split('.')[-1]}"
-                      f", bandwidth {bw / 1e9:.1f} GB/s")
+                      f"{', compiled' if args.compile else ''}, bandwidth {bw / 1e9:.1f} GB/s")
         print(f"# {table.title} (built in {time.perf_counter() - t0:.0f}s)", flush=True)
         with torch.inference_mode():
             for section in args.sections:

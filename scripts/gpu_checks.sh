@@ -10,10 +10,12 @@
 # Stages: setup (environment; carried pytest / torchao wheels installed offline into $SITE when missing; torchao
 # candidates tried in order until one imports and runs a float8 step), test_cuda (tests/engine/test_cuda.py: CUDA
 # graphs vs the uncached reference), train (benchmarks/train_throughput.py, Mellum-4B's shape with 16 of its 30
-# layers at 8192 tokens, 1 and 8 micro-batches per optimizer step, bf16 and, with torchao, fp8), engine_4b and engine_mellum2 (benchmarks/engine.py, reduced settings).
+# layers at 8192 tokens, 1 and 8 micro-batches per optimizer step, bf16 and, with torchao, fp8), engine_4b and engine_mellum2 (benchmarks/engine.py, reduced settings);
+# engine_4b_compiled only when STAGES names it (its own call: STAGES="setup engine_4b_compiled"): the compiled-step
+# tests of tests/engine/test_cuda.py, then decode and keystroke rows of Mellum-4B with compile=True.
 # Settings (environment): PYTHON (.venv/bin/python if present, else python3), DEVICE (cuda), DEADLINE_S (555: every
 # stage is stopped by then, the summary follows), WHEELS (build/gpu-checks/wheels), SITE (build/gpu-checks/site),
-# STAGES (a subset to run, e.g. "setup train"; default all).
+# STAGES (a subset to run, e.g. "setup train"; default all but engine_4b_compiled).
 # See docs/engine.md ("Next GPU session") and docs/training.md.
 set -uo pipefail
 if [[ -n ${OUT:-} ]]; then OUT=$(realpath -m "$OUT"); fi
@@ -96,8 +98,8 @@ if sys.argv[1] == "cuda" and torch.cuda.is_available():
 PY
 }
 
-stage_test_cuda() {
-  "$PYTHON" -m pytest tests/engine/test_cuda.py -q -p no:cacheprovider
+stage_test_cuda() {  # the compiled step's tests run in engine_4b_compiled (each compiles for a minute or so)
+  "$PYTHON" -m pytest tests/engine/test_cuda.py -q -p no:cacheprovider -k "not compiled"
 }
 
 stage_train() {
@@ -122,6 +124,17 @@ stage_engine_4b() {
   else
     "$PYTHON" benchmarks/engine.py --shape mellum-4b-cpu --sections decode --decode-tokens 8 --no-int8 --skip-hf \
       --repeats 1 --threads 1 --out "$WORK/engine_4b.md"
+  fi
+}
+
+stage_engine_4b_compiled() {  # opt-in (STAGES): graphs of the decode step under torch.compile (compile=True)
+  if [[ $DEVICE == cuda ]]; then
+    "$PYTHON" -m pytest tests/engine/test_cuda.py -q -p no:cacheprovider -k compiled || echo "compiled-step tests failed"
+    "$PYTHON" benchmarks/engine.py --device cuda --shape mellum-4b --compile --sections decode,keystroke \
+      --keystrokes 10 --cold-keystrokes 3 --out "$WORK/engine_4b_compiled.md"
+  else
+    "$PYTHON" benchmarks/engine.py --shape mellum-4b-cpu --sections decode --decode-tokens 8 --no-int8 --skip-hf \
+      --repeats 1 --threads 1 --compile --out "$WORK/engine_4b_compiled.md"
   fi
 }
 
@@ -223,7 +236,7 @@ for name in ("train", "train_fp8"):
             lines.append(f"| {r['model']} | {r['precision']} | {r['seq_len']} × {r['batch']} × {accum} | "
                          f"{r['tokens_per_s']:,}{note} | {split} | {r['model_tflops']} | {r['mfu']:.1%} | {causal} |")
 
-for name in ("engine_4b", "engine_mellum2"):
+for name in ("engine_4b", "engine_mellum2", "engine_4b_compiled"):
     text, table = log(name), work / f"{name}.md"
     if not text:
         continue
@@ -263,12 +276,14 @@ main() {
     run_stage train 240 60
     run_stage engine_4b 180 60
     run_stage engine_mellum2 200 60
+    if [[ " ${STAGES:-} " == *" engine_4b_compiled "* ]]; then run_stage engine_4b_compiled 480 120; fi
   else
     run_stage test_cuda 60
     run_stage train 60
     run_stage train_fp8 30 15 "expected to fail on a CPU, with the trainer's message"
     run_stage engine_4b 60
     run_stage engine_mellum2 60
+    if [[ " ${STAGES:-} " == *" engine_4b_compiled "* ]]; then run_stage engine_4b_compiled 150; fi
   fi
   echo "== summary ($OUT/summary.md), total ${SECONDS} s"
   summary
@@ -278,5 +293,5 @@ case "${1:-}" in
   _stage) "stage_$2" ;;
   wheels) wheels ;;
   "") main ;;
-  *) sed -n '2,18p' "$0"; exit 2 ;;
+  *) sed -n '2,20p' "$0"; exit 2 ;;
 esac

@@ -6,6 +6,11 @@ Shapes inside a graph are fixed, so the key length is rounded up to a bucket (po
 masked by the cache's stored positions) and graphs are captured lazily per row and bucket, sharing one memory
 pool. The mixture-of-experts layer's grouped path syncs with the host (expert counts); for graph capture its
 experts run a sync-free gathered form for the few tokens of a decode step (`gathered_experts`).
+
+A graph removes the launch cost but not the kernels: each RMSNorm, rotary embedding, residual and cast is still
+several small kernels of a few microseconds. With the engine's `compile=True` the captured step is the layer loop
+under `torch.compile` (dynamic shapes, so every key-length bucket shares one compiled graph), whose fused kernels
+the graph then replays.
 """
 
 from __future__ import annotations
@@ -60,8 +65,11 @@ class GraphedDecode:
 
     MAX_TOKENS = 16  # longest input (draft + 1) run through graphs
 
-    def __init__(self, engine, bucket_tokens: int = 256):
+    def __init__(self, engine, bucket_tokens: int = 256, step=None):
         self.engine, self.bucket = engine, bucket_tokens
+        # The forward each graph captures: the engine's layer loop, or `step`, the same loop under torch.compile
+        # (compiled once per token count on the first capture's warm-up, outside the capture).
+        self.step = step if step is not None else engine._layers_forward
         self.inputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # T → static (ids, positions) [1, T]
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple[int, int, int, bool], _Graph] = {}
@@ -70,7 +78,7 @@ class GraphedDecode:
     def _step(self, view, t: int, last_only: bool):
         view._masks.clear()  # the masks must be computed inside the capture, not reused from the warm-up
         ids, positions = self.inputs[t]
-        return self.engine._layers_forward(ids, positions, view, last_only)
+        return self.step(ids, positions, view, last_only)
 
     def run(self, row: int, kv_len: int, ids: torch.Tensor, positions: torch.Tensor, last_only: bool):
         t = ids.shape[1]

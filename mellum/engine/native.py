@@ -3,6 +3,7 @@ chunked prefill, batched decoding, speculative decoding (prompt lookup or MTP) a
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import threading
@@ -25,6 +26,25 @@ from mellum.engine.speculative import DraftLength, NgramDrafter, accept_greedy, 
 
 SPECULATIVE_MODES = (None, "lookup", "mtp")
 _EAGER_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def layer_loop(model, ids: torch.Tensor, positions: torch.Tensor, view, last_only: bool):
+    """The transformer's forward (mellum.model.Transformer) computing logits only where needed:
+    [B, T] ids → (logits [B, 1 or T, V], hidden [B, T, C]). Long prefills skip T×V output-head work."""
+    x = model.embed_tokens(ids)  # [B, T, C]
+    positions, inputs = model.layer_inputs(positions, None, view, ids.shape, x.dtype)
+    for layer in model.layers:
+        x, _ = layer(x, *inputs[layer.layer_type], positions, view)
+    out = x[:, -1:] if last_only else x
+    return model.lm_head(model.norm(out)), x
+
+
+@functools.cache
+def compiled_layer_loop() -> Callable:
+    """`layer_loop` under torch.compile with dynamic shapes, one for the process: the model is an argument, so the
+    engines of one process share its compiled graphs (a new graph per model structure or token count, not per engine
+    or key length: tests/engine/test_compiled_step.py), within dynamo's limit of 8 per function."""
+    return torch.compile(layer_loop, dynamic=True)
 
 
 @dataclass
@@ -122,8 +142,12 @@ class NativeEngine:
         self._resident: dict[int, Sequence] = {}  # row → the last request that ran there (its KV stays until reused)
         self._layered = hasattr(self.model, "layers") and hasattr(self.model, "layer_inputs")
         self._forward_layers = self._layers_forward
+        graphs = opts.cuda_graphs and self.device.type == "cuda" and self._layered
+        compiled = None
         if compile:
-            self._forward_layers = torch.compile(self._layers_forward, dynamic=True)
+            compiled = functools.partial(compiled_layer_loop(), self.model)
+            if not graphs:
+                self._forward_layers = compiled
         self._fused = self._fused_mtp = None
         if opts.fused_decode and self.device.type == "cpu" and self._layered:
             from mellum.engine.fused import FusedDecoder
@@ -136,10 +160,12 @@ class NativeEngine:
             self.fused_status = ("off (fused_decode=False)" if not opts.fused_decode
                                  else "not on CPU" if self.device.type != "cpu" else "not a mellum Transformer")
         self._graphs = None
-        if opts.cuda_graphs and self.device.type == "cuda" and self._layered and not compile:
+        if graphs:
             from mellum.engine.cuda_graphs import GraphedDecode
 
-            self._graphs = GraphedDecode(self)
+            # With compile=True the graphs replay the compiled step (its fused kernels); prefill chunks, whose
+            # shapes change every request, stay eager.
+            self._graphs = GraphedDecode(self, step=compiled)
         self.scheduler = Scheduler(self, opts.max_batch, speculative=opts.speculative is not None)
 
     def _kv_dtype(self, kv_dtype) -> torch.dtype:
@@ -272,15 +298,7 @@ class NativeEngine:
 
     # ---- model calls ----------------------------------------------------------------------------------
     def _layers_forward(self, ids: torch.Tensor, positions: torch.Tensor, view, last_only: bool):
-        """The transformer's forward (mellum.model.Transformer) computing logits only where needed:
-        [B, T] ids → (logits [B, 1 or T, V], hidden [B, T, C]). Long prefills skip T×V output-head work."""
-        m = self.model
-        x = m.embed_tokens(ids)  # [B, T, C]
-        positions, inputs = m.layer_inputs(positions, None, view, ids.shape, x.dtype)
-        for layer in m.layers:
-            x, _ = layer(x, *inputs[layer.layer_type], positions, view)
-        out = x[:, -1:] if last_only else x
-        return m.lm_head(m.norm(out)), x
+        return layer_loop(self.model, ids, positions, view, last_only)
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, view, last_only: bool = False,
                  graphs: bool = True):

@@ -65,13 +65,15 @@ def stub_config(vocab: int, mtp: bool):
     return get_config("tiny-moe" if mtp else "tiny-dense").replace(vocab_size=vocab)
 
 
-def check_graphed_decoding(preset: str, mode: str | None) -> None:
-    """On CUDA in fp32, graphed decoding (and speculation) must give the uncached greedy tokens."""
+def check_graphed_decoding(preset: str, mode: str | None, compile: bool = False) -> None:
+    """On CUDA in fp32, graphed decoding (and speculation) must give the uncached greedy tokens; with `compile`, the
+    graphs replay the compiled layer loop."""
     from mellum.engine import NativeEngine, SamplingParams
 
     model = tiny_model(preset)
-    engine = NativeEngine(model, device="cuda", dtype=torch.float32, speculative=mode, prefill_chunk=32)
-    assert engine._graphs is not None
+    engine = NativeEngine(model, device="cuda", dtype=torch.float32, speculative=mode, prefill_chunk=32,
+                          compile=compile)
+    assert engine._graphs is not None and (engine._graphs.step != engine._layers_forward) == compile
     try:
         for seed in range(6):
             prompt = repetitive_prompt(model.config.vocab_size, 40 + 30 * seed, seed)
