@@ -4,8 +4,9 @@ Decoding one token of a 4B model launches ~1,800 small kernels; eager PyTorch sp
 issuing them (measured), 30× the weight-bandwidth floor. Replaying a captured graph issues them at once.
 Shapes inside a graph are fixed, so the key length is rounded up to a bucket (positions beyond the sequence are
 masked by the cache's stored positions) and graphs are captured lazily per row and bucket, sharing one memory
-pool. The mixture-of-experts layer's grouped path syncs with the host (expert counts); for graph capture its
-experts run a sync-free gathered form for the few tokens of a decode step (`gathered_experts`).
+pool. The mixture-of-experts layer's grouped path syncs with the host (expert counts) unless torch._grouped_mm runs
+it; otherwise, for graph capture, its experts run a sync-free gathered form for the few tokens of a decode step
+(`gathered_experts`).
 
 A graph removes the launch cost but not the kernels: each RMSNorm, rotary embedding, residual and cast is still
 several small kernels of a few microseconds. With the engine's `compile=True` the captured step is the layer loop
@@ -36,15 +37,17 @@ def gathered_experts(experts, x: torch.Tensor, weights: torch.Tensor, idx: torch
 
 
 def make_experts_graph_safe(model) -> None:
-    """Route small expert batches of every `Experts` module through `gathered_experts`."""
-    from mellum.model.moe import Experts
+    """Route small expert batches of every `Experts` module through `gathered_experts` where the grouped form would
+    sync with the host. Where `torch._grouped_mm` runs the grouped form (bf16 on Hopper-class GPUs) it stays on the
+    GPU and reads only the experts in use, where the gathered form copies their weights before reading them again."""
+    from mellum.model.moe import Experts, uses_grouped_mm
 
     for module in model.modules():
         if isinstance(module, Experts) and not hasattr(module, "_grouped_forward"):
             module._grouped_forward = module.forward
 
             def forward(x, weights, idx, _m=module):
-                if idx.numel() <= GATHERED_MAX_PAIRS:
+                if idx.numel() <= GATHERED_MAX_PAIRS and not uses_grouped_mm(x):
                     return gathered_experts(_m, x, weights, idx)
                 return _m._grouped_forward(x, weights, idx)
 
