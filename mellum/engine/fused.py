@@ -116,13 +116,14 @@ class FusedDecoder:
             tensors, caches, windows, inv_freqs, factors)
         return cls(decoder, max_run), ""
 
-    def __call__(self, ids: torch.Tensor, rows: list[int], starts: list[int],
-                 last_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, ids: torch.Tensor, rows: list[int], starts: list[int], last_only: bool,
+                 one_thread: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """ids [B, T] (int64): row b's tokens at positions starts[b]..starts[b]+T-1 of cache row rows[b] →
-        (logits [B, T or 1, V], hidden [B, T, C]), as the engine's layer-by-layer forward returns them."""
-        return self._decoder.forward(ids.contiguous(), rows, starts, last_only)
+        (logits [B, T or 1, V], hidden [B, T, C]), as the engine's layer-by-layer forward returns them.
+        `one_thread`: all work on the calling thread (identical results; the kernel chooser's busy-machine setting)."""
+        return self._decoder.forward(ids.contiguous(), rows, starts, last_only, one_thread)
 
-    def forward_hidden(self, x: torch.Tensor, rows: list[int], starts: list[int],
-                       last_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_hidden(self, x: torch.Tensor, rows: list[int], starts: list[int], last_only: bool,
+                       one_thread: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """The same from first-layer inputs x [B, T, C] (float32) instead of token ids (the MTP decoder)."""
-        return self._decoder.forward_hidden(x, rows, starts, last_only)
+        return self._decoder.forward_hidden(x, rows, starts, last_only, one_thread)

@@ -116,7 +116,7 @@ class NativeEngine:
 
             # Experts too on CPU; the CUDA graphs' sync-free expert path reads float expert weights.
             quantize_int8(self.model, experts=self.device.type == "cpu")
-        self._split, self._choosers = None, {}
+        self._split, self._choosers, self._parallel = None, {}, True
         if quantize is None and self.device.type == "cpu" and torch.get_num_threads() > 1:
             # Decode products over all cores, kept only while they are faster (mellum.engine.kernels); one chooser
             # per step size (1, 2-4, 5-16, more tokens), so that compared steps do the same work.
@@ -159,6 +159,9 @@ class NativeEngine:
         else:
             self.fused_status = ("off (fused_decode=False)" if not opts.fused_decode
                                  else "not on CPU" if self.device.type != "cpu" else "not a mellum Transformer")
+        # Steps on all cores or on one, by measurement (`_forward`), wherever there are cores to choose between.
+        self._choose_threads = (self.device.type == "cpu" and torch.get_num_threads() > 1
+                                and (self._split is not None or self._fused is not None))
         self._graphs = None
         if graphs:
             from mellum.engine.cuda_graphs import GraphedDecode
@@ -304,12 +307,15 @@ class NativeEngine:
                  graphs: bool = True):
         """`graphs=False` for prefill chunks: their lengths vary per request, and capturing a graph for each new
         (length, key bucket) costs more than one eager forward."""
-        if self._split is None or not graphs:
+        if not self._choose_threads or not graphs:
             return self._forward_once(ids, positions, view, last_only, graphs)
-        # A decode or verify step: split or single-threaded products, whichever recent steps ran faster with.
+        # A decode or verify step on every core or on one (split products or not; the fused decoder multi- or
+        # single-threaded), whichever recent steps ran faster with.
         n = ids.numel()
         chooser = self._choosers.setdefault(0 if n == 1 else 1 if n <= 4 else 2 if n <= 16 else 3, KernelChooser())
-        self._split.enabled = chooser.choose()
+        self._parallel = chooser.choose()
+        if self._split is not None:
+            self._split.enabled = self._parallel
         t0 = time.perf_counter()
         out = self._forward_once(ids, positions, view, last_only, graphs)
         chooser.record(time.perf_counter() - t0)
@@ -317,15 +323,14 @@ class NativeEngine:
 
     def _fusable(self, fused, ids: torch.Tensor) -> bool:
         """Whether a forward of ids [B, T] runs through `fused` (the main or the MTP decoder): it exists, takes that
-        many tokens, the kernels are loaded, and the kernel chooser keeps multi-threaded products."""
-        return (fused is not None and fused.fits(ids) and cpu_kernels.ready()
-                and (self._split is None or self._split.enabled))
+        many tokens, and the kernels are loaded."""
+        return fused is not None and fused.fits(ids) and cpu_kernels.ready()
 
     def _forward_once(self, ids: torch.Tensor, positions: torch.Tensor, view, last_only: bool, graphs: bool):
         fused = self._fused
         if self._fusable(fused, ids) and not view.padded:
             # A few tokens: every layer in one C++ call (each row's positions are consecutive in every caller).
-            return fused(ids, view.rows, positions[:, 0].tolist(), last_only)
+            return fused(ids, view.rows, positions[:, 0].tolist(), last_only, one_thread=not self._parallel)
         if (self._graphs is not None and ids.shape[0] == 1 and (graphs or ids.shape[1] == 1)
                 and ids.shape[1] <= self._graphs.MAX_TOKENS):
             try:
@@ -349,7 +354,8 @@ class NativeEngine:
         ids = torch.tensor([next_ids], device=self.device)  # [1, n]
         fused = self._fused_mtp
         if self._fusable(fused, ids):
-            logits, out = fused.forward_hidden(self.model.mtp.combine(hidden, ids), [row], [start], True)
+            logits, out = fused.forward_hidden(self.model.mtp.combine(hidden, ids), [row], [start], True,
+                                               one_thread=not self._parallel)
             return logits[0, -1], out[:, -1:]
         positions = torch.arange(start, start + len(next_ids), device=self.device)[None]  # [1, n]
         view = self.cache.view([row], start + len(next_ids))

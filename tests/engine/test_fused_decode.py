@@ -10,6 +10,7 @@ import torch
 
 from mellum.config import get_config
 from mellum.engine import NativeEngine, SamplingParams, cpu_kernels
+from mellum.engine.kernels import KernelChooser
 from mellum.model import Transformer
 from tests.engine.helpers import reference_greedy, repetitive_prompt, tiny_model
 
@@ -36,16 +37,17 @@ def kernels():
 
 
 class Recording:
-    """Wraps an engine's FusedDecoder and records the [B, T] shape of every call it runs."""
+    """Wraps an engine's FusedDecoder and records the [B, T] shape and the thread setting of every call it runs."""
 
     def __init__(self, engine):
-        self.inner, self.shapes = engine._fused, []
+        self.inner, self.shapes, self.one_thread = engine._fused, [], []
         self.max_run, self.fits = self.inner.max_run, self.inner.fits
         engine._fused = self
 
-    def __call__(self, ids, rows, starts, last_only):
+    def __call__(self, ids, rows, starts, last_only, one_thread=False):
         self.shapes.append(tuple(ids.shape))
-        return self.inner(ids, rows, starts, last_only)
+        self.one_thread.append(one_thread)
+        return self.inner(ids, rows, starts, last_only, one_thread)
 
 
 def snapshot(engine):
@@ -86,6 +88,9 @@ def test_fused_forward_equals_the_layer_by_layer_forward(preset, quantize, kv, l
         assert engine._fused.fits(ids)
         logits, hidden = engine._fused(ids, rows, lengths, last_only=False)
         last, _ = engine._fused(ids, rows, lengths, last_only=True)  # writes the same entries again
+        # On one thread (the kernel chooser's busy-machine setting) every loop splits the same way: the same bits.
+        alone, alone_hidden = engine._fused(ids, rows, lengths, last_only=False, one_thread=True)
+        assert torch.equal(alone, logits) and torch.equal(alone_hidden, hidden)
         torch.testing.assert_close(logits, want_logits, rtol=tol, atol=tol)
         torch.testing.assert_close(hidden, want_hidden, rtol=tol, atol=tol)
         torch.testing.assert_close(last, want_logits[:, -1:], rtol=tol, atol=tol)
@@ -117,6 +122,11 @@ def test_fused_mtp_layer_equals_the_layer_by_layer_mtp_layer(preset, quantize, k
         before = snapshot(engine)
         fused = engine._mtp(hidden[:, 30:30 + n], ids[0, 31:31 + n].tolist(), 30, 1)
         fused_cache = snapshot(engine)[-1]
+        restore(engine, before)
+        engine._parallel = False  # the fused MTP layer on one thread: the same bits
+        restore(engine, before)
+        alone = engine._mtp(hidden[:, 30:30 + n], ids[0, 31:31 + n].tolist(), 30, 1)
+        assert torch.equal(alone[0], fused[0]) and torch.equal(alone[1], fused[1])
         restore(engine, before)
         engine._fused_mtp, kept = None, engine._fused_mtp
         want = engine._mtp(hidden[:, 30:30 + n], ids[0, 31:31 + n].tolist(), 30, 1)
@@ -166,6 +176,26 @@ def test_tokens_equal_the_layer_by_layer_engine(quantize, kv):
     assert results[0] == results[1]
 
 
+def test_steps_the_kernel_chooser_runs_on_one_thread_give_the_same_tokens():
+    """On a busy machine the kernel chooser keeps whichever of all cores or one ran recent steps faster. With the
+    fused decoder (int8 too, which has no split products to switch) one core is its one-thread mode: exploring it
+    every other step changes no token."""
+    if torch.get_num_threads() < 2:
+        pytest.skip("one CPU thread: nothing to choose between")
+    model = make_model("tiny-dense")
+    prompt = repetitive_prompt(model.config.vocab_size, 60, 3)
+    engine = NativeEngine(model, speculative="lookup", prefix_cache_mb=0, quantize="int8")
+    try:
+        assert engine._choose_threads and engine._split is None and engine.fused_status == "in use"
+        want = engine.generate(prompt, SamplingParams(max_new_tokens=16)).tokens
+        calls = Recording(engine)
+        engine._choosers = {k: KernelChooser(explore_every=2) for k in range(4)}
+        assert engine.generate(prompt, SamplingParams(max_new_tokens=16)).tokens == want
+        assert True in calls.one_thread and False in calls.one_thread
+    finally:
+        engine.close()
+
+
 def test_concurrent_requests_decode_batched_and_exact():
     """Four requests at once: batched decode steps (one token of each row per call) with rows of different lengths."""
     reference = make_model("sliding")
@@ -208,7 +238,7 @@ def test_bad_calls_raise_clear_errors():
         ]
         for ids, rows, starts, message in cases:
             with pytest.raises(RuntimeError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
-                fused.forward(ids, rows, starts, True)
+                fused.forward(ids, rows, starts, True, False)
     finally:
         engine.close()
 

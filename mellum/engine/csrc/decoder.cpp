@@ -299,9 +299,9 @@ struct Decoder : torch::CustomClassHolder {
 
   // ids [B, T] (int64, 1 <= B * T <= 16): row b's tokens at positions starts[b]..starts[b]+T-1 of cache row
   // rows[b]. Writes their keys and values; returns (logits [B, T, V], or [B, 1, V] with last_only; hidden [B, T, C]
-  // before the final norm).
+  // before the final norm). `one_thread`: every loop on the calling thread (the same results; see simd.h `serial`).
   std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& ids, std::vector<int64_t> cache_rows,
-                                             std::vector<int64_t> starts, bool last_only) {
+                                             std::vector<int64_t> starts, bool last_only, bool one_thread) {
     TORCH_CHECK(ids.device().is_cpu() && ids.scalar_type() == at::kLong && ids.dim() == 2 && ids.is_contiguous(),
                 "mellum::Decoder: ids must be a contiguous int64 [B, T] tensor");
     const int64_t B = ids.size(0), T = ids.size(1);
@@ -313,17 +313,17 @@ struct Decoder : torch::CustomClassHolder {
       TORCH_CHECK(id[m] >= 0 && id[m] < V, "mellum::Decoder: token id ", id[m], " outside [0, ", V, ")");
       std::copy(embed + id[m] * C, embed + (id[m] + 1) * C, x + m * C);
     }
-    return run(hidden, cache_rows, starts, last_only);
+    return run(hidden, cache_rows, starts, last_only, one_thread);
   }
 
   // The same with the first layer's input given, x [B, T, C] (float32), instead of token embeddings: the MTP
   // layer's combined embedding and hidden state (mellum.model.mtp), run by a decoder holding only that layer.
   std::tuple<at::Tensor, at::Tensor> forward_hidden(const at::Tensor& x, std::vector<int64_t> cache_rows,
-                                                    std::vector<int64_t> starts, bool last_only) {
+                                                    std::vector<int64_t> starts, bool last_only, bool one_thread) {
     TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 3 && x.size(2) == C,
                 "mellum::Decoder: inputs must be a float32 [B, T, ", C, "] tensor");
     check_call(x.size(0), x.size(1), cache_rows, starts);
-    return run(x.contiguous().clone(), cache_rows, starts, last_only);
+    return run(x.contiguous().clone(), cache_rows, starts, last_only, one_thread);
   }
 
  private:
@@ -353,7 +353,12 @@ struct Decoder : torch::CustomClassHolder {
   // Every layer, the final norm and the output head over hidden [B, T, C] (the first layer's input, updated in
   // place into the last layer's output).
   std::tuple<at::Tensor, at::Tensor> run(at::Tensor hidden, const std::vector<int64_t>& cache_rows,
-                                         const std::vector<int64_t>& starts, bool last_only) {
+                                         const std::vector<int64_t>& starts, bool last_only, bool one_thread) {
+    struct SerialScope {  // simd.h's `serial` for this call, restored however it ends
+      bool before = serial;
+      explicit SerialScope(bool on) { serial = on; }
+      ~SerialScope() { serial = before; }
+    } scope(one_thread);
     const int64_t B = hidden.size(0), T = hidden.size(1), M = B * T;
     const int64_t Q = H * D, KV = Hkv * D, W = Q + 2 * KV, groups = H / Hkv, half = D / 2;
     float* x = hidden.data_ptr<float>();
@@ -407,7 +412,7 @@ struct Decoder : torch::CustomClassHolder {
       int64_t keys = S;
       if (L.window == 0) keys = *std::max_element(position.begin(), position.end()) + 1;
       const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, keys * D));
-      at::parallel_for(0, M * H, grain, [&](int64_t begin, int64_t end) {
+      parallel(0, M * H, grain, [&](int64_t begin, int64_t end) {
         std::vector<float> p(keys);
         for (int64_t mh = begin; mh < end; ++mh) {
           const int64_t m = mh / H, head = mh % H, g = head / groups, r = cache_rows[m / T];

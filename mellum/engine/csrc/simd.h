@@ -19,6 +19,20 @@ namespace mellum::simd {
 constexpr int kRows = 4;                  // weight rows per block: four independent FMA chains, four load streams
 constexpr int64_t kGrainElems = 1 << 16;  // weights per thread at least (smaller products stay on one thread)
 
+// Set for the duration of a fused decode call that the engine's kernel chooser runs on one thread (on a busy
+// machine a parallel region can wait for a descheduled thread, 10x slower per step): `parallel` then runs its whole
+// range inline on the calling thread. Each range is split the same way either way, so results are identical.
+inline thread_local bool serial = false;
+
+template <typename F>
+inline void parallel(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  if (!serial) {
+    at::parallel_for(begin, end, grain, f);
+  } else if (begin < end) {
+    f(begin, end);
+  }
+}
+
 inline float horizontal_sum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_hadd_ps(s, s);
@@ -89,7 +103,7 @@ inline void row_block(const float* x, const float* w, float* y, int64_t M, int64
 inline void product_into(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N) {
   const int64_t blocks = N / kRows;
   const int64_t grain = std::max<int64_t>(1, kGrainElems / (kRows * std::max<int64_t>(K, 1)));
-  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+  parallel(0, blocks, grain, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) row_block<kRows>(x, w, y, M, K, N, b * kRows);
   });
   for (int64_t n = blocks * kRows; n < N; ++n) row_block<1>(x, w, y, M, K, N, n);
@@ -183,7 +197,7 @@ inline void product_into(const float* x, const int8_t* w, const float* scale, fl
   std::vector<float> xs(M);
   for (int64_t m = 0; m < M; ++m) xs[m] = quantize_row(x + m * K, xq.data() + m * K, K);
   const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(K, 1));
-  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+  parallel(0, N, grain, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) row_int8(xq.data(), xs.data(), w, y, scale, M, K, N, n);
   });
 }
