@@ -73,10 +73,16 @@ class GraphedDecode:
         # The forward each graph captures: the engine's layer loop, or `step`, the same loop under torch.compile
         # (compiled once per token count on the first capture's warm-up, outside the capture).
         self.step = step if step is not None else engine._layers_forward
+        self.compiled = step is not None
         self.inputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # T → static (ids, positions) [1, T]
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple[int, int, int, bool], _Graph] = {}
         make_experts_graph_safe(engine.model)
+
+    def use_eager_step(self) -> None:
+        """Capture the eager layer loop from now on (after the compiled step failed), dropping the graphs so far."""
+        self.step, self.compiled = self.engine._layers_forward, False
+        self.graphs.clear()
 
     def _step(self, view, t: int, last_only: bool):
         view._masks.clear()  # the masks must be computed inside the capture, not reused from the warm-up

@@ -336,6 +336,10 @@ class NativeEngine:
             try:
                 return self._graphs.run(view.rows[0], view.kv_len, ids, positions, last_only)
             except RuntimeError as exc:  # capture unsupported by some op: stay eager from now on
+                if self._graphs.compiled:  # compilation or its capture failed: graphs of the eager step instead
+                    print(f"mellum.engine: the compiled decode step failed ({exc}); capturing the eager step")
+                    self._graphs.use_eager_step()
+                    return self._forward_once(ids, positions, view, last_only, graphs)
                 print(f"mellum.engine: CUDA graphs disabled ({exc})")
                 self._graphs = None
         if self._layered:

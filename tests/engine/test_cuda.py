@@ -20,3 +20,24 @@ def test_graphs_of_the_compiled_step_equal_uncached_greedy_on_cuda(preset, mode)
     """compile=True: the graphs capture the layer loop under torch.compile (tests/engine/test_compiled_step.py
     checks on CPU that it is one graph for every key bucket)."""
     check_graphed_decoding(preset, mode, compile=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_failing_compiled_step_falls_back_to_graphs_of_the_eager_step(capsys):
+    from mellum.engine import NativeEngine, SamplingParams
+    from tests.engine.helpers import reference_greedy, repetitive_prompt, tiny_model
+
+    model = tiny_model("tiny-dense")
+    engine = NativeEngine(model, device="cuda", dtype=torch.float32, speculative=None, compile=True)
+
+    def broken(*args):
+        raise RuntimeError("compilation failed (a test's stand-in)")
+
+    engine._graphs.step = broken
+    try:
+        prompt = repetitive_prompt(model.config.vocab_size, 50, 0)
+        assert engine.generate(prompt, SamplingParams(max_new_tokens=12)).tokens == reference_greedy(model, prompt, 12)
+        assert engine._graphs is not None and not engine._graphs.compiled and engine._graphs.graphs
+        assert "capturing the eager step" in capsys.readouterr().out
+    finally:
+        engine.close()
