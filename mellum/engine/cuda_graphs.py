@@ -77,6 +77,7 @@ class GraphedDecode:
         self.inputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # T → static (ids, positions) [1, T]
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple[int, int, int, bool], _Graph] = {}
+        self.sightings: dict[tuple[int, int, int, bool], int] = {}  # prefill shapes not captured yet: times seen
         make_experts_graph_safe(engine.model)
 
     def use_eager_step(self) -> None:
@@ -89,9 +90,22 @@ class GraphedDecode:
         ids, positions = self.inputs[t]
         return self.step(ids, positions, view, last_only)
 
+    def _bucket(self, kv_len: int) -> int:
+        return min(math.ceil(kv_len / self.bucket) * self.bucket, self.engine.max_len)
+
+    def wants_prefill(self, row: int, kv_len: int, t: int, last_only: bool) -> bool:
+        """Whether a prefill chunk of this shape replays a graph: one is captured already, or the shape was seen once
+        before. A keystroke's few new tokens recur in the same row and key bucket, so its chunk is graphed from the
+        second keystroke on; a one-off shape stays eager (capturing costs more than one eager forward)."""
+        key = (row, self._bucket(kv_len), t, last_only)
+        if key in self.graphs:
+            return True
+        self.sightings[key] = self.sightings.get(key, 0) + 1
+        return self.sightings[key] >= 2
+
     def run(self, row: int, kv_len: int, ids: torch.Tensor, positions: torch.Tensor, last_only: bool):
         t = ids.shape[1]
-        kv = min(math.ceil(kv_len / self.bucket) * self.bucket, self.engine.max_len)
+        kv = self._bucket(kv_len)
         if t not in self.inputs:
             self.inputs[t] = (torch.zeros_like(ids), torch.zeros_like(positions))
         self.inputs[t][0].copy_(ids)

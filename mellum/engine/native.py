@@ -166,8 +166,8 @@ class NativeEngine:
         if graphs:
             from mellum.engine.cuda_graphs import GraphedDecode
 
-            # With compile=True the graphs replay the compiled step (its fused kernels); prefill chunks, whose
-            # shapes change every request, stay eager.
+            # With compile=True the graphs replay the compiled step (its fused kernels); long prefill chunks stay
+            # eager.
             self._graphs = GraphedDecode(self, step=compiled)
         self.scheduler = Scheduler(self, opts.max_batch, speculative=opts.speculative is not None)
 
@@ -306,7 +306,8 @@ class NativeEngine:
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, view, last_only: bool = False,
                  graphs: bool = True):
         """`graphs=False` for prefill chunks: their lengths vary per request, and capturing a graph for each new
-        (length, key bucket) costs more than one eager forward."""
+        (length, key bucket) costs more than one eager forward, so they replay graphs only of shapes that recur
+        (`GraphedDecode.wants_prefill`: a keystroke's few new tokens)."""
         if not self._choose_threads or not graphs:
             return self._forward_once(ids, positions, view, last_only, graphs)
         # A decode or verify step on every core or on one (split products or not; the fused decoder multi- or
@@ -331,8 +332,9 @@ class NativeEngine:
         if self._fusable(fused, ids) and not view.padded:
             # A few tokens: every layer in one C++ call (each row's positions are consecutive in every caller).
             return fused(ids, view.rows, positions[:, 0].tolist(), last_only, one_thread=not self._parallel)
-        if (self._graphs is not None and ids.shape[0] == 1 and (graphs or ids.shape[1] == 1)
-                and ids.shape[1] <= self._graphs.MAX_TOKENS):
+        if (self._graphs is not None and ids.shape[0] == 1 and ids.shape[1] <= self._graphs.MAX_TOKENS
+                and (graphs or ids.shape[1] == 1
+                     or self._graphs.wants_prefill(view.rows[0], view.kv_len, ids.shape[1], last_only))):
             try:
                 return self._graphs.run(view.rows[0], view.kv_len, ids, positions, last_only)
             except RuntimeError as exc:  # capture unsupported by some op: stay eager from now on

@@ -41,3 +41,23 @@ def test_a_failing_compiled_step_falls_back_to_graphs_of_the_eager_step(capsys):
         assert "capturing the eager step" in capsys.readouterr().out
     finally:
         engine.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_keystroke_prefill_chunks_replay_graphs_once_their_shape_recurs():
+    """Each request adds three tokens to the previous prompt (the rest is still in the row): from the second such
+    request on, its few-token prefill chunk replays a graph; tokens stay exact."""
+    from mellum.engine import NativeEngine, SamplingParams
+    from tests.engine.helpers import reference_greedy, repetitive_prompt, tiny_model
+
+    model = tiny_model("tiny-moe")
+    engine = NativeEngine(model, device="cuda", dtype=torch.float32, speculative=None)
+    try:
+        prompt = repetitive_prompt(model.config.vocab_size, 80, 1)
+        for n in range(50, 80, 3):
+            result = engine.generate(prompt[:n], SamplingParams(max_new_tokens=6))
+            assert result.tokens == reference_greedy(model, prompt[:n], 6), n
+        # Prefill chunks are the only multi-token forwards asking for the last logits alone (verify steps want all).
+        assert any(t > 1 and last_only for (_, _, t, last_only) in engine._graphs.graphs)
+    finally:
+        engine.close()
