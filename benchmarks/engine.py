@@ -37,9 +37,10 @@ import threading
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import mellum  # noqa: E402,F401  (before torch: its OpenMP wait policy, mellum/__init__.py)
+import torch  # noqa: E402
 
 from mellum.config import ModelConfig, get_config  # noqa: E402
 from mellum.engine import NativeEngine, SamplingParams, cpu_kernels  # noqa: E402
