@@ -7,10 +7,11 @@ the native engine would. Generated ids come back as `token_ids` (vLLM, with `ret
 `/v1/completions`, which streams special tokens such as `<filename>` as empty text, and one id per streamed piece:
 where `encode` is given, pieces with text are re-encoded, since a character split over tokens arrives as one piece
 under its last id); for servers that return only text, pass `encode` (text → ids), which the completion service
-takes from its tokenizer — the engine itself never imports one. Sampling knobs are sent explicitly (`top_k` -1 = off, which vLLM and llama.cpp both read so; `min_p`
-0), since llama-server's defaults (top-k 40, min-p 0.05) would otherwise narrow sampled distributions. Streaming (SSE) gives
-`on_token`, cancellation, deadlines and `max_lines` on the client side. Each constrained token (token healing:
-`allowed_first_ids`, `allowed_next`) is a one-token request with `logit_bias`, then the rest is one request.
+takes from its tokenizer — the engine itself never imports one. Sampling knobs are sent explicitly (`top_k` -1 =
+off, which vLLM and llama.cpp both read so; `min_p` 0), since llama-server's defaults (top-k 40, min-p 0.05) would
+otherwise narrow sampled distributions. Streaming (SSE) gives `on_token`, cancellation, deadlines and `max_lines`
+on the client side. Each constrained token (token healing: `allowed_first_ids`, `allowed_next`) is a one-token
+request with `logit_bias`, then the rest is one request.
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@
 // Scope: dense SwiGLU or mixture-of-experts layers (fp32 router), full or sliding-window attention, fp32 activations
 // (rounded to int16 inside int8 products), fp32 or int8 (per-row scale) weights, up to 16 tokens per call: T
 // consecutive tokens in each of B cache rows (batched decode: T = 1; speculative verify and short prefill chunks:
-// B = 1). Masking follows the stored key positions exactly as mellum.model.attention_mask does. The Python side (mellum/engine/fused.py) decides when it applies and falls back
-// to the layer-by-layer forward otherwise.
+// B = 1). Masking follows the stored key positions exactly as mellum.model.attention_mask does. The Python side
+// (mellum/engine/fused.py) decides when it applies and falls back to the layer-by-layer forward otherwise.
 
 #include <ATen/ATen.h>
 #include <torch/custom_class.h>
