@@ -40,14 +40,21 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not args.force:
         raise FileExistsError(f"{out} already exists; pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out} exists and is not a directory; --force replaces only an earlier output")
+    if out.resolve() == Path(args.corpus).resolve() or out.resolve() in Path(args.corpus).resolve().parents:
+        raise ValueError(f"--out {out} is or contains the corpus {args.corpus}; write the tokenizer somewhere else")
     if not 0.0 <= args.held_out < 1.0:
         raise ValueError(f"--held-out must be in [0, 1), got {args.held_out}")
-    languages = set(args.languages.split(",")) if args.languages else None
+    languages = {name.strip() for name in args.languages.split(",")} if args.languages else None
     budget = int(args.max_train_mb * 1e6)
     first = next(iter(read_corpus(args.corpus)), None)
     if first is None:
         raise ValueError(f"corpus {args.corpus} has no files to train on")
     roundtrip_project = args.roundtrip_project or first["project"]
+    if args.roundtrip_project and not any(r["project"] == roundtrip_project for r in read_corpus(args.corpus)):
+        raise ValueError(f"--roundtrip-project {roundtrip_project!r} is not a project of {args.corpus}; "
+                         "see its report.md for the project names")
 
     def is_held_out(record: dict) -> bool:
         import xxhash
@@ -55,7 +62,10 @@ def run(args: argparse.Namespace) -> int:
         key = f"{record['project']}/{record['path']}".encode("utf-8")
         return xxhash.xxh64_intdigest(key, seed=17) % 10_000 < args.held_out * 10_000
 
+    trained_files = 0
+
     def training_texts():
+        nonlocal trained_files
         used = 0
         for record in read_corpus(args.corpus):
             if languages and record["language"] not in languages or is_held_out(record):
@@ -63,10 +73,14 @@ def run(args: argparse.Namespace) -> int:
             if used >= budget:
                 return
             used += len(record["text"])
+            trained_files += 1
             yield record["text"]
 
     tokenizer = train_bpe(training_texts(), args.vocab_size, min_frequency=args.min_frequency,
                           show_progress=not args.quiet)
+    if trained_files == 0:
+        raise ValueError(f"no file of {args.corpus} is left to train on after --languages, --held-out and "
+                         "--max-train-mb; nothing written")
     held_out = compression_report(tokenizer, ((r["language"], r["text"]) for r in read_corpus(args.corpus) if is_held_out(r)))
     project = compression_report(tokenizer, ((r["language"], r["text"]) for r in read_corpus(args.corpus)
                                              if r["project"] == roundtrip_project))

@@ -120,6 +120,8 @@ def build_corpus(
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists; pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out} exists and is not a directory; --force replaces only an earlier output")
     sources = list(sources)
     if not sources:
         raise ValueError("no sources given: pass --source DIR (a project, git repository, stdlib or site-packages)")
@@ -127,7 +129,11 @@ def build_corpus(
     projects: list[Project] = []
     for spec in sources:
         label, path = parse_source(spec)
-        projects.extend(discover(path, label))
+        projects.extend(discover(path, label))  # checks the path first: missing, a file, a symlink loop
+        source = Path(path).resolve()
+        if source == out.resolve() or out.resolve() in source.parents:
+            # --force would delete the source once the corpus is written.
+            raise ValueError(f"--out {out} is or contains the source {spec}; write the corpus somewhere else")
     _unique_names(projects)
 
     policy = LicensePolicy(frozenset(config.allow))

@@ -99,6 +99,8 @@ def build_shards(
     from mellum.data.corpus import read_report
 
     config = config or DatasetConfig()
+    if Path(corpus).resolve() == Path(out).resolve() or Path(out).resolve() in Path(corpus).resolve().parents:
+        raise ValueError(f"--out {out} is or contains the corpus {corpus}; write the shards somewhere else")
     builder = SampleBuilder(config.samples)
     encoder = SegmentEncoder(tokenizer)
     encoder.check_format(builder.spm)

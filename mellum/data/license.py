@@ -52,7 +52,15 @@ CLASSIFIERS: dict[str, str] = {
     "License :: OSI Approved :: GNU Affero General Public License v3 or later (AGPLv3+)": "AGPL-3.0-or-later",
     "License :: OSI Approved :: Eclipse Public License 2.0 (EPL-2.0)": "EPL-2.0",
     "License :: Public Domain": "LicenseRef-Public-Domain",
+    "License :: OSI Approved :: Zero-Clause BSD (0BSD)": "0BSD",
+    "License :: OSI Approved :: Blue Oak Model License (BlueOak-1.0.0)": "BlueOak-1.0.0",
+    "License :: OSI Approved :: Python License (CNRI Python License)": "CNRI-Python",
+    "License :: OSI Approved :: University of Illinois/NCSA Open Source License": "NCSA",
 }
+# Classifiers that name no license ("License :: OSI Approved" alone); any other unmapped license classifier is
+# an unknown license (e.g. "License :: Other/Proprietary License", EUPL): beside a known one it must not vanish.
+GENERIC_CLASSIFIERS = frozenset({"License :: OSI Approved", "License :: DFSG approved"})
+UNKNOWN_CLASSIFIER = "LicenseRef-Unknown-Classifier"
 
 # Free-text `License:` metadata values people write → SPDX (lower-cased, punctuation-normalised keys).
 SHORT_NAMES: dict[str, str] = {
@@ -69,7 +77,10 @@ SHORT_NAMES: dict[str, str] = {
     "lgpl": "LGPL-2.1-or-later", "lgplv3": "LGPL-3.0-only", "mpl-2": "MPL-2.0", "mpl 2.0": "MPL-2.0",
 }
 
-_SPDX_HEADER = re.compile(r"SPDX-License-Identifier:\s*([A-Za-z0-9.+\-() ]+?)\s*(?:\*/|-->|$)", re.MULTILINE)
+# The expression runs to the first character no SPDX expression has: a comment closer (`*/`, `-->`), a docstring's
+# or string's quote, `#`, `;`, `,`. Anchoring at the end of the line instead would miss a header written as
+# `"""SPDX-License-Identifier: GPL-3.0-only"""` and let the file in under the project license.
+_SPDX_HEADER = re.compile(r"SPDX-License-Identifier:[ \t]*([A-Za-z0-9.+\-():]+(?:[ \t]+[A-Za-z0-9.+\-():]+)*)")
 
 
 def _norm(text: str) -> str:
@@ -127,7 +138,9 @@ def spdx_header(text: str) -> str | None:
     """The `SPDX-License-Identifier:` expression in the first 30 lines of a source file, if any."""
     head = "\n".join(text.split("\n", 30)[:30])
     m = _SPDX_HEADER.search(head)
-    return m.group(1).strip() if m else None
+    if m is None:
+        return None
+    return m.group(1).rstrip("-").strip() or None  # the dashes of an HTML `-->` closer are not part of it
 
 
 def from_metadata(meta: Message) -> tuple[str | None, str]:
@@ -142,8 +155,11 @@ def from_metadata(meta: Message) -> tuple[str | None, str]:
             return SHORT_NAMES[key], "License"
         if is_spdx(short):
             return short, "License"
-    classifiers = [CLASSIFIERS[c.strip()] for c in meta.get_all("Classifier") or [] if c.strip() in CLASSIFIERS]
+    named = [c.strip() for c in meta.get_all("Classifier") or [] if c.strip().startswith("License ::")]
+    classifiers = [CLASSIFIERS[c] for c in named if c in CLASSIFIERS]
     if classifiers:
+        # AND over all of them, conservatively: an unmapped one (proprietary, EUPL...) keeps the project out.
+        classifiers += [UNKNOWN_CLASSIFIER for c in named if c not in CLASSIFIERS and c not in GENERIC_CLASSIFIERS]
         unique = sorted(set(classifiers))
         return " AND ".join(unique) if len(unique) > 1 else unique[0], "classifiers"
     if short:  # a full license text pasted into the License field

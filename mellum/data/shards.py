@@ -64,6 +64,9 @@ class ShardWriter:
         self.out = Path(out)
         if self.out.exists() and not force:
             raise FileExistsError(f"{self.out} already exists; pass --force to replace it")
+        if self.out.exists() and not self.out.is_dir():
+            raise NotADirectoryError(f"{self.out} exists and is not a directory; --force replaces only an earlier "
+                                     "output")
         self.config = config or ShardWriterConfig()
         self.vocab_size = int(vocab_size)
         self.eos_id = int(eos_id)

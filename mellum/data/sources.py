@@ -102,8 +102,8 @@ def _distributions(site: Path, label: str) -> list[Project]:
         license_files = []
         for rel in _record(info):
             target = (site / rel)
-            if ".." in Path(rel).parts or not rel or rel.endswith("/"):
-                continue  # scripts outside site-packages, directories
+            if ".." in Path(rel).parts or Path(rel).is_absolute() or not rel or rel.endswith("/"):
+                continue  # files outside site-packages (scripts, absolute data files), directories
             if Path(rel).parts[0] == info.name:
                 if Path(rel).name.lower().startswith(LICENSE_NAMES) or "licenses" in Path(rel).parts:
                     license_files.append(target)

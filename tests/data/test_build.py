@@ -104,6 +104,32 @@ def test_existing_corpus_is_not_overwritten_without_force(tmp_path, capsys):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".corpus")]  # no temp or backup left
 
 
+def test_force_replaces_only_an_earlier_output_never_a_file_or_a_source(tmp_path, capsys):
+    project = tmp_path / "proj"
+    shutil.copytree(FIXTURES / "mit_project", project)
+    not_a_corpus = tmp_path / "notes.txt"
+    not_a_corpus.write_text("mine\n")
+    for out, message in [(not_a_corpus, "is not a directory"), (project, "is or contains the source"),
+                         (tmp_path, "is or contains the source")]:
+        assert main(["data", "build", "--quiet", "--force", "--source", f"code={project}", "--out", str(out)]) == 2
+        assert message in capsys.readouterr().err
+    assert not_a_corpus.read_text() == "mine\n"
+    assert (project / "pkg" / "core.py").is_file() and not (project / "files.jsonl.zst").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "proj"]  # no temp or backup left
+
+
+def test_spdx_header_in_a_docstring_excludes_the_file(tmp_path):
+    project = tmp_path / "proj"
+    project.mkdir()
+    shutil.copy(FIXTURES / "mit_project" / "LICENSE", project / "LICENSE")
+    (project / "ok.py").write_text("def double(x):\n    return 2 * x\n")
+    (project / "copyleft.py").write_text('"""SPDX-License-Identifier: GPL-3.0-only"""\n\n\ndef triple(x):\n'
+                                         "    return 3 * x\n")
+    report = build_corpus([str(project)], tmp_path / "corpus", BuildConfig(workers=1), progress=False)
+    assert [r["path"] for r in read_corpus(tmp_path / "corpus")] == ["ok.py"]
+    assert report["skipped_by_reason"]["file license GPL-3.0-only"] == 1
+
+
 def test_bad_sources_give_clear_errors(tmp_path, capsys):
     out = str(tmp_path / "c")
     empty = tmp_path / "empty"
@@ -180,3 +206,17 @@ def test_git_repository_source_reads_tracked_files_only(tmp_path):
     project = report["projects"][0]
     assert project["kind"] == "repository" and project["license"] == "Apache-2.0"
     assert [r["path"] for r in read_corpus(tmp_path / "c")] == ["src/app.py"]  # untracked files are not read
+
+
+def test_record_entries_outside_site_packages_are_not_read(tmp_path):
+    # RECORD lists files installed elsewhere by absolute path; `site / "/abs"` read them into the corpus.
+    outside = tmp_path / "outside.py"
+    outside.write_text("def elsewhere():\n    return 42\n")
+    site = tmp_path / "site"
+    (site / "foo-1.0.dist-info").mkdir(parents=True)
+    (site / "foo").mkdir()
+    (site / "foo-1.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: foo\nLicense-Expression: MIT\n")
+    (site / "foo-1.0.dist-info" / "RECORD").write_text(f"foo/__init__.py,,\n{outside},,\n../outside.py,,\n")
+    (site / "foo" / "__init__.py").write_text("def inside():\n    return 1\n")
+    build_corpus([str(site)], tmp_path / "corpus", BuildConfig(workers=1), progress=False)
+    assert [r["path"] for r in read_corpus(tmp_path / "corpus")] == ["foo/__init__.py"]

@@ -95,3 +95,31 @@ def test_bad_inputs(pipeline, tmp_path, capsys):
     assert main(["tokenizer", "train", "--corpus", str(pipeline / "corpus"), "--vocab-size", "400", "--out", str(pipeline / "tok")]) == 2
     assert "already exists" in capsys.readouterr().err
     assert not (tmp_path / "s").exists() and not (tmp_path / "t").exists()
+
+
+def test_force_never_replaces_a_file_or_the_corpus(pipeline, tmp_path, capsys):
+    corpus, tok = str(pipeline / "corpus"), str(pipeline / "tok")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine\n")
+    shards = ["data", "shards", "--quiet", "--force", "--corpus", corpus, "--tokenizer", tok, "--out"]
+    train = ["tokenizer", "train", "--quiet", "--force", "--corpus", corpus, "--vocab-size", "300", "--out"]
+    for args, message in [(shards + [str(notes)], "is not a directory"), (train + [str(notes)], "is not a directory"),
+                          (shards + [corpus], "is or contains the corpus"),
+                          (train + [corpus], "is or contains the corpus")]:
+        assert main(args) == 2
+        assert message in capsys.readouterr().err
+    assert notes.read_text() == "mine\n" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    assert next(read_corpus(corpus))  # the corpus is still there
+
+
+def test_tokenizer_train_refuses_to_check_or_train_on_nothing(pipeline, tmp_path, capsys):
+    base = ["tokenizer", "train", "--quiet", "--corpus", str(pipeline / "corpus"), "--vocab-size", "300",
+            "--out", str(tmp_path / "t")]
+    assert main(base + ["--roundtrip-project", "no_such_project"]) == 2  # was: "0 of 0 files" round-trip, passed
+    assert "is not a project of" in capsys.readouterr().err
+    assert main(base + ["--languages", "cobol"]) == 2  # was: a bytes-only tokenizer trained on no text
+    assert "no file of" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()
+    assert main(base + ["--languages", "python, markdown", "--roundtrip-project", "apache_project"]) == 0
+    report = json.loads((tmp_path / "t" / "compression.json").read_text())
+    assert report["roundtrip_project"]["name"] == "apache_project" and report["roundtrip_project"]["files"] >= 1

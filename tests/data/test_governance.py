@@ -88,6 +88,29 @@ def test_spdx_header():
     assert spdx_header("x = 1\n" * 40 + "# SPDX-License-Identifier: MIT\n") is None  # only the head counts
 
 
+def test_spdx_header_in_a_docstring_string_or_html_comment():
+    # Ending the expression only at a line end or a comment closer missed these: the file got the project license.
+    assert spdx_header('"""SPDX-License-Identifier: GPL-3.0-only"""\ndef f():\n    pass\n') == "GPL-3.0-only"
+    assert spdx_header("LICENSE = 'SPDX-License-Identifier: AGPL-3.0-or-later'\n") == "AGPL-3.0-or-later"
+    assert spdx_header("<!-- SPDX-License-Identifier: MIT OR GPL-2.0-only -->\n") == "MIT OR GPL-2.0-only"
+    assert spdx_header("# SPDX-License-Identifier: GPL-2.0-only WITH Linux-syscall-note\r\nx = 1\r\n") == (
+        "GPL-2.0-only WITH Linux-syscall-note")
+    assert spdx_header("# SPDX-License-Identifier:\nimport os\n") is None  # the next line is not the expression
+
+
+def test_an_unmapped_license_classifier_is_not_dropped_beside_a_known_one():
+    policy = LicensePolicy()
+    mit = "Classifier: License :: OSI Approved :: MIT License\n"
+    for other in ("License :: Other/Proprietary License", "License :: Free for non-commercial use",
+                  "License :: OSI Approved :: European Union Public Licence 1.2 (EUPL 1.2)"):
+        expression, where = from_metadata(_meta(f"{mit}Classifier: {other}\n"))
+        assert where == "classifiers" and not policy.allows(expression), other
+    # A classifier that names no license changes nothing; permissive ones on the allowlist are known.
+    assert from_metadata(_meta(f"{mit}Classifier: License :: OSI Approved\n")) == ("MIT", "classifiers")
+    assert from_metadata(_meta("Classifier: License :: OSI Approved :: Zero-Clause BSD (0BSD)\n")) == (
+        "0BSD", "classifiers")
+
+
 def test_filters():
     config = FilterConfig()
     assert language_of("a/b.py") == "python" and language_of("Makefile") == "makefile" and language_of("x.bin") is None

@@ -55,6 +55,15 @@ def test_writer_refuses_existing_and_cleans_up_on_error(tmp_path):
     assert not (tmp_path / "t").exists() and not list(tmp_path.glob(".t.tmp-*"))
 
 
+def test_writer_force_refuses_a_file(tmp_path):
+    # Renaming a file aside and removing it as a tree failed after the shards were in place, leaving a backup.
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine\n")
+    with pytest.raises(NotADirectoryError, match="not a directory"):
+        ShardWriter(notes, vocab_size=512, eos_id=EOS, force=True)
+    assert notes.read_text() == "mine\n" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
 def test_loader_targets_never_cross_documents(tmp_path):
     docs = _docs(60)
     out = _write(tmp_path / "s", docs, shard_tokens=64)
