@@ -105,6 +105,7 @@ class NativeCompleter(Completer):
         from mellum.complete import CompletionService
 
         self.model_dir = str(model_dir)
+        self.quantize = quantize
         self.service = CompletionService.from_pretrained(model_dir, device=device, quantize=quantize, compile=compile)
 
     def complete(self, problem, bench, sample, sampling) -> str:
@@ -136,7 +137,7 @@ class NativeCompleter(Completer):
         return self.service.tokenizer.count(text, allow_special=True)
 
     def describe(self) -> dict:
-        return {"completer": self.name, "model": self.model_dir}
+        return {"completer": self.name, "model": self.model_dir, "quantize": self.quantize}
 
     def close(self) -> None:
         self.service.close()

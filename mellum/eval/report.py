@@ -201,21 +201,41 @@ def format_interval(name: str, ci: Sequence[float]) -> str:
 
 def write_report(summaries: Sequence[dict], out_dir: Path, json_file: Path | None = None,
                  plots: bool = True) -> dict[str, Path]:
-    """Write summary.json, summary.md and plots into `out_dir` (and the JSON also to `json_file`)."""
+    """Write summary.json, summary.md and plots into `out_dir`, and this run's summaries to `json_file`.
+
+    `out_dir` collects the benchmarks run into it: a summary already there for another benchmark is kept, one for a
+    benchmark run again is replaced (in place), so `mellum eval humaneval` then `mellum eval safim` into one
+    `--out` report both."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    payload = json.dumps({"summaries": list(summaries)}, indent=2) + "\n"
     written = {"json": out_dir / "summary.json", "markdown": out_dir / "summary.md"}
-    write_atomic(written["json"], payload)
-    write_atomic(written["markdown"], to_markdown(summaries))
     if json_file:
-        write_atomic(Path(json_file), payload)
+        write_atomic(Path(json_file), json.dumps({"summaries": list(summaries)}, indent=2) + "\n")
         written["json_file"] = Path(json_file)
+    summaries = _merged(_read_summaries(written["json"]), summaries)
+    write_atomic(written["json"], json.dumps({"summaries": summaries}, indent=2) + "\n")
+    write_atomic(written["markdown"], to_markdown(summaries))
     if plots:
         png = plot_scores(summaries, out_dir / "scores.png")
         if png:
             written["plot"] = png
     return written
+
+
+def _read_summaries(path: Path) -> list[dict]:
+    """The summaries of an earlier summary.json; none when it is missing or unreadable (it is rewritten whole)."""
+    try:
+        found = json.loads(path.read_text(encoding="utf-8")).get("summaries")
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [s for s in found if isinstance(s, dict) and "benchmark" in s] if isinstance(found, list) else []
+
+
+def _merged(earlier: list[dict], new: Sequence[dict]) -> list[dict]:
+    """`earlier` with each benchmark of `new` replaced in place, and `new`'s other benchmarks appended."""
+    fresh = {s["benchmark"]: s for s in new}
+    merged = [fresh.pop(s["benchmark"], s) for s in earlier]
+    return merged + [s for s in new if s["benchmark"] in fresh]
 
 
 def plot_scores(summaries: Sequence[dict], path: Path) -> Path | None:

@@ -40,6 +40,10 @@ class RunConfig:
             raise ValueError(f"--workers must be at least 1, got {self.workers}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--limit must be at least 1, got {self.limit}")
+        if self.sampling.temperature < 0:
+            raise ValueError(f"--temperature must be 0 (greedy) or more, got {self.sampling.temperature}")
+        if not 0 < self.sampling.top_p <= 1:
+            raise ValueError(f"--top-p must be in (0, 1], got {self.sampling.top_p}")
         if self.n > 1 and self.sampling.temperature == 0:
             raise ValueError("n > 1 samples with temperature 0 are all the same greedy completion: set --temperature")
 
@@ -73,7 +77,8 @@ def run(
     results_path = Path(results_path)
     results_path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"benchmark": bench.title, "n": config.n, "temperature": config.sampling.temperature,
-            "top_p": config.sampling.top_p, "seed": config.sampling.seed, **completer.describe()}
+            "top_p": config.sampling.top_p, "seed": config.sampling.seed, **completer.describe(),
+            **bench.settings()}
     if config.nll:
         meta["nll"] = True
     done = _resume(results_path, meta, config.fresh)

@@ -54,6 +54,11 @@ class SandboxConfig:
     namespaces: bool = True  # try unshare(2); fall back to rlimits + audit hook if it fails
     drop_privileges: bool = True  # when root: run as a fresh unused uid
 
+    def __post_init__(self):
+        # 0 or less would not mean "no limit": every program would time out, or get the launcher's start-up slack.
+        if not self.timeout_s > 0:
+            raise ValueError(f"the sandbox time limit (--timeout) must be positive seconds, got {self.timeout_s}")
+
 
 @dataclass
 class Execution:

@@ -123,6 +123,14 @@ def test_safim_truncation_and_output_checker():
     assert not outputs_match("1 2", ["1 2 3"]) and not outputs_match("YES", ["NO"])
 
 
+def test_safim_checker_compares_integers_exactly():
+    # A relative tolerance on integers passed wrong answers: 1000001 for 1000000, 123456800 for 123456789.
+    assert not outputs_match("1000001", ["1000000"]) and not outputs_match("3 123456800", ["3 123456789"])
+    assert not outputs_match("1000000000000000001", ["1000000000000000000"])
+    assert not outputs_match("1_000", ["1000"]) and not outputs_match("infinity", ["inf"])  # not numbers to a judge
+    assert outputs_match("007 -0", ["7 0"]) and outputs_match("2.5000001", ["2.5"]) and outputs_match("5.0", ["5"])
+
+
 @pytest.mark.parametrize("split", ["provided", "none", "packed"])
 def test_cceval_oracle_is_exact_and_empty_is_not(shared_benchmarks, split):
     bench = CrossCodeEval(shared_benchmarks, split)

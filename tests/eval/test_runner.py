@@ -42,11 +42,25 @@ def test_resume_refuses_a_different_run(bench, tmp_path):
     assert fresh[0]["passed"] == 0
 
 
+def test_resume_refuses_other_result_settings(bench, tmp_path):
+    # A rerun with another time limit (or context budget) reused the first run's results as its own.
+    path = tmp_path / "r.jsonl"
+    runner.run(bench, OracleCompleter(), path, runner.RunConfig(limit=1), Sandbox(), progress=False)
+    other = get_benchmark("humaneval-infilling", bench.data_dir, bench.split)
+    other.timeout_s = 0.5
+    with pytest.raises(FileExistsError, match="timeout_s: 10.0 → 0.5"):
+        runner.run(other, OracleCompleter(), path, runner.RunConfig(limit=1), Sandbox(), progress=False)
+
+
 def test_run_config_rejects_nonsense():
     with pytest.raises(ValueError, match="temperature"):
         runner.RunConfig(n=5)
     with pytest.raises(ValueError, match="--workers"):
         runner.RunConfig(workers=0)
+    with pytest.raises(ValueError, match="--temperature"):
+        runner.RunConfig(n=2, sampling=Sampling(temperature=-1.0))
+    with pytest.raises(ValueError, match="--top-p"):
+        runner.RunConfig(sampling=Sampling(top_p=0.0))
 
 
 def test_seeds_are_deterministic_per_task_and_sample():
@@ -72,6 +86,26 @@ def test_summary_pass_at_k_and_report_files(tmp_path):
     assert json.loads((tmp_path / "s.json").read_text())["summaries"][0]["benchmark"] == "demo"
     assert written["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| demo | pass@1 | 43.75 |" in to_markdown([summary])
+
+
+def test_report_directory_collects_the_benchmarks_run_into_it(tmp_path):
+    """A second benchmark into the same --out keeps the first one's summary; running one again replaces it."""
+    def summary(name, passed):
+        records = [{"task_id": "t", "language": "python", "n": 1, "passed": passed, "skipped": False,
+                    "results": [{"passed": bool(passed), "reason": ""}]}]
+        return summarize(records, name, "execution", ks=(1,))
+
+    out = tmp_path / "rep"
+    write_report([summary("a", 0)], out, plots=False)
+    write_report([summary("b", 1)], out, tmp_path / "b.json", plots=False)
+    write_report([summary("a", 1)], out, plots=False)
+    kept = json.loads((out / "summary.json").read_text())["summaries"]
+    assert [(s["benchmark"], s["metrics"]["pass@1"]["value"]) for s in kept] == [("a", 1.0), ("b", 1.0)]
+    assert [s["benchmark"] for s in json.loads((tmp_path / "b.json").read_text())["summaries"]] == ["b"]
+    assert "| a | pass@1 |" in (out / "summary.md").read_text() and "| b | pass@1 |" in (out / "summary.md").read_text()
+    (out / "summary.json").write_text("{not json")  # a damaged file is replaced, not fatal
+    write_report([summary("c", 0)], out, plots=False)
+    assert [s["benchmark"] for s in json.loads((out / "summary.json").read_text())["summaries"]] == ["c"]
 
 
 def test_cli_oracle_run_writes_summary_json(shared_benchmarks, tmp_path, capsys):
@@ -105,6 +139,9 @@ def test_cli_user_errors(shared_benchmarks, tmp_path, capsys):
     assert cli.main(["eval", "safim", "--oracle", "--lang", "cobol", "--data", str(shared_benchmarks),
                      "--out", str(tmp_path), "--quiet"]) == 2
     assert "cobol" in capsys.readouterr().err
+    for timeout in ("0", "-1"):  # were: every program "timed out", or ran with the launcher's slack as the limit
+        assert cli.main(base + ["--timeout", timeout, "--data", str(shared_benchmarks)]) == 2
+        assert "must be positive" in capsys.readouterr().err
 
 
 def test_repo_bench_hides_the_line_from_its_own_context(tmp_path):
@@ -205,3 +242,15 @@ def test_cli_repo_bench_with_nll_compares_settings_pairwise(tiny_model_dir, tmp_
     assert cli.main(["eval", "repo-bench", "--repo", str(repos[0]), "--repo", str(repos[0]), "--oracle", "--quiet",
                      "--out", str(out)]) == 2
     assert "different names" in capsys.readouterr().err
+
+
+def test_cli_repo_bench_resume_refuses_another_budget(tmp_path, capsys):
+    repo = _shapes_project(tmp_path / "proj", 1)
+    base = ["eval", "repo-bench", "--repo", str(repo), "--oracle", "--tasks", "2", "--setting", "retrieval",
+            "--quiet", "--no-plots", "--out", str(tmp_path / "out")]
+    assert cli.main(base + ["--budget", "256"]) == 0
+    capsys.readouterr()
+    # Task ids do not depend on the budget: the 256-token results were reported as the 1024-token run's.
+    assert cli.main(base + ["--budget", "1024"]) == 2
+    assert "budget: 256 → 1024" in capsys.readouterr().err
+    assert cli.main(base + ["--budget", "1024", "--fresh"]) == 0

@@ -71,6 +71,9 @@ class Benchmark:
     max_new_tokens = 128
     multiline: bool | None = None  # passed to the completion service
     stop: tuple[str, ...] = ()  # extra stop strings for generation
+    # Attributes that change a task's result beyond the problem itself (time limits, context budgets): recorded
+    # in the results' meta, so that resuming with other values is refused instead of reusing stale results.
+    result_settings: tuple[str, ...] = ()
 
     def __init__(self, data_dir: Path, split: str | None = None):
         self.data_dir = Path(data_dir)
@@ -87,6 +90,10 @@ class Benchmark:
 
     def score(self, problem: Problem, completion: str, sandbox) -> Score:
         raise NotImplementedError
+
+    def settings(self) -> dict[str, Any]:
+        """The `result_settings` of this run, by name."""
+        return {name: getattr(self, name) for name in self.result_settings}
 
     @property
     def title(self) -> str:

@@ -24,6 +24,7 @@ class CrossCodeEval(Benchmark):
     max_new_tokens = 48
     multiline = False
     context_tokens = 512  # CrossCodeEval's cross-file budget (cfc_seq_length)
+    result_settings = ("context_tokens",)
 
     def __init__(self, data_dir, split=None, language: str = "python", count_tokens=None):
         super().__init__(data_dir, split)

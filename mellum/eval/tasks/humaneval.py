@@ -32,6 +32,7 @@ class HumanEval(Benchmark):
     multiline = True
     stop = HUMANEVAL_STOP
     timeout_s = 10.0
+    result_settings = ("timeout_s",)
 
     def load(self) -> list[Problem]:
         rows = read_jsonl(self.data_dir / "humaneval" / "HumanEval.jsonl.gz")
@@ -64,6 +65,7 @@ class _EvalPlus(Benchmark):
     # The canonical solution runs on every input too; a few MBPP+ inputs are extreme (sum(range(10**8)),
     # 1.6M combinations of 77 items), hence the generous limits.
     timeout_s = 240.0
+    result_settings = ("timeout_s",)
     memory_mb = 6144
 
     def load(self) -> list[Problem]:

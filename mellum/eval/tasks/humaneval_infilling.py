@@ -26,6 +26,7 @@ class HumanEvalInfilling(Benchmark):
     splits = tuple(FILES)
     max_new_tokens = 256
     timeout_s = 10.0
+    result_settings = ("timeout_s",)
 
     def __init__(self, data_dir, split=None):
         super().__init__(data_dir, split)

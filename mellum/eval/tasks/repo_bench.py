@@ -21,6 +21,7 @@ class RepoBench(Benchmark):
     max_new_tokens = 48
     multiline = False
     splits = SETTINGS
+    result_settings = ("budget",)
 
     def __init__(self, repo, split="retrieval", tasks: int = 100, budget: int = 1024, count_tokens=None, seed: int = 0):
         self.repo = Path(repo).resolve()

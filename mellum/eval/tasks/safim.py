@@ -29,6 +29,7 @@ class Safim(Benchmark):
     splits = ("block", "control", "api")
     compile_timeout_s = 60.0
     run_timeout_s = 20.0  # per unit test; generous for Python on a loaded machine
+    result_settings = ("run_timeout_s",)
 
     def __init__(self, data_dir, split=None):
         super().__init__(data_dir, split)
@@ -135,13 +136,16 @@ def normalize_code(code: str) -> str:
 
 
 def outputs_match(got: str, expected: list[str] | str) -> bool:
-    """Whitespace-insensitive token comparison; numbers within 1e-6 relative/absolute (checker-style)."""
+    """Whitespace-insensitive token comparison; integers exactly, real numbers within 1e-6 relative/absolute
+    (checker-style: testlib compares integer answers exactly, so 1000001 is not 1000000)."""
     candidates = expected if isinstance(expected, list) else [expected]
     have = got.split()
     return any(_tokens_equal(have, str(e).split()) for e in candidates)
 
 
 _YES_NO = {"yes", "no"}
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_REAL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")  # not nan, inf or 1_000
 
 
 def _tokens_equal(a: list[str], b: list[str]) -> bool:
@@ -152,10 +156,13 @@ def _tokens_equal(a: list[str], b: list[str]) -> bool:
             continue
         if x.lower() == y.lower() and y.lower() in _YES_NO:
             continue  # Codeforces accepts YES/NO answers in any letter case
-        try:
-            fx, fy = float(x), float(y)
-        except ValueError:
+        if _INTEGER.fullmatch(x) and _INTEGER.fullmatch(y):
+            if int(x) != int(y):
+                return False
+            continue
+        if not (_REAL.fullmatch(x) and _REAL.fullmatch(y)):
             return False
+        fx, fy = float(x), float(y)
         if abs(fx - fy) > 1e-6 * max(1.0, abs(fy)):
             return False
     return True
