@@ -421,6 +421,28 @@ def test_complete_command(model_dir, tmp_path, capsys):
     assert "no model" in capsys.readouterr().err
 
 
+def test_complete_command_byte_order_mark_is_not_a_column(model_dir, tmp_path, capsys):
+    from mellum.cli import main
+
+    src = tmp_path / "bom.py"
+    src.write_bytes("\ufeffimport os\nx = 1\n".encode("utf-8"))
+    # Column 7 of line 1 is after `import`, as an editor (which hides the byte-order mark) shows it.
+    rc = main(["complete", "--model", str(model_dir), "--file", str(src), "--line", "1", "--column", "7",
+               "--json", "--max-new-tokens", "1", "--show-prompt"])
+    assert rc == 0
+    prompt = json.loads(capsys.readouterr().out)["prompt"]
+    assert "<fim_suffix> os\nx = 1\n<fim_prefix>" in prompt and "\ufeff" not in prompt
+
+
+def test_complete_command_refuses_a_binary_file(model_dir, tmp_path, capsys):
+    from mellum.cli import main
+
+    src = tmp_path / "utf16.py"
+    src.write_bytes("x = 1\n".encode("utf-16-le"))  # valid UTF-8, but NUL bytes between the characters
+    rc = main(["complete", "--model", str(model_dir), "--file", str(src), "--line", "1", "--column", "1"])
+    assert rc == 2 and "binary file" in capsys.readouterr().err
+
+
 def test_project_context_from_the_packer(service, tmp_path):
     (tmp_path / "pricing.py").write_text("def apply_discount(price, rate):\n    return price * (1 - rate)\n")
     (tmp_path / "main.py").write_text("from pricing import apply_discount\n\ntotal = apply_dis\n")
@@ -469,3 +491,14 @@ def test_healing_skipped_above_the_id_cap(tiny_tokenizer):
         assert c.healed == "" and c.text == "ad(f)"
     finally:
         svc.close()
+
+
+def test_demo_refuses_a_project_without_its_cursors(tmp_path, capsys):
+    from mellum.cli import main
+    from mellum.commands.demo import REPO_EXAMPLES, SPOTS, _cut_file
+
+    assert all(_cut_file(REPO_EXAMPLES, spot) for spot in SPOTS)  # every cursor is found in the sample project
+    (tmp_path / "app.py").write_text("def total(items):\n    return sum(items)\n")
+    # Another project has none of the demo's lines: a clear error, not a demo that shows nothing and succeeds.
+    assert main(["demo", "--project", str(tmp_path), "--no-color"]) == 2
+    assert "none of the demo's cursors" in capsys.readouterr().err

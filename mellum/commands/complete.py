@@ -66,9 +66,12 @@ def run(args) -> int:
     if not path.is_file():
         raise FileNotFoundError(f"no file {path}")
     try:
-        text = path.read_text(encoding="utf-8")
+        # utf-8-sig: editors hide a byte-order mark, so it must not count as a column (nor reach the model).
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raise ValueError(f"{path} is not UTF-8 text") from None
+    if "\0" in text:  # valid UTF-8 with NUL bytes: UTF-16 text or binary data, as the project index judges it
+        raise ValueError(f"{path} is a binary file (it holds NUL bytes), not UTF-8 text")
     prefix, suffix = split_at(text, args.line, args.column)
     if args.project is not None and not Path(args.project).is_dir():
         raise NotADirectoryError(f"--project {args.project} is not a directory")

@@ -42,9 +42,11 @@ SPOTS = (
 
 
 def configure(parser) -> None:
-    parser.add_argument("--model", metavar="DIR", help="model directory (default: the bundled mellum-tiny)")
+    parser.add_argument("--model", metavar="DIR",
+                        help="model directory (default: $MELLUM_MODEL or the bundled mellum-tiny)")
     parser.add_argument("--project", metavar="DIR", default=None,
-                        help="project to complete in (default: examples/sample_project)")
+                        help="a copy of examples/sample_project to complete in (the demo's cursors sit on lines of "
+                             "its files; default: examples/sample_project)")
     parser.add_argument("--max-new-tokens", type=int, default=48, help="longest suggestion (tokens)")
     parser.add_argument("--no-color", action="store_true", help="plain text output")
 
@@ -60,6 +62,10 @@ def run(args) -> int:
         raise NotADirectoryError(f"no project at {project}: pass --project DIR")
     if args.max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be at least 1")
+    if not any(_cut_file(project, spot) for spot in SPOTS):
+        files = ", ".join(sorted({spot.path for spot in SPOTS}))
+        raise FileNotFoundError(f"none of the demo's cursors is in {project}: it completes in {files} of "
+                                f"examples/sample_project; pass that project or a copy of it")
     color = sys.stdout.isatty() and not args.no_color
     return asyncio.run(_demo(model, project.resolve(), args.max_new_tokens, _Style(color)))
 
@@ -79,6 +85,17 @@ class _Style:
 
     def green(self, text: str) -> str:
         return self._wrap("32", text)
+
+
+def _cut_file(project: Path, spot: Spot) -> tuple[str, int, int] | None:
+    """`_cut` of the spot's file in `project`, or None when the file or its line is not there."""
+    path = project / spot.path
+    if not path.is_file():
+        return None
+    try:
+        return _cut(path.read_text(encoding="utf-8"), spot)
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def _cut(text: str, spot: Spot) -> tuple[str, int, int] | None:
@@ -126,10 +143,9 @@ async def _demo(model: Path, project: Path, max_new_tokens: int, s: _Style) -> i
     version = 0
     for spot in SPOTS:
         path = project / spot.path
-        if not path.is_file():
-            continue
-        cut = _cut(path.read_text(encoding="utf-8"), spot)
+        cut = _cut_file(project, spot)
         if cut is None:
+            print(s.dim(f"skipped {spot.path}: no such file, or no line starting with {spot.line.strip()!r}\n"))
             continue
         text, line, column = cut
         uri = path.as_uri()

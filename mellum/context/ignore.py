@@ -118,7 +118,11 @@ def parse_rules(lines: Iterable[str], base: str = "") -> list[_Rule]:
             continue
         anchored = "/" in line  # a slash anywhere but the end anchors the pattern to its .gitignore
         line = line.lstrip("/")
-        rules.append(_Rule(re.compile(_glob_to_regex(line)), negate, dir_only, anchored, base))
+        try:
+            regex = re.compile(_glob_to_regex(line))
+        except re.error:  # a malformed pattern (`[z-a]`) matches nothing in git; one bad line must not stop the index
+            continue
+        rules.append(_Rule(regex, negate, dir_only, anchored, base))
     return rules
 
 

@@ -185,6 +185,10 @@ class ProjectIndex:
                 if rules.ignored(rel, is_dir=False):
                     self.skipped["ignored"] += 1
                     continue
+                if not entry.is_file(follow_symlinks=False):
+                    # A named pipe, socket or device: reading one can block forever (a FIFO waits for a writer).
+                    self.skipped["special"] += 1
+                    continue
                 text = self._read(rel, entry.path)
                 if text is not None:
                     count += 1

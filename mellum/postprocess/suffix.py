@@ -13,8 +13,8 @@ def drop_suffix_overlap(text: str, cursor: Cursor, min_text_overlap: int = 6) ->
       suffix's next non-blank line means the model started rewriting the suffix: cut before it.
     - Characters: the completion's end overlapping the start of the rest of the cursor's line (`foo(a█)`
       completed as `b)`). Closing brackets are dropped only when keeping them would close more brackets than
-      the prefix opened; quotes and separators always; other text when the overlap is `min_text_overlap`
-      characters or longer.
+      the prefix opened (or end the line inside a string); quotes and separators always; other text when the
+      overlap is `min_text_overlap` characters or longer.
     """
     if not text:
         return text
@@ -47,6 +47,8 @@ def drop_suffix_overlap(text: str, cursor: Cursor, min_text_overlap: int = 6) ->
 
 
 def _overcloses(cursor: Cursor, completion: str) -> bool:
-    """Whether prefix + completion + the rest of the line closes a bracket nobody opened."""
-    _, underflow = scan(completion + cursor.line_suffix, cursor.prefix_brackets, cursor.line_comment)
-    return underflow is not None
+    """Whether prefix + completion + the rest of the line closes a bracket nobody opened, or ends the line inside a
+    one-line string: a doubled closing quote (`print("a█")` completed as `b")`) opens a string that hides the
+    brackets after it from the count."""
+    state, underflow = scan(completion + cursor.line_suffix, cursor.prefix_brackets, cursor.line_comment)
+    return underflow is not None or (state.quote is not None and len(state.quote) == 1 and state.quote != "`")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import threading
+
 import pytest
 
 from mellum.context import ContextConfig, ProjectIndex
@@ -145,3 +148,30 @@ def test_definitions_per_language():
 def test_missing_root_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a directory"):
         ProjectIndex(tmp_path / "nope")
+
+
+def test_malformed_gitignore_line_is_skipped_not_fatal(tmp_path):
+    (tmp_path / ".gitignore").write_text("[z-a]*.py\n*.log\n")  # git lets a bad range match nothing
+    (tmp_path / "app.py").write_text("def total(items):\n    return sum(items)\n")
+    (tmp_path / "debug.log").write_text("noise\n")
+    assert len(parse_rules(["[z-a]*.py", "*.log"])) == 1
+    index = ProjectIndex(tmp_path, CONFIG)
+    assert list(index.files) == ["app.py"]
+    assert index.ignored("debug.log")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes need a POSIX system")
+def test_named_pipe_is_skipped_not_read(tmp_path):
+    # Opening a FIFO for reading waits for a writer: the walk must not open anything but regular files.
+    (tmp_path / "app.py").write_text("def total(items):\n    return sum(items)\n")
+    os.mkfifo(tmp_path / "pipe.py")
+    built: list[ProjectIndex] = []
+    walker = threading.Thread(target=lambda: built.append(ProjectIndex(tmp_path, CONFIG)), daemon=True)
+    walker.start()
+    walker.join(timeout=20)
+    if walker.is_alive():  # release the blocked reader before failing
+        fd = os.open(tmp_path / "pipe.py", os.O_WRONLY | os.O_NONBLOCK)
+        os.close(fd)
+        walker.join(timeout=5)
+        pytest.fail("indexing blocked on a named pipe")
+    assert list(built[0].files) == ["app.py"] and built[0].skipped["special"] == 1

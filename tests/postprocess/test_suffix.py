@@ -55,3 +55,11 @@ def test_first_line_repeating_the_next_line(at):
     cur = at("def f(x):\n    █\n    return x\n")
     assert drop_suffix_overlap("return x", cur) == ""
     assert drop_suffix_overlap("y = x\n    return x", cur) == "y = x"
+
+
+def test_closing_quote_and_bracket_dropped_inside_a_string(at):
+    # Auto-closed `")`: keeping the model's `")` would leave `")` after it, a new string hiding the extra `)`.
+    assert drop_suffix_overlap('world")', at('print("hello █")\n')) == "world"
+    assert drop_suffix_overlap("a')]", at("x = [f('█')]\n")) == "a"
+    # Inserted before the suffix's `")`, this gives `print("hello world", end="")`.
+    assert drop_suffix_overlap('world", end="")', at('print("hello █")\n')) == 'world", end="'
