@@ -25,6 +25,14 @@ def test_user_error_is_a_message_not_a_traceback(tmp_path, capsys):
     assert err.startswith("mellum: error:") and "Traceback" not in err
 
 
+@pytest.mark.parametrize("command", ["serve", "lsp"])
+@pytest.mark.parametrize("option", [["--workers", "0"], ["--prefix-cache-mb", "-1"], ["--kv-cache-mb", "0"]])
+def test_servers_refuse_impossible_engine_options_before_loading(command, option, capsys):
+    assert main([command, *option]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mellum: error: {option[0]} must be") and "loading" not in err
+
+
 def test_closed_pipe_ends_quietly():
     read_end, write_end = os.pipe()
     os.close(read_end)  # every write of the child fails with EPIPE, as when `| head` has exited

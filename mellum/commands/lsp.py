@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from mellum.commands.serve import add_model_arguments, load_service, model_dir, open_telemetry
+from mellum.commands.serve import add_model_arguments, check_model_arguments, load_service, model_dir, open_telemetry
 
 
 def configure(parser) -> None:
@@ -20,6 +20,7 @@ def configure(parser) -> None:
 def run(args) -> int:
     from mellum.serve.lsp import LspConfig, create_server
 
+    check_model_arguments(args)
     host = port = None
     if args.tcp:
         host, _, port_text = args.tcp.rpartition(":")

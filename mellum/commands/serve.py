@@ -66,6 +66,17 @@ def load_service(path, args):
     return CompletionService.from_pretrained(path, device=args.device, quantize=args.quantize, **options)
 
 
+def check_model_arguments(args) -> None:
+    """Refuse impossible engine options before the model loads (a server that loaded for a minute and then fails,
+    or an LSP server whose every request fails, helps nobody)."""
+    if args.workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {args.workers}")
+    if args.prefix_cache_mb is not None and not args.prefix_cache_mb >= 0:
+        raise ValueError(f"--prefix-cache-mb must be 0 (off) or more, got {args.prefix_cache_mb}")
+    if args.kv_cache_mb is not None and not args.kv_cache_mb > 0:
+        raise ValueError(f"--kv-cache-mb must be more than 0, got {args.kv_cache_mb}")
+
+
 def model_dir(args) -> Path:
     from mellum.assets import default_model_dir
 
@@ -104,6 +115,7 @@ def configure(parser) -> None:
 def run(args) -> int:
     from mellum.serve.http import HttpConfig, create_app, run_server
 
+    check_model_arguments(args)
     for w in args.workspace:
         if not Path(w).is_dir():
             raise NotADirectoryError(f"--workspace {w} is not a directory")

@@ -13,6 +13,7 @@ import asyncio
 import hmac
 import json
 import os
+import re
 import threading
 import time
 import uuid
@@ -25,6 +26,7 @@ from mellum.serve.metrics import Metrics
 from mellum.serve.runner import Cancelled, Runner, is_secret
 
 API_KEY_ENV = "MELLUM_API_KEY"
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts: beyond it generation fails
 
 
 @dataclass
@@ -61,7 +63,7 @@ def _models():
         n: int = Field(1, ge=1, le=1)
         stream: bool = False
         stop: Union[str, list[str], None] = None
-        seed: int | None = None
+        seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
         path: str | None = Field(None, description="mellum extension: the file being completed (for the prompt)")
 
     class ContextPiece(Lenient):
@@ -73,7 +75,7 @@ def _models():
         temperature: float = Field(0.0, ge=0, le=2)
         top_p: float = Field(1.0, gt=0, le=1)
         top_k: int = Field(0, ge=0)
-        seed: int | None = None
+        seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
         multiline: bool | None = None
         stop: list[str] = Field(default_factory=list, max_length=16)
         deadline_ms: float | None = Field(None, gt=0)
@@ -113,7 +115,7 @@ def _models():
         top_p: float = Field(1.0, gt=0, le=1)
         n: int = Field(1, ge=1, le=1)
         stop: Union[str, list[str], None] = None
-        seed: int | None = None
+        seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
         stream: Literal[False] = False
 
     class TelemetryEventBody(Lenient):
@@ -240,7 +242,9 @@ def create_app(service, config: HttpConfig | None = None, telemetry=None, metric
             where = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
             parts.append(f"{where}: {e.get('msg')}")
         runner.metrics.record(runner.metrics.requests.inc, endpoint=request.url.path, status="422")
-        detail = json.loads(json.dumps(errors, default=str))  # keep FastAPI's `detail` for schema conformance
+        # Keep FastAPI's `detail` for schema conformance; NaN and Infinity (which Python's JSON parser accepts
+        # in a body) are echoed as strings, since a JSON response cannot hold them.
+        detail = json.loads(json.dumps(errors, default=str), parse_constant=str)
         return JSONResponse(_error_body("invalid request: " + "; ".join(parts), "invalid_request_error",
                                         "invalid_request", detail=detail), status_code=422)
 
@@ -289,15 +293,14 @@ def create_app(service, config: HttpConfig | None = None, telemetry=None, metric
             raise ApiError(400, "stop must be at most 16 non-empty strings")
         return stops
 
-    async def _run(http_request: Request, request, endpoint: str):
-        """Complete while watching the connection: a client that hangs up cancels the engine work."""
-        cancel = threading.Event()
-        task = asyncio.ensure_future(runner.complete(request, cancel, endpoint, source="http"))
+    async def _watch(http_request: Request, work, cancel: threading.Event):
+        """Await the engine work while watching the connection: a client that hangs up cancels it."""
+        task = asyncio.ensure_future(work)
         try:
             while True:
                 done, _ = await asyncio.wait({task}, timeout=config.disconnect_poll_s)
                 if done:
-                    return task.result().completion
+                    return task.result()
                 if await http_request.is_disconnected():
                     cancel.set()
                     task.cancel()
@@ -310,6 +313,11 @@ def create_app(service, config: HttpConfig | None = None, telemetry=None, metric
             if not task.done():
                 task.cancel()
 
+    async def _run(http_request: Request, request, endpoint: str):
+        cancel = threading.Event()
+        served = await _watch(http_request, runner.complete(request, cancel, endpoint, source="http"), cancel)
+        return served.completion
+
     def _ok(endpoint: str):
         runner.metrics.record(runner.metrics.requests.inc, endpoint=endpoint, status="200")
 
@@ -317,6 +325,20 @@ def create_app(service, config: HttpConfig | None = None, telemetry=None, metric
     async def health():
         return {"status": "ok", "model": config.model_name, "version": __version__,
                 "uptime_s": round(time.time() - started, 3), "queue_depth": runner.queue_depth}
+
+    def _model_card():
+        return {"id": config.model_name, "object": "model", "created": int(started), "owned_by": "mellum"}
+
+    @app.get("/v1/models", summary="OpenAI-compatible list of the served model (clients probe it before completing)")
+    async def models():
+        return {"object": "list", "data": [_model_card()]}
+
+    @app.get("/v1/models/{model:path}", summary="OpenAI-compatible description of one model")
+    async def model_route(model: str):
+        if model != config.model_name:
+            raise ApiError(404, f"no model {model!r} here: this server serves {config.model_name!r}", "not_found",
+                           "model_not_found")
+        return _model_card()
 
     @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
     async def metrics_route():
@@ -357,10 +379,12 @@ def create_app(service, config: HttpConfig | None = None, telemetry=None, metric
                     "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
             return f"data: {json.dumps(data)}\n\n"
 
+        final: dict = {}  # the runner puts the service's Completion here once the stream has ended
         try:
-            async for piece in runner.stream(request, cancel, "/v1/completions", "http", cid):
+            async for piece in runner.stream(request, cancel, "/v1/completions", "http", cid, final):
                 yield chunk(piece, None)
-            yield chunk("", "stop")
+            completion = final.get("completion")
+            yield chunk("", _finish_reason(completion.stop_reason if completion is not None else "stop"))
             _ok("/v1/completions")
         except (Cancelled, ValueError) as exc:
             yield f"data: {json.dumps(_error_body(str(exc) or 'cancelled', 'invalid_request_error', None))}\n\n"
@@ -397,16 +421,9 @@ def create_app(service, config: HttpConfig | None = None, telemetry=None, metric
         messages = [{"role": x.role, "content": scrub(x.content)} for x in body.messages]
         max_tokens = _max_tokens(body.max_tokens, config.default_max_tokens)
         cancel = threading.Event()
-        loop = asyncio.get_running_loop()
-        try:
-            text, prompt_tokens, generated, reason = await loop.run_in_executor(
-                runner._pool, chat_sync, service, messages, max_tokens, body.temperature or 0.0, body.top_p,
-                body.seed, _stops(body.stop), cancel)
-        except ValueError as exc:
-            raise ApiError(400, str(exc)) from None
-        except asyncio.CancelledError:
-            cancel.set()
-            raise
+        work = runner.call(chat_sync, service, messages, max_tokens, body.temperature or 0.0, body.top_p, body.seed,
+                           _stops(body.stop), cancel, cancel=cancel, endpoint="/v1/chat/completions")
+        text, prompt_tokens, generated, reason = await _watch(http_request, work, cancel)
         _ok("/v1/chat/completions")
         return {
             "id": "chatcmpl-" + uuid.uuid4().hex, "object": "chat.completion", "created": int(time.time()),
@@ -449,9 +466,7 @@ def chat_sync(service, messages, max_tokens, temperature, top_p, seed, stops, ca
     import jinja2.sandbox
 
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    prompt = env.from_string(template).render(messages=messages, add_generation_prompt=True,
-                                              bos_token="", eos_token=tokenizer.config.get("eos_token", ""))
-    ids = tokenizer.encode(prompt, allow_special=True)
+    ids = tokenizer.encode_segments(_chat_segments(env.from_string(template), messages, tokenizer))
     stop_ids = [i for t in ("<|im_end|>", "<|endoftext|>") if (i := tokenizer.token_to_id(t)) is not None]
     params = SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                             stop_ids=stop_ids)
@@ -462,6 +477,32 @@ def chat_sync(service, messages, max_tokens, temperature, top_p, seed, stops, ca
         if s in text:
             text, result.stop_reason = text[: text.index(s)], "stop"
     return text, len(ids), len(result.tokens), result.stop_reason
+
+
+_MARK = re.compile("\ue000([0-9]+)\ue001")  # private-use characters around a message's index
+
+
+def _chat_segments(template, messages: list[dict], tokenizer) -> list[tuple[str, str]]:
+    """The rendered chat prompt as ("literal", template text) / ("text", message content) segments: the template's
+    control tokens (`<|im_start|>`) stay tokens, while the same strings typed in a message stay text, as a FIM prompt
+    keeps `<fim_prefix>` inside code text. The template renders once with marks in place of the contents; where it
+    transforms contents (the marked rendering, filled in, is not the real one), a content holding a control token
+    is refused instead."""
+    options = {"add_generation_prompt": True, "bos_token": "", "eos_token": tokenizer.config.get("eos_token", "")}
+    rendered = template.render(messages=messages, **options)
+    marked = [{**message, "content": f"\ue000{i}\ue001"} for i, message in enumerate(messages)]
+    parts = _MARK.split(template.render(messages=marked, **options))
+    # split() alternates: template text, a message's index, template text, ...
+    segments = [("text", messages[int(part)]["content"]) if i % 2 else ("literal", part)
+                for i, part in enumerate(parts) if not i % 2 or int(part) < len(messages)]
+    if "".join(text for _, text in segments) == rendered:
+        return segments
+    for message in messages:
+        found = [t for t in tokenizer.special_tokens if t in message["content"]]
+        if found:
+            raise ValueError(f"a {message['role']} message holds the control token {found[0]!r}, which this "
+                             "model's chat template would not keep as text")
+    return [("literal", rendered)]
 
 
 def run_server(app, config: HttpConfig) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -28,6 +29,18 @@ from mellum.serve.runner import Cancelled, Runner, is_secret
 log = logging.getLogger("mellum.lsp")
 
 MULTILINE = {"auto": None, "always": True, "never": False}
+# The smallest value each numeric setting takes (deadline_ms: more than 0). A lower or NaN value is ignored like
+# any other bad one: a negative maxNewTokens or temperature would make every request fail without a word.
+LOWEST = {"max_new_tokens": 1, "temperature": 0.0, "debounce_ms": 0.0, "max_prefix_chars": 0, "max_suffix_chars": 0,
+          "max_open_file_chars": 0, "cache_entries": 1, "cache_tail_chars": 0}
+
+
+def _in_range(name: str, value) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return True
+    if name == "deadline_ms":
+        return value > 0
+    return math.isfinite(value) and value >= LOWEST.get(name, 0)
 
 
 @dataclass(frozen=True)
@@ -60,8 +73,13 @@ class LspConfig:
                 current = getattr(self, name)
                 if name == "multiline" and value not in MULTILINE:
                     raise ValueError(value)
-                changes[name] = type(current)(value) if current is not None else float(value)
-            except (TypeError, ValueError):
+                if isinstance(current, bool) and not isinstance(value, bool):  # bool("false") is True
+                    raise ValueError(value)
+                converted = type(current)(value) if current is not None else float(value)
+                if not _in_range(name, converted):
+                    raise ValueError(value)
+                changes[name] = converted
+            except (TypeError, ValueError, OverflowError):
                 log.warning("ignoring setting %s=%r", key, value)
         return dataclasses.replace(self, **changes)
 
@@ -136,9 +154,10 @@ def create_server(model_dir=None, telemetry=None, config: LspConfig | None = Non
     `initializationOptions.model` may name another model directory than `model_dir`.
     """
     from lsprotocol import types
-    from pygls.exceptions import JsonRpcException, JsonRpcInvalidParams
+    from pygls.exceptions import JsonRpcException, JsonRpcInvalidParams, JsonRpcInvalidRequest
     from pygls.lsp.server import LanguageServer
     from pygls.protocol import LanguageServerProtocol
+    from pygls.protocol.json_rpc import RPCRequest
 
     from mellum import __version__
     from mellum.serve.telemetry import EVENTS, TelemetryEvent
@@ -160,6 +179,12 @@ def create_server(model_dir=None, telemetry=None, config: LspConfig | None = Non
         def handle_message(self, message):
             if isinstance(message, _Invalid):
                 self._send_response(message.id, error=message.error.to_response_error())
+                return
+            if self._shutdown and isinstance(message, RPCRequest):
+                # LSP 3.17 §shutdown: requests after `shutdown` error with InvalidRequest; pygls drops them,
+                # and the client would wait for a reply forever.
+                error = JsonRpcInvalidRequest(f"the server is shut down: {message.method} after shutdown")
+                self._send_response(message.id, error=error.to_response_error())
                 return
             super().handle_message(message)
 
@@ -236,7 +261,7 @@ def create_server(model_dir=None, telemetry=None, config: LspConfig | None = Non
     async def inline_completion(ls, params: types.InlineCompletionParams):
         automatic = params.context.trigger_kind == types.InlineCompletionTriggerKind.Automatic
         found = await state.suggest(ls, params.text_document.uri, params.position, automatic, "lsp/inline")
-        if found is None:
+        if found is None or not found[1]:  # nothing to insert: an empty item would only show a blank ghost text
             return types.InlineCompletionList(items=[])
         cid, text = found
         pos = params.position

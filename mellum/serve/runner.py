@@ -105,19 +105,40 @@ class Runner:
             completion = replace(completion, prompt=None)
         return Served(completion, latency_ms)
 
+    async def call(self, fn, *args, cancel: threading.Event, endpoint: str):
+        """Run another blocking engine call (`fn(*args)`, which watches `cancel`) on the workers, counted in the
+        queue depth; cancelling the caller sets `cancel`, and a call cancelled while queued never starts."""
+
+        def guarded():
+            if cancel.is_set():
+                raise Cancelled()
+            return fn(*args)
+
+        self._enter(+1)
+        try:
+            return await asyncio.shield(asyncio.get_running_loop().run_in_executor(self._pool, guarded))
+        except asyncio.CancelledError:
+            cancel.set()
+            self.metrics.record(self.metrics.cancelled.inc, endpoint=endpoint)
+            raise
+        finally:
+            self._enter(-1)
+
     # ---- streaming -----------------------------------------------------------------------------------
     async def stream(
-        self, request, cancel: threading.Event, endpoint: str, source: str, completion_id: str
+        self, request, cancel: threading.Event, endpoint: str, source: str, completion_id: str,
+        final: dict | None = None,
     ) -> AsyncIterator[str]:
         """Yield text pieces as the engine produces them; closing the iterator cancels the engine.
 
-        The service streams text only, so the caller names the completion (`completion_id`) for telemetry.
+        The service streams text only, so the caller names the completion (`completion_id`) for telemetry;
+        once the stream has ended, `final["completion"]` holds the service's Completion (its stop reason).
         """
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         done = object()
         start = time.perf_counter()
-        final: dict = {}
+        final = {} if final is None else final
 
         def produce():
             try:

@@ -180,3 +180,52 @@ def test_lsp_session(tiny_model_dir, workspace, tmp_path):
     assert [r[0] for r in rows] == ["shown", "partial", "accepted"]
     served = sqlite3.connect(db).execute("SELECT path, prompt FROM completions WHERE id = ?", (cid,)).fetchone()
     assert served[0] == "shop/pricing.py" and "<fim_middle>" in served[1]
+
+
+def test_requests_after_shutdown_are_answered_with_an_error(tiny_model_dir, workspace, tmp_path):
+    """LSP 3.17 §shutdown: a request after `shutdown` errors with InvalidRequest; it is not left unanswered."""
+    from pygls.exceptions import JsonRpcException
+
+    async def session():
+        client, _ = await _start(tiny_model_dir, tmp_path / "telemetry.db", workspace)
+        await client.shutdown_async(None)
+        with pytest.raises(JsonRpcException) as err:
+            await _raw_request(client, "late", "mellum/status", {})
+        assert err.value.code == -32600  # InvalidRequest
+        client.exit(None)
+        code = await asyncio.wait_for(client._server.wait(), 30)
+        await client.stop()
+        return code
+
+    assert _run(session()) == 0  # exit after shutdown: success
+
+
+def test_an_empty_completion_sends_no_inline_item(tiny_model_dir, workspace, tmp_path):
+    """A model that ends at once (end-of-text first) yields no item: an empty one would show a blank ghost text."""
+    import shutil
+
+    import mellum
+    from lsprotocol import types
+
+    silent = tmp_path / "silent-model"
+    shutil.copytree(tiny_model_dir, silent)
+    from mellum.tokenizer import Tokenizer
+
+    assert Tokenizer.from_pretrained(silent).eos_id == 0
+    model = mellum.load_pretrained(silent)
+    model.norm.weight.data.zero_()  # every logit 0: greedy takes the first id, end-of-text
+    mellum.save_pretrained(model, silent)
+    uri = (workspace / "shop" / "cart.py").as_uri()
+
+    async def session():
+        client, _ = await _start(silent, tmp_path / "telemetry.db", workspace)
+        client.text_document_did_open(types.DidOpenTextDocumentParams(types.TextDocumentItem(
+            uri=uri, language_id="python", version=1, text="def f(x):\n    return x\n\n")))
+        inline = await client.text_document_inline_completion_async(_inline(uri, 2, 0))
+        status = await client.protocol.send_request_async("mellum/status", {})
+        await _stop(client)
+        return inline, status
+
+    inline, status = _run(session())
+    assert len(inline.items) == 0
+    assert status.served >= 1  # the request did reach the engine

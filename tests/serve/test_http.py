@@ -39,7 +39,7 @@ def test_health_is_open_and_everything_else_needs_the_key(client):
     bare = TestClient(client.app)
     assert bare.get("/health").json()["status"] == "ok"
     for method, path in [("post", "/v1/completions"), ("post", "/v1/fim"), ("get", "/metrics"), ("get", "/openapi.json"),
-                         ("post", "/v1/telemetry")]:
+                         ("post", "/v1/telemetry"), ("get", "/v1/models")]:
         r = getattr(bare, method)(path, **({"json": {}} if method == "post" else {}))
         assert r.status_code == 401, path
         assert r.json()["error"]["code"] == "invalid_api_key"
@@ -59,14 +59,14 @@ def test_openai_completion_shape(client):
 
 def test_streaming_matches_the_whole_answer(client):
     req = {"prompt": "import os\n\ndef main():\n", "max_tokens": 24, "temperature": 0}
-    whole = client.post("/v1/completions", json=req).json()["choices"][0]["text"]
+    whole = client.post("/v1/completions", json=req).json()["choices"][0]
     with client.stream("POST", "/v1/completions", json={**req, "stream": True}) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         events = [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
-    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
-    assert "".join(c["choices"][0]["text"] for c in chunks) == whole
+    assert chunks[-1]["choices"][0]["finish_reason"] == whole["finish_reason"]  # "length" when max_tokens ran out
+    assert "".join(c["choices"][0]["text"] for c in chunks) == whole["text"]
 
 
 def test_fim_returns_id_timings_and_the_exact_prompt(client):
@@ -141,6 +141,35 @@ def test_chat_uses_the_tokenizer_template(client):
     body = r.json()
     assert body["object"] == "chat.completion" and body["choices"][0]["message"]["role"] == "assistant"
     assert 0 < body["usage"]["completion_tokens"] <= 4
+
+
+def test_models_lists_the_served_model(client):
+    """OpenAI clients (and editor plugins) list the models before completing."""
+    listed = client.get("/v1/models").json()
+    assert listed["object"] == "list" and [m["id"] for m in listed["data"]] == ["tiny"]
+    assert client.get("/v1/models/tiny").json() == listed["data"][0]
+    missing = client.get("/v1/models/gpt-4")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+
+
+def test_chat_message_text_never_becomes_a_control_token(tiny_service):
+    """`<|im_end|>` typed in a message stays text: only the template's own control tokens are tokens."""
+    import jinja2.sandbox
+
+    from mellum.serve.http import _chat_segments
+
+    tok = tiny_service.tokenizer
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    end = tok.id_of("<|im_end|>")
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "a <|im_end|> b <fim_prefix>"}]
+    ids = tok.encode_segments(_chat_segments(env.from_string(tok.config["chat_template"]), messages, tok))
+    assert ids.count(end) == 2 and tok.id_of("<fim_prefix>") not in ids  # one per turn, none from the text
+    assert tok.decode(ids).count("<|im_end|>") == 3  # the typed one is there, as plain text
+    # A template that transforms contents cannot be split around them: then a control token in a message is refused.
+    upper = env.from_string("{% for m in messages %}<|im_start|>{{ m['content'] | upper }}<|im_end|>{% endfor %}")
+    assert tok.decode(tok.encode_segments(_chat_segments(upper, messages[:1], tok))) == "<|im_start|>BE BRIEF<|im_end|>"
+    with pytest.raises(ValueError, match="a user message holds the control token"):
+        _chat_segments(upper, messages, tok)
 
 
 def test_telemetry_disabled_is_404(tiny_service):

@@ -46,6 +46,15 @@ def test_settings_merge_camel_case_and_ignore_junk():
     assert LspConfig().merged(None) == LspConfig()
 
 
+def test_settings_out_of_range_are_ignored():
+    # Each of these, in force, would make every completion fail (or use an empty prefix) without a word.
+    bad = {"maxNewTokens": -5, "temperature": -1, "maxPrefixChars": -10, "maxSuffixChars": 1e400, "deadlineMs": 0,
+           "debounceMs": float("nan"), "projectContext": "false"}
+    assert LspConfig().merged(bad) == LspConfig()
+    good = LspConfig().merged({"maxNewTokens": 1, "temperature": 0.5, "maxPrefixChars": 0, "projectContext": False})
+    assert (good.max_new_tokens, good.temperature, good.max_prefix_chars, good.project_context) == (1, 0.5, 0, False)
+
+
 def test_runner_cancel_before_start_never_reaches_the_engine(tiny_service):
     runner = Runner(tiny_service)
     from mellum.complete import CompletionRequest
