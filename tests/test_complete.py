@@ -421,6 +421,26 @@ def test_complete_command(model_dir, tmp_path, capsys):
     assert "no model" in capsys.readouterr().err
 
 
+def test_complete_command_sampling_options(model_dir, tmp_path, capsys):
+    """--temperature and --seed reach SamplingParams: impossible values are refused with what is wrong (inf and nan
+    were told "must be >= 0"; a seed past 64 bits failed on the engine thread with a traceback), and a tiny
+    temperature samples the argmax (it overflowed the softmax to NaN)."""
+    from mellum.cli import main
+
+    src = tmp_path / "t.py"
+    src.write_text(CODE)
+    where = ["complete", "--model", str(model_dir), "--file", str(src), "--line", "3", "--column", "1",
+             "--max-new-tokens", "3", "--json"]
+    for bad, message in ((["--temperature", "nan"], "finite"), (["--temperature", "inf"], "finite"),
+                         (["--temperature", "0.5", "--seed", str(2**70)], "seed must be an integer")):
+        assert main([*where, *bad]) == 2
+        assert message in capsys.readouterr().err
+    assert main([*where]) == 0
+    greedy = json.loads(capsys.readouterr().out)
+    assert main([*where, "--temperature", "1e-45", "--seed", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == greedy["tokens"]
+
+
 def test_complete_command_byte_order_mark_is_not_a_column(model_dir, tmp_path, capsys):
     from mellum.cli import main
 

@@ -20,7 +20,7 @@ from mellum.engine.api import GenerationResult
 from mellum.engine.kernels import KernelChooser, fuse_projections, fuse_state_dict, split_linears
 from mellum.engine.kv_cache import KVCache
 from mellum.engine.prefix_cache import PrefixCache
-from mellum.engine.sampling import SamplingParams, constrain, make_generator, probabilities, sample
+from mellum.engine.sampling import SamplingParams, constrain, make_generator, probabilities, sample, token_ids
 from mellum.engine.scheduler import Scheduler, Sequence
 from mellum.engine.speculative import DraftLength, NgramDrafter, accept_greedy, accept_sampled
 
@@ -228,6 +228,8 @@ class NativeEngine:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
         params.validate_ids(self.vocab_size)
+        if params.max_lines is not None and not self.newline_ids:
+            raise ValueError("max_lines needs the ids whose text holds a newline: build the engine with newline_ids")
         seq = Sequence(prompt, params, cancel, on_token, self.newline_ids, self.max_len)
         return self.scheduler.submit(seq)
 
@@ -279,14 +281,9 @@ class NativeEngine:
         self.scheduler.close()
 
     def _check_ids(self, ids, what: str) -> list[int]:
-        if isinstance(ids, torch.Tensor):
-            ids = ids.reshape(-1).tolist()
-        ids = list(ids)
+        ids = token_ids(ids, what)
         if not ids:
             raise ValueError(f"the {what} is empty: at least one token id is needed")
-        if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-            bad = next(i for i in ids if not isinstance(i, int) or isinstance(i, bool))
-            raise ValueError(f"{what} token ids must be integers, got {bad!r} ({type(bad).__name__})")
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
             raise ValueError(f"{what} has token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
@@ -479,7 +476,10 @@ class NativeEngine:
         for i, seq in enumerate(seqs):
             seq.state["mtp"] = False  # batched steps do not run the MTP layer; its cache would have gaps
             seq.filled += 1
-            seq.emit(int(sample(logits[i:i + 1, -1], seq.params, seq.generator, seq.allowed_ids())[0]))
+            try:
+                seq.emit(int(sample(logits[i:i + 1, -1], seq.params, seq.generator, seq.allowed_ids())[0]))
+            except Exception as exc:  # noqa: BLE001 - the request's own callbacks (on_token, allowed_next) failed:
+                seq.error, seq.stop_reason = exc, "error"  # it ends alone, not the batch it shares the step with
 
     def speculative_step(self, seq: Sequence) -> None:
         """Draft, verify in one forward, accept (exactly for greedy, by rejection sampling otherwise)."""

@@ -17,12 +17,13 @@ request with `logit_bias`, then the rest is one request.
 from __future__ import annotations
 
 import json
+import queue
 import threading
 import time
 from typing import Callable, Sequence
 
 from mellum.engine.api import GenerationResult
-from mellum.engine.sampling import SamplingParams
+from mellum.engine.sampling import SamplingParams, token_ids
 
 # OpenAI's logit_bias accepts values in [-100, 100]; +100 makes the listed tokens the only likely ones.
 _FORCE_BIAS = 100
@@ -41,20 +42,22 @@ class OpenAIEngine:
         self.model, self.encode, self.vocab_size = model, encode, vocab_size
         self.newline_ids = frozenset(int(i) for i in newline_ids)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._client = httpx.Client(headers=headers, timeout=timeout_s)
+        self._client, self._timeout_s = httpx.Client(headers=headers, timeout=timeout_s), timeout_s
 
     def close(self) -> None:
         self._client.close()
 
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams, cancel: threading.Event | None = None,
                  on_token: Callable[[int], None] | None = None) -> GenerationResult:
-        prompt = [int(i) for i in prompt_ids]
+        prompt = token_ids(prompt_ids, "prompt")
         if not prompt:
             raise ValueError("the prompt is empty: at least one token id is needed to generate from")
         if self.vocab_size is not None:
             if bad := [i for i in prompt if not 0 <= i < self.vocab_size]:
                 raise ValueError(f"prompt has token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
             params.validate_ids(self.vocab_size)
+        if params.max_lines is not None and not self.newline_ids:
+            raise ValueError("max_lines needs the ids whose text holds a newline: build the engine with newline_ids")
         t0 = time.perf_counter()
         deadline = t0 + params.deadline_s if params.deadline_s is not None else None
         tokens: list[int] = []
@@ -100,35 +103,71 @@ class OpenAIEngine:
             body["stop_token_ids"] = list(params.stop_ids)
         if logit_bias:
             body["logit_bias"] = logit_bias
-        import httpx
-
+        # The response is read on a helper thread: a server that says nothing for a while (queued, prefilling a long
+        # prompt) must not hold a request the editor cancelled or whose deadline passed until `timeout_s`.
+        pieces: queue.Queue = queue.Queue()
+        done = threading.Event()
+        threading.Thread(target=self._read, args=(body, pieces, done), name="mellum-remote", daemon=True).start()
         try:
-            return self._read(body, take, cancel, deadline)
-        except httpx.TransportError as exc:  # refused, unreachable, timed out: say where, without a traceback
-            raise ConnectionError(f"cannot reach the backend at {self.url}: {exc}") from exc
-
-    def _read(self, body, take, cancel, deadline) -> str:
-        with self._client.stream("POST", self.url, json=body) as response:
-            if response.status_code != 200:
-                raise RuntimeError(f"{self.url} answered {response.status_code}: {response.read()[:500]!r}")
-            for line in response.iter_lines():
+            while True:
                 if cancel is not None and cancel.is_set():
                     return "cancelled"
                 if deadline is not None and time.perf_counter() >= deadline:
                     return "deadline"
-                if not line.startswith("data:"):
+                try:
+                    kind, value = pieces.get(timeout=0.02)
+                except queue.Empty:
                     continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                chunk = json.loads(data)
-                choice = (chunk.get("choices") or [{}])[0]
-                for token in self._ids(choice, chunk):
+                if kind == "error":
+                    raise value
+                if kind == "end":
+                    return value
+                for token in value:
                     if (reason := take(token)) is not None:
                         return reason
-                if choice.get("finish_reason") is not None:
-                    return "length" if choice["finish_reason"] == "length" else "stop"
-        return "stop"
+        finally:
+            done.set()  # the reader closes the response at its next line
+
+    def _read(self, body, pieces: queue.Queue, done: threading.Event) -> None:
+        """Stream one response into `pieces`: ("ids", [...]) per chunk, then ("end", reason) or ("error", exc)."""
+        import httpx
+
+        try:
+            with self._client.stream("POST", self.url, json=body) as response:
+                if response.status_code != 200:
+                    raise RuntimeError(f"{self.url} answered {response.status_code}: {response.read()[:500]!r}")
+                for line in response.iter_lines():
+                    if done.is_set():
+                        return
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        pieces.put(("end", "stop"))
+                        return
+                    try:
+                        chunk = json.loads(data)
+                    except ValueError:
+                        raise RuntimeError(f"{self.url} streamed a line that is not JSON: {data[:200]!r}") from None
+                    # vLLM and llama-server report a failure after the 200 as an error object in the stream.
+                    if not isinstance(chunk, dict) or chunk.get("error") is not None or chunk.get("object") == "error":
+                        raise RuntimeError(f"{self.url} failed mid-stream: {data[:500]}")
+                    choice = (chunk.get("choices") or [{}])[0]
+                    pieces.put(("ids", self._ids(choice, chunk)))
+                    if choice.get("finish_reason") is not None:
+                        pieces.put(("end", "length" if choice["finish_reason"] == "length" else "stop"))
+                        return
+            raise RuntimeError(f"the stream from {self.url} ended without a finish_reason or [DONE]: the answer was "
+                               "cut off (or the server does not stream)")
+        except httpx.TransportError as exc:  # refused, unreachable, dropped, silent: say where, without a traceback
+            silent = isinstance(exc, httpx.ReadTimeout)
+            why = (f"the backend at {self.url} sent nothing for {self._timeout_s} s" if silent
+                   else f"cannot reach the backend at {self.url}: {exc}")
+            error = ConnectionError(why)
+            error.__cause__ = exc
+            pieces.put(("error", error))
+        except Exception as exc:  # noqa: BLE001 - raised on the caller's thread
+            pieces.put(("error", exc))
 
     def _ids(self, choice: dict, chunk: dict) -> list[int]:
         for key in ("token_ids", "tokens"):

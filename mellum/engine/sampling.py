@@ -3,10 +3,26 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed takes; any other seed fails on the engine thread
+
+
+def token_ids(values, what: str) -> list[int]:
+    """`values` (a sequence, integer tensor or array) as Python ints; ValueError naming `what` for anything that is
+    not an integer (a float, string or bool would otherwise be truncated or cast into a different token)."""
+    if isinstance(values, torch.Tensor):
+        values = values.reshape(-1).tolist()
+    ids = []
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ValueError(f"{what} token ids must be integers, got {value!r} ({type(value).__name__})")
+        ids.append(int(value))
+    return ids
 
 
 @dataclass(frozen=True)
@@ -35,17 +51,23 @@ class SamplingParams:
 
     def __post_init__(self):
         # Accept lists/sets from callers; store tuples so params stay hashable and immutable.
-        object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
+        object.__setattr__(self, "stop_ids", tuple(token_ids(self.stop_ids, "stop_ids")))
         if self.allowed_first_ids is not None:
-            object.__setattr__(self, "allowed_first_ids", tuple(int(i) for i in self.allowed_first_ids))
+            object.__setattr__(self, "allowed_first_ids", tuple(token_ids(self.allowed_first_ids, "allowed_first_ids")))
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        t = self.temperature
+        if not isinstance(t, numbers.Real) or not math.isfinite(t) or t < 0:
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
         if not (0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be a non-negative integer (0 = off), got {self.top_k!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral)
+                                      or not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]):
+            raise ValueError(f"seed must be an integer in [-2**63, 2**64) or None, got {self.seed!r}")
+        if self.seed is not None:
+            object.__setattr__(self, "seed", int(self.seed))
         if self.max_lines is not None and (not isinstance(self.max_lines, int) or self.max_lines < 1):
             raise ValueError(f"max_lines must be a positive integer or None, got {self.max_lines!r}")
         if self.deadline_s is not None and not (self.deadline_s > 0):
@@ -61,7 +83,7 @@ class SamplingParams:
             allowed = self.allowed_next(generated)
             if allowed is not None and len(allowed) == 0:
                 raise ValueError(f"allowed_next returned no ids after {len(generated)} tokens: nothing could follow")
-            return None if allowed is None else tuple(int(i) for i in allowed)
+            return None if allowed is None else tuple(token_ids(allowed, "allowed_next's"))
         return self.allowed_first_ids if not generated else None
 
     @property
@@ -92,6 +114,10 @@ def constrain(logits: torch.Tensor, allowed_ids: tuple[int, ...] | None) -> torc
     """Logits [..., V] with every id outside `allowed_ids` set to -inf (no-op when None)."""
     if allowed_ids is None:
         return logits
+    vocab = logits.shape[-1]
+    if min(allowed_ids) < 0 or max(allowed_ids) >= vocab:  # a negative id would index from the end, silently
+        raise ValueError(f"allowed ids outside the vocabulary [0, {vocab}): "
+                         f"{[i for i in allowed_ids if not 0 <= i < vocab][:5]}")
     keep = torch.full_like(logits, float("-inf"))
     idx = torch.tensor(allowed_ids, device=logits.device)
     keep[..., idx] = 0.0
@@ -100,7 +126,11 @@ def constrain(logits: torch.Tensor, allowed_ids: tuple[int, ...] | None) -> torc
 
 def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """The distribution sampled from: softmax(logits / T) restricted to the top-k and the top-p nucleus. [..., V]."""
-    logits = logits.float() / params.temperature
+    # Shifted by the row's maximum first (the softmax is unchanged): a tiny temperature or huge logits would
+    # otherwise overflow to inf and leave NaN probabilities; a temperature below float32's range would read as 0.
+    logits = logits.float()
+    temperature = max(params.temperature, torch.finfo(torch.float32).tiny)
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     vocab = logits.shape[-1]
     if 0 < params.top_k < vocab:
         kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]  # [..., 1]

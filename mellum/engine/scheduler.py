@@ -213,6 +213,8 @@ class Scheduler:
         decoding = [s for s in self.active.values() if not s.prefilling and not s.finished]
         if len(decoding) == 1 and not prefilling and self.speculative:
             self._guard(decoding[0], self.runner.speculative_step)
+        elif len(decoding) == 1:  # a failure of one request's step (its callbacks included) is its own
+            self._guard(decoding[0], lambda seq: self.runner.decode_step([seq]))
         elif decoding:
             decoding.sort(key=lambda s: s.row)
             self.runner.decode_step(decoding)

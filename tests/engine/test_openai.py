@@ -2,6 +2,7 @@
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -147,5 +148,102 @@ def test_ids_from_llama_server_logprobs(served):
         assert body["logprobs"] == 1 and body["top_k"] == -1 and body["min_p"] == 0.0
         stopped = remote.generate(prompt, SamplingParams(max_new_tokens=8, stop_ids=(want[3],)))
         assert stopped.tokens == want[:want.index(want[3])] and stopped.stop_reason == "stop"
+    finally:
+        remote.close()
+
+
+@pytest.fixture()
+def misbehaving():
+    """A real HTTP server whose path picks how its answer goes wrong; /stall... waits until `release` is set."""
+    release = threading.Event()
+
+    def chunk(ids, finish=None):
+        return f"data: {json.dumps({'choices': [{'text': '', 'token_ids': ids, 'finish_reason': finish}]})}\n\n"
+
+    answers = {
+        "malformed": chunk([5]) + "data: {not json\n\n",
+        "cut": chunk([5]) + chunk([6]),  # the connection closes: no finish_reason, no [DONE]
+        "llama-error": chunk([5]) + 'data: {"error": {"code": 500, "message": "out of memory"}}\n\ndata: [DONE]\n\n',
+        "vllm-error": chunk([5]) + 'data: {"object": "error", "message": "engine dead", "code": 500}\n\n',
+        "not-streamed": json.dumps({"choices": [{"text": "", "token_ids": [5, 6], "finish_reason": "length"}]}),
+    }
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            mode = self.path.split("/")[1]
+            if mode == "stall-before-headers":
+                release.wait(15)
+            self.send_response(500 if mode == "status" else 200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            if mode == "stall":  # one token, then silence (a server busy with other requests)
+                self.wfile.write(chunk([5]).encode())
+                self.wfile.flush()
+                release.wait(15)
+            self.wfile.write(answers.get(mode, chunk([6], "length")).encode())
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    release.set()
+    server.shutdown()
+
+
+@pytest.mark.parametrize("mode, message", [
+    ("status", "answered 500"),
+    ("malformed", "not JSON"),  # was a bare JSONDecodeError, a ValueError the HTTP server answers as a bad request
+    ("cut", "cut off"),  # was a normal "stop" with half a completion
+    ("llama-error", "out of memory"),  # error events were skipped: "stop"
+    ("vllm-error", "engine dead"),
+    ("not-streamed", "does not stream"),  # was an empty completion
+])
+def test_a_failing_server_raises_with_what_it_said(misbehaving, mode, message):
+    from mellum.engine.openai import OpenAIEngine
+
+    remote = OpenAIEngine(f"{misbehaving}/{mode}/v1", model="tiny", vocab_size=1024)
+    try:
+        with pytest.raises(RuntimeError, match=message):
+            remote.generate([1, 2, 3], SamplingParams(max_new_tokens=4))
+    finally:
+        remote.close()
+
+
+@pytest.mark.parametrize("mode", ["stall", "stall-before-headers"])
+def test_deadline_and_cancel_do_not_wait_for_a_silent_server(misbehaving, mode):
+    """The response was read on the caller's thread, so a deadline or a cancel took effect only when the server
+    next sent a line (here after 15 s; in general up to timeout_s)."""
+    from mellum.engine.openai import OpenAIEngine
+
+    remote = OpenAIEngine(f"{misbehaving}/{mode}/v1", model="tiny", vocab_size=1024)
+    try:
+        t0 = time.perf_counter()
+        late = remote.generate([1, 2, 3], SamplingParams(max_new_tokens=4, deadline_s=0.3))
+        cancel = threading.Event()
+        threading.Timer(0.3, cancel.set).start()
+        cancelled = remote.generate([1, 2, 3], SamplingParams(max_new_tokens=4), cancel=cancel)
+        assert time.perf_counter() - t0 < 10
+        streamed = [5] if mode == "stall" else []
+        assert (late.stop_reason, late.tokens) == ("deadline", streamed)
+        assert (cancelled.stop_reason, cancelled.tokens) == ("cancelled", streamed)
+    finally:
+        remote.close()
+
+
+def test_remote_input_is_checked_as_the_native_engine_does(served):
+    from mellum.engine.openai import OpenAIEngine
+
+    url, _, requests = served
+    remote = OpenAIEngine(url, model="tiny", vocab_size=1024)  # no newline_ids
+    try:
+        before = len(requests)
+        with pytest.raises(ValueError, match="integers"):  # was sent as [1, 2]: a float cast to another token
+            remote.generate([1.7, 2], SamplingParams(max_new_tokens=2))
+        with pytest.raises(ValueError, match="newline_ids"):  # max_lines was ignored
+            remote.generate([1, 2], SamplingParams(max_new_tokens=2, max_lines=1))
+        assert len(requests) == before
     finally:
         remote.close()

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mellum.engine.sampling import SamplingParams, make_generator, probabilities, sample
+from mellum.engine.sampling import SamplingParams, constrain, make_generator, probabilities, sample
 
 
 def test_greedy_is_argmax_and_allowed_ids_constrain():
@@ -35,7 +35,16 @@ def test_seed_reproduces_and_sampling_follows_the_distribution():
 @pytest.mark.parametrize("kwargs, message", [
     (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(max_new_tokens=4, temperature=-1.0), "temperature"),
-    (dict(max_new_tokens=4, temperature=float("nan")), "temperature"),
+    (dict(max_new_tokens=4, temperature=float("nan")), "temperature must be a finite number"),
+    (dict(max_new_tokens=4, temperature=float("inf")), "temperature must be a finite number"),
+    (dict(max_new_tokens=4, temperature="0.5"), "temperature must be a finite number"),
+    (dict(max_new_tokens=4, temperature=1.0, seed=2**64), "seed"),  # manual_seed's range: failed on the engine thread
+    (dict(max_new_tokens=4, temperature=1.0, seed=-(2**63) - 1), "seed"),
+    (dict(max_new_tokens=4, temperature=1.0, seed=1.5), "seed"),
+    (dict(max_new_tokens=4, temperature=1.0, seed=True), "seed"),
+    (dict(max_new_tokens=4, stop_ids=[2.7]), "integers"),  # was cast to token 2
+    (dict(max_new_tokens=4, stop_ids=["5"]), "integers"),
+    (dict(max_new_tokens=4, allowed_first_ids=[1.5]), "integers"),
     (dict(max_new_tokens=4, top_p=0.0), "top_p"),
     (dict(max_new_tokens=4, top_p=1.5), "top_p"),
     (dict(max_new_tokens=4, top_k=-2), "top_k"),
@@ -51,3 +60,34 @@ def test_impossible_parameters_are_refused(kwargs, message):
 def test_ids_outside_the_vocabulary_are_refused():
     with pytest.raises(ValueError, match="stop_ids"):
         SamplingParams(max_new_tokens=1, stop_ids=[5000]).validate_ids(1024)
+
+
+def test_seeds_at_the_ends_of_the_range_and_numpy_ids_are_taken():
+    np = pytest.importorskip("numpy")
+    for seed in (-(2**63), 2**64 - 1, np.int64(3)):
+        params = SamplingParams(max_new_tokens=1, temperature=1.0, seed=seed)
+        assert type(params.seed) is int and make_generator(params).initial_seed() >= 0
+    assert SamplingParams(max_new_tokens=1, stop_ids=np.array([3, 4])).stop_ids == (3, 4)
+
+
+def test_tiny_temperatures_and_huge_logits_stay_finite():
+    """softmax(logits / T) overflowed to inf (NaN probabilities, a failed request) for T below ~1e-37 or logits
+    near the float32 limit; the distribution is the argmax's."""
+    logits = torch.tensor([[1.0, 3.0, 2.0, -1.0]])
+    for t in (1e-40, 5e-324):
+        params = SamplingParams(max_new_tokens=1, temperature=t, seed=0)
+        assert probabilities(logits, params).tolist() == [[0.0, 1.0, 0.0, 0.0]]
+        assert sample(logits, params, make_generator(params)).tolist() == [1]
+    huge = torch.tensor([[3e38, -3e38, 0.0]])
+    assert probabilities(huge, SamplingParams(max_new_tokens=1, temperature=0.5)).tolist() == [[1.0, 0.0, 0.0]]
+
+
+def test_allowed_ids_outside_the_vocabulary_are_refused():
+    """A negative id indexed from the end and silently allowed the last token of the vocabulary."""
+    logits = torch.zeros(1, 8)
+    assert constrain(logits, (7,)).argmax().item() == 7
+    for bad in ((-1,), (3, 8)):
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            sample(logits, SamplingParams(max_new_tokens=1), None, allowed_ids=bad)
+    with pytest.raises(ValueError, match="integers"):
+        SamplingParams(max_new_tokens=1, allowed_next=lambda g: (2.5,)).allowed_ids(())

@@ -149,3 +149,75 @@ def test_score_gives_the_log_probabilities_of_an_uncached_forward(engine):
 def test_score_refuses_bad_input(engine, prompt, target, message):
     with pytest.raises(ValueError, match=message):
         engine.score(prompt, target)
+
+
+def test_a_failing_callback_fails_only_its_own_request():
+    """An on_token or allowed_next that raises ends its request with the error; the request decoding in the same
+    batched step (or prefilling beside a lone decode step) carries on. It used to fail every request in the step."""
+    engine = NativeEngine(tiny_model("tiny-moe"), speculative="mtp", max_batch=2, prefill_chunk=8, prefix_cache_mb=0)
+    try:
+        def long_request(on_token=None):
+            cancel, started = threading.Event(), threading.Event()
+
+            def streamed(token):
+                started.set()
+                time.sleep(0.001)
+                if on_token is not None:
+                    on_token(token)
+
+            handle = engine.submit(list(range(1, 20)), SamplingParams(max_new_tokens=10_000), cancel, streamed)
+            assert started.wait(30)
+            return handle, cancel
+
+        def fail_on_second_token():
+            seen = []
+
+            def on_token(_):
+                seen.append(1)
+                if len(seen) == 2:  # the first token comes from the prefill, the second from a batched decode step
+                    raise KeyError("on_token failed")
+            return on_token
+
+        batched = [
+            dict(on_token=fail_on_second_token()),
+            dict(params=SamplingParams(max_new_tokens=50, allowed_next=lambda g: (7,) if len(g) < 2 else ())),
+        ]
+        for kind in batched:
+            running, cancel = long_request()
+            failing = engine.submit(list(range(30, 60)), kind.get("params", SamplingParams(max_new_tokens=50)),
+                                    on_token=kind.get("on_token"))
+            with pytest.raises(RuntimeError, match="on_token failed|returned no ids"):
+                engine.wait(failing)
+            cancel.set()
+            assert engine.wait(running).stop_reason == "cancelled"
+        # A lone decode step (MTP) beside a prefilling request: the decoding request's callback fails.
+        prefilling = []
+
+        def fail_while_the_other_prefills(_):
+            if prefilling and prefilling[0].row >= 0 and prefilling[0].prefilling:
+                raise KeyError("on_token failed")
+
+        failing, _ = long_request(fail_while_the_other_prefills)
+        prefilling.append(engine.submit(list(range(1, 400)), SamplingParams(max_new_tokens=3)))
+        with pytest.raises(RuntimeError, match="on_token failed"):
+            engine.wait(failing)
+        assert engine.wait(prefilling[0]).stop_reason == "length"
+        assert engine.busy_slots == 0 and sorted(engine.scheduler.free_rows) == [0, 1]
+    finally:
+        engine.close()
+
+
+def test_ids_are_checked_as_integers_and_against_the_vocabulary(engine):
+    np = pytest.importorskip("numpy")
+    prompt = list(range(3, 30))
+    want = engine.generate(prompt, SamplingParams(max_new_tokens=4)).tokens
+    assert engine.generate(np.array(prompt), SamplingParams(max_new_tokens=4)).tokens == want  # numpy ints are ints
+    # An allowed id from allowed_next outside the vocabulary: -1 silently allowed the last token, 1024 an IndexError.
+    for bad in (-1, 1024):
+        params = SamplingParams(max_new_tokens=4, allowed_next=lambda g, b=bad: (b,) if not g else None)
+        with pytest.raises(RuntimeError, match="outside the vocabulary"):
+            engine.generate(prompt, params)
+    # max_lines cannot be counted without the newline ids: it was ignored and the completion ran on.
+    with pytest.raises(ValueError, match="newline_ids"):
+        engine.generate(prompt, SamplingParams(max_new_tokens=4, max_lines=1))
+    assert engine.busy_slots == 0
