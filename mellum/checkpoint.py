@@ -29,6 +29,9 @@ _KEY_RULES: tuple[tuple[str, str], ...] = (
 # Checkpoint tensors that are derived data, not weights (older Llama exports store rotary tables): skipped by name.
 _DERIVED_KEYS = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
 
+# The weight files save_pretrained writes (and removes when a later save no longer uses them).
+_WEIGHT_FILE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$|^model\.safetensors\.index\.json$")
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -140,7 +143,13 @@ def load_config(path: str | os.PathLike) -> ModelConfig:
 def weight_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        try:
+            data = json.loads(index.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{index} is not valid JSON: {exc}") from exc
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise ValueError(f"{index} has no \"weight_map\" object (tensor name -> shard file name)")
         files = sorted(set(weight_map.values()))
         missing = [f for f in files if not (path / f).is_file()]
         if missing:
@@ -152,14 +161,22 @@ def weight_files(path: Path) -> list[Path]:
     raise FileNotFoundError(f"{path} has no model.safetensors or model.safetensors.index.json")
 
 
+def open_weights(file: Path):
+    """`safe_open` on one weight file (tensors on the CPU), with an error naming the file if it is not readable."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except SafetensorError as exc:  # truncated download, interrupted copy, not a safetensors file
+        raise ValueError(f"{file} is not a readable safetensors file (truncated or corrupt?): {exc}") from exc
+
+
 def load_pretrained(path: str | os.PathLike, dtype=None, device=None):
     """Build a `Transformer` from a Hugging Face directory (or hub id). dtype default float32; device default cpu.
 
     Only config.json and the safetensors files are read; a tokenizer in the same directory is left to
     `mellum.tokenizer.Tokenizer.from_pretrained`.
     """
-    from safetensors import safe_open
-
     from mellum.model import Transformer
 
     root = resolve_path(path)
@@ -173,7 +190,7 @@ def load_pretrained(path: str | os.PathLike, dtype=None, device=None):
     state: dict[str, torch.Tensor] = {}  # our name -> tensor on the target device (fused experts filled in place)
     seen: set[str] = set()
     for file in weight_files(root):
-        with safe_open(str(file), framework="pt", device="cpu") as f:
+        with open_weights(file) as f:
             for key in f.keys():
                 if _DERIVED_KEYS.match(key):
                     continue
@@ -267,8 +284,8 @@ def save_pretrained(model, path: str | os.PathLike, dtype=None, max_shard_size_m
     generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
                   "pad_token_id": config.eos_token_id}
     _write_json(out / "generation_config.json", generation)
-    for stale in list(out.glob("model*.safetensors")) + list(out.glob("model.safetensors.index.json")):
-        if stale.name not in written:
+    for stale in out.glob("model*.safetensors*"):  # only names this function writes: other weights stay
+        if _WEIGHT_FILE.match(stale.name) and stale.name not in written:
             stale.unlink()
 
 

@@ -84,6 +84,9 @@ class ModelConfig:
         self.mlp_types = tuple(self.mlp_types) if self.mlp_types is not None else ("dense",) * self.num_layers
         self._check_pattern("layer_types", self.layer_types, LAYER_TYPES)
         self._check_pattern("mlp_types", self.mlp_types, MLP_TYPES)
+        for name in ("layer_types", "mlp_types"):  # one entry per layer: index num_layers is the MTP layer's
+            if len(getattr(self, name)) != self.num_layers:
+                raise ValueError(f"{name} has {len(getattr(self, name))} entries for {self.num_layers} layers")
         if self.num_mtp_layers not in (0, 1):
             raise ValueError(f"num_mtp_layers must be 0 or 1, got {self.num_mtp_layers}")
         if self.mtp_layer_type is None:
@@ -149,6 +152,17 @@ class ModelConfig:
         return self.sliding_window if self.all_layer_types[layer_idx] == "sliding_attention" else None
 
     def replace(self, **changes) -> "ModelConfig":
+        """A copy with `changes`. A new `num_layers` without new patterns keeps the first layers of the current
+        patterns (a shallower model of the same design), or repeats a uniform pattern to more layers."""
+        layers = changes.get("num_layers", self.num_layers)
+        for name in ("layer_types", "mlp_types"):
+            pattern = getattr(self, name)
+            if name in changes or len(pattern) == layers:
+                continue
+            if len(pattern) < layers and len(set(pattern)) > 1:
+                raise ValueError(f"num_layers={layers}: the {name} pattern {pattern} cannot be extended; give "
+                                 f"{name} of {layers} entries as well")
+            changes[name] = pattern[:layers] if len(pattern) > layers else pattern[:1] * layers
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -158,6 +172,8 @@ class ModelConfig:
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any]) -> "ModelConfig":
         """Read a `LlamaForCausalLM` or `MellumForCausalLM` config.json dict."""
+        if not isinstance(hf, dict):
+            raise ValueError(f"config.json holds a {type(hf).__name__}, not a JSON object")
         arch_names = hf.get("architectures") or []
         model_type = hf.get("model_type")
         if "MellumForCausalLM" in arch_names or model_type == "mellum":
@@ -175,6 +191,11 @@ class ModelConfig:
         for flag in ("attention_bias", "mlp_bias"):
             if hf.get(flag):
                 raise ValueError(f"unsupported config: {flag}=true (the implemented models have no biases)")
+        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        bad = [k for k in required if type(hf.get(k)) is not int]
+        if bad:
+            got = ", ".join(f"{k}={hf[k]!r}" if k in hf else f"{k} (missing)" for k in bad)
+            raise ValueError(f"config.json needs integer values for {got}")
         num_layers = hf["num_hidden_layers"]
         kw: dict[str, Any] = dict(
             architecture=architecture,

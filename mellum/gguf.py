@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from mellum.checkpoint import load_config, resolve_path, weight_files
+from mellum.checkpoint import key_table, load_config, open_weights, resolve_path, weight_files
 
 # Output tensor types by name. Norms (1-D) are always F32, as llama.cpp requires.
 TYPES = ("f32", "f16", "bf16", "q8_0")
@@ -135,11 +135,15 @@ def export_gguf(model: str | os.PathLike, out: str | os.PathLike, kind: str = "f
         import gguf
     except ImportError as exc:
         raise ImportError("GGUF export needs the gguf package: pip install 'mellum[export]'") from exc
-    from safetensors import safe_open
     from tqdm import tqdm
+
+    from mellum.model import Transformer
 
     if kind not in TYPES:
         raise ValueError(f"unknown GGUF weight type {kind!r}; use one of {', '.join(TYPES)}")
+    out = Path(out)
+    if out.is_dir():
+        raise FileExistsError(f"{out} is a directory; give the path of the GGUF file to write")
     root = resolve_path(model)
     config = load_config(root)
     if config.architecture != "llama":
@@ -155,8 +159,13 @@ def export_gguf(model: str | os.PathLike, out: str | os.PathLike, kind: str = "f
     tokenizer_json = json.loads(tokenizer_file.read_text(encoding="utf-8"))
     pre = pre_tokenizer_name(tokenizer_json)
     tokens, types, merges = vocabulary(tokenizer_json, config.vocab_size)
+    # The metadata below comes from config.json; every tensor must have the shape it implies, or llama.cpp would
+    # refuse the file (or, for q/k with another head count, reorder rows into a different model).
+    with torch.device("meta"):
+        meta = Transformer(config)
+    params = meta.state_dict()
+    shapes = {key: tuple(params[piece.name].shape) for key, piece in key_table(meta).items()}
 
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
     writer = gguf.GGUFWriter(partial, "llama")
@@ -196,12 +205,19 @@ def export_gguf(model: str | os.PathLike, out: str | os.PathLike, kind: str = "f
     skipped, count = [], 0
     files = weight_files(root)
     for file in tqdm(files, desc=f"GGUF {kind}", unit="file", disable=not progress or len(files) < 2):
-        with safe_open(file, framework="pt") as f:
+        with open_weights(file) as f:
             for key in sorted(f.keys()):
                 name = gguf_name(key)
                 if name is None:
                     skipped.append(key)
                     continue
+                shape = tuple(f.get_slice(key).get_shape())
+                if key not in shapes:
+                    raise ValueError(f"{file.name}: unexpected tensor {key!r} (no such weight in a model with this "
+                                     "config.json)")
+                if shape != shapes[key]:
+                    raise ValueError(f"{file.name}: tensor {key!r} has shape {list(shape)}, the config.json implies "
+                                     f"{list(shapes[key])}")
                 w = f.get_tensor(key)
                 if name.endswith("attn_q.weight"):
                     w = pairs_from_halves(w, config.num_heads)

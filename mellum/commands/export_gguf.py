@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 
 def configure(parser) -> None:
@@ -15,7 +16,8 @@ def configure(parser) -> None:
         "OpenAI-compatible backend (mellum.engine.OpenAIEngine), or compare engines with benchmarks/engine.py."
     )
     parser.add_argument("model", metavar="MODEL", help="model directory or hub id")
-    parser.add_argument("out", metavar="OUT.gguf", help="the GGUF file to write (replaced only once complete)")
+    parser.add_argument("out", metavar="OUT.gguf", help="the GGUF file to write (it appears only once complete)")
+    parser.add_argument("--force", action="store_true", help="replace OUT.gguf if it exists")
     parser.add_argument("--type", dest="kind", choices=TYPES, default="f32",
                         help="weight type: f32 (default, exact), f16, bf16, or q8_0 (8-bit blocks of 32 with one "
                              "scale each); norms stay f32")
@@ -25,6 +27,8 @@ def configure(parser) -> None:
 def run(args) -> int:
     from mellum.gguf import export_gguf
 
+    if Path(args.out).is_file() and not args.force:
+        raise FileExistsError(f"{args.out} already exists; pass --force to replace it")
     summary = export_gguf(args.model, args.out, args.kind, progress=not args.json)
     if args.json:
         print(json.dumps(summary, indent=2))

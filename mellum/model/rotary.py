@@ -56,6 +56,15 @@ class RotaryEmbedding(nn.Module):
         # Derived from the config, never stored in checkpoints; built on CPU even under a meta-device context.
         self.register_buffer("inv_freq", inv_freq.to("cpu"), persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        # A module-wide cast (model.to(torch.bfloat16), .half()) moves the table but keeps it fp32: bf16 frequencies
+        # are off by up to 2^-9, a rotation error of several radians at position 8K, and a model loaded from the
+        # same weights (tables built fresh) would compute other logits.
+        inv_freq = self.inv_freq
+        super()._apply(fn, recurse)
+        self.inv_freq = inv_freq.to(self.inv_freq.device)
+        return self
+
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # positions [B, T] -> cos, sin [B, T, D] (the D/2 frequencies repeated twice, rotate-half layout)
         freqs = positions[..., None].float() * self.inv_freq.to(positions.device)

@@ -118,3 +118,65 @@ def test_hub_id_offline_is_a_clear_error(monkeypatch, tmp_path):
 def test_loaded_model_has_no_meta_tensors(saved):
     model = load_pretrained(saved)
     assert all(t.device.type == "cpu" for t in list(model.parameters()) + list(model.buffers()))
+
+
+def test_corrupt_or_truncated_weights_are_named(saved):
+    weights = saved / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])  # an interrupted download
+    with pytest.raises(ValueError, match=r"model\.safetensors is not a readable safetensors file"):
+        load_pretrained(saved)
+    weights.write_bytes(b"<html>rate limited</html>")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        load_pretrained(saved)
+
+
+def test_malformed_shard_index_is_named(tmp_path):
+    torch.manual_seed(0)
+    save_pretrained(Transformer(get_config("tiny-dense")), tmp_path, max_shard_size_mb=0.2)
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {"total_size": 1}}))
+    with pytest.raises(ValueError, match="has no \"weight_map\" object"):
+        load_pretrained(tmp_path)
+    index.write_text('{"weight_map": {')
+    with pytest.raises(ValueError, match=r"index\.json is not valid JSON"):
+        load_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ([1, 2], "holds a list, not a JSON object"),
+        ({"architectures": ["LlamaForCausalLM"], "vocab_size": 10, "hidden_size": "64"},
+         r"integer values for hidden_size='64', intermediate_size \(missing\)"),
+    ],
+)
+def test_malformed_config_json_is_a_clear_error(tmp_path, config, message):
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message):
+        load_pretrained(tmp_path)
+
+
+def test_bf16_cast_model_matches_its_saved_checkpoint(tmp_path):
+    """`model.to(torch.bfloat16)` keeps the rotary frequencies in fp32, as a model loaded in bf16 builds them: the
+    same weights give the same logits before and after a save/load round trip."""
+    torch.manual_seed(0)
+    model = Transformer(get_config("tiny-moe")).to(torch.bfloat16).eval()
+    assert all(b.dtype == torch.float32 for name, b in model.named_buffers() if name.endswith("inv_freq"))
+    save_pretrained(model, tmp_path)
+    loaded = load_pretrained(tmp_path, dtype="bf16")
+    ids = torch.randint(0, 1024, (1, 300))
+    positions = torch.arange(4000, 4300)[None]  # far enough out that bf16 frequencies rotate visibly wrong
+    with torch.no_grad():
+        assert torch.equal(model(ids, positions).logits, loaded(ids, positions).logits)
+
+
+def test_resaving_removes_only_its_own_stale_weight_files(tmp_path):
+    torch.manual_seed(0)
+    model = Transformer(get_config("tiny-dense"))
+    save_pretrained(model, tmp_path, max_shard_size_mb=0.2)
+    keep = tmp_path / "model-ema.safetensors"
+    save_file({"x": torch.ones(2)}, str(keep))  # the user's own file beside the checkpoint
+    save_pretrained(model, tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors*")) == ["model-ema.safetensors", "model.safetensors"]
+    assert torch.equal(load_file(str(keep))["x"], torch.ones(2))

@@ -179,6 +179,37 @@ def test_cli_writes_the_file(tiny_model_dir, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_config_that_does_not_match_the_tensors_is_refused(tiny_model_dir, tmp_path):
+    """The metadata is written from config.json: a config.json whose shapes differ from the tensors (here another
+    MLP width and key/value head count) would give llama.cpp a file it cannot load, or q/k rows reordered for the
+    wrong number of heads."""
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    config = json.loads((broken / "config.json").read_text())
+    config.update(num_key_value_heads=4)
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"'model\.layers\.0\.self_attn\.k_proj\.weight' has shape \[32, 64\], "
+                                         r"the config\.json implies \[64, 64\]"):
+        export_gguf(broken, tmp_path / "x.gguf", progress=False)
+    config.update(num_key_value_heads=2, intermediate_size=96)
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"mlp\.down_proj\.weight' has shape \[64, 128\]"):
+        export_gguf(broken, tmp_path / "x.gguf", progress=False)
+    assert not list(tmp_path.glob("x.gguf*"))
+
+
+def test_cli_does_not_replace_a_file_without_force(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "t.gguf"
+    out.write_text("an earlier export")
+    assert main(["export", "gguf", str(tiny_model_dir), str(out)]) == 2
+    assert "already exists; pass --force" in capsys.readouterr().err and out.read_text() == "an earlier export"
+    assert main(["export", "gguf", str(tiny_model_dir), str(out), "--force", "--json"]) == 0
+    assert gguf.GGUFReader(out).get_field("general.architecture").contents() == "llama"
+    (tmp_path / "d.gguf").mkdir()
+    assert main(["export", "gguf", str(tiny_model_dir), str(tmp_path / "d.gguf"), "--force"]) == 2
+    assert "is a directory" in capsys.readouterr().err and not list(tmp_path.glob("*.partial"))
+
+
 # ---- llama.cpp itself (llama-cpp-python is optional: it compiles from source for minutes) ---------------------
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):

@@ -105,3 +105,24 @@ def test_info_on_directory_and_bad_input(tmp_path, capsys):
     assert "llama, 2 layers" in capsys.readouterr().out
     assert main(["info", str(tmp_path / "missing")]) == 2
     assert "neither a preset" in capsys.readouterr().err
+
+
+def test_layer_patterns_have_one_entry_per_layer():
+    tiny = get_config("tiny-moe")
+    # One entry too many would have handed the MTP layer (index num_layers) the main pattern's fifth entry.
+    with pytest.raises(ValueError, match="layer_types has 5 entries for 4 layers"):
+        tiny.replace(layer_types=tiny.layer_types + ("full_attention",))
+    with pytest.raises(ValueError, match="mlp_types has 3 entries for 4 layers"):
+        tiny.replace(mlp_types=tiny.mlp_types[:3])
+    hf = tiny.to_hf_config()
+    hf["num_hidden_layers"] = 3
+    with pytest.raises(ValueError, match="layer_types has 4 entries for 3 layers"):
+        ModelConfig.from_hf_config(hf)
+    # A new depth alone keeps the first layers of a pattern, or repeats a uniform one; the MTP layer keeps its type.
+    shallow = tiny.replace(num_layers=3)
+    assert shallow.layer_types == ("sliding_attention",) * 3 and shallow.mlp_types == ("dense", "sparse", "sparse")
+    assert shallow.all_layer_types[3] == "sliding_attention" and shallow.all_mlp_types[3] == "sparse"
+    assert ModelConfig.from_hf_config(shallow.to_hf_config()) == shallow  # its config.json reads back
+    assert get_config("tiny-dense").replace(num_layers=5).layer_types == ("full_attention",) * 5
+    with pytest.raises(ValueError, match="cannot be extended"):
+        tiny.replace(num_layers=6)
