@@ -40,6 +40,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     for action in parser._actions:
         if action.dest == "batch_size":
             action.help = "tasks per step (each sampled --group-size times; default 4)"
+        elif action.dest == "resume":
+            action.help = "not supported yet: grpo runs start from --model (refused)"
 
 
 def run(args) -> int:

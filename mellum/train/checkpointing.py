@@ -20,6 +20,7 @@ import os
 import random
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -134,9 +135,11 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
 
 
 def load_checkpoint(
-    path: str | os.PathLike, model: nn.Module, optimizers: list[torch.optim.Optimizer]
+    path: str | os.PathLike, model: nn.Module, optimizers: list[torch.optim.Optimizer],
+    check: Callable[[dict], None] | None = None,
 ) -> tuple[dict, dict]:
-    """Restore model, optimizers and this rank's RNG; returns (trainer_state, loader_state) for the caller."""
+    """Restore model, optimizers and this rank's RNG; returns (trainer_state, loader_state) for the caller.
+    `check(trainer_state)` runs on every rank before anything is restored (it raises to refuse the checkpoint)."""
     path = Path(path)
     rank = _rank()
     rank_file = path / f"rank_{rank}.pt"
@@ -144,15 +147,44 @@ def load_checkpoint(
         raise ValueError(f"checkpoint {path} has no state for rank {rank}: resume with the same number of processes")
     # Only rank 0 reads the full state under FSDP; set_state_dict broadcasts it.
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=False) if rank == 0 or not _distributed() else {}
-    load_model_and_optimizer_state(model, optimizers, state)
     trainer = state.get("trainer")
     if _distributed():
         box = [trainer]
         dist.broadcast_object_list(box, src=0)
         trainer = box[0]
+    if check is not None:
+        check(trainer)
+    load_model_and_optimizer_state(model, optimizers, state)
     per_rank = torch.load(rank_file, map_location="cpu", weights_only=False)
     set_rng_state(per_rank["rng"])
     return trainer, per_rank["loader"]
+
+
+def changed_settings(saved: dict, now: dict, may_change: tuple[str, ...] = ()) -> list[str]:
+    """"key: old → new" for each setting (dotted path into nested dicts) that differs between a checkpoint's
+    settings and a resuming run's, except those whose top-level key is in `may_change`."""
+    saved, now = _flatten(saved), _flatten(now)
+    keys = sorted(k for k in saved.keys() | now.keys() if k.split(".")[0] not in may_change)
+    return [f"{k}: {saved.get(k)!r} → {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    # {"optim": {"lr": 1e-3}} → {"optim.lr": 1e-3}; sequences become tuples so saved and new settings compare.
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = _frozen(value)
+    return flat
+
+
+def _frozen(value):
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, _frozen(v)) for k, v in value.items()))
+    return value
 
 
 def _write_atomic(path: Path, text: str) -> None:

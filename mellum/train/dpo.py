@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from mellum.train.losses import IGNORE
 from mellum.train.records import read_jsonl
-from mellum.train.sft import FinetuneConfig, Finetuner, batch_indices, seed_everything, token_logprobs
+from mellum.train.sft import (FinetuneConfig, Finetuner, batch_indices, data_fingerprint, seed_everything,
+                              token_logprobs)
 
 
 @dataclass(frozen=True)
@@ -174,10 +175,11 @@ def train_dpo(policy, tokenizer, train_pairs: Sequence[dict], heldout_pairs: Seq
     elif heldout:
         ref_heldout = reference_logps(reference, heldout, pad, config.micro_batch)
 
-    tuner = Finetuner(policy, config, out_dir, "dpo", bar=bar)
-    if resume:
-        tuner.resume()
+    # Held-out metrics of the starting policy, before a resumed run restores its checkpoint.
     before = evaluate_pairs(policy, heldout, ref_heldout, dpo.beta, pad, config.micro_batch) if heldout else None
+    tuner = Finetuner(policy, config, out_dir, "dpo", bar=bar, resume=resume,
+                      settings={"beta": dpo.beta, "train_data": data_fingerprint(
+                          [(p.prompt, p.chosen, p.rejected) for p in train])})
     if before is not None and tuner.step_count == 0:
         tuner.log(**{f"eval_{k}": v for k, v in before.items()})
 
@@ -197,6 +199,7 @@ def train_dpo(policy, tokenizer, train_pairs: Sequence[dict], heldout_pairs: Seq
                                      "accuracy": (margin > 0).float().mean().item() * share,
                                      "chosen_reward": cr.mean().item() * share, "rejected_reward": rj.mean().item() * share}
 
+    start = tuner.step_count
     try:
         while tuner.step_count < config.max_steps:
             idx = batch_indices(len(train), config.batch_size, tuner.step_count, config.seed)
@@ -208,7 +211,7 @@ def train_dpo(policy, tokenizer, train_pairs: Sequence[dict], heldout_pairs: Seq
                 tuner.log(**{f"eval_{k}": v for k, v in
                              evaluate_pairs(policy, heldout, ref_heldout, dpo.beta, pad, config.micro_batch).items()})
         after = evaluate_pairs(policy, heldout, ref_heldout, dpo.beta, pad, config.micro_batch) if heldout else None
-        if after is not None:
+        if after is not None and tuner.step_count != start:  # a finished run resumed has logged it
             tuner.log(**{f"eval_{k}": v for k, v in after.items()})
         tuner.save()
     finally:

@@ -36,6 +36,11 @@ from mellum.train.schedule import Progress
 
 
 BEST_FILE = "best_model.pt"  # the best weights inside a checkpoint directory (runs with keep_best)
+# Settings a resumed run may change: budgets, logging, evaluation cadence, export and where files live. Any other
+# difference from the checkpoint's config (model, batch, schedule, optimizer, seed, ...) refuses the resume.
+RESUMABLE_CHANGES = ("name", "data", "eval_data", "tokenizer", "phases", "max_steps", "max_minutes", "patience",
+                     "eval_every", "checkpoint_every", "keep_checkpoints", "log_every", "compile", "init_from",
+                     "export_dtype", "export_max_shard_mb")
 
 
 def seed_everything(seed: int) -> None:
@@ -152,8 +157,11 @@ class Trainer:
         path = checkpointing.latest_checkpoint(self.out)
         if path is None:
             return False
-        trainer_state, loader_state = checkpointing.load_checkpoint(path, self.model, self.optimizers)
+        trainer_state, loader_state = checkpointing.load_checkpoint(path, self.model, self.optimizers,
+                                                                    check=self._check_resumable)
         self.progress.load_state_dict(trainer_state["progress"])
+        if trainer_state.get("last_eval") is not None:  # a finished run resumed reports its last evaluation again
+            self.last_eval, self.last_losses = tuple(trainer_state["last_eval"]), trainer_state["last_losses"]
         if "best" in trainer_state:  # checkpoints written before best-tracking existed have none
             self.best.load_state_dict(trainer_state["best"])
         if self.config.keep_best and self.best.step is not None and self.env.is_main:
@@ -164,9 +172,20 @@ class Trainer:
         self._open_loader(loader_state["phase"], loader_state["loader"])
         return True
 
+    def _check_resumable(self, trainer_state: dict) -> None:
+        """Refuse a checkpoint written with other settings than this run's (those in RESUMABLE_CHANGES may differ)."""
+        if "config" not in trainer_state:  # written before checkpoints carried their config
+            return
+        changed = checkpointing.changed_settings(trainer_state["config"], self.config.to_dict(), RESUMABLE_CHANGES)
+        if changed:
+            detail = ", ".join(changed[:6])
+            raise ValueError(f"the checkpoint in {self.out} was written with other settings ({detail}): resume with "
+                             "the run's settings, or start a new run in another --out")
+
     def save(self) -> Path:
         trainer_state = {"step": self.progress.step, "progress": self.progress.state_dict(),
-                         "best": self.best.state_dict()}
+                         "best": self.best.state_dict(), "config": self.config.to_dict(),
+                         "last_eval": self.last_eval, "last_losses": self.last_losses}
         loader_state = {"phase": self.phase, "loader": self.loader.state_dict()}
         meta = {"recipe": self.config.name, "world_size": self.env.world_size}
         extra = {BEST_FILE: self.best.state} if self.best.state is not None else None
@@ -299,7 +318,7 @@ class Trainer:
                           resume_step=start_step, bar=self.bar)
         if env.is_main:
             (self.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str) + "\n")
-        eval_loss = None
+        eval_loss = self.last_eval[1] if self.last_eval else None  # a resumed run's last evaluation so far
         if start_step == 0:
             eval_loss = self._evaluate_and_track(metrics)
         run_start = time.perf_counter()

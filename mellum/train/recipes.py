@@ -69,6 +69,8 @@ class TrainConfig:
             raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.max_steps <= 0:
             raise ValueError(f"max_steps must be positive, got {self.max_steps}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValueError(f"max_minutes must be positive (or None: no time budget), got {self.max_minutes}")
         if self.phases and abs(self.phases[-1].until - 1.0) > 1e-9:
             raise ValueError("the last curriculum phase must end at progress 1.0")
         # "train_only=mtp." on the command line is one prefix, not its characters
@@ -275,6 +277,8 @@ def _apply(obj, tree: dict):
         elif name == "phases":
             value = tuple(Phase(*p) if isinstance(p, (tuple, list)) else Phase(p) for p in value)
         changes[name] = value
+    if isinstance(obj, ModelConfig):  # a new num_layers resizes the per-layer patterns (ModelConfig.replace)
+        return obj.replace(**changes)
     return dataclasses.replace(obj, **changes)
 
 

@@ -14,6 +14,8 @@ checkpoints of pre-training). Legend: B batch, T time, V vocabulary.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import os
 import shutil
 import tempfile
@@ -373,14 +375,24 @@ class Finetuner:
 
     `step(loss_fn, micro_batches)` runs one optimizer step: `loss_fn(micro_batch)` returns (loss, metrics) where
     the losses of the step's micro-batches add up to the step's objective (the stage divides by its global count).
+    With `resume`, the newest checkpoint under OUT is restored first (same data order: batches are a function of
+    the step); one written by another stage or with other `settings` (the stage's data, its loss settings) or
+    other optimisation settings is refused. The metrics log keeps its lines up to the restored step.
     """
 
-    def __init__(self, model, config: FinetuneConfig, out_dir: str | os.PathLike | None, name: str, bar: bool = True):
+    def __init__(self, model, config: FinetuneConfig, out_dir: str | os.PathLike | None, name: str, bar: bool = True,
+                 resume: bool = False, settings: dict | None = None):
         self.model, self.config, self.name = model, config, name
         self.out = Path(out_dir) if out_dir is not None else None
         self.optimizers = build_optimizers(model, config.optim)
         self.step_count = 0
-        self.metrics = Metrics(self.out, config.max_steps, enabled=True, bar=bar)
+        self.settings = {"stage": name, "batch_size": config.batch_size, "max_len": config.max_len,
+                         "seed": config.seed, "optim": dataclasses.asdict(config.optim),
+                         "schedule": dataclasses.asdict(config.schedule), **(settings or {})}
+        self._saved_step = None  # the step of the newest checkpoint written or restored
+        if resume:
+            self._restore()
+        self.metrics = Metrics(self.out, config.max_steps, enabled=True, resume_step=self.step_count, bar=bar)
         if self.metrics._bar is not None:
             self.metrics._bar.set_description(name)
         self._start = time.perf_counter()
@@ -414,24 +426,32 @@ class Finetuner:
         self.metrics.log(self.step_count, **values)
 
     def save(self) -> Path | None:
-        """A checkpoint (model, optimizers, step, RNG) under OUT/checkpoints, written atomically."""
-        if self.out is None:
+        """A checkpoint (model, optimizers, step, settings, RNG) under OUT/checkpoints, written atomically; none when
+        the newest one already holds this step."""
+        if self.out is None or self._saved_step == self.step_count:
             return None
-        return checkpointing.save_checkpoint(self.out, self.model, self.optimizers, {"step": self.step_count},
+        path = checkpointing.save_checkpoint(self.out, self.model, self.optimizers,
+                                             {"step": self.step_count, "settings": self.settings},
                                              {"step": self.step_count}, {"stage": self.name},
                                              keep=self.config.keep_checkpoints)
+        self._saved_step = self.step_count
+        return path
 
-    def resume(self) -> bool:
-        """Continue from the newest checkpoint under OUT (same data order: batches are a function of the step)."""
+    def _restore(self) -> bool:
         path = checkpointing.latest_checkpoint(self.out) if self.out is not None else None
         if path is None:
             return False
-        trainer_state, _ = checkpointing.load_checkpoint(path, self.model, self.optimizers)
-        self.step_count = int(trainer_state["step"])
-        self.metrics.close()
-        self.metrics = Metrics(self.out, self.config.max_steps, enabled=True, resume_step=self.step_count,
-                               bar=self.metrics._bar is not None)
+        trainer_state, _ = checkpointing.load_checkpoint(path, self.model, self.optimizers, check=self._check_resumable)
+        self.step_count = self._saved_step = int(trainer_state["step"])
         return True
+
+    def _check_resumable(self, trainer_state: dict) -> None:
+        if "settings" not in trainer_state:  # written before checkpoints carried their settings
+            return
+        changed = checkpointing.changed_settings(trainer_state["settings"], self.settings)
+        if changed:
+            raise ValueError(f"the checkpoint in {self.out} was written with other settings ({', '.join(changed[:6])}):"
+                             " resume with the run's settings and data, or start a new run in another --out")
 
     def close(self) -> None:
         self.metrics.close()
@@ -463,6 +483,15 @@ def export_model(model, directory: str | os.PathLike, tokenizer=None, dtype: str
     return directory
 
 
+def data_fingerprint(items: Sequence) -> str:
+    """"N items, sha256 …" of a stage's training data (lists of token ids): a resumed run must see the same data."""
+    digest = hashlib.sha256()
+    for item in items:  # one item at a time: a large dataset's whole repr would be a string of gigabytes
+        digest.update(repr(item).encode())
+        digest.update(b"\n")
+    return f"{len(items)} items, sha256 {digest.hexdigest()[:16]}"
+
+
 def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
     """Example indices of optimizer step `step`: epochs of seeded permutations, so a resumed run sees the same data."""
     out = []
@@ -487,10 +516,9 @@ def train_sft(model, tokenizer, train: Sequence[Example], heldout: Sequence[Exam
     device = torch.device(config.device)
     model.to(device)
     pad = tokenizer.eos_id
-    tuner = Finetuner(model, config, out_dir, "sft", bar=bar)
-    if resume:
-        tuner.resume()
-    before = heldout_loss(model, heldout, pad, config.micro_batch, config.max_len) if heldout else None
+    before = heldout_loss(model, heldout, pad, config.micro_batch, config.max_len) if heldout else None  # the start
+    tuner = Finetuner(model, config, out_dir, "sft", bar=bar, resume=resume,
+                      settings={"train_data": data_fingerprint(train)})
     if before is not None and tuner.step_count == 0:
         tuner.log(eval_loss=before)
 
@@ -498,6 +526,7 @@ def train_sft(model, tokenizer, train: Sequence[Example], heldout: Sequence[Exam
         loss, _ = sft_loss_sum(model, chunk["batch"])
         return loss / chunk["count"], {"loss": loss.item() / chunk["count"]}
 
+    start = tuner.step_count
     try:
         while tuner.step_count < config.max_steps:
             picked = [train[i] for i in batch_indices(len(train), config.batch_size, tuner.step_count, config.seed)]
@@ -510,7 +539,7 @@ def train_sft(model, tokenizer, train: Sequence[Example], heldout: Sequence[Exam
                     and tuner.step_count < config.max_steps:
                 tuner.log(eval_loss=heldout_loss(model, heldout, pad, config.micro_batch, config.max_len))
         after = heldout_loss(model, heldout, pad, config.micro_batch, config.max_len) if heldout else None
-        if after is not None:
+        if after is not None and tuner.step_count != start:  # a finished run resumed has logged it
             tuner.log(eval_loss=after)
         tuner.save()
     finally:

@@ -164,3 +164,19 @@ def test_train_dpo_command(tiny_tokenizer, tmp_path):
     assert [r["step"] for r in logged if "loss" in r] == [1, 2]
     args = json.loads(exported["dpo_args.json"].read_text())
     assert args["beta"] == 0.2 and args["max_steps"] == 2 and args["model"] == str(base)
+
+
+def test_resumed_dpo_reports_the_starting_policy_and_refuses_another_beta(tiny_tokenizer, tmp_path):
+    pairs = [{"prompt": f"<fim_prefix>v{i} = <fim_middle>", "chosen": str(i), "rejected": f"'{i}'"} for i in range(6)]
+    config = FinetuneConfig(max_steps=2, batch_size=2, micro_batch=2, max_len=64, eval_every=0, checkpoint_every=1,
+                            optim=OptimConfig(lr=1e-3, weight_decay=0.0, muon=False), schedule=WSDSchedule(1, 0.5))
+    first = train_dpo(_model(), tiny_tokenizer, pairs[:4], pairs[4:], config, out_dir=tmp_path, bar=False)
+    assert first["heldout_before"]["loss"] == pytest.approx(math.log(2))  # the policy is its own reference
+    longer = FinetuneConfig(**{**config.__dict__, "max_steps": 4})
+    resumed = train_dpo(_model(), tiny_tokenizer, pairs[:4], pairs[4:], longer, out_dir=tmp_path, bar=False,
+                        resume=True)
+    assert resumed["steps"] == 4 and resumed["heldout_before"] == first["heldout_before"]
+    assert resumed["heldout_after"]["reward_margin"] > first["heldout_after"]["reward_margin"]
+    with pytest.raises(ValueError, match="beta: 0.1 → 0.5"):
+        train_dpo(_model(), tiny_tokenizer, pairs[:4], pairs[4:], longer, DPOConfig(beta=0.5), out_dir=tmp_path,
+                  bar=False, resume=True)

@@ -153,6 +153,31 @@ def test_exact_resume_after_sigkill(tmp_path, code_shards):
     assert resumed == expected  # exactly equal on CPU, step for step
 
 
+def test_resume_refuses_other_settings_and_a_finished_run_keeps_its_summary(tmp_path, code_shards, capsys):
+    from mellum.train.pretrain import main
+
+    out = str(tmp_path / "run")
+    args = ["--recipe", "tiny-cpu", "--device", "cpu", "--no-bar", "--out", out, "--no-export", "--set",
+            "checkpoint_every=2", "--set", "eval_every=2", "--set", "eval_batches=1",
+            *[f"--set={o}" for o in _data_overrides(code_shards)]]
+    assert main([*args, "--max-steps", "2"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["steps"] == 2 and first["eval_loss"] is not None
+    # Another learning rate or model shape is refused before anything is restored, with the difference named.
+    assert main([*args, "--max-steps", "4", "--resume", "--set", "optim.lr=0.5"]) == 2
+    assert "optim.lr: 0.01 → 0.5" in capsys.readouterr().err
+    assert main([*args, "--max-steps", "4", "--resume", "--set", "model.num_layers=3"]) == 2
+    assert "model.num_layers: 2 → 3" in capsys.readouterr().err
+    # Resuming the finished run changes nothing, and its summary keeps the last evaluation.
+    assert main([*args, "--max-steps", "2", "--resume"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again == first == json.loads((tmp_path / "run" / "summary.json").read_text())
+    # A longer budget is a setting a resume may change: the run goes on from its checkpoint.
+    assert main([*args, "--max-steps", "4", "--resume"]) == 0
+    assert json.loads(capsys.readouterr().out)["steps"] == 4
+    assert [s for s, _ in _losses(tmp_path / "run")] == [1, 2, 3, 4]
+
+
 def test_two_processes_match_one(tmp_path, code_shards):
     args = [f"--set={o}" for o in _data_overrides(code_shards)] + [
         "--max-steps", "4", "--set", "checkpoint_every=2", "--set", "eval_every=4", "--no-export"]

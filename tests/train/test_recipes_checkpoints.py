@@ -72,3 +72,27 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path):
     checkpointing.save_checkpoint(tmp_path, model, optimizers, {"step": 40, "progress": {}}, {}, {}, keep=2)
     assert checkpointing.latest_checkpoint(tmp_path).name == "step_000040"
     assert not (root / "step_000040.tmp").exists()
+
+
+def test_num_layers_override_resizes_uniform_patterns_and_refuses_mixed_ones():
+    # docs/training.md's own example (`--set model.num_layers=4`) must give a model with that many layers.
+    config = get_recipe("tiny-cpu", ["model.num_layers=3"])
+    assert config.model.layer_types == ("full_attention",) * 3 and config.model.mlp_types == ("dense",) * 3
+    assert len(Transformer(config.model).layers) == 3
+    moe = get_recipe("tiny-moe-cpu")
+    shallower = get_recipe("tiny-moe-cpu", ["model.num_layers=3"]).model  # the first layers of the same design
+    assert shallower.layer_types == moe.model.layer_types[:3] and shallower.mlp_types == moe.model.mlp_types[:3]
+    with pytest.raises(ValueError, match="cannot be extended"):
+        get_recipe("tiny-moe-cpu", ["model.num_layers=6"])  # a sliding/full pattern to more layers: give it anew
+    with pytest.raises(ValueError, match="1 entries for 2 layers"):
+        get_recipe("tiny-cpu", ["model.layer_types=('full_attention',)"])
+    moe = get_recipe("tiny-moe-cpu", ["model.num_layers=2", "model.layer_types=('sliding_attention', 'full_attention')",
+                                      "model.mlp_types=('dense', 'sparse')"])
+    assert len(Transformer(moe.model).layers) == 2
+
+
+def test_time_budget_must_be_positive():
+    for minutes in ("0", "-1"):
+        with pytest.raises(ValueError, match="max_minutes must be positive"):
+            get_recipe("tiny-cpu", [f"max_minutes={minutes}"])
+    assert get_recipe("tiny-cpu", ["max_minutes=0.5"]).max_minutes == 0.5

@@ -227,3 +227,45 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_tokenizer, tmp_path):
     assert checkpointing.latest_checkpoint(tmp_path / "b").name == "step_000004"
     for a, b in zip(straight.parameters(), resumed.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_resumed_command_keeps_its_log_and_refuses_other_settings(tiny_model_dir, tmp_path, capsys):
+    from mellum.cli import main
+    from mellum.train.metrics import read_metrics
+
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in ["textwrap.py", "shlex.py", "bisect.py", "heapq.py"]:
+        shutil.copy(STDLIB / name, project / name)
+    out = tmp_path / "run"
+    argv = ["train", "sft", "--model", str(tiny_model_dir), "--source", str(project), "--out", str(out),
+            "--batch-size", "2", "--micro-batch", "2", "--max-len", "128", "--lr", "1e-3", "--heldout-fraction", "0.25",
+            "--samples-per-file", "1", "--eval-every", "2", "--checkpoint-every", "2", "--no-bar"]
+    assert main([*argv, "--max-steps", "2"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert main([*argv, "--max-steps", "4", "--resume"]) == 0
+    resumed = json.loads(capsys.readouterr().out)
+    log = read_metrics(out / "metrics.jsonl")
+    # The log still holds the steps before the checkpoint, each step once; "before" is the starting model's loss.
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in log if "eval_loss" in r] == [0, 2, 4]
+    assert resumed["heldout_loss_before"] == first["heldout_loss_before"] == log[0]["eval_loss"]
+    assert resumed["heldout_loss_after"] == log[-1]["eval_loss"] != first["heldout_loss_after"]
+    # Resuming the finished run writes no new checkpoint and logs nothing new.
+    state = out / "checkpoints" / "step_000004" / "state.pt"
+    written = state.stat().st_mtime_ns
+    assert main([*argv, "--max-steps", "4", "--resume"]) == 0
+    assert json.loads(capsys.readouterr().out) == resumed
+    assert state.stat().st_mtime_ns == written and read_metrics(out / "metrics.jsonl") == log
+    # Other optimisation settings, other data, or another stage's checkpoint: refused, with the difference named.
+    assert main([*argv, "--max-steps", "6", "--resume", "--lr", "1e-2"]) == 2
+    assert "optim.lr: 0.001 → 0.01" in capsys.readouterr().err
+    assert main([*argv, "--max-steps", "6", "--resume", "--samples-per-file", "2"]) == 2
+    assert "train_data" in capsys.readouterr().err
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"v{i} = ", "chosen": str(i), "rejected": "x"}) + "\n"
+                             for i in range(4)))
+    assert main(["train", "dpo", "--model", str(tiny_model_dir), "--pairs", str(pairs), "--out", str(out), "--resume",
+                 "--batch-size", "2", "--micro-batch", "2", "--max-len", "128", "--lr", "1e-3", "--no-bar"]) == 2
+    assert "stage: 'sft' → 'dpo'" in capsys.readouterr().err
+    assert read_metrics(out / "metrics.jsonl") == log  # a refused resume leaves the run as it was
