@@ -23,7 +23,8 @@ LINEAGE_FILES = ("training_config.json", "training_log.jsonl", "data_report.md")
 def add_common_arguments(parser: argparse.ArgumentParser, steps: int, lr: float, batch: int) -> None:
     parser.add_argument("--model", required=True, help="model directory to start from (weights + tokenizer)")
     parser.add_argument("--out", required=True, help="run directory: metrics.jsonl, checkpoints, summary.json, model/")
-    parser.add_argument("--export", help="where to write the fine-tuned model (default OUT/model)")
+    parser.add_argument("--export", help="where to write the fine-tuned model (default OUT/model); an earlier "
+                        "model there is replaced, anything else (or the base model) is refused")
     parser.add_argument("--max-steps", type=int, default=steps, help=f"optimizer steps (default {steps})")
     parser.add_argument("--batch-size", type=int, default=batch, help=f"examples per step (default {batch})")
     parser.add_argument("--micro-batch", type=int, default=4, help="examples per forward/backward (default 4)")
@@ -64,8 +65,20 @@ def prepare_out(args) -> Path:
     out = Path(args.out)
     if not args.resume and (checkpointing.latest_checkpoint(out) is not None or (out / "summary.json").exists()):
         raise FileExistsError(f"{out} already holds a run: pass --resume to continue, or choose another --out")
+    # Checked before training: the export replaces its directory whole once the run is done.
+    export, base = export_dir(args, out).resolve(), Path(args.model).resolve()
+    if export == base or export in base.parents:
+        raise ValueError(f"the export {export} is or contains the base model {args.model}, which it would replace: "
+                         "choose another --export")
+    if export.exists() and not (export / "config.json").is_file():
+        raise FileExistsError(f"the export {export} exists and is not a model directory, which it would replace: "
+                              "choose another --export")
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def export_dir(args, out: Path) -> Path:
+    return Path(args.export) if args.export else out / "model"
 
 
 def load_model_and_tokenizer(path: str):
@@ -80,7 +93,7 @@ def load_model_and_tokenizer(path: str):
 def finish(args, out: Path, model, tokenizer, summary: dict, stage: str) -> int:
     from mellum.train.sft import export_model
 
-    export = Path(args.export) if args.export else out / "model"
+    export = export_dir(args, out)
     export_model(model, export, tokenizer, args.export_dtype, lineage(Path(args.model), out, stage, args))
     summary = {"stage": stage, **summary, "model": str(export)}
     tmp = out / "summary.json.tmp"

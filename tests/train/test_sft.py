@@ -199,6 +199,15 @@ def test_train_sft_command_fim_and_chat(tiny_model_dir, tmp_path):
     # A second run into the same directory without --resume is refused; bad input is a user error.
     assert main(argv) == 2
     assert main(["train", "sft", "--model", str(base), "--out", str(tmp_path / "x")]) == 2
+    # An export onto the base model, or onto a folder that is no model, would replace it: refused before training.
+    keep = tmp_path / "notes"
+    keep.mkdir()
+    (keep / "todo.txt").write_text("mine")
+    for export in (base, base.parent, keep):
+        assert main(argv[:argv.index("--out")] + ["--out", str(tmp_path / f"run-{export.name}"), "--export",
+                                                 str(export)] + argv[argv.index("--out") + 2:]) == 2
+        assert not (tmp_path / f"run-{export.name}" / "metrics.jsonl").exists()
+    assert (keep / "todo.txt").read_text() == "mine" and (base / "config.json").is_file()
 
 
 def test_resume_reproduces_the_uninterrupted_run(tiny_tokenizer, tmp_path):
