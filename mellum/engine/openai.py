@@ -25,6 +25,13 @@ from typing import Callable, Sequence
 from mellum.engine.api import GenerationResult
 from mellum.engine.sampling import SamplingParams, token_ids
 
+
+class BackendError(ConnectionError):
+    """The remote server failed the request: an error status or error event, a malformed or cut-off stream. A
+    ConnectionError, as an unreachable server is: the backend did not deliver, and the message says what it sent
+    (the CLI prints it without a traceback, `mellum serve` answers 502)."""
+
+
 # OpenAI's logit_bias accepts values in [-100, 100]; +100 makes the listed tokens the only likely ones.
 _FORCE_BIAS = 100
 
@@ -135,7 +142,7 @@ class OpenAIEngine:
         try:
             with self._client.stream("POST", self.url, json=body) as response:
                 if response.status_code != 200:
-                    raise RuntimeError(f"{self.url} answered {response.status_code}: {response.read()[:500]!r}")
+                    raise BackendError(f"{self.url} answered {response.status_code}: {response.read()[:500]!r}")
                 for line in response.iter_lines():
                     if done.is_set():
                         return
@@ -148,16 +155,16 @@ class OpenAIEngine:
                     try:
                         chunk = json.loads(data)
                     except ValueError:
-                        raise RuntimeError(f"{self.url} streamed a line that is not JSON: {data[:200]!r}") from None
+                        raise BackendError(f"{self.url} streamed a line that is not JSON: {data[:200]!r}") from None
                     # vLLM and llama-server report a failure after the 200 as an error object in the stream.
                     if not isinstance(chunk, dict) or chunk.get("error") is not None or chunk.get("object") == "error":
-                        raise RuntimeError(f"{self.url} failed mid-stream: {data[:500]}")
+                        raise BackendError(f"{self.url} failed mid-stream: {data[:500]}")
                     choice = (chunk.get("choices") or [{}])[0]
                     pieces.put(("ids", self._ids(choice, chunk)))
                     if choice.get("finish_reason") is not None:
                         pieces.put(("end", "length" if choice["finish_reason"] == "length" else "stop"))
                         return
-            raise RuntimeError(f"the stream from {self.url} ended without a finish_reason or [DONE]: the answer was "
+            raise BackendError(f"the stream from {self.url} ended without a finish_reason or [DONE]: the answer was "
                                "cut off (or the server does not stream)")
         except httpx.TransportError as exc:  # refused, unreachable, dropped, silent: say where, without a traceback
             silent = isinstance(exc, httpx.ReadTimeout)

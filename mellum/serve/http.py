@@ -309,6 +309,8 @@ def create_app(service, config: HttpConfig | None = None, telemetry=None, metric
             raise ApiError(499, "request cancelled", "cancelled", "cancelled") from None
         except ValueError as exc:  # the service's user-facing errors (bad path, too long, ...)
             raise ApiError(400, str(exc)) from None
+        except ConnectionError as exc:  # --backend-url: the server generating for us is unreachable or failed
+            raise ApiError(502, str(exc), "server_error", "backend_error") from None
         finally:
             if not task.done():
                 task.cancel()
@@ -388,6 +390,8 @@ def create_app(service, config: HttpConfig | None = None, telemetry=None, metric
             _ok("/v1/completions")
         except (Cancelled, ValueError) as exc:
             yield f"data: {json.dumps(_error_body(str(exc) or 'cancelled', 'invalid_request_error', None))}\n\n"
+        except ConnectionError as exc:  # --backend-url failed mid-answer: say so before [DONE]
+            yield f"data: {json.dumps(_error_body(str(exc), 'server_error', 'backend_error'))}\n\n"
         finally:
             cancel.set()
         yield "data: [DONE]\n\n"

@@ -206,11 +206,11 @@ def misbehaving():
     ("not-streamed", "does not stream"),  # was an empty completion
 ])
 def test_a_failing_server_raises_with_what_it_said(misbehaving, mode, message):
-    from mellum.engine.openai import OpenAIEngine
+    from mellum.engine.openai import BackendError, OpenAIEngine
 
     remote = OpenAIEngine(f"{misbehaving}/{mode}/v1", model="tiny", vocab_size=1024)
     try:
-        with pytest.raises(RuntimeError, match=message):
+        with pytest.raises(BackendError, match=message):
             remote.generate([1, 2, 3], SamplingParams(max_new_tokens=4))
     finally:
         remote.close()

@@ -180,3 +180,24 @@ def test_telemetry_disabled_is_404(tiny_service):
     with TestClient(create_app(tiny_service)) as c:
         r = c.post("/v1/telemetry", json={"id": "x", "event": "shown"})
         assert r.status_code == 404 and r.json()["error"]["code"] == "telemetry_disabled"
+
+
+def test_a_backend_that_fails_is_a_502(tiny_model_dir):
+    """With --backend-url, an unreachable or failing generation server is a gateway error, not a crash (500)."""
+    from fastapi.testclient import TestClient
+
+    from mellum.complete import CompletionService
+    from mellum.serve.http import HttpConfig, create_app
+    from tests.ports import free_port
+
+    service = CompletionService.from_remote(tiny_model_dir, f"http://127.0.0.1:{free_port()}/v1")  # nobody listens
+    try:
+        with TestClient(create_app(service, HttpConfig(model_name="tiny"))) as c:
+            fim = c.post("/v1/fim", json={"path": "a.py", "prefix": "x = ", "options": {"max_tokens": 2}})
+            assert fim.status_code == 502 and "cannot reach the backend" in fim.json()["error"]["message"]
+            assert c.post("/v1/completions", json={"prompt": "x = ", "max_tokens": 2}).status_code == 502
+            stream = c.post("/v1/completions", json={"prompt": "x = ", "max_tokens": 2, "stream": True}).text
+            assert '"code": "backend_error"' in stream and stream.rstrip().endswith("data: [DONE]")
+            assert 'status="502"' in c.get("/metrics").text
+    finally:
+        service.close()
