@@ -432,12 +432,18 @@ def test_complete_command_sampling_options(model_dir, tmp_path, capsys):
     where = ["complete", "--model", str(model_dir), "--file", str(src), "--line", "3", "--column", "1",
              "--max-new-tokens", "3", "--json"]
     for bad, message in ((["--temperature", "nan"], "finite"), (["--temperature", "inf"], "finite"),
-                         (["--temperature", "0.5", "--seed", str(2**70)], "seed must be an integer")):
+                         (["--temperature", "0.5", "--seed", str(2**70)], "seed must be an integer"),
+                         (["--top-p", "0"], "top_p must be in (0, 1]"), (["--top-k", "-1"], "top_k must be")):
         assert main([*where, *bad]) == 2
         assert message in capsys.readouterr().err
     assert main([*where]) == 0
     greedy = json.loads(capsys.readouterr().out)
     assert main([*where, "--temperature", "1e-45", "--seed", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == greedy["tokens"]
+    # --top-k 1 leaves only the most likely token to sample, at any temperature; --top-p reaches the engine too.
+    assert main([*where, "--temperature", "5", "--top-k", "1", "--seed", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == greedy["tokens"]
+    assert main([*where, "--temperature", "5", "--top-p", "1e-9", "--seed", "2"]) == 0
     assert json.loads(capsys.readouterr().out)["tokens"] == greedy["tokens"]
 
 

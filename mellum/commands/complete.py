@@ -27,6 +27,10 @@ def configure(parser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
                         help="most tokens to generate (default: the service's, 64)")
     parser.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                        help="sample from the smallest set of tokens holding P of the probability (default 1: all)")
+    parser.add_argument("--top-k", type=int, default=0, metavar="K",
+                        help="sample from the K most likely tokens only (default 0: no limit)")
     parser.add_argument("--seed", type=int, default=None, help="random seed when sampling")
     lines = parser.add_mutually_exclusive_group()
     lines.add_argument("--multiline", dest="multiline", action="store_true", default=None,
@@ -77,8 +81,10 @@ def run(args) -> int:
         raise NotADirectoryError(f"--project {args.project} is not a directory")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+    from mellum.engine import SamplingParams
+
+    # The engine's own checks, before the model loads: "temperature must be a finite number >= 0, got nan".
+    SamplingParams(max_new_tokens=1, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     model_dir = Path(args.model) if args.model else default_model_dir()
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"no model at {model_dir} (expected config.json, weights and tokenizer.json)")
@@ -91,7 +97,8 @@ def run(args) -> int:
     try:
         request = CompletionRequest(path=rel, prefix=prefix, suffix=suffix, project_root=args.project,
                                     max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                    seed=args.seed, multiline=args.multiline, return_prompt=args.show_prompt)
+                                    top_p=args.top_p, top_k=args.top_k, seed=args.seed, multiline=args.multiline,
+                                    return_prompt=args.show_prompt)
         completion = service.complete(request)
     finally:
         service.close()
