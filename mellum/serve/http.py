@@ -360,7 +360,7 @@ def create_app(service, config: HttpConfig | None = None, telemetry=None, metric
         )
         created = int(time.time())
         if body.stream:
-            return StreamingResponse(_sse(request, created, body.model), media_type="text/event-stream")
+            return await _streamed(http_request, request, created, body.model)
         completion = await _run(http_request, request, "/v1/completions")
         _ok("/v1/completions")
         return {
@@ -372,19 +372,41 @@ def create_app(service, config: HttpConfig | None = None, telemetry=None, metric
                       "total_tokens": completion.prompt_tokens + completion.generated_tokens},
         }
 
-    async def _sse(request, created: int, model: str | None):
+    async def _streamed(http_request: Request, request, created: int, model: str | None):
+        """The SSE response, its headers sent once the first piece is there: a request the service refuses (a prompt
+        too long for the window, ...) is the same 4xx as without streaming, not a 200 carrying an error event."""
         cid = uuid.uuid4().hex
         cancel = threading.Event()
+        final: dict = {}  # the runner puts the service's Completion here once the stream has ended
+        pieces = runner.stream(request, cancel, "/v1/completions", "http", cid, final)
 
+        async def first_piece():
+            try:
+                return await pieces.__anext__()
+            except StopAsyncIteration:  # nothing generated
+                return None
+
+        try:
+            first = await _watch(http_request, first_piece(), cancel)
+        except ApiError:
+            cancel.set()
+            await pieces.aclose()
+            raise
+        return StreamingResponse(_sse(pieces, first, cid, cancel, final, created, model),
+                                 media_type="text/event-stream")
+
+    async def _sse(pieces, first: str | None, cid: str, cancel: threading.Event, final: dict, created: int,
+                   model: str | None):
         def chunk(text: str, finish: str | None) -> str:
             data = {"id": cid, "object": "text_completion", "created": created, "model": model or config.model_name,
                     "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
             return f"data: {json.dumps(data)}\n\n"
 
-        final: dict = {}  # the runner puts the service's Completion here once the stream has ended
         try:
-            async for piece in runner.stream(request, cancel, "/v1/completions", "http", cid, final):
-                yield chunk(piece, None)
+            if first is not None:
+                yield chunk(first, None)
+                async for piece in pieces:
+                    yield chunk(piece, None)
             completion = final.get("completion")
             yield chunk("", _finish_reason(completion.stop_reason if completion is not None else "stop"))
             _ok("/v1/completions")

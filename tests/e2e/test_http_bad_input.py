@@ -96,6 +96,17 @@ def test_streamed_finish_reason_matches_the_whole_answer(server):
     assert reasons == [("length", "length"), ("stop", "stop")]
 
 
+def test_a_streamed_request_the_service_refuses_is_the_same_4xx(server):
+    """The headers wait for the first piece: an error the client can fix is not a 200 carrying an error event."""
+    c = server["client"]
+    body = {"prompt": "def f():\n", "max_tokens": 2048}  # no room left for a prompt in the model's window
+    whole = c.post("/v1/completions", json=body)
+    streamed = c.post("/v1/completions", json={**body, "stream": True})
+    assert whole.status_code == streamed.status_code == 400, (whole.text, streamed.text)
+    assert streamed.json()["error"]["message"] == whole.json()["error"]["message"]
+    assert c.get("/health").json()["queue_depth"] == 0
+
+
 def test_chat_client_that_hangs_up_cancels_the_engine(server):
     """A closed connection cancels the engine work (docs/serving.md), for chat as for the other routes."""
     c = server["client"]
