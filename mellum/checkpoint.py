@@ -192,8 +192,8 @@ def load_pretrained(path: str | os.PathLike, dtype=None, device=None):
     for file in weight_files(root):
         with open_weights(file) as f:
             for key in f.keys():
-                if _DERIVED_KEYS.match(key):
-                    continue
+                if _DERIVED_KEYS.match(key) or key == "lm_head.weight" and config.tie_word_embeddings:
+                    continue  # derived data; a tied head some exports store anyway (it is the embedding)
                 if key in seen:
                     raise ValueError(f"{file.name}: tensor {key!r} appears in more than one file")
                 seen.add(key)
