@@ -96,7 +96,7 @@ def _common_arguments(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--nll", action="store_true",
                      help="also score the reference's negative log-likelihood (nats/token) after the same prompt "
                           "(--model only): tells context settings and models apart where a small model's exact "
-                          "matches and passes are too rare to")
+                          "matches and passes are too rare to do so")
     sub.add_argument("--device", default="cpu", help="torch device for --model (default cpu)")
     sub.add_argument("--quantize", choices=["int8"], default=None, help="int8 weight-only quantization for --model")
     sub.add_argument("--no-plots", action="store_true", help="skip the PNG plots")

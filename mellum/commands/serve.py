@@ -36,8 +36,8 @@ def add_backend_arguments(parser) -> None:
     parser.add_argument("--backend-url", metavar="URL",
                         help="generate on an OpenAI-compatible /v1/completions server (vLLM, llama.cpp's llama-server "
                              "with a `mellum export gguf` file) instead of in-process: --model then only supplies the "
-                             "tokenizer and config, and the engine options (--device, --quantize, --kv-*, "
-                             "--prefix-cache-mb) do not apply")
+                             "tokenizer and config, and the engine options (--device, --quantize, --kv-dtype and the "
+                             "cache budgets) do not apply")
     parser.add_argument("--backend-model", metavar="NAME",
                         help="the model's name on that server (default: the --model directory's name)")
     parser.add_argument("--backend-api-key", default=os.environ.get("MELLUM_BACKEND_API_KEY"), metavar="KEY",

@@ -16,7 +16,7 @@ HELP = "direct preference optimisation from preference pairs"
 def configure(parser: argparse.ArgumentParser) -> None:
     from mellum.commands.train_sft import add_common_arguments
 
-    parser.epilog = ("example: mellum data preferences --db telemetry.db --out pairs.jsonl && "
+    parser.epilog = ("example: mellum data preferences --telemetry telemetry.db --out pairs.jsonl && "
                      "mellum train dpo --model runs/sft/model --pairs pairs.jsonl --out runs/dpo")
     parser.add_argument("--pairs", required=True, action="append", metavar="FILE",
                         help='preference pairs as JSONL {"prompt", "chosen", "rejected"} (repeatable)')

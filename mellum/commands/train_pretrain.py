@@ -12,7 +12,8 @@ def configure(parser) -> None:
     from mellum.train.pretrain import configure as configure_pretrain
 
     parser.epilog = ("recipes: mellum-4b, mellum2 (published), mellum-tiny (reference model, GPU), mellum-tiny-cpu, "
-                     "mellum-tiny-long (YaRN long-context stage), tiny-cpu, tiny-moe-cpu, tiny-long-cpu")
+                     "mellum-tiny-long (YaRN long-context stage), mellum-tiny-mtp (an MTP head for the bundled model), "
+                     "tiny-cpu, tiny-moe-cpu, tiny-long-cpu")
     configure_pretrain(parser)
 
 
