@@ -9,6 +9,8 @@
 #   scripts/reference_model.sh train-cpu          # CPU fallback (mellum-tiny-cpu recipe) → mellum/assets/mellum-tiny
 #   scripts/reference_model.sh mtp-cpu            # an MTP head for the bundled model, the model frozen (CPU, MINUTES,
 #                                                 #   default 30) → $REF/run-mtp/mellum-tiny-mtp (not installed)
+#   scripts/reference_model.sh data-report        # $REF/data_report.md from the prepared shards and tokenizer
+#   scripts/reference_model.sh pack MODEL [OUT]   # MODEL (with the data report) → OUT/mellum-tiny.tar.part-* + sums
 #   scripts/reference_model.sh unpack DIR         # reassemble DIR/mellum-tiny.tar.part-* into mellum/assets/mellum-tiny
 #
 # Settings (environment): PYTHON (default .venv/bin/python if present, else python3), REF (build/reference),
@@ -299,5 +301,5 @@ case "${1:-}" in
   mtp-cpu) mtp_cpu ;;
   pack) pack "$2" "${3:-${OUT:-$REF/out}}" ;;
   unpack) unpack "${2:?usage: $0 unpack DIR}" ;;
-  *) sed -n '2,21p' "$0"; exit 2 ;;
+  *) sed -n '2,23p' "$0"; exit 2 ;;
 esac

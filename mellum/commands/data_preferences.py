@@ -12,7 +12,8 @@ def configure(parser) -> None:
     parser.add_argument("--no-ignored", action="store_true",
                         help="do not count shown-and-ignored suggestions as rejected")
     parser.add_argument("--no-partial", action="store_true", help="do not use partially accepted suggestions")
-    parser.add_argument("--max-pairs-per-context", type=int, default=8)
+    parser.add_argument("--max-pairs-per-context", type=int, default=8, metavar="N",
+                        help="most (chosen, rejected) pairs taken from one completion context (default 8)")
 
 
 def run(args) -> int:
