@@ -128,6 +128,15 @@ def resolve_path(path: str | os.PathLike) -> Path:
         raise FileNotFoundError(f"{text} is not a local directory and could not be downloaded from the hub: {exc}") from exc
 
 
+def model_directory(path: str | os.PathLike) -> Path:
+    """The model directory `--model PATH` names: a local directory, or the snapshot of a hub id (downloaded when the
+    network allows, else taken from the local hub cache); FileNotFoundError when it holds no config.json."""
+    root = resolve_path(path)
+    if not (root / "config.json").is_file():
+        raise FileNotFoundError(f"no model at {root} (expected config.json, safetensors weights, tokenizer.json)")
+    return root
+
+
 def load_config(path: str | os.PathLike) -> ModelConfig:
     """The ModelConfig of a model directory's config.json."""
     file = Path(path) / "config.json"

@@ -239,12 +239,11 @@ class CompletionService:
     def from_pretrained(cls, model_dir, device: str = "cpu", quantize: str | None = None, compile: bool = False,
                         config: ServiceConfig | None = None, context_config=None, **engine_options):
         """Load the model and the tokenizer saved beside it, and start a native engine on `device`."""
+        from mellum.checkpoint import model_directory
         from mellum.engine import NativeEngine
         from mellum.tokenizer import Tokenizer
 
-        model_dir = Path(model_dir)
-        if not (model_dir / "config.json").is_file():
-            raise FileNotFoundError(f"no model at {model_dir} (expected config.json and safetensors weights)")
+        model_dir = model_directory(model_dir)  # a hub id is downloaded (or found in the hub cache)
         tokenizer = Tokenizer.from_pretrained(model_dir)
         engine = NativeEngine.from_pretrained(model_dir, device=device, quantize=quantize, compile=compile,
                                               newline_ids=newline_ids(tokenizer), **engine_options)

@@ -528,3 +528,33 @@ def test_demo_refuses_a_project_without_its_cursors(tmp_path, capsys):
     # Another project has none of the demo's lines: a clear error, not a demo that shows nothing and succeeds.
     assert main(["demo", "--project", str(tmp_path), "--no-color"]) == 2
     assert "none of the demo's cursors" in capsys.readouterr().err
+
+
+def test_complete_command_takes_a_hub_id_from_the_hub_cache(model_dir, tmp_path):
+    """`--model owner/name` is a hub id: here (offline) its snapshot comes from a hub cache laid out as
+    huggingface_hub writes it; an id that is nowhere is a one-line error."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    repo = tmp_path / "hub" / "models--someone--tiny"
+    shutil.copytree(model_dir, repo / "snapshots" / "abc123")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    src = tmp_path / "t.py"
+    src.write_text(CODE)
+    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1")
+    local = subprocess.run([sys.executable, "-m", "mellum.cli", "complete", "--model", str(model_dir), "--file",
+                            str(src), "--line", "3", "--column", "1", "--max-new-tokens", "4", "--json"],
+                           capture_output=True, text=True, env=env, timeout=300)
+    hub = subprocess.run([sys.executable, "-m", "mellum.cli", "complete", "--model", "someone/tiny", "--file",
+                          str(src), "--line", "3", "--column", "1", "--max-new-tokens", "4", "--json"],
+                         capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert hub.returncode == 0, hub.stderr
+    assert json.loads(hub.stdout)["text"] == json.loads(local.stdout)["text"]
+    missing = subprocess.run([sys.executable, "-m", "mellum.cli", "complete", "--model", "someone/nothing", "--file",
+                              str(src), "--line", "3", "--column", "1"], capture_output=True, text=True, env=env,
+                             timeout=300, cwd=tmp_path)
+    assert missing.returncode == 2 and "could not be downloaded from the hub" in missing.stderr
+    assert "Traceback" not in missing.stderr

@@ -15,8 +15,8 @@ def configure(parser) -> None:
         "context from the rest of the project."
     )
     parser.add_argument("--model", metavar="DIR",
-                        help="model directory (config.json, safetensors, tokenizer.json); default: $MELLUM_MODEL "
-                             "or the bundled model")
+                        help="model directory (config.json, safetensors, tokenizer.json) or hub id owner/name; "
+                             "default: $MELLUM_MODEL or the bundled model")
     parser.add_argument("--file", required=True, metavar="F", help="the file to complete in")
     parser.add_argument("--line", required=True, type=int, metavar="L", help="cursor line, 1-based")
     parser.add_argument("--column", required=True, type=int, metavar="C",
@@ -85,9 +85,9 @@ def run(args) -> int:
 
     # The engine's own checks, before the model loads: "temperature must be a finite number >= 0, got nan".
     SamplingParams(max_new_tokens=1, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
-    model_dir = Path(args.model) if args.model else default_model_dir()
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"no model at {model_dir} (expected config.json, weights and tokenizer.json)")
+    from mellum.checkpoint import model_directory
+
+    model_dir = model_directory(args.model) if args.model else default_model_dir()
 
     rel = _display_path(path, args.project)
     service = remote_service(model_dir, args)

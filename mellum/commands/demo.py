@@ -43,7 +43,7 @@ SPOTS = (
 
 def configure(parser) -> None:
     parser.add_argument("--model", metavar="DIR",
-                        help="model directory (default: $MELLUM_MODEL or the bundled mellum-tiny)")
+                        help="model directory or hub id (default: $MELLUM_MODEL or the bundled mellum-tiny)")
     parser.add_argument("--project", metavar="DIR", default=None,
                         help="a copy of examples/sample_project to complete in (the demo's cursors sit on lines of "
                              "its files; default: examples/sample_project)")
@@ -54,9 +54,9 @@ def configure(parser) -> None:
 def run(args) -> int:
     from mellum.assets import default_model_dir
 
-    model = Path(args.model) if args.model else default_model_dir()
-    if not (model / "config.json").is_file():
-        raise FileNotFoundError(f"no model at {model} (expected config.json, safetensors weights, tokenizer.json)")
+    from mellum.checkpoint import model_directory
+
+    model = model_directory(args.model) if args.model else default_model_dir()
     project = Path(args.project) if args.project else REPO_EXAMPLES
     if not project.is_dir():
         raise NotADirectoryError(f"no project at {project}: pass --project DIR")

@@ -67,7 +67,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def _common_arguments(sub: argparse.ArgumentParser) -> None:
     who = sub.add_mutually_exclusive_group()
-    who.add_argument("--model", metavar="DIR", help="model directory (default: $MELLUM_MODEL or the bundled model)")
+    who.add_argument("--model", metavar="DIR",
+                     help="model directory or hub id (default: $MELLUM_MODEL or the bundled model)")
     who.add_argument("--url", metavar="URL", help="OpenAI-compatible server (POST URL/v1/completions)")
     who.add_argument("--oracle", dest="check", action="store_const", const="oracle",
                      help="use the benchmark's canonical solutions (a correct harness scores 100%%)")

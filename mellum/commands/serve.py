@@ -10,8 +10,8 @@ from pathlib import Path
 def add_model_arguments(parser) -> None:
     """Model and telemetry options shared by `mellum serve` and `mellum lsp`."""
     parser.add_argument("--model", metavar="DIR",
-                        help="model directory (config.json, safetensors, tokenizer.json); default: the bundled "
-                             "mellum-tiny, or $MELLUM_MODEL")
+                        help="model directory (config.json, safetensors, tokenizer.json) or hub id owner/name; "
+                             "default: the bundled mellum-tiny, or $MELLUM_MODEL")
     parser.add_argument("--device", default="cpu", help="torch device for the engine (default: cpu)")
     parser.add_argument("--telemetry", metavar="DB",
                         help="SQLite file for completion telemetry (default: $MELLUM_TELEMETRY or "
@@ -81,10 +81,9 @@ def model_dir(args) -> Path:
     from mellum.assets import default_model_dir
 
     if args.model:
-        path = Path(args.model)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"no model at {path} (expected config.json, safetensors weights, tokenizer.json)")
-        return path
+        from mellum.checkpoint import model_directory
+
+        return model_directory(args.model)  # a hub id is downloaded (or found in the hub cache)
     return default_model_dir()
 
 
