@@ -114,7 +114,8 @@ def resolve_path(path: str | os.PathLike) -> Path:
             raise NotADirectoryError(f"{local} is not a directory (expected a model directory with config.json)")
         return local
     text = str(path)
-    if text.startswith((".", "/", "~")) or text.count("/") != 1:
+    if text.startswith((".", "/", "~")) or text.count("/") != 1 or local.parent.is_dir():
+        # `runs/model` where a folder `runs` exists is a mistyped path, not a hub id to look up on the network.
         raise FileNotFoundError(f"model directory {text} does not exist (and it is not a hub id like 'owner/name')")
     try:
         from huggingface_hub import snapshot_download

@@ -1,8 +1,9 @@
 """The `mellum` command: a table of subcommands, each a thin module under `mellum/commands/`.
 
 Every command module exposes `configure(parser)` adding its arguments and `run(args) -> int` calling plain,
-importable library functions; the one-line help of each command is in `COMMAND_HELP` here. Modules are imported only when their
-command runs, so `mellum --help` stays fast and optional extras are needed only by the commands that use them.
+importable library functions; the one-line help of each command is in `COMMAND_HELP` here. Modules are imported
+only when their command runs, so `mellum --help` stays fast and optional extras are needed only by the commands
+that use them.
 """
 
 from __future__ import annotations

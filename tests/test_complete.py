@@ -530,7 +530,7 @@ def test_demo_refuses_a_project_without_its_cursors(tmp_path, capsys):
     assert "none of the demo's cursors" in capsys.readouterr().err
 
 
-def test_complete_command_takes_a_hub_id_from_the_hub_cache(model_dir, tmp_path):
+def test_complete_command_takes_a_hub_id_from_the_hub_cache(model_dir, tmp_path, monkeypatch):
     """`--model owner/name` is a hub id: here (offline) its snapshot comes from a hub cache laid out as
     huggingface_hub writes it; an id that is nowhere is a one-line error."""
     import os
@@ -558,3 +558,20 @@ def test_complete_command_takes_a_hub_id_from_the_hub_cache(model_dir, tmp_path)
                              timeout=300, cwd=tmp_path)
     assert missing.returncode == 2 and "could not be downloaded from the hub" in missing.stderr
     assert "Traceback" not in missing.stderr
+    by_env = subprocess.run([sys.executable, "-m", "mellum.cli", "complete", "--file", str(src), "--line", "3",
+                             "--column", "1", "--max-new-tokens", "4", "--json"], capture_output=True, text=True,
+                            env={**env, "MELLUM_MODEL": "someone/tiny"}, timeout=300, cwd=tmp_path)
+    assert by_env.returncode == 0 and json.loads(by_env.stdout)["text"] == json.loads(local.stdout)["text"]
+    # `hub/nope` where a folder `hub` exists is a mistyped path, not a hub id to look up; the served name of a hub
+    # model is its id, not the snapshot's commit hash.
+    import argparse
+
+    from mellum.checkpoint import resolve_path
+    from mellum.commands.serve import model_name
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_path("hub/nope")
+    snapshot = repo / "snapshots" / "abc123"
+    assert model_name(argparse.Namespace(model="someone/tiny"), snapshot) == "someone/tiny"
+    assert model_name(argparse.Namespace(model=str(model_dir)), model_dir) == model_dir.name

@@ -12,6 +12,10 @@ DEFAULT_MODEL_NAME = "mellum-tiny"
 def default_model_dir() -> Path:
     """`$MELLUM_MODEL` if set, else the bundled reference model; a clear error if neither exists."""
     override = os.environ.get("MELLUM_MODEL")
+    if override and not Path(override).expanduser().exists():  # a hub id: downloaded, or from the hub cache
+        from mellum.checkpoint import model_directory
+
+        return model_directory(override)
     path = Path(override) if override else ASSETS / DEFAULT_MODEL_NAME
     if not (path / "config.json").is_file():
         raise FileNotFoundError(

@@ -44,13 +44,22 @@ def add_backend_arguments(parser) -> None:
                         help="bearer token for that server (default: $MELLUM_BACKEND_API_KEY)")
 
 
+def model_name(args, path: Path) -> str:
+    """How clients (and a --backend-url server, by default) know the model: a hub id as given, else the directory's
+    name (a hub id's directory is a snapshot named by its commit hash)."""
+    if args.model and not Path(args.model).expanduser().exists():
+        return args.model
+    return path.name
+
+
 def remote_service(path, args):
     """The completion service over --backend-url, or None when the engine runs in-process."""
     if not args.backend_url:
         return None
     from mellum.complete import CompletionService
 
-    return CompletionService.from_remote(path, args.backend_url, args.backend_model, args.backend_api_key)
+    return CompletionService.from_remote(path, args.backend_url, args.backend_model or model_name(args, path),
+                                         args.backend_api_key)
 
 
 def load_service(path, args):
@@ -126,7 +135,7 @@ def run(args) -> int:
     telemetry = open_telemetry(args)
     config = HttpConfig(host=args.host, port=args.port, api_key=args.api_key or None,
                         max_body_bytes=args.max_body_bytes, max_tokens_limit=args.max_tokens_limit,
-                        workspaces=tuple(args.workspace), model_name=path.name)
+                        workspaces=tuple(args.workspace), model_name=model_name(args, path))
     app = create_app(service, config, telemetry=telemetry, workers=args.workers)
     auth = "bearer key required" if config.api_key else "no auth"
     where = f"telemetry → {telemetry.path}" if telemetry else "telemetry off"

@@ -135,6 +135,9 @@ def _one(bench: Benchmark, completer: Completer, problem: Problem, config: RunCo
     return record
 
 
+RECORDED_LATER = frozenset({"quantize", "timeout_s", "run_timeout_s", "budget", "context_tokens"})
+
+
 def _resume(path: Path, meta: dict, fresh: bool) -> dict[str, dict]:
     meta_path = path.with_name(path.name + ".meta.json")
     if fresh or not path.exists():
@@ -143,7 +146,10 @@ def _resume(path: Path, meta: dict, fresh: bool) -> dict[str, dict]:
         return {}
     if meta_path.exists():
         old = json.loads(meta_path.read_text())
-        changed = {k: (old.get(k), v) for k, v in meta.items() if old.get(k) != v}
+        # Settings recorded since 2026-11 (quantization, time limits, context budgets) are absent from older meta
+        # files: their absence is not a change, so those runs still resume.
+        changed = {k: (old.get(k), v) for k, v in meta.items()
+                   if old.get(k) != v and (k in old or k not in RECORDED_LATER)}
         if changed:
             detail = ", ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in changed.items())
             raise FileExistsError(f"{path} holds results of a different run ({detail}); pass --fresh to start over "

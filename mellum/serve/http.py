@@ -304,6 +304,9 @@ def create_app(service, config: HttpConfig | None = None, telemetry=None, metric
                 if await http_request.is_disconnected():
                     cancel.set()
                     task.cancel()
+                    await asyncio.wait({task})  # unwound before the caller closes what it ran (a stream's generator)
+                    if not task.cancelled():
+                        task.exception()  # retrieved: the 499 is the answer
                     raise ApiError(499, "client closed the request", "cancelled", "client_closed")
         except Cancelled:
             raise ApiError(499, "request cancelled", "cancelled", "cancelled") from None

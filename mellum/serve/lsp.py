@@ -148,7 +148,9 @@ def _plain(value):
 
 def create_server(model_dir=None, telemetry=None, config: LspConfig | None = None, service=None,
                   load_service=None, workers: int = 1, preload: bool = True):
-    """Build the pygls server. The model loads in the background after `initialized` (or is given as `service`).
+    """Build the pygls server. The model loads here, before the server reads its first message (`preload`; on CPU a
+    model loaded on a short-lived thread decodes far slower), or on a worker at the first request without `preload`,
+    or is given as `service`.
 
     `load_service(model_dir)` builds the completion service (default: `CompletionService.from_pretrained`);
     `initializationOptions.model` may name another model directory than `model_dir`.

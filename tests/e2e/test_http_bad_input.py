@@ -3,12 +3,15 @@ answered wrongly, and a client that hangs up on a chat request."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import signal
 import socket
 import subprocess
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -21,20 +24,20 @@ pytestmark = pytest.mark.timeout(180)
 LONG = {"prompt": 'SQL = """\nSELECT', "suffix": '\n"""\n'}
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+@contextlib.contextmanager
+def _serve(log_path, *extra):
+    """`mellum serve` with the bundled model on a free port: (httpx client, port) once /health answers."""
     import httpx
 
-    tmp = tmp_path_factory.mktemp("http-bad-input")
     port = free_port()
-    log = open(tmp / "server.log", "w")
-    proc = subprocess.Popen([PYTHON, "-m", "mellum.cli", "serve", "--port", str(port), "--no-telemetry"],
+    log = open(log_path, "w")
+    proc = subprocess.Popen([PYTHON, "-m", "mellum.cli", "serve", "--port", str(port), "--no-telemetry", *extra],
                             env=server_env(), stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 150
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {(tmp / 'server.log').read_text()[-3000:]}")
+            raise RuntimeError(f"server exited: {log_path.read_text()[-3000:]}")
         try:
             if httpx.get(base + "/health", timeout=1).status_code == 200:
                 break
@@ -44,15 +47,31 @@ def server(tmp_path_factory):
         proc.kill()
         raise RuntimeError("server did not come up in 150 s")
     client = httpx.Client(base_url=base, timeout=60)
-    yield {"client": client, "port": port}
-    client.close()
-    proc.send_signal(signal.SIGINT)
     try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    log.close()
+        yield client, port
+    finally:
+        client.close()
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with _serve(tmp_path_factory.mktemp("http-bad-input") / "server.log") as (client, port):
+        yield {"client": client, "port": port}
+
+
+def _post_and_hang_up(port: int, path: str, body: dict, after_s: float) -> None:
+    raw = json.dumps(body).encode()
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" % path.encode()
+                  + b"Content-Length: %d\r\n\r\n" % len(raw) + raw)
+        time.sleep(after_s)
 
 
 def test_seeds_the_engine_cannot_take_are_a_4xx(server):
@@ -113,11 +132,8 @@ def test_chat_client_that_hangs_up_cancels_the_engine(server):
     long_answer = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "a long story"}],
                                                        "max_tokens": 900})
     assert long_answer.json()["usage"]["completion_tokens"] == 900  # it runs for seconds: room to hang up
-    body = json.dumps({"messages": [{"role": "user", "content": "a long story"}], "max_tokens": 900}).encode()
-    with socket.create_connection(("127.0.0.1", server["port"])) as s:
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: %d\r\n\r\n" % len(body) + body)
-        time.sleep(0.3)
+    _post_and_hang_up(server["port"], "/v1/chat/completions",
+                      {"messages": [{"role": "user", "content": "a long story"}], "max_tokens": 900}, 0.3)
     pattern = re.compile(r'^mellum_cancelled_total\{endpoint="/v1/chat/completions"\} (\d+)', re.M)
     deadline = time.time() + 30
     while not pattern.search(text := c.get("/metrics").text) and time.time() < deadline:
@@ -125,3 +141,35 @@ def test_chat_client_that_hangs_up_cancels_the_engine(server):
     assert pattern.search(text), text
     assert c.get("/health").json()["queue_depth"] == 0
     assert 'mellum_requests_total{endpoint="/v1/chat/completions",status="200"} 1\n' in c.get("/metrics").text
+
+
+def test_a_stream_dropped_before_its_first_piece_is_a_clean_cancel(tmp_path):
+    """An editor that cancels while the prompt is still being processed: the stream's headers are not sent yet.
+    Here the generation backend (--backend-url) says nothing, so the hang-up always comes first."""
+    release = threading.Event()
+
+    class Silent(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            release.wait(30)  # a backend still busy with the prompt
+
+    backend = ThreadingHTTPServer(("127.0.0.1", 0), Silent)
+    threading.Thread(target=backend.serve_forever, daemon=True).start()
+    log = tmp_path / "server.log"
+    try:
+        with _serve(log, "--backend-url", f"http://127.0.0.1:{backend.server_address[1]}/v1") as (c, port):
+            _post_and_hang_up(port, "/v1/completions", {"prompt": "def f():\n", "max_tokens": 4, "stream": True},
+                              0.5)
+            pattern = re.compile(r'^mellum_cancelled_total\{endpoint="/v1/completions"\} 1', re.M)
+            deadline = time.time() + 30
+            while not pattern.search(text := c.get("/metrics").text) and time.time() < deadline:
+                time.sleep(0.1)
+            assert pattern.search(text), text
+            assert 'status="500"' not in text  # the cancel was a 499, not a crash
+            assert c.get("/health").json()["queue_depth"] == 0
+    finally:
+        release.set()
+        backend.shutdown()
+    assert "Traceback" not in log.read_text()

@@ -50,6 +50,10 @@ def test_resume_refuses_other_result_settings(bench, tmp_path):
     other.timeout_s = 0.5
     with pytest.raises(FileExistsError, match="timeout_s: 10.0 → 0.5"):
         runner.run(other, OracleCompleter(), path, runner.RunConfig(limit=1), Sandbox(), progress=False)
+    # A meta file written before the time limit was recorded still resumes (its absence is not a change).
+    meta = path.with_name(path.name + ".meta.json")
+    meta.write_text(json.dumps({k: v for k, v in json.loads(meta.read_text()).items() if k != "timeout_s"}))
+    runner.run(bench, OracleCompleter(), path, runner.RunConfig(limit=1), Sandbox(), progress=False)
 
 
 def test_run_config_rejects_nonsense():
