@@ -105,9 +105,13 @@ class TelemetryStore:
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
         # WAL lets readers (an export) run while the server writes; FULL syncs the WAL on every commit so an
         # acknowledged event is on disk before the reply leaves.
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as e:
+            self._db.close()
+            raise ValueError(f"{self.path} is not a usable mellum telemetry database ({e})") from e
 
     def close(self) -> None:
         with self._lock:
@@ -218,7 +222,7 @@ class PreferenceExportConfig:
     include_ignored: bool = True  # shown and never accepted counts as rejected
     include_partial: bool = True  # the kept part of a partially accepted suggestion counts as chosen
     include_typed: bool = True  # what the developer typed instead of a rejected suggestion counts as chosen
-    min_partial_chars: int = 3  # a kept part shorter than this says too little to be a chosen answer
+    min_partial_chars: int = 3  # a kept part with fewer non-space characters says too little to be chosen
     max_pairs_per_context: int = 8
 
 
@@ -236,22 +240,33 @@ def export_preferences(
     if not db.is_file():
         raise FileNotFoundError(f"no telemetry database at {db}")
     out = Path(out)
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    if out.is_dir():
+        raise ValueError(f"the output {out} is a directory; name the JSONL file to write")
+    if out.exists() and out.samefile(db):
+        raise ValueError(f"the output {out} is the telemetry database itself; writing it would destroy the log")
+    # as_uri() percent-encodes the path: a '#', '?' or '%' in it would otherwise be read as URI syntax.
+    conn = sqlite3.connect(db.resolve().as_uri() + "?mode=ro", uri=True, timeout=30)
     try:
         completions = _load_outcomes(conn)
+    except sqlite3.DatabaseError as e:
+        raise ValueError(f"{db} is not a readable mellum telemetry database ({e})") from e
     finally:
         conn.close()
     by_context: dict[str, list[dict]] = {}
     for c in completions:
         by_context.setdefault(c["context_key"], []).append(c)
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     n = 0
-    with open(tmp, "w", encoding="utf-8") as f:
-        for key in sorted(by_context):
-            for pair in _pairs(by_context[key], config):
-                f.write(json.dumps(pair, ensure_ascii=False) + "\n")
-                n += 1
-    os.replace(tmp, out)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for key in sorted(by_context):
+                for pair in _pairs(by_context[key], config):
+                    f.write(json.dumps(pair, ensure_ascii=False) + "\n")
+                    n += 1
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)  # gone after the rename; a failed export leaves no partial file behind
     return n
 
 
@@ -291,7 +306,7 @@ def _pairs(group: list[dict], config: PreferenceExportConfig) -> Iterable[dict]:
             chosen.append((c, c["text"], "accepted"))
         elif outcome == "partial" and config.include_partial:
             text = kept if kept is not None else ""
-            if len(text.strip()) >= config.min_partial_chars and c["text"].startswith(text):
+            if len("".join(text.split())) >= config.min_partial_chars and c["text"].startswith(text):
                 chosen.append((c, text, "partial"))
                 # The part the developer deleted was not wanted: the full suggestion loses to the kept part.
                 if text != c["text"]:

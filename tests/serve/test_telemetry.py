@@ -141,3 +141,79 @@ def test_acknowledged_events_survive_kill_9(tmp_path):
     with TelemetryStore(db) as store:
         clients = {int(e["client"]) for e in store.events("c")}
     assert set(range(acked + 1)) <= clients
+
+
+def _pair_db(db):
+    with TelemetryStore(db) as store:
+        _served(store, "good", "a + b")
+        _served(store, "bad", "a - b")
+        store.record_events([TelemetryEvent("good", "accepted"), TelemetryEvent("bad", "rejected")])
+
+
+def test_export_from_a_path_with_uri_characters(tmp_path):
+    # '#', '?' and '%' are URI syntax: the read-only URI must quote them, or another file is opened.
+    folder = tmp_path / "run#1?x%41"
+    folder.mkdir()
+    _pair_db(folder / "t.db")
+    assert export_preferences(folder / "t.db", tmp_path / "new" / "pairs.jsonl") == 1  # the folder is created
+
+
+def test_export_never_writes_over_the_database_or_a_directory(tmp_path, monkeypatch):
+    db = tmp_path / "t.db"
+    _pair_db(db)
+    monkeypatch.chdir(tmp_path)  # the same file named two ways
+    with pytest.raises(ValueError, match="is the telemetry database itself"):
+        export_preferences(db, "t.db")
+    with TelemetryStore(db) as store:
+        assert store.counts()["completions"] == 2
+    (tmp_path / "out").mkdir()
+    with pytest.raises(ValueError, match="is a directory"):
+        export_preferences(db, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir() if ".tmp" in p.name) == []
+
+
+def test_failed_export_leaves_the_old_output_and_no_temporary_file(tmp_path):
+    db, out = tmp_path / "t.db", tmp_path / "pairs.jsonl"
+    _pair_db(db)
+    out.write_text("previous\n")
+    import sqlite3
+
+    with sqlite3.connect(db) as conn:  # a damaged row: the prompt has to be rendered from unreadable context
+        conn.execute("UPDATE completions SET context = '[{'")
+    with pytest.raises(ValueError):
+        export_preferences(db, out)
+    assert out.read_text() == "previous\n"
+    assert [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []
+
+
+def test_a_file_that_is_not_a_telemetry_database_is_a_clear_error(tmp_path, capsys):
+    import sqlite3
+
+    from mellum.cli import main
+
+    junk, other = tmp_path / "junk.db", tmp_path / "other.db"
+    junk.write_bytes(b"not sqlite at all " * 100)
+    sqlite3.connect(other).execute("CREATE TABLE notes (x)").connection.close()
+    for db in (junk, other):
+        with pytest.raises(ValueError, match="not a readable mellum telemetry database"):
+            export_preferences(db, tmp_path / "pairs.jsonl")
+    with pytest.raises(ValueError, match="not a usable mellum telemetry database"):
+        TelemetryStore(junk)
+    assert main(["data", "preferences", "--telemetry", str(junk), "--out", str(tmp_path / "p.jsonl")]) == 2
+    assert "mellum: error:" in capsys.readouterr().err
+
+
+def test_partial_kept_part_needs_three_non_space_characters(tmp_path):
+    db, out = tmp_path / "t.db", tmp_path / "pairs.jsonl"
+    with TelemetryStore(db) as store:
+        _served(store, "short", "a b c d")
+        _served(store, "long", "a bc d")
+        store.record_events(
+            [
+                TelemetryEvent("short", "partial", accepted_text="a b"),  # 3 characters, 2 of them code
+                TelemetryEvent("long", "partial", accepted_text="a bc"),
+            ]
+        )
+    export_preferences(db, out)
+    chosen = {p["chosen"] for p in map(json.loads, out.read_text().splitlines())}
+    assert chosen == {"a bc"}
