@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import math
 import random
 import statistics
 import sysconfig
@@ -40,7 +41,8 @@ def _rss_mb() -> float:
 
 def _percentiles(values: list[float]) -> tuple[float, float, float]:
     ordered = sorted(values)
-    return statistics.median(ordered), ordered[int(0.9 * (len(ordered) - 1))], max(ordered)
+    # Nearest rank, so p90 is never below the (interpolated) median however few requests there are.
+    return statistics.median(ordered), ordered[math.ceil(0.9 * len(ordered)) - 1], max(ordered)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -52,6 +54,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, default=200, help="requests per mix")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.requests < 1:
+        parser.error(f"--requests must be at least 1: {args.requests}")
 
     from mellum.context import ContextConfig, ContextPacker, ProjectIndex
 
@@ -65,16 +69,19 @@ def main(argv: list[str] | None = None) -> None:
     index = ProjectIndex(args.root, ContextConfig())
     build_s = time.perf_counter() - t0
     gc.collect()
+    index_mb = _rss_mb() - rss0
     stats = index.stats()
     text_mb = sum(len(e.text) for e in index.files.values()) / 2**20
     print(f"index: {args.root}")
     print(f"  {stats['files']} files ({text_mb:.1f} MiB of text), {stats['chunks']} chunks, {stats['terms']} terms, "
           f"{stats['definitions']} definitions; skipped {dict(index.skipped)}")
     print(f"  build {build_s:.2f} s ({1e3 * build_s / max(stats['files'], 1):.2f} ms/file); "
-          f"memory +{_rss_mb() - rss0:.0f} MiB RSS ({(_rss_mb() - rss0) / max(text_mb, 1e-9):.1f}x the text)")
+          f"memory +{index_mb:.0f} MiB RSS ({index_mb / max(text_mb, 1e-9):.1f}x the text)")
 
     rng = random.Random(args.seed)
     files = sorted(p for p, e in index.files.items() if e.language == "python" and e.text.count("\n") > 20)
+    if not files:
+        raise SystemExit(f"error: no Python file over 20 lines under {args.root} to place a cursor in")
 
     def cursor(path: str) -> tuple[str, str]:
         text = index.files[path].text
@@ -86,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
 
     packer = ContextPacker(index, count, index.config)
     # Warm up (first tree-sitter parser load, numpy paths), not counted.
-    for path in rng.sample(files, 5):
+    for path in rng.sample(files, min(5, len(files))):
         packer.pack(path, *cursor(path), args.budget)
 
     mixes: dict[str, list[dict]] = {"cold": [], "keystrokes": []}
@@ -97,11 +104,12 @@ def main(argv: list[str] | None = None) -> None:
         mixes["cold"].append(packer.pack(path, *cursor(path), args.budget, open_files=neighbours).timings_ms)
     typed = "result = self.value + compute_total(items)"
     per_file = 20
-    for _ in range(max(1, args.requests // per_file)):
-        path = rng.choice(files)
-        prefix, suffix = cursor(path)
-        for i in range(per_file):
-            mixes["keystrokes"].append(packer.pack(path, prefix + typed[: i + 1], suffix, args.budget).timings_ms)
+    for i in range(args.requests):  # a new file and cursor every `per_file` keystrokes
+        if i % per_file == 0:
+            path = rng.choice(files)
+            prefix, suffix = cursor(path)
+        typing = prefix + typed[: i % per_file + 1]
+        mixes["keystrokes"].append(packer.pack(path, typing, suffix, args.budget).timings_ms)
 
     print(f"context collection per request, budget {args.budget} tokens (ms):")
     for name, timings in mixes.items():

@@ -578,7 +578,8 @@ def parse_args(argv=None):
     p.add_argument("--shape", action="append", help=f"model shape, repeatable: {', '.join(CPU_SHAPES)} or a preset "
                    "(default: mellum-4b-cpu on CPU; mellum-4b and mellum2-12b-a2.5b on CUDA)")
     p.add_argument("--model", help="a model directory with real weights instead of random ones")
-    p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: fp32 on CPU, bf16 on CUDA)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                   help="float32 or bfloat16 (default: fp32 on CPU, bf16 on CUDA)")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {', '.join(SECTIONS)}")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument("--fim-tokens", type=int, default=None, help="FIM prompt tokens (default 4096 CPU, 8192 CUDA)")
@@ -619,8 +620,20 @@ def parse_args(argv=None):
     args.cold_keystrokes = args.cold_keystrokes or (args.keystrokes if cuda else 5)
     args.prefix_cache_mb = args.prefix_cache_mb if args.prefix_cache_mb is not None else (6000 if cuda else 1024)
     # The current file alone renders to ~950 tokens, so prompts are never shorter than that.
-    args.max_seq_len = args.max_seq_len or max(args.fim_tokens, args.typist_tokens, 2048) + 256
-    args.typists = [int(x) for x in args.typists.split(",")]
+    args.max_seq_len = args.max_seq_len or max(args.fim_tokens, args.typist_tokens, 2048,
+                                               args.decode_context + args.decode_tokens,
+                                               args.spec_context + args.spec_tokens) + 256
+    try:
+        args.typists = [int(x) for x in args.typists.split(",")]
+    except ValueError:
+        p.error(f"--typists takes whole numbers, e.g. 1,4,16: {args.typists!r}")
+    if min(args.typists) < 1:
+        p.error(f"--typists must be at least 1: {args.typists}")
+    # Decode speed and the keystroke rows are measured after the first token / request, so they need two.
+    for option, least in (("decode_tokens", 2), ("keystrokes", 2), ("keystroke_new_tokens", 1), ("spec_prompts", 1),
+                          ("spec_tokens", 2), ("typist_requests", 1), ("repeats", 1)):
+        if getattr(args, option) < least:
+            p.error(f"--{option.replace('_', '-')} must be at least {least}: {getattr(args, option)}")
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     if bad := set(args.sections) - set(SECTIONS):
         p.error(f"unknown sections {sorted(bad)}; choose from {SECTIONS}")

@@ -519,7 +519,9 @@ def main() -> int:
     args = p.parse_args()
     if args.prefix_cache_mb is not None:
         CACHE_ARGS.extend(["--prefix-cache-mb", str(args.prefix_cache_mb)])
-    modes = set(args.mode.split(","))
+    modes = {m.strip() for m in args.mode.split(",") if m.strip()}
+    if not modes or modes - {"http", "lsp", "fuzz"}:
+        p.error(f"--mode takes a comma list of http, lsp, fuzz: {args.mode!r}")
     results = {}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)

@@ -7,8 +7,9 @@
     python benchmarks/train_throughput.py --device cuda --model mellum-4b --accum 1,8   # one row per accumulation
 
 MFU = achieved model FLOP/s ÷ peak FLOP/s, where model FLOPs per token = 6·N (parameters in matmuls, embedding
-excluded) + 12·L·T·C (attention scores and values, PaLM appendix B; causal attention counted in full as is
-conventional; `mfu_causal` counts it at half, the work a causal kernel does) and the peak is a large square matmul timed right before, in the run's precision (fp32 on CPU,
+excluded, an MoE layer's experts at top-k of E: the active ones) + 12·L·T·C (attention scores and values, PaLM
+appendix B; causal attention counted in full as is conventional; `mfu_causal` counts it at half, the work a causal
+kernel does) and the peak is a large square matmul timed right before, in the run's precision (fp32 on CPU,
 bf16 on GPU). The step is the real training step of mellum.train.pretrain (forward, losses, backward, Muon +
 AdamW), on random tokens. One optimizer step takes `--accum` micro-batches (gradient accumulation): the recipes'
 global batch is thousands of 8k-token sequences, so on any real number of GPUs the optimizer step (Muon's
@@ -59,9 +60,14 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, seconds: float
 
 
 def model_flops_per_token(model: Transformer, seq_len: int, causal: bool = False) -> float:
-    """6·N + 12·L·T·C (PaLM appendix B); `causal` counts the attention at half, the work a causal kernel does."""
+    """6·N + 12·L·T·C (PaLM appendix B); `causal` counts the attention at half, the work a causal kernel does.
+
+    N counts a token's active matmul parameters: an MoE layer's experts at top-k of E, the ones a token runs through.
+    """
     config = model.config
-    matmul_params = sum(p.numel() for n, p in model.named_parameters() if p.ndim >= 2 and "embed_tokens" not in n)
+    active = config.num_experts_per_tok / config.num_experts if config.num_experts else 1.0
+    matmul_params = sum(p.numel() * (active if ".experts." in n else 1.0) for n, p in model.named_parameters()
+                        if p.ndim >= 2 and "embed_tokens" not in n)
     attention = 12 * config.num_layers * seq_len * config.num_heads * config.head_dim
     return 6 * matmul_params + (attention / 2 if causal else attention)
 
@@ -76,7 +82,7 @@ def _env(device: torch.device) -> DistEnv:
 
 
 def bench(name: str, model_config, seq_len: int, batch: int, steps: int, device: torch.device, compile: bool,
-          fp8: bool = False, accum: int = 1) -> dict:
+          peak: float, fp8: bool = False, accum: int = 1) -> dict:
     """Time `steps` optimizer steps of `accum` micro-batches each, after two warm-up steps (and compilation)."""
     torch.manual_seed(0)
     model = Transformer(model_config).to(device)
@@ -120,9 +126,10 @@ def bench(name: str, model_config, seq_len: int, batch: int, steps: int, device:
     precision = "fp8" if fp8 else ("bf16" if bf16 else "fp32")
     return {"model": name, "precision": precision, "params_M": round(params / 1e6, 1), "seq_len": seq_len,
             "batch": batch, "accum": accum, "tokens_per_s": round(tokens_per_s),
-            "model_tflops": round(flops / 1e12, 3), "causal_tflops": round(causal_flops / 1e12, 3),
-            "fwd_bwd_s": round(fwd_bwd / steps, 3),
-            "optimizer_s": round(optimizer / steps, 3)}
+            "model_tflops": round(flops / 1e12, 3), "fwd_bwd_s": round(fwd_bwd / steps, 3),
+            "optimizer_s": round(optimizer / steps, 3),
+            # from the unrounded FLOP/s: on a CPU model_tflops is a few thousandths, too coarse to divide
+            "mfu": round(flops / peak, 3), "mfu_causal": round(causal_flops / peak, 3)}
 
 
 MAX_DEFAULT_ACCUM = 8  # Mellum-4B's 2,048-sequence batch over 256 GPUs
@@ -157,6 +164,9 @@ def main() -> int:
         parser.error(f"--accum takes whole numbers, e.g. 8 or 1,8: {args.accum!r}")
     if accums is not None and min(accums) < 1:
         parser.error(f"--accum must be at least 1: {args.accum!r}")
+    for option in ("layers", "seq_len", "batch", "steps"):
+        if getattr(args, option) is not None and getattr(args, option) < 1:
+            parser.error(f"--{option.replace('_', '-')} must be at least 1: {getattr(args, option)}")
     if args.fp8:  # fail before measuring anything, with the trainer's message (no CUDA, no torchao)
         try:
             _float8(torch.nn.Sequential(), _env(device))
@@ -190,15 +200,12 @@ def main() -> int:
             steps = args.steps or (max(3, -(-20 // accum)) if device.type == "cuda" else 3)
             for fp8 in (False, True) if args.fp8 else (False,):
                 try:
-                    row = bench(name, config, seq_len, batch, steps, device, compile, fp8=fp8, accum=accum)
+                    row = bench(name, config, seq_len, batch, steps, device, compile, peak, fp8=fp8, accum=accum)
                 except Exception as exc:  # noqa: BLE001 — one failed row (e.g. fp8 compilation) keeps the others
                     traceback.print_exc()
                     failed += 1
                     row = {"model": name, "precision": "fp8" if fp8 else ("bf16" if device.type == "cuda" else "fp32"),
                            "accum": accum, "error": f"{type(exc).__name__}: {exc}"[:500]}
-                else:
-                    row["mfu"] = round(row["model_tflops"] * 1e12 / peak, 3)
-                    row["mfu_causal"] = round(row.pop("causal_tflops") * 1e12 / peak, 3)
                 print(json.dumps(row), flush=True)  # as measured: a later crash keeps the earlier rows
                 gc.collect()
                 if device.type == "cuda":
