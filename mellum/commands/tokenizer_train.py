@@ -35,15 +35,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mellum.data.corpus import read_corpus
+    from mellum.data.outputs import check_output_dir, refuse_inside
     from mellum.tokenizer import compression_report, train_bpe
 
     out = Path(args.out)
-    if out.exists() and not args.force:
-        raise FileExistsError(f"{out} already exists; pass --force to replace it")
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"{out} exists and is not a directory; --force replaces only an earlier output")
-    if out.resolve() == Path(args.corpus).resolve() or out.resolve() in Path(args.corpus).resolve().parents:
-        raise ValueError(f"--out {out} is or contains the corpus {args.corpus}; write the tokenizer somewhere else")
+    check_output_dir(out, args.force)
+    refuse_inside(out, args.corpus, "corpus")
     if not 0.0 <= args.held_out < 1.0:
         raise ValueError(f"--held-out must be in [0, 1), got {args.held_out}")
     languages = {name.strip() for name in args.languages.split(",")} if args.languages else None

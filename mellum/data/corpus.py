@@ -24,6 +24,7 @@ from typing import Iterable, Iterator
 from mellum.data.dedup import DedupConfig, Deduplicator, MinHasher, exact_key
 from mellum.data.filters import FilterConfig, content_reason, language_of, path_reason
 from mellum.data.license import PERMISSIVE, LicensePolicy, normalize, spdx_header
+from mellum.data.outputs import check_output_dir, refuse_inside
 from mellum.data.secrets import SecretRedactor, SecretsConfig
 from mellum.data.sources import Project, discover
 
@@ -118,10 +119,7 @@ def build_corpus(
 
     config = config or BuildConfig()
     out = Path(out)
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} already exists; pass --force to replace it")
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"{out} exists and is not a directory; --force replaces only an earlier output")
+    check_output_dir(out, force)
     sources = list(sources)
     if not sources:
         raise ValueError("no sources given: pass --source DIR (a project, git repository, stdlib or site-packages)")
@@ -130,10 +128,7 @@ def build_corpus(
     for spec in sources:
         label, path = parse_source(spec)
         projects.extend(discover(path, label))  # checks the path first: missing, a file, a symlink loop
-        source = Path(path).resolve()
-        if source == out.resolve() or out.resolve() in source.parents:
-            # --force would delete the source once the corpus is written.
-            raise ValueError(f"--out {out} is or contains the source {spec}; write the corpus somewhere else")
+        refuse_inside(out, path, "source")  # --force would delete it once the corpus is written
     _unique_names(projects)
 
     policy = LicensePolicy(frozenset(config.allow))

@@ -97,10 +97,10 @@ def build_shards(
     from tqdm import tqdm
 
     from mellum.data.corpus import read_report
+    from mellum.data.outputs import refuse_inside
 
     config = config or DatasetConfig()
-    if Path(corpus).resolve() == Path(out).resolve() or Path(out).resolve() in Path(corpus).resolve().parents:
-        raise ValueError(f"--out {out} is or contains the corpus {corpus}; write the shards somewhere else")
+    refuse_inside(out, corpus, "corpus")
     builder = SampleBuilder(config.samples)
     encoder = SegmentEncoder(tokenizer)
     encoder.check_format(builder.spm)

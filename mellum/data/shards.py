@@ -28,6 +28,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from mellum.data.outputs import check_output_dir
+
 IGNORE_INDEX = -100
 FORMAT_VERSION = 1
 
@@ -62,11 +64,7 @@ class ShardWriter:
         extra_meta: dict | None = None,
     ):
         self.out = Path(out)
-        if self.out.exists() and not force:
-            raise FileExistsError(f"{self.out} already exists; pass --force to replace it")
-        if self.out.exists() and not self.out.is_dir():
-            raise NotADirectoryError(f"{self.out} exists and is not a directory; --force replaces only an earlier "
-                                     "output")
+        check_output_dir(self.out, force)
         self.config = config or ShardWriterConfig()
         self.vocab_size = int(vocab_size)
         self.eos_id = int(eos_id)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -33,3 +37,40 @@ def server_env() -> dict:
 
 
 PYTHON = sys.executable
+
+
+@contextlib.contextmanager
+def serve_process(args: list[str], log_path: Path, wait_s: float):
+    """`mellum serve ARGS` as a subprocess logging to `log_path`: (process, base URL) once /health answers; stopped
+    with SIGINT (then killed) on exit unless a test ended it already."""
+    import httpx
+
+    from tests.ports import free_port
+
+    port = free_port()
+    log = open(log_path, "w")
+    proc = subprocess.Popen([PYTHON, "-m", "mellum.cli", "serve", "--port", str(port), *args], env=server_env(),
+                            stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + wait_s
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited: {log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(base + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        else:
+            raise RuntimeError(f"server did not come up in {wait_s:.0f} s")
+        yield proc, base
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        log.close()

@@ -6,18 +6,14 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-import signal
 import socket
-import subprocess
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from tests.ports import free_port
-
-from .conftest import PYTHON, server_env
+from .conftest import serve_process
 
 pytestmark = pytest.mark.timeout(180)
 # Greedy with the bundled model: an SQL string that it fills with "0, 1, 2, ..." until max_tokens runs out.
@@ -29,35 +25,9 @@ def _serve(log_path, *extra):
     """`mellum serve` with the bundled model on a free port: (httpx client, port) once /health answers."""
     import httpx
 
-    port = free_port()
-    log = open(log_path, "w")
-    proc = subprocess.Popen([PYTHON, "-m", "mellum.cli", "serve", "--port", str(port), "--no-telemetry", *extra],
-                            env=server_env(), stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 150
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {log_path.read_text()[-3000:]}")
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    else:
-        proc.kill()
-        raise RuntimeError("server did not come up in 150 s")
-    client = httpx.Client(base_url=base, timeout=60)
-    try:
-        yield client, port
-    finally:
-        client.close()
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+    with serve_process(["--no-telemetry", *extra], log_path, 150) as (_, base):
+        with httpx.Client(base_url=base, timeout=60) as client:
+            yield client, int(base.rsplit(":", 1)[1])
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,10 @@ import signal
 import socket
 import sqlite3
 import subprocess
-import time
 
 import pytest
 
-from tests.ports import free_port
-
-from .conftest import PYTHON, server_env
+from .conftest import PYTHON, serve_process, server_env
 
 pytestmark = pytest.mark.timeout(150)
 KEY = "e2e-key"
@@ -26,37 +23,11 @@ def server(tiny_model_dir, workspace, tmp_path_factory):
     import httpx
 
     tmp = tmp_path_factory.mktemp("http-e2e")
-    port, db = free_port(), tmp / "telemetry.db"
-    log = open(tmp / "server.log", "w")
-    proc = subprocess.Popen(
-        [PYTHON, "-m", "mellum.cli", "serve", "--model", str(tiny_model_dir), "--port", str(port),
-         "--api-key", KEY, "--workspace", str(workspace), "--telemetry", str(db)],
-        env=server_env(), stdout=log, stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {(tmp / 'server.log').read_text()[-3000:]}")
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    else:
-        proc.kill()
-        raise RuntimeError("server did not come up in 120 s")
-    client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
-    yield {"proc": proc, "base": base, "db": db, "client": client, "tmp": tmp}
-    client.close()
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    log.close()
+    db = tmp / "telemetry.db"
+    args = ["--model", str(tiny_model_dir), "--api-key", KEY, "--workspace", str(workspace), "--telemetry", str(db)]
+    with serve_process(args, tmp / "server.log", 120) as (proc, base):
+        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as client:
+            yield {"proc": proc, "base": base, "db": db, "client": client, "tmp": tmp}
 
 
 def test_binds_loopback_and_refuses_requests_without_the_key(server):

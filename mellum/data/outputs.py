@@ -1,0 +1,23 @@
+"""Checks every data command makes on its output directory before it writes anything (it replaces the directory
+whole at the end, so a wrong path there would lose data)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def check_output_dir(out: str | os.PathLike, force: bool) -> None:
+    """Refuse an existing `out` without `force`, and anything at `out` that is not a directory (an earlier output)."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} already exists; pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out} exists and is not a directory; --force replaces only an earlier output")
+
+
+def refuse_inside(out: str | os.PathLike, source: str | os.PathLike, what: str) -> None:
+    """Refuse an `out` that is or contains `source` (the command's input, named `what`): replacing it deletes it."""
+    out, source = Path(out).resolve(), Path(source).resolve()
+    if out == source or out in source.parents:
+        raise ValueError(f"--out {out} is or contains the {what} {source}; write the output somewhere else")
