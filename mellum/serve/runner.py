@@ -81,20 +81,7 @@ class Runner:
         """Complete on a worker thread; asyncio cancellation of the caller sets `cancel` for the engine."""
         loop = asyncio.get_running_loop()
         start = time.perf_counter()
-        self._enter(+1)
-        try:
-            future = loop.run_in_executor(self._pool, self.complete_sync, request, cancel)
-            try:
-                completion, wanted = await asyncio.shield(future)
-            except asyncio.CancelledError:
-                cancel.set()  # the engine stops at its next token; the worker frees itself
-                self.metrics.record(self.metrics.cancelled.inc, endpoint=endpoint)
-                raise
-            except Cancelled:
-                self.metrics.record(self.metrics.cancelled.inc, endpoint=endpoint)
-                raise
-        finally:
-            self._enter(-1)
+        completion, wanted = await self.call(self.complete_sync, request, cancel, cancel=cancel, endpoint=endpoint)
         latency_ms = (time.perf_counter() - start) * 1000
         self._observe(completion, endpoint, latency_ms)
         prompt = getattr(completion, "prompt", None)
@@ -106,8 +93,9 @@ class Runner:
         return Served(completion, latency_ms)
 
     async def call(self, fn, *args, cancel: threading.Event, endpoint: str):
-        """Run another blocking engine call (`fn(*args)`, which watches `cancel`) on the workers, counted in the
-        queue depth; cancelling the caller sets `cancel`, and a call cancelled while queued never starts."""
+        """Run a blocking engine call (`fn(*args)`, which watches `cancel`) on the workers, counted in the queue
+        depth; cancelling the caller sets `cancel` (the engine stops at its next token, the worker frees itself), a
+        call cancelled while queued never starts, and either way the cancellation is counted."""
 
         def guarded():
             if cancel.is_set():
@@ -119,6 +107,9 @@ class Runner:
             return await asyncio.shield(asyncio.get_running_loop().run_in_executor(self._pool, guarded))
         except asyncio.CancelledError:
             cancel.set()
+            self.metrics.record(self.metrics.cancelled.inc, endpoint=endpoint)
+            raise
+        except Cancelled:
             self.metrics.record(self.metrics.cancelled.inc, endpoint=endpoint)
             raise
         finally:
