@@ -160,12 +160,18 @@ def load_checkpoint(
     return trainer, per_rank["loader"]
 
 
-def changed_settings(saved: dict, now: dict, may_change: tuple[str, ...] = ()) -> list[str]:
-    """"key: old → new" for each setting (dotted path into nested dicts) that differs between a checkpoint's
-    settings and a resuming run's, except those whose top-level key is in `may_change`."""
+def refuse_changed_settings(saved: dict | None, now: dict, run_dir, may_change: tuple[str, ...] = ()) -> None:
+    """Refuse to resume when a setting (dotted path into nested dicts) differs between a checkpoint's settings and
+    the resuming run's, except those whose top-level key is in `may_change`; the error names the first few as
+    "key: old → new". `saved` None: a checkpoint written before checkpoints carried their settings."""
+    if saved is None:
+        return
     saved, now = _flatten(saved), _flatten(now)
     keys = sorted(k for k in saved.keys() | now.keys() if k.split(".")[0] not in may_change)
-    return [f"{k}: {saved.get(k)!r} → {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
+    changed = [f"{k}: {saved.get(k)!r} → {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
+    if changed:
+        raise ValueError(f"the checkpoint in {run_dir} was written with other settings ({', '.join(changed[:6])}): "
+                         "resume with the run's settings and data, or start a new run in another --out")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

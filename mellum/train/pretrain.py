@@ -174,13 +174,8 @@ class Trainer:
 
     def _check_resumable(self, trainer_state: dict) -> None:
         """Refuse a checkpoint written with other settings than this run's (those in RESUMABLE_CHANGES may differ)."""
-        if "config" not in trainer_state:  # written before checkpoints carried their config
-            return
-        changed = checkpointing.changed_settings(trainer_state["config"], self.config.to_dict(), RESUMABLE_CHANGES)
-        if changed:
-            detail = ", ".join(changed[:6])
-            raise ValueError(f"the checkpoint in {self.out} was written with other settings ({detail}): resume with "
-                             "the run's settings, or start a new run in another --out")
+        checkpointing.refuse_changed_settings(trainer_state.get("config"), self.config.to_dict(), self.out,
+                                              RESUMABLE_CHANGES)
 
     def save(self) -> Path:
         trainer_state = {"step": self.progress.step, "progress": self.progress.state_dict(),

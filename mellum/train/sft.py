@@ -446,12 +446,7 @@ class Finetuner:
         return True
 
     def _check_resumable(self, trainer_state: dict) -> None:
-        if "settings" not in trainer_state:  # written before checkpoints carried their settings
-            return
-        changed = checkpointing.changed_settings(trainer_state["settings"], self.settings)
-        if changed:
-            raise ValueError(f"the checkpoint in {self.out} was written with other settings ({', '.join(changed[:6])}):"
-                             " resume with the run's settings and data, or start a new run in another --out")
+        checkpointing.refuse_changed_settings(trainer_state.get("settings"), self.settings, self.out)
 
     def close(self) -> None:
         self.metrics.close()
