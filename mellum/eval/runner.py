@@ -81,7 +81,9 @@ def run(
             **bench.settings()}
     if config.nll:
         meta["nll"] = True
-    done = _resume(results_path, meta, config.fresh)
+    # Settings recorded since 2026-11 (quantization, the benchmark's time limit or context budget) are absent from
+    # older meta files: their absence is not a change, so those runs still resume.
+    done = _resume(results_path, meta, config.fresh, recorded_later={"quantize", *bench.settings()})
     todo = [p for p in problems if p.task_id not in done]
     lock = threading.Lock()
     bar = _progress(len(problems), len(problems) - len(todo), bench.title, progress)
@@ -135,10 +137,7 @@ def _one(bench: Benchmark, completer: Completer, problem: Problem, config: RunCo
     return record
 
 
-RECORDED_LATER = frozenset({"quantize", "timeout_s", "run_timeout_s", "budget", "context_tokens"})
-
-
-def _resume(path: Path, meta: dict, fresh: bool) -> dict[str, dict]:
+def _resume(path: Path, meta: dict, fresh: bool, recorded_later=frozenset()) -> dict[str, dict]:
     meta_path = path.with_name(path.name + ".meta.json")
     if fresh or not path.exists():
         path.unlink(missing_ok=True)
@@ -146,10 +145,8 @@ def _resume(path: Path, meta: dict, fresh: bool) -> dict[str, dict]:
         return {}
     if meta_path.exists():
         old = json.loads(meta_path.read_text())
-        # Settings recorded since 2026-11 (quantization, time limits, context budgets) are absent from older meta
-        # files: their absence is not a change, so those runs still resume.
         changed = {k: (old.get(k), v) for k, v in meta.items()
-                   if old.get(k) != v and (k in old or k not in RECORDED_LATER)}
+                   if old.get(k) != v and (k in old or k not in recorded_later)}
         if changed:
             detail = ", ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in changed.items())
             raise FileExistsError(f"{path} holds results of a different run ({detail}); pass --fresh to start over "
