@@ -36,6 +36,19 @@ class BackendError(ConnectionError):
 _FORCE_BIAS = 100
 
 
+def _hang_up(sockets: list) -> None:
+    """Shut down the response's socket: the reader blocked in `recv` wakes at once (closing the socket from another
+    thread would not wake it), and the server sees the client go, so it stops generating for a cancelled request
+    instead of at its next token or after `timeout_s`. The connection is not reused after this."""
+    import socket
+
+    for sock in sockets:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:  # already closed by the reader
+            pass
+
+
 class OpenAIEngine:
     """`generate` against `base_url` (e.g. http://localhost:8000/v1) serving `model`."""
 
@@ -113,8 +126,9 @@ class OpenAIEngine:
         # The response is read on a helper thread: a server that says nothing for a while (queued, prefilling a long
         # prompt) must not hold a request the editor cancelled or whose deadline passed until `timeout_s`.
         pieces: queue.Queue = queue.Queue()
-        done = threading.Event()
-        threading.Thread(target=self._read, args=(body, pieces, done), name="mellum-remote", daemon=True).start()
+        done, sockets, ended = threading.Event(), [], False
+        threading.Thread(target=self._read, args=(body, pieces, done, sockets), name="mellum-remote",
+                         daemon=True).start()
         try:
             while True:
                 if cancel is not None and cancel.is_set():
@@ -125,6 +139,7 @@ class OpenAIEngine:
                     kind, value = pieces.get(timeout=0.02)
                 except queue.Empty:
                     continue
+                ended = kind in ("error", "end")
                 if kind == "error":
                     raise value
                 if kind == "end":
@@ -133,14 +148,22 @@ class OpenAIEngine:
                     if (reason := take(token)) is not None:
                         return reason
         finally:
-            done.set()  # the reader closes the response at its next line
+            done.set()
+            if not ended:  # cancelled, past the deadline, or stopped here while the server still generates
+                _hang_up(sockets)
 
-    def _read(self, body, pieces: queue.Queue, done: threading.Event) -> None:
-        """Stream one response into `pieces`: ("ids", [...]) per chunk, then ("end", reason) or ("error", exc)."""
+    def _read(self, body, pieces: queue.Queue, done: threading.Event, sockets: list) -> None:
+        """Stream one response into `pieces`: ("ids", [...]) per chunk, then ("end", reason) or ("error", exc).
+        The connection's socket goes into `sockets`, for the caller to hang up on when it stops listening."""
         import httpx
 
         try:
             with self._client.stream("POST", self.url, json=body) as response:
+                stream = response.extensions.get("network_stream")
+                if stream is not None and (sock := stream.get_extra_info("socket")) is not None:
+                    sockets.append(sock)
+                    if done.is_set():  # the caller stopped before the socket was known
+                        _hang_up(sockets)
                 if response.status_code != 200:
                     raise BackendError(f"{self.url} answered {response.status_code}: {response.read()[:500]!r}")
                 for line in response.iter_lines():

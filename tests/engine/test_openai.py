@@ -251,3 +251,56 @@ def test_remote_input_is_checked_as_the_native_engine_does(served):
         assert len(requests) == before
     finally:
         remote.close()
+
+
+def test_a_cancelled_request_hangs_up_at_once():
+    """After a cancel the reader thread stayed blocked on the silent connection until the server's next line or
+    timeout_s: the server kept generating for nobody and the thread and connection lived on. Now the socket is shut
+    down: the server sees the client go, and the reader ends."""
+    from mellum.engine.openai import OpenAIEngine
+
+    seen_gone = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            self.wfile.write(b'data: {"choices": [{"text": "", "token_ids": [5], "finish_reason": null}]}\n\n')
+            self.wfile.flush()
+            self.connection.settimeout(20)
+            t0 = time.perf_counter()
+            try:
+                gone = self.connection.recv(1) == b""  # end of file: the client hung up
+            except OSError:
+                gone = True
+            seen_gone.append((gone, time.perf_counter() - t0))
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    remote = OpenAIEngine(f"http://127.0.0.1:{server.server_address[1]}/v1", model="tiny", vocab_size=1024,
+                          timeout_s=30)
+    before = set(threading.enumerate())
+
+    def readers():
+        return [t for t in threading.enumerate() if t.name == "mellum-remote" and t not in before]
+
+    try:
+        cancel = threading.Event()
+        threading.Timer(0.3, cancel.set).start()
+        result = remote.generate([1, 2, 3], SamplingParams(max_new_tokens=4), cancel=cancel)
+        assert (result.stop_reason, result.tokens) == ("cancelled", [5])
+        deadline = time.perf_counter() + 10
+        while not seen_gone and time.perf_counter() < deadline:
+            time.sleep(0.02)
+        assert seen_gone and seen_gone[0][0] and seen_gone[0][1] < 5, seen_gone
+        while readers() and time.perf_counter() < deadline:
+            time.sleep(0.02)
+        assert not readers()
+    finally:
+        remote.close()
+        server.shutdown()
