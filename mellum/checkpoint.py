@@ -138,6 +138,23 @@ def model_directory(path: str | os.PathLike) -> Path:
     return root
 
 
+def check_export_dir(export: str | os.PathLike, sources: dict[str, str | os.PathLike | None]) -> None:
+    """Refuse, before a run starts, an export directory that writing the model would damage: one that exists and is
+    not a model directory (its files would end up mixed with the model's), or one that is or contains a source of the
+    run (`sources`: what each is called → its path, e.g. {"base model": ...}), which the export would overwrite."""
+    export = Path(export).resolve()
+    for what, source in sources.items():
+        if source is None or not Path(source).exists():
+            continue
+        source = Path(source).resolve()
+        if export == source or export in source.parents:
+            raise ValueError(f"the export {export} is or contains the {what} {source}, which it would overwrite: "
+                             "choose another --export")
+    if export.exists() and not (export / "config.json").is_file():
+        raise FileExistsError(f"the export {export} exists and is not a model directory, which it would overwrite: "
+                              "choose another --export")
+
+
 def load_config(path: str | os.PathLike) -> ModelConfig:
     """The ModelConfig of a model directory's config.json."""
     file = Path(path) / "config.json"

@@ -20,6 +20,18 @@ SHARED_BENCHMARKS = Path(os.environ.get("MELLUM_BENCHMARKS", REPO_ROOT.parent / 
 _TOKENIZER_TRAIN_FILES = ["argparse.py", "json/decoder.py", "json/encoder.py", "textwrap.py", "dataclasses.py", "functools.py"]
 
 
+def hub_cache(root: Path, model_dir: Path, repo_id: str) -> dict[str, str]:
+    """Lay `model_dir` out under `root` as huggingface_hub caches a download of `repo_id`; the environment under
+    which a subprocess finds it offline."""
+    import shutil
+
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    shutil.copytree(model_dir, repo / "snapshots" / "abc123")
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text("abc123")
+    return dict(os.environ, HF_HUB_CACHE=str(root), HF_HUB_OFFLINE="1")
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     """A 1,024-token byte-level BPE with the Mellum special tokens, trained on a few stdlib modules."""

@@ -533,18 +533,15 @@ def test_demo_refuses_a_project_without_its_cursors(tmp_path, capsys):
 def test_complete_command_takes_a_hub_id_from_the_hub_cache(model_dir, tmp_path, monkeypatch):
     """`--model owner/name` is a hub id: here (offline) its snapshot comes from a hub cache laid out as
     huggingface_hub writes it; an id that is nowhere is a one-line error."""
-    import os
-    import shutil
     import subprocess
     import sys
 
+    from tests.conftest import hub_cache
+
+    env = hub_cache(tmp_path / "hub", model_dir, "someone/tiny")
     repo = tmp_path / "hub" / "models--someone--tiny"
-    shutil.copytree(model_dir, repo / "snapshots" / "abc123")
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("abc123")
     src = tmp_path / "t.py"
     src.write_text(CODE)
-    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1")
     local = subprocess.run([sys.executable, "-m", "mellum.cli", "complete", "--model", str(model_dir), "--file",
                             str(src), "--line", "3", "--column", "1", "--max-new-tokens", "4", "--json"],
                            capture_output=True, text=True, env=env, timeout=300)

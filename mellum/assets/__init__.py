@@ -10,13 +10,17 @@ DEFAULT_MODEL_NAME = "mellum-tiny"
 
 
 def default_model_dir() -> Path:
-    """`$MELLUM_MODEL` if set, else the bundled reference model; a clear error if neither exists."""
-    override = os.environ.get("MELLUM_MODEL")
-    if override and not Path(override).expanduser().exists():  # a hub id: downloaded, or from the hub cache
-        from mellum.checkpoint import model_directory
+    """`$MELLUM_MODEL` if set (a model directory or a hub id), else the bundled reference model; a clear error if
+    neither exists."""
+    from mellum.checkpoint import model_directory
 
-        return model_directory(override)
-    path = Path(override) if override else ASSETS / DEFAULT_MODEL_NAME
+    override = os.environ.get("MELLUM_MODEL")
+    if override:
+        try:
+            return model_directory(override)
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            raise type(exc)(f"MELLUM_MODEL={override}: {exc}") from exc
+    path = ASSETS / DEFAULT_MODEL_NAME
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"no model at {path}: pass --model DIR (a Hugging Face checkpoint directory) or set MELLUM_MODEL"

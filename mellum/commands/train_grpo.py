@@ -57,7 +57,7 @@ def run(args) -> int:
     out = prepare_out(args)
     config = finetune_config(args)
     config.micro_batch = max(config.micro_batch, 1)
-    model, tokenizer = load_model_and_tokenizer(args.model)
+    model, tokenizer = load_model_and_tokenizer(args.model_dir)
     grpo = GRPOConfig(
         clip_low=args.clip_low, clip_high=args.clip_high, icepop_k=args.icepop_k, max_staleness=args.max_staleness,
         updates_per_batch=args.updates_per_batch,

@@ -21,7 +21,8 @@ LINEAGE_FILES = ("training_config.json", "training_log.jsonl", "data_report.md")
 
 # ---- arguments shared by sft, dpo and grpo ----------------------------------------------------------------------
 def add_common_arguments(parser: argparse.ArgumentParser, steps: int, lr: float, batch: int) -> None:
-    parser.add_argument("--model", required=True, help="model directory to start from (weights + tokenizer)")
+    parser.add_argument("--model", required=True, help="model to start from: a directory (weights + tokenizer) or a "
+                        "hub id like owner/name (downloaded, or taken from the hub cache)")
     parser.add_argument("--out", required=True, help="run directory: metrics.jsonl, checkpoints, summary.json, model/")
     parser.add_argument("--export", help="where to write the fine-tuned model (default OUT/model); an earlier "
                         "model there is replaced, anything else (or the base model) is refused")
@@ -60,19 +61,16 @@ def finetune_config(args):
 
 
 def prepare_out(args) -> Path:
+    """The run directory, checked before anything loads; also sets `args.model_dir`, the local directory of
+    `--model` (a hub id's snapshot)."""
+    from mellum.checkpoint import check_export_dir, model_directory
     from mellum.train import checkpointing
 
     out = Path(args.out)
     if not args.resume and (checkpointing.latest_checkpoint(out) is not None or (out / "summary.json").exists()):
         raise FileExistsError(f"{out} already holds a run: pass --resume to continue, or choose another --out")
-    # Checked before training: the export replaces its directory whole once the run is done.
-    export, base = export_dir(args, out).resolve(), Path(args.model).resolve()
-    if export == base or export in base.parents:
-        raise ValueError(f"the export {export} is or contains the base model {args.model}, which it would replace: "
-                         "choose another --export")
-    if export.exists() and not (export / "config.json").is_file():
-        raise FileExistsError(f"the export {export} exists and is not a model directory, which it would replace: "
-                              "choose another --export")
+    args.model_dir = model_directory(args.model)
+    check_export_dir(export_dir(args, out), {"base model": args.model_dir})  # before training, not after it
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -81,12 +79,13 @@ def export_dir(args, out: Path) -> Path:
     return Path(args.export) if args.export else out / "model"
 
 
-def load_model_and_tokenizer(path: str):
+def load_model_and_tokenizer(path):
+    """fp32 model and tokenizer of a model directory or hub id."""
     from mellum import load_pretrained
+    from mellum.checkpoint import model_directory
     from mellum.tokenizer import Tokenizer
 
-    if not Path(path).is_dir():
-        raise FileNotFoundError(f"no model directory at {path}")
+    path = model_directory(path)
     return load_pretrained(path, dtype=__import__("torch").float32), Tokenizer.from_pretrained(path)
 
 
@@ -94,7 +93,7 @@ def finish(args, out: Path, model, tokenizer, summary: dict, stage: str) -> int:
     from mellum.train.sft import export_model
 
     export = export_dir(args, out)
-    export_model(model, export, tokenizer, args.export_dtype, lineage(Path(args.model), out, stage, args))
+    export_model(model, export, tokenizer, args.export_dtype, lineage(args.model_dir, out, stage, args))
     summary = {"stage": stage, **summary, "model": str(export)}
     tmp = out / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
@@ -157,7 +156,7 @@ def run(args) -> int:
         raise ValueError("nothing to train on: give --source DIR (project code), --corpus DIR and/or --chat FILE.jsonl")
     out = prepare_out(args)
     config = finetune_config(args)
-    model, tokenizer = load_model_and_tokenizer(args.model)
+    model, tokenizer = load_model_and_tokenizer(args.model_dir)
     fim_config = FimSFTConfig(samples_per_file=args.samples_per_file, max_middle_chars=args.max_middle_chars,
                               context_chars=args.context_chars, context=args.context, prompt_tokens=args.max_len,
                               prompt_format=getattr(model.config, "prompt_format", None) or "mellum")

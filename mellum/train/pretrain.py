@@ -488,6 +488,13 @@ def run(args) -> int:
     try:
         if not args.resume and checkpointing.latest_checkpoint(out) is not None:
             raise FileExistsError(f"{out} already holds checkpoints: pass --resume to continue, or another --out")
+        if not args.no_export:
+            from mellum.checkpoint import check_export_dir
+
+            sources = {"starting model": config.init_from, "tokenizer": config.tokenizer, "training data": config.data,
+                       "held-out data": config.eval_data}
+            sources.update({f"data of phase {i + 1}": phase.data for i, phase in enumerate(config.phases)})
+            check_export_dir(args.export or out / "model", sources)
         out.mkdir(parents=True, exist_ok=True)
         trainer = Trainer(config, out, env, bar=not args.no_bar and env.is_main)
         if args.resume and trainer.resume() and env.is_main:

@@ -166,6 +166,40 @@ def test_train_dpo_command(tiny_tokenizer, tmp_path):
     assert args["beta"] == 0.2 and args["max_steps"] == 2 and args["model"] == str(base)
 
 
+def test_post_training_starts_from_a_hub_id(tiny_tokenizer, tmp_path):
+    """`--model` and `--reference` took only local directories (a hub id was "no model directory"): now a hub id is
+    its snapshot (here from an offline hub cache), lineage included; an id that is nowhere fails before the run."""
+    import subprocess
+    import sys
+
+    from mellum import load_pretrained, save_pretrained
+    from tests.conftest import hub_cache
+
+    base = tmp_path / "base"
+    save_pretrained(_model(3), base)
+    tiny_tokenizer.save(base)
+    (base / "training_config.json").write_text('{"name": "base-recipe"}')
+    env = hub_cache(tmp_path / "hub", base, "someone/base")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"<fim_prefix>v{i} = <fim_middle>", "chosen": str(i),
+                                         "rejected": f"'{i}'"}) + "\n" for i in range(6)))
+
+    def dpo(out, model="someone/base", reference="someone/base"):
+        return subprocess.run([sys.executable, "-m", "mellum.cli", "train", "dpo", "--model", model, "--reference",
+                               reference, "--pairs", str(pairs), "--out", str(out), "--max-steps", "1",
+                               "--batch-size", "2", "--no-bar"], capture_output=True, text=True, env=env,
+                              cwd=tmp_path, timeout=600)
+
+    done = dpo(tmp_path / "run")
+    assert done.returncode == 0, done.stderr
+    load_pretrained(tmp_path / "run" / "model")
+    assert json.loads((tmp_path / "run" / "model" / "training_config.json").read_text()) == {"name": "base-recipe"}
+    for model, reference in (("someone/nothing", "someone/base"), ("someone/base", "someone/nothing")):
+        failed = dpo(tmp_path / "missing", model, reference)
+        assert failed.returncode == 2 and "could not be downloaded from the hub" in failed.stderr, failed.stderr
+        assert "Traceback" not in failed.stderr and not (tmp_path / "missing").exists()
+
+
 def test_resumed_dpo_reports_the_starting_policy_and_refuses_another_beta(tiny_tokenizer, tmp_path):
     pairs = [{"prompt": f"<fim_prefix>v{i} = <fim_middle>", "chosen": str(i), "rejected": f"'{i}'"} for i in range(6)]
     config = FinetuneConfig(max_steps=2, batch_size=2, micro_batch=2, max_len=64, eval_every=0, checkpoint_every=1,

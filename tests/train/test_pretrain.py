@@ -178,6 +178,27 @@ def test_resume_refuses_other_settings_and_a_finished_run_keeps_its_summary(tmp_
     assert [s for s, _ in _losses(tmp_path / "run")] == [1, 2, 3, 4]
 
 
+def test_an_export_that_would_overwrite_something_else_is_refused_before_training(tmp_path, code_shards, capsys):
+    """`--export` into a folder of other files mixed the model into it, and onto the data or the tokenizer it
+    overwrote them, all after the whole run; now refused before the run directory is made."""
+    from mellum.train.pretrain import main
+
+    train, _, tokenizer = code_shards
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    args = ["--recipe", "tiny-cpu", "--device", "cpu", "--no-bar", "--max-steps", "1",
+            *[f"--set={o}" for o in _data_overrides(code_shards)]]
+    for export, message in ((notes, "not a model directory"), (Path(tokenizer), "contains the tokenizer"),
+                            (Path(train), "contains the training data")):
+        out = tmp_path / f"run-{export.name}"
+        assert main([*args, "--out", str(out), "--export", str(export)]) == 2
+        assert message in capsys.readouterr().err and not out.exists()
+    assert sorted(p.name for p in notes.iterdir()) == ["todo.txt"]
+    assert main([*args, "--out", str(tmp_path / "run"), "--export", str(tmp_path / "new-model")]) == 0
+    assert (tmp_path / "new-model" / "config.json").is_file()
+
+
 def test_two_processes_match_one(tmp_path, code_shards):
     args = [f"--set={o}" for o in _data_overrides(code_shards)] + [
         "--max-steps", "4", "--set", "checkpoint_every=2", "--set", "eval_every=4", "--no-export"]
