@@ -9,7 +9,9 @@ that use them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import io
 import sys
 
 # "group sub" paths → module under mellum.commands. Groups get a parser of their own.
@@ -90,8 +92,14 @@ def main(argv: list[str] | None = None) -> int:
     known, _ = _parse_known(parser, argv)
     module_name = getattr(known, "_module", None)
     if module_name is None:
+        if not argv or argv[0] in ("-h", "--help"):
+            parser.print_help()
+            return 0
+        # A group without its subcommand (`mellum data --help`, `mellum train`) or an unknown command: argparse
+        # prints the group's help (exit 0) or says what is missing or wrong (exit 2).
+        parser.parse_args(argv)
         parser.print_help()
-        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+        return 2
     module = _load(module_name)
     parser = build_parser()
     _configure(parser, module_name, module)
@@ -115,10 +123,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parse_known(parser: argparse.ArgumentParser, argv: list[str]):
-    # Parse without letting -h exit before the command's own arguments exist.
+    # Parse without letting -h exit before the command's own arguments exist; argparse's complaints (a group
+    # without its subcommand) wait for the full parse, which says them once.
     stripped = [a for a in argv if a not in ("-h", "--help")]
     try:
-        return parser.parse_known_args(stripped)
+        with contextlib.redirect_stderr(io.StringIO()):
+            return parser.parse_known_args(stripped)
     except SystemExit:
         return argparse.Namespace(), []
 

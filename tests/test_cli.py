@@ -19,6 +19,21 @@ def test_every_command_has_help(path, capsys):
     assert "usage: mellum" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("group", sorted({path.split()[0] for path in COMMANDS if " " in path}))
+def test_a_group_answers_help_with_its_subcommands(group, capsys):
+    """`mellum data --help` printed the top-level help and exited 2 (with "required: SUBCOMMAND" on stderr)."""
+    subcommands = [path.split()[1] for path in COMMANDS if path.startswith(group + " ")]
+    with pytest.raises(SystemExit) as exit_info:
+        main([group, "--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and out.startswith(f"usage: mellum {group}")
+    assert all(name in out for name in subcommands)
+    with pytest.raises(SystemExit) as exit_info:  # the subcommand is missing: said once, exit 2
+        main([group])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("required: SUBCOMMAND") == 1
+
+
 def test_user_error_is_a_message_not_a_traceback(tmp_path, capsys):
     assert main(["info", str(tmp_path / "missing-model")]) == 2
     err = capsys.readouterr().err
