@@ -25,7 +25,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated SPDX ids to allow (default: the permissive list in mellum.data.license)")
     parser.add_argument("--languages", default=None, help="comma-separated languages to keep (default: code languages)")
     parser.add_argument("--max-bytes", type=int, default=1_000_000, help="skip files larger than this (default 1 MB)")
-    parser.add_argument("--near-threshold", type=float, default=0.85, help="Jaccard threshold of near duplicates")
+    parser.add_argument("--near-threshold", type=float, default=0.85,
+                        help="Jaccard similarity above which files are near duplicates (default 0.85)")
     parser.add_argument("--no-near-dedup", action="store_true", help="exact deduplication only")
     parser.add_argument("--workers", type=int, default=None, help="worker processes (default: min(2, CPUs))")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

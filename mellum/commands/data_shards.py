@@ -21,20 +21,23 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="shard directory to create")
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
     parser.add_argument("--kind", choices=("pretrain", "sft"), default="pretrain", help="sample kind (default pretrain)")
-    parser.add_argument("--fim-rate", type=float, default=0.5, help="share of documents turned into FIM samples")
-    parser.add_argument("--spm-rate", type=float, default=1.0, help="share of FIM samples in SPM order (rest PSM)")
+    parser.add_argument("--fim-rate", type=float, default=0.5,
+                        help="share of documents turned into FIM samples (default 0.5)")
+    parser.add_argument("--spm-rate", type=float, default=1.0,
+                        help="share of FIM samples in SPM order, the rest PSM (default 1.0)")
     parser.add_argument("--repo-samples", "--repo-rate", dest="repo_rate", type=float, default=0.0,
-                        help="share of documents rendered as repository-level samples")
-    parser.add_argument("--repo-context-chars", type=int, default=16_000, help="context budget of a repository sample")
-    parser.add_argument("--format", default="mellum", help="SPM prompt format (mellum.prompt.FORMATS)")
-    parser.add_argument("--psm-format", default="mellum-psm", help="PSM prompt format")
+                        help="share of documents rendered as repository-level samples (default 0)")
+    parser.add_argument("--repo-context-chars", type=int, default=16_000,
+                        help="context budget of a repository sample in characters (default 16000)")
+    parser.add_argument("--format", default="mellum", help="SPM prompt format (mellum.prompt.FORMATS; default mellum)")
+    parser.add_argument("--psm-format", default="mellum-psm", help="PSM prompt format (default mellum-psm)")
     parser.add_argument("--source", action="append", default=None, help="only records of this source label (repeatable)")
     parser.add_argument("--languages", default=None, help="comma-separated languages to include (default: all)")
     parser.add_argument("--mixture", default=None, help="a mixture preset (mellum.data.mixture.MIXTURES: local, mellum2)")
     parser.add_argument("--phase", default=None,
                         help="with --mixture: the phase (number from 1, or name) whose source quotas and FIM rate to "
                              "write; sources are repeated up to the mixture's max_repeat")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the FIM splits and sample choices (default 0)")
     parser.add_argument("--verify", action="store_true", help="decode every sample and check it round-trips")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 

@@ -25,8 +25,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="tokenizer directory to create")
     parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
     parser.add_argument("--held-out", type=float, default=0.02, help="share of files held out (default 0.02)")
-    parser.add_argument("--max-train-mb", type=float, default=100.0, help="train on at most this many MB of text")
-    parser.add_argument("--min-frequency", type=int, default=2, help="minimum pair frequency of a merge")
+    parser.add_argument("--max-train-mb", type=float, default=100.0,
+                        help="train on at most this many MB of text (default 100)")
+    parser.add_argument("--min-frequency", type=int, default=2, help="minimum pair frequency of a merge (default 2)")
     parser.add_argument("--languages", default=None, help="comma-separated languages to train on (default: all)")
     parser.add_argument("--roundtrip-project", default=None,
                         help="project whose every file must round-trip (default: the corpus's first project)")
