@@ -152,15 +152,24 @@ class DocumentStore:
             doc = self._docs[uri] = Document(uri, scrub(text), version, language_id, self.encoding)
         return doc
 
-    def change(self, uri: str, changes: list[tuple[str, tuple[int, int, int, int] | None]], version: int) -> Document:
-        """Apply changes in order (LSP sends them in the order they were made)."""
+    def change(self, uri: str, changes: list[tuple[str, tuple[int, int, int, int] | None]],
+               version: int) -> Document | None:
+        """Apply changes in order (LSP sends them in the order they were made).
+
+        A buffer never opened has no text a range could point into: its range edits are dropped (applied to an
+        empty text they would build a buffer unlike the editor's, and completions would come from that), and a
+        whole-text change opens it. None while the buffer stays unknown.
+        """
         with self._lock:
             doc = self._docs.get(uri)
-            if doc is None:  # a change for a buffer we never saw opened: start from empty
-                doc = self._docs[uri] = Document(uri, "", encoding=self.encoding)
             for text, rng in changes:
+                if doc is None and rng is not None:
+                    continue
+                if doc is None:
+                    doc = self._docs[uri] = Document(uri, "", encoding=self.encoding)
                 doc.apply(text, rng)
-            doc.version = version
+            if doc is not None:
+                doc.version = version
         return doc
 
     def close(self, uri: str) -> None:

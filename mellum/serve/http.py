@@ -27,6 +27,14 @@ from mellum.serve.runner import Cancelled, Runner, is_secret
 
 API_KEY_ENV = "MELLUM_API_KEY"
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts: beyond it generation fails
+# OpenAI fields this server cannot honour, each with the values that mean "not used". Anything else is refused
+# with a 400: answering as if the field were absent gives the client something other than what it asked for
+# (echo=true expects the prompt in front of the text, logprobs a filled `logprobs` object, tools a tool call).
+UNSUPPORTED_COMPLETIONS = {"echo": (None, False), "logprobs": (None,), "best_of": (None, 1),
+                           "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "logit_bias": (None, {})}
+UNSUPPORTED_CHAT = {"logprobs": (None, False), "top_logprobs": (None, 0), "presence_penalty": (None, 0),
+                    "frequency_penalty": (None, 0), "logit_bias": (None, {}), "tools": (None, []),
+                    "functions": (None, []), "response_format": (None, {"type": "text"})}
 
 
 @dataclass
@@ -53,6 +61,9 @@ def _models():
     class Lenient(BaseModel):
         model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (user, n=1, ...)
 
+    class StreamOptions(Lenient):
+        include_usage: bool = False
+
     class CompletionsBody(Lenient):
         model: str | None = None
         prompt: Union[str, list[str]] = Field("", description="Code before the cursor (a one-element list is accepted)")
@@ -65,6 +76,14 @@ def _models():
         stop: Union[str, list[str], None] = None
         seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
         path: str | None = Field(None, description="mellum extension: the file being completed (for the prompt)")
+        stream_options: StreamOptions | None = Field(None, description="include_usage: a last chunk with the usage")
+        # Declared to be refused when used (UNSUPPORTED_COMPLETIONS), not to be ignored.
+        echo: bool | None = None
+        logprobs: int | None = None
+        best_of: int | None = None
+        presence_penalty: float | None = None
+        frequency_penalty: float | None = None
+        logit_bias: dict[str, float] | None = None
 
     class ContextPiece(Lenient):
         path: str = Field(..., min_length=1, max_length=4096)
@@ -117,6 +136,15 @@ def _models():
         stop: Union[str, list[str], None] = None
         seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
         stream: Literal[False] = False
+        # Declared to be refused when used (UNSUPPORTED_CHAT), not to be ignored.
+        logprobs: bool | None = None
+        top_logprobs: int | None = None
+        presence_penalty: float | None = None
+        frequency_penalty: float | None = None
+        logit_bias: dict[str, float] | None = None
+        tools: list[dict] | None = None
+        functions: list[dict] | None = None
+        response_format: dict | None = None
 
     class TelemetryEventBody(Lenient):
         id: str = Field(..., min_length=1, max_length=256, description="The completion id from a response")
@@ -134,13 +162,22 @@ def _models():
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.type, self.code = status, message, type_, code
+        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
 
 
-def _error_body(message: str, type_: str, code: str | None, **extra) -> dict:
-    return {"error": {"message": message, "type": type_, "code": code, "param": None}, **extra}
+def _error_body(message: str, type_: str, code: str | None, param: str | None = None, **extra) -> dict:
+    return {"error": {"message": message, "type": type_, "code": code, "param": param}, **extra}
+
+
+def _refuse_unsupported(body, unused: dict[str, tuple]) -> None:
+    for name, accepted in unused.items():
+        value = getattr(body, name)
+        if value not in accepted:
+            raise ApiError(400, f"{name}={json.dumps(value)[:200]} is not supported by this server; leave it out",
+                           code="unsupported_parameter", param=name)
 
 
 # ---- middleware: auth and body size ---------------------------------------------------------------------
@@ -232,7 +269,7 @@ def create_app(service, config: HttpConfig | None = None, telemetry=None, metric
     @app.exception_handler(ApiError)
     async def _api_error(request, exc: ApiError):
         runner.metrics.record(runner.metrics.requests.inc, endpoint=request.url.path, status=str(exc.status))
-        return JSONResponse(_error_body(exc.message, exc.type, exc.code), status_code=exc.status)
+        return JSONResponse(_error_body(exc.message, exc.type, exc.code, exc.param), status_code=exc.status)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc: RequestValidationError):
@@ -351,6 +388,9 @@ def create_app(service, config: HttpConfig | None = None, telemetry=None, metric
 
     @app.post("/v1/completions", summary="OpenAI-compatible text completion (prompt = prefix, suffix = suffix)")
     async def completions(body: m["CompletionsBody"], http_request: Request):
+        _refuse_unsupported(body, UNSUPPORTED_COMPLETIONS)
+        if body.stream_options is not None and not body.stream:
+            raise ApiError(400, "stream_options is only allowed with stream=true", param="stream_options")
         prompt = body.prompt
         if isinstance(prompt, list):
             if len(prompt) != 1:
@@ -363,7 +403,8 @@ def create_app(service, config: HttpConfig | None = None, telemetry=None, metric
         )
         created = int(time.time())
         if body.stream:
-            return await _streamed(http_request, request, created, body.model)
+            usage = body.stream_options is not None and body.stream_options.include_usage
+            return await _streamed(http_request, request, created, body.model, usage)
         completion = await _run(http_request, request, "/v1/completions")
         _ok("/v1/completions")
         return {
@@ -375,7 +416,7 @@ def create_app(service, config: HttpConfig | None = None, telemetry=None, metric
                       "total_tokens": completion.prompt_tokens + completion.generated_tokens},
         }
 
-    async def _streamed(http_request: Request, request, created: int, model: str | None):
+    async def _streamed(http_request: Request, request, created: int, model: str | None, usage: bool):
         """The SSE response, its headers sent once the first piece is there: a request the service refuses (a prompt
         too long for the window, ...) is the same 4xx as without streaming, not a 200 carrying an error event."""
         cid = uuid.uuid4().hex
@@ -395,14 +436,17 @@ def create_app(service, config: HttpConfig | None = None, telemetry=None, metric
             cancel.set()
             await pieces.aclose()
             raise
-        return StreamingResponse(_sse(pieces, first, cid, cancel, final, created, model),
+        return StreamingResponse(_sse(pieces, first, cid, cancel, final, created, model, usage),
                                  media_type="text/event-stream")
 
     async def _sse(pieces, first: str | None, cid: str, cancel: threading.Event, final: dict, created: int,
-                   model: str | None):
-        def chunk(text: str, finish: str | None) -> str:
+                   model: str | None, usage: bool):
+        def chunk(text: str | None, finish: str | None, tokens: dict | None = None) -> str:
             data = {"id": cid, "object": "text_completion", "created": created, "model": model or config.model_name,
-                    "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
+                    "choices": [] if text is None else [{"text": text, "index": 0, "logprobs": None,
+                                                         "finish_reason": finish}]}
+            if usage:  # OpenAI's stream_options.include_usage: null on every chunk, filled on one last chunk
+                data["usage"] = tokens
             return f"data: {json.dumps(data)}\n\n"
 
         try:
@@ -412,6 +456,10 @@ def create_app(service, config: HttpConfig | None = None, telemetry=None, metric
                     yield chunk(piece, None)
             completion = final.get("completion")
             yield chunk("", _finish_reason(completion.stop_reason if completion is not None else "stop"))
+            if usage and completion is not None:
+                yield chunk(None, None, {"prompt_tokens": completion.prompt_tokens,
+                                         "completion_tokens": completion.generated_tokens,
+                                         "total_tokens": completion.prompt_tokens + completion.generated_tokens})
             _ok("/v1/completions")
         except (Cancelled, ValueError) as exc:
             yield f"data: {json.dumps(_error_body(str(exc) or 'cancelled', 'invalid_request_error', None))}\n\n"
@@ -447,6 +495,7 @@ def create_app(service, config: HttpConfig | None = None, telemetry=None, metric
 
     @app.post("/v1/chat/completions", summary="OpenAI-compatible chat (chat template from the tokenizer config)")
     async def chat(body: m["ChatBody"], http_request: Request):
+        _refuse_unsupported(body, UNSUPPORTED_CHAT)
         messages = [{"role": x.role, "content": scrub(x.content)} for x in body.messages]
         max_tokens = _max_tokens(body.max_tokens, config.default_max_tokens)
         cancel = threading.Event()

@@ -21,6 +21,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote
 
 from mellum.serve.documents import DocumentStore
 from mellum.serve.metrics import Metrics
@@ -159,6 +160,7 @@ def create_server(model_dir=None, telemetry=None, config: LspConfig | None = Non
     from pygls.exceptions import JsonRpcException, JsonRpcInvalidParams, JsonRpcInvalidRequest
     from pygls.lsp.server import LanguageServer
     from pygls.protocol import LanguageServerProtocol
+    from pygls.protocol.language_server import lsp_method
     from pygls.protocol.json_rpc import RPCRequest
 
     from mellum import __version__
@@ -189,6 +191,15 @@ def create_server(model_dir=None, telemetry=None, config: LspConfig | None = Non
                 self._send_response(message.id, error=error.to_response_error())
                 return
             super().handle_message(message)
+
+        @lsp_method(types.TEXT_DOCUMENT_DID_CHANGE)
+        def lsp_text_document__did_change(self, params: types.DidChangeTextDocumentParams):
+            # pygls keeps its own copy of the buffers and raises KeyError for a document never opened, which the
+            # editor shows as an error popup on every keystroke; our handler (the DocumentStore) decides instead.
+            if unquote(params.text_document.uri) in self.workspace.text_documents:
+                for change in params.content_changes:
+                    self.workspace.update_text_document(params.text_document, change)
+            yield self.fm.features[types.TEXT_DOCUMENT_DID_CHANGE], (params,), None
 
     server = LanguageServer("mellum", __version__, protocol_cls=_Protocol, max_workers=4)
     state = _State(config or LspConfig(), model_dir, telemetry, service, load_service, workers)
@@ -318,6 +329,17 @@ def create_server(model_dir=None, telemetry=None, config: LspConfig | None = Non
     return server
 
 
+@dataclass(eq=False)
+class _Pending:
+    """The engine work for one document text and cursor, shared by the requests that ask for exactly that."""
+
+    text: str
+    offset: int
+    cancel: threading.Event
+    task: asyncio.Future
+    waiters: int = 0
+
+
 class _Invalid:
     def __init__(self, msg_id, error):
         self.id, self.error = msg_id, error
@@ -333,7 +355,7 @@ class _State:
         self.documents = DocumentStore()
         self.metrics = Metrics()
         self.cache = SuggestionCache(config.cache_entries, config.cache_tail_chars)
-        self.inflight: dict[str, threading.Event] = {}
+        self.inflight: dict[str, _Pending] = {}  # per document: the engine work for its latest cursor
         self.runner: Runner | None = Runner(service, self.metrics, telemetry, workers) if service else None
         self._load_service = load_service
         self._workers = workers
@@ -373,8 +395,8 @@ class _State:
 
     def close(self) -> None:
         """Stop in-flight work and free the engine (at `shutdown`, and again harmlessly at exit)."""
-        for event in list(self.inflight.values()):
-            event.set()
+        for pending in list(self.inflight.values()):
+            pending.cancel.set()
         runner, self.runner = self.runner, None
         self.load_error = self.load_error or "the server is shutting down"
         if runner is not None:
@@ -407,9 +429,9 @@ class _State:
 
     # ---- requests ------------------------------------------------------------------------------------
     def supersede(self, uri: str) -> None:
-        event = self.inflight.pop(uri, None)
-        if event is not None:
-            event.set()
+        pending = self.inflight.pop(uri, None)
+        if pending is not None:
+            pending.cancel.set()
             self.metrics.record(self.metrics.cancelled.inc, endpoint="superseded")
 
     def _workspace_root(self, ls, path: str) -> str | None:
@@ -441,22 +463,45 @@ class _State:
         return out
 
     async def suggest(self, ls, uri: str, position, automatic: bool, endpoint: str) -> tuple[str, str] | None:
-        """(completion id, text) at a position, from the cache or the engine; None when there is nothing."""
+        """(completion id, text) at a position, from the cache or the engine; None when there is nothing.
+
+        A request for the very text and cursor of the running one joins it instead of superseding it: VS Code
+        sends textDocument/completion (a trigger character) and textDocument/inlineCompletion for one keystroke,
+        and cancelling either loses the menu item or the ghost text. The engine work stops only when every
+        request waiting on it is cancelled, or a keystroke makes it stale.
+        """
         doc = self.documents.get(uri)
         if doc is None:
             return None
-        cfg = self.config
         text = doc.text
         offset = doc.offset(position.line, position.character)
-        prefix, suffix = text[max(0, offset - cfg.max_prefix_chars):offset], text[offset:offset + cfg.max_suffix_chars]
         hit = self.cache.lookup(uri, text, offset)
         if hit is not None:
             self.metrics.record(self.metrics.cache.inc, result="hit")
             return hit
         self.metrics.record(self.metrics.cache.inc, result="miss")
-        self.supersede(uri)
-        cancel = threading.Event()
-        self.inflight[uri] = cancel
+        pending = self.inflight.get(uri)
+        # `is`: the store replaces a document's text on every change, so the same object means the same buffer.
+        if pending is None or pending.text is not text or pending.offset != offset or pending.cancel.is_set():
+            self.supersede(uri)
+            cancel = threading.Event()
+            pending = _Pending(text, offset, cancel, asyncio.ensure_future(
+                self._compute(ls, uri, doc, text, offset, automatic, endpoint, cancel)))
+            self.inflight[uri] = pending
+        pending.waiters += 1
+        try:
+            return await asyncio.shield(pending.task)
+        except asyncio.CancelledError:  # $/cancelRequest: stop the work once nobody waits for it
+            pending.waiters -= 1
+            if pending.waiters == 0 and not pending.task.done():
+                pending.cancel.set()
+                pending.task.cancel()
+            raise
+
+    async def _compute(self, ls, uri: str, doc, text: str, offset: int, automatic: bool, endpoint: str,
+                       cancel: threading.Event) -> tuple[str, str] | None:
+        cfg = self.config
+        prefix, suffix = text[max(0, offset - cfg.max_prefix_chars):offset], text[offset:offset + cfg.max_suffix_chars]
         try:
             if automatic and cfg.debounce_ms > 0:
                 try:
@@ -483,7 +528,8 @@ class _State:
             log.warning("completion failed: %s", exc)
             return None
         finally:
-            if self.inflight.get(uri) is cancel:
+            pending = self.inflight.get(uri)
+            if pending is not None and pending.cancel is cancel:
                 del self.inflight[uri]
         completion = served.completion
         self.served += 1

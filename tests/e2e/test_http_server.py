@@ -59,6 +59,18 @@ def test_official_openai_client(server):
             model="tiny", prompt="x", max_tokens=1)
 
 
+def test_official_client_gets_a_clear_error_for_fields_it_cannot_have(server):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=server["base"] + "/v1", api_key=KEY, max_retries=0)
+    with pytest.raises(openai.BadRequestError, match="echo"):  # silently dropping it returns text without the prompt
+        client.completions.create(model="tiny", prompt="x = ", max_tokens=2, echo=True)
+    with pytest.raises(openai.BadRequestError, match="logprobs"):
+        client.completions.create(model="tiny", prompt="x = ", max_tokens=2, logprobs=1)
+    chunks = list(client.completions.create(model="tiny", prompt="x = ", max_tokens=2, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens <= 2
+
+
 def test_context_never_leaves_the_workspace(server, workspace):
     """Secrets (.env) and files reached through a symlink out of the root never reach the prompt."""
     c = server["client"]

@@ -229,3 +229,66 @@ def test_an_empty_completion_sends_no_inline_item(tiny_model_dir, workspace, tmp
     inline, status = _run(session())
     assert len(inline.items) == 0
     assert status.served >= 1  # the request did reach the engine
+
+
+def test_inline_and_menu_requests_for_one_keystroke_share_one_answer(tiny_model_dir, workspace, tmp_path):
+    """VS Code sends textDocument/completion (a trigger character) and textDocument/inlineCompletion for the same
+    keystroke: the second must not cancel the first (the ghost text or the menu item would be lost), and the
+    engine runs once for both."""
+    from lsprotocol import types
+
+    path = workspace / "shop" / "pricing.py"
+    text = path.read_text()
+    uri = path.as_uri()
+    line = text.splitlines().index("def cart_total(cart: Cart) -> Decimal:") + 1
+
+    async def session():
+        client, _ = await _start(tiny_model_dir, tmp_path / "telemetry.db", workspace, {"maxNewTokens": 12})
+        client.text_document_did_open(types.DidOpenTextDocumentParams(
+            text_document=types.TextDocumentItem(uri=uri, language_id="python", version=1, text=text)))
+        menu = asyncio.ensure_future(client.text_document_completion_async(types.CompletionParams(
+            text_document=types.TextDocumentIdentifier(uri=uri), position=types.Position(line, 4))))
+        inline = asyncio.ensure_future(client.text_document_inline_completion_async(_inline(uri, line, 4, True)))
+        menu, inline = await asyncio.gather(menu, inline)
+        status = await client.protocol.send_request_async("mellum/status", {})
+        await _stop(client)
+        return menu, inline, status
+
+    menu, inline, status = _run(session())
+    assert len(inline.items) == 1 and len(menu.items) == 1
+    assert inline.items[0].command.arguments == menu.items[0].command.arguments  # one completion id
+    assert menu.items[0].text_edit.new_text == inline.items[0].insert_text
+    assert status.served == 1 and status.cancelled == 0
+
+
+def test_changes_to_documents_never_opened_raise_no_error_in_the_editor(tiny_model_dir, workspace, tmp_path):
+    """pygls' own buffer copy failed with KeyError on such a change, and the editor showed it as an error popup."""
+    from lsprotocol import types
+
+    uri = (workspace / "shop" / "never_opened.py").as_uri()
+
+    def change(version, text, rng=None):
+        event = (types.TextDocumentContentChangeWholeDocument(text=text) if rng is None else
+                 types.TextDocumentContentChangePartial(range=rng, text=text))
+        return types.DidChangeTextDocumentParams(
+            text_document=types.VersionedTextDocumentIdentifier(uri=uri, version=version), content_changes=[event])
+
+    async def session():
+        client, _ = await _start(tiny_model_dir, tmp_path / "telemetry.db", workspace, {"maxNewTokens": 4})
+        shown = []
+        client.feature(types.WINDOW_SHOW_MESSAGE)(lambda ls, params: shown.append(params.message))
+        client.text_document_did_change(change(2, "x", types.Range(types.Position(3, 0), types.Position(3, 0))))
+        unknown = await client.text_document_inline_completion_async(_inline(uri, 0, 1))
+        client.text_document_did_change(change(3, "def f(x):\n    return "))  # the whole text: now it is known
+        known = await client.text_document_inline_completion_async(_inline(uri, 1, 11))
+        client.text_document_did_close(types.DidCloseTextDocumentParams(types.TextDocumentIdentifier(uri=uri)))
+        closed = await client.text_document_inline_completion_async(_inline(uri, 1, 11))
+        status = await client.protocol.send_request_async("mellum/status", {})
+        await _stop(client)
+        return shown, unknown, known, closed, status
+
+    shown, unknown, known, closed, status = _run(session())
+    assert shown == []
+    assert len(unknown.items) == 0 and len(closed.items) == 0
+    assert status.served == 1 and status.documents == 0  # the whole-text change was served, then closed
+    assert isinstance(known, types.InlineCompletionList)

@@ -91,3 +91,12 @@ def test_store_snapshot_and_close():
     store.close("untitled:Untitled-1")
     assert len(store) == 1
     assert uri_to_path("file:///w/a%20b.py") == "/w/a b.py"
+
+
+def test_a_buffer_never_opened_takes_only_whole_text_changes():
+    store = DocumentStore()
+    # A range edit has no text to point into: applied to "" it would make a buffer unlike the editor's.
+    assert store.change("file:///new.py", [("x", (3, 0, 3, 0))], version=2) is None
+    assert store.get("file:///new.py") is None
+    doc = store.change("file:///new.py", [("import os\n", None), ("sys", (0, 7, 0, 9))], version=3)
+    assert doc.text == "import sys\n" and doc.version == 3

@@ -120,6 +120,39 @@ def test_clear_4xx_errors(client):
     assert r.status_code in (400, 422), r.text
 
 
+def test_openai_fields_the_server_cannot_honour_are_refused_not_ignored(client):
+    prompt = {"prompt": "def add(a, b):\n    return ", "max_tokens": 4}
+    for field, value in [("echo", True), ("logprobs", 2), ("logprobs", 0), ("best_of", 3), ("presence_penalty", 0.5),
+                         ("frequency_penalty", -1), ("logit_bias", {"7": -100})]:
+        r = client.post("/v1/completions", json={**prompt, field: value})
+        assert r.status_code == 400, (field, r.text)
+        assert r.json()["error"]["code"] == "unsupported_parameter" and r.json()["error"]["param"] == field
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for field, value in [("logprobs", True), ("tools", [{"type": "function", "function": {"name": "f"}}]),
+                         ("response_format", {"type": "json_object"}), ("presence_penalty", 1)]:
+        r = client.post("/v1/chat/completions", json={**chat, field: value})
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, (field, r.text)
+    # The values that mean "not used" (what SDKs send by default) are fine, and so are fields with no effect.
+    r = client.post("/v1/completions", json={**prompt, "echo": False, "logprobs": None, "best_of": 1,
+                                             "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {},
+                                             "user": "me"})
+    assert r.status_code == 200, r.text
+    r = client.post("/v1/chat/completions", json={**chat, "logprobs": False, "response_format": {"type": "text"}})
+    assert r.status_code == 200, r.text
+
+
+def test_stream_options_include_usage_ends_with_a_usage_chunk(client):
+    body = {"prompt": "def add(a, b):\n    return ", "max_tokens": 6}
+    whole = client.post("/v1/completions", json=body).json()
+    r = client.post("/v1/completions", json={**body, "stream": True, "stream_options": {"include_usage": True}})
+    chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+    assert all("usage" in c for c in chunks) and all(c["usage"] is None for c in chunks[:-1])
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+    assert "".join(c["choices"][0]["text"] for c in chunks[:-1]) == whole["choices"][0]["text"]
+    r = client.post("/v1/completions", json={**body, "stream_options": {"include_usage": True}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options"
+
+
 def test_telemetry_round_trip_and_metrics(client, app_and_store):
     store = app_and_store[1]
     cid = client.post("/v1/fim", json={"path": "t.py", "prefix": "y = ", "options": {"max_tokens": 3}}).json()["id"]
