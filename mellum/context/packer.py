@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from mellum.context import sources as src
 from mellum.context.config import ContextConfig
 from mellum.context.ignore import is_secret, language_of
-from mellum.context.index import ProjectIndex
+from mellum.context.index import ProjectIndex, split_lines
 from mellum.context.rank import Candidate, fuse, line_set, redundant
 from mellum.prompt import ContextFile, PromptFormat, get_format
 
@@ -155,7 +155,7 @@ class ContextPacker:
         return out
 
     # ---- ranking ---------------------------------------------------------------------------------
-    def rank(self, query: src.Query) -> list[Candidate]:
+    def rank(self, query: src.Query, retry: bool = True) -> list[Candidate]:
         """Chunks of the project, best first, from reciprocal-rank fusion of the enabled sources."""
         cfg, index = self.config, self.index
         enabled = set(cfg.sources)
@@ -185,13 +185,22 @@ class ContextPacker:
         if "definitions" in enabled:
             rankings["definitions"] = src.definition_chunks(index, query, cfg)
         out = []
+        fresh: dict[str, bool] = {}  # one stat per file and request
         for cid, score, names in fuse(rankings, cfg.source_weights, cfg.rrf_k):
             chunk = index.chunks[cid]
             if chunk is None or chunk.path == query.path:
                 continue
+            # A file changed or deleted on disk since it was indexed is re-read (or dropped): its old chunks are not
+            # the project any more, and a long-running server hears of such edits only here.
+            if chunk.path not in fresh:
+                fresh[chunk.path] = index.fresh(chunk.path)
+            if not fresh[chunk.path] or index.chunks[cid] is None:
+                continue
             out.append(Candidate(cid, chunk.path, chunk.text, score, names, chunk.start_line))
             if len(out) >= cfg.max_candidates:
                 break
+        if retry and not all(fresh.values()):
+            return self.rank(query, retry=False)  # once more over the re-read files (their new chunks)
         return out
 
     def _head_chunks(self, paths: list[str]) -> list[int]:
@@ -347,7 +356,7 @@ def trim_suffix(suffix: str, cap: int, count: CountTokens, costs: LineCosts | No
 def _trim(text: str, cap: int, count: CountTokens, from_top: bool, costs: LineCosts | None) -> tuple[str, int]:
     if cap <= 0 or not text:
         return "", 0
-    lines = text.splitlines(keepends=True)
+    lines = split_lines(text)  # whole lines as the editor sees them, not cut at a form feed or U+2028
     if from_top:
         lines.reverse()  # lines[0] is the one at the cursor
     costs = costs or LineCosts(count)

@@ -191,6 +191,8 @@ _IMPORT_NODES = {
     "go": {"import_declaration"},
 }
 _IMPORT_NODES["typescript"] = _IMPORT_NODES["tsx"] = _IMPORT_NODES["javascript"]
+# The TypeScript sources an emitted JavaScript name stands for (TypeScript's module resolution, "node16"/"bundler").
+_TS_SOURCES = {".js": (".ts", ".tsx"), ".jsx": (".tsx",), ".mjs": (".mts",), ".cjs": (".cts",)}
 _STRING = re.compile(r"""["'`]([^"'`\n]+)["'`]""")
 _REQUIRE = re.compile(r"""\b(?:require|import)\s*\(\s*["'`]([^"'`\n]+)["'`]""")
 
@@ -303,17 +305,26 @@ def resolve_import(index: ProjectIndex, path: str, language: str, target: str) -
         if not target.startswith("."):
             return []
         stem = posixpath.normpath(posixpath.join(here, target))
-        for suffix in ("", ".ts", ".tsx", ".js", ".jsx", ".mjs", ".cjs", "/index.ts", "/index.tsx", "/index.js"):
+        for suffix in ("", ".ts", ".tsx", ".mts", ".cts", ".js", ".jsx", ".mjs", ".cjs", "/index.ts", "/index.tsx",
+                       "/index.js"):
             if stem + suffix in index.files:
                 return [stem + suffix]
+        # TypeScript under ES modules imports the emitted name (`./util.js`) of a source file `util.ts`.
+        base, ext = posixpath.splitext(stem)
+        for source in _TS_SOURCES.get(ext, ()):
+            if base + source in index.files:
+                return [base + source]
         return []
     if language in ("java", "kotlin"):
         ext = ".java" if language == "java" else ".kt"
         parts = target.split(".")
         if parts[-1] == "*":
-            folders = [posixpath.dirname(p) for p in index.files_ending_with(f"{'/'.join(parts[:-1])}/{parts[-2]}{ext}")]
             tail = "/".join(parts[:-1])
-            return [p for p in index.files if posixpath.dirname(p).endswith(tail) and p.endswith(ext)][:8] if not folders else folders
+            # `import static com.x.Consts.*` takes the members of a class (a file); `import com.x.model.*` a package.
+            owner = index.files_ending_with(tail + ext)
+            if owner:
+                return _nearest(owner, here)[:2]
+            return [p for p in _folder_files(index, tail) if p.endswith(ext)][:8]
         while len(parts) > 1:  # com.x.Y.member → com/x/Y
             found = index.files_ending_with("/".join(parts) + ext)
             if found:

@@ -24,6 +24,9 @@ _SLASH = {
     ".cs", ".rs", ".swift", ".scala", ".php", ".dart", ".groovy", ".m", ".zig",
 }
 
+# Languages whose standard formatter indents with tabs: the default when a file shows no indentation yet.
+_TAB_INDENTED = {".go"}
+
 
 def line_comment_for(path: str | None) -> str | None:
     """The line-comment marker of a file's language, from its extension (None when unknown)."""
@@ -48,6 +51,31 @@ def indent_width(line: str, tab_size: int = 4) -> int:
 
 def leading_whitespace(line: str) -> str:
     return line[: len(line) - len(line.lstrip(" \t"))]
+
+
+def _indent_style(lines: list[str], tab_size: int, cursor_line_last: bool) -> str | None:
+    """A tab, or the most common step between space indents, of some lines; None when none is indented."""
+    tabs = spaces = 0
+    steps: dict[int, int] = {}
+    last = 0
+    for i, line in enumerate(lines):
+        if not line.strip() and not (cursor_line_last and i == len(lines) - 1 and line):
+            continue  # blank lines say nothing
+        ws = leading_whitespace(line)
+        if ws.startswith("\t"):
+            tabs += 1
+        elif ws:
+            spaces += 1
+        width = len(ws.expandtabs(tab_size))
+        if width > last:
+            steps[width - last] = steps.get(width - last, 0) + 1
+        last = width
+    if not tabs and not spaces:
+        return None
+    if tabs > spaces:
+        return "\t"
+    step = max(steps, key=lambda s: (steps[s], -s)) if steps else 4
+    return " " * (step if 1 < step <= 8 else 4)
 
 
 def opens_block(line: str, line_comment: str | None = None) -> bool:
@@ -112,28 +140,17 @@ class Cursor:
 
     @cached_property
     def indent_unit(self) -> str:
-        """One level of indentation in this file: a tab, or the most common step between space indents (default 4)."""
-        tabs = spaces = 0
-        steps: dict[int, int] = {}
-        last = 0
-        lines = self.prefix.split("\n")[-400:]  # recent lines are enough to see the style
-        for i, line in enumerate(lines):
-            # Blank lines say nothing, except the cursor's own line: an editor's auto-indent shows the unit.
-            if not line.strip() and not (i == len(lines) - 1 and line):
-                continue
-            ws = leading_whitespace(line)
-            if ws.startswith("\t"):
-                tabs += 1
-            elif ws:
-                spaces += 1
-            width = len(ws.expandtabs(self.tab_size))
-            if width > last:
-                steps[width - last] = steps.get(width - last, 0) + 1
-            last = width
-        if tabs > spaces:
-            return "\t"
-        step = max(steps, key=lambda s: (steps[s], -s)) if steps else 4
-        return " " * (step if 1 < step <= 8 else 4)
+        """One level of indentation in this file: a tab, or the most common step between space indents. Read from
+        the prefix; when no line there is indented (the first function of a file), from the suffix; else the
+        language's convention (a tab for Go, whose gofmt mandates them; four spaces otherwise)."""
+        # Recent lines are enough to see the style; the cursor's own line (last of the prefix) counts even when
+        # blank, since an editor's auto-indent shows the unit.
+        unit = _indent_style(self.prefix.split("\n")[-400:], self.tab_size, cursor_line_last=True)
+        if unit is None:
+            unit = _indent_style(self.suffix.split("\n")[1:400], self.tab_size, cursor_line_last=False)
+        if unit is None:
+            unit = "\t" if self.path and PurePosixPath(self.path).suffix.lower() in _TAB_INDENTED else "    "
+        return unit
 
     @cached_property
     def prefix_brackets(self) -> BracketState:

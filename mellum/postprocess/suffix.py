@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mellum.postprocess.brackets import PAIRS, scan
+from mellum.postprocess.brackets import PAIRS, BracketState, scan
 from mellum.postprocess.cursor import TRAILING_PUNCTUATION, Cursor
 
 
@@ -14,7 +14,8 @@ def drop_suffix_overlap(text: str, cursor: Cursor, min_text_overlap: int = 6) ->
     - Characters: the completion's end overlapping the start of the rest of the cursor's line (`foo(a█)`
       completed as `b)`). Closing brackets are dropped only when keeping them would close more brackets than
       the prefix opened (or end the line inside a string); quotes and separators always; other text when the
-      overlap is `min_text_overlap` characters or longer.
+      overlap is `min_text_overlap` characters or longer. A completion that still over-closes (it closed the bracket
+      the rest of the line closes, then went on) ends before its first closer of a bracket the prefix opened.
     """
     if not text:
         return text
@@ -43,6 +44,12 @@ def drop_suffix_overlap(text: str, cursor: Cursor, min_text_overlap: int = 6) ->
             return trimmed
         if k >= min_text_overlap:
             return trimmed
+    # The completion closes the bracket whose closer the line already has, then goes on (`def f(x:█)` completed as
+    # ` int) -> int:`): no overlap to drop, and kept it leaves the suffix's `)` dangling. End it before that closer.
+    if _overcloses(cursor, body):
+        _, at = scan(body, BracketState(quote=cursor.prefix_brackets.quote), cursor.line_comment)
+        if at is not None:
+            return drop_suffix_overlap(body[:at].rstrip(" \t"), cursor, min_text_overlap)
     return text
 
 

@@ -175,3 +175,40 @@ def test_named_pipe_is_skipped_not_read(tmp_path):
         walker.join(timeout=5)
         pytest.fail("indexing blocked on a named pipe")
     assert list(built[0].files) == ["app.py"] and built[0].skipped["special"] == 1
+
+
+def test_chunk_lines_agree_with_definition_lines_across_form_feeds(tmp_path):
+    # Form feeds (Emacs page breaks) and U+2028 are line ends to `str.splitlines` but not to editors or to the
+    # definitions table: chunks cut by splitlines drifted one line per form feed, so the definitions source handed
+    # out a chunk of the function above instead of the one defining the name.
+    body = "import os\n\x0c\n" + "".join(
+        f"def helper_{i}(a, b):\n" + "".join(f"    v{j} = a + b * {j}  # \u2028\n" for j in range(12)) + "    return v0\n\n\x0c\n"
+        for i in range(6)
+    )
+    (tmp_path / "lib.py").write_text(body)
+    index = ProjectIndex(tmp_path, CONFIG)
+    [(path, line)] = index.definitions_of("helper_5")
+    assert body.split("\n")[line].startswith("def helper_5(")
+    chunk = index.chunk_at(path, line)
+    assert "def helper_5(" in chunk.text
+    assert chunk.text == "".join(body.split("\n")[chunk.start_line : chunk.end_line][i] + "\n"
+                                 for i in range(chunk.end_line - chunk.start_line))
+
+
+def test_definitions_of_methods_and_grouped_declarations():
+    # Methods are what a completion after `store.` calls: JS/TS class and object methods, Java methods without
+    # modifiers (package-private, interfaces), and Go's grouped `const (...)` / `var (...)` / `type (...)` names.
+    ts = ("export class Store {\n  constructor(private path: string) {}\n"
+          "  async saveItem(key: string, item: Item): Promise<void> {\n    if (key) {\n      log(key);\n    }\n"
+          "    items.forEach((x) => {\n    });\n    describe(\"x\", function () {\n    });\n  }\n"
+          "  get size(): number {\n    return 1;\n  }\n}\nconst api = {\n  fetchUser(id) {\n    return id;\n  },\n};\n"
+          "export abstract class Base {}\n")
+    assert definitions(ts, "typescript") == [("Store", 0), ("constructor", 1), ("saveItem", 2), ("size", 11),
+                                             ("api", 15), ("fetchUser", 16), ("Base", 20)]
+    java = ("interface Repo {\n    Item find(String id);\n}\nclass Store {\n    void saveItem(String k, Item v) {\n"
+            "        Item item = new Item(k);\n        return foo(k);\n        throw new Error(k);\n        else bar(k);\n"
+            "        assert check(k);\n    }\n    List<Map<String, Item>> groups(int n) throws IOException {\n    }\n}\n")
+    assert definitions(java, "java") == [("Repo", 0), ("find", 1), ("Store", 3), ("saveItem", 4), ("groups", 11)]
+    go = ('package p\n\nconst (\n\tRed Color = iota\n\tGreen\n\t// comment\n)\n\nvar (\n\tErrX = errors.New("x")\n'
+          '\tcfg = Config{\n\t\tName: "x",\n\t}\n)\n\nfunc New() *S { return nil }\n')
+    assert definitions(go, "go") == [("Red", 3), ("Green", 4), ("ErrX", 9), ("cfg", 10), ("New", 15)]

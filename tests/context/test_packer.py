@@ -270,3 +270,32 @@ def test_cursor_window_query():
     q = src.Query.build("m.py", "python", "import os\nalpha = beta\ngamma = delta(", "epsilon)\nzeta = 1\n", [], config)
     assert q.window == "alpha = beta\ngamma = delta(epsilon)\n"
     assert q.near_idents == ["delta", "gamma", "beta", "alpha", "epsilon"]  # nearest first; 'zeta' outside
+
+
+def test_trim_cuts_at_newlines_only(count):
+    # `str.splitlines` also ends lines at U+2028 and form feeds: the "whole lines" kept began inside a line.
+    prefix = "x = 1\ns = 'a\u2028b'\x0c\ny = "
+    cap = count("b'\x0c\ny = ")
+    head, n = trim_prefix(prefix, cap, count)
+    assert head == "y = " and n == count("y = ")
+    tail, _ = trim_suffix("\nq = 'c\u2028d'\nz = 2\n", count("\nq = 'c\u2028"), count)
+    assert tail == "\n"
+
+
+def test_files_changed_or_deleted_on_disk_after_indexing_never_reach_the_prompt(tmp_path, count):
+    # A long-running server indexes a project once; edits made outside the editor (git checkout, rm) used to leave
+    # the old text in its context for good.
+    (tmp_path / "rates.py").write_text("def apply_discount(amount, rate):\n    return amount * (1 - rate)  # OLD_RATES\n")
+    (tmp_path / "legacy.py").write_text("def apply_discount_legacy(amount, rate):\n    return amount  # OLD_LEGACY\n")
+    (tmp_path / "main.py").write_text("x = 1\n")
+    packer = ContextPacker(ProjectIndex(tmp_path, CONFIG), count, CONFIG)
+    prefix = "from rates import apply_discount\nfrom legacy import apply_discount_legacy\n\ntotal = apply_discount("
+    first = packer.pack("main.py", prefix, ")\n", 600)
+    assert {"OLD_RATES", "OLD_LEGACY"} <= {m for p in first.pieces for m in ("OLD_RATES", "OLD_LEGACY") if m in p.text}
+    (tmp_path / "rates.py").write_text("def apply_discount(amount, rate, floor=0):\n    return max(floor, amount)  # NEW_RATES\n")
+    (tmp_path / "legacy.py").unlink()
+    second = packer.pack("main.py", prefix, ")\n", 600)
+    packed = "".join(p.text for p in second.pieces)
+    assert "OLD_RATES" not in packed and "OLD_LEGACY" not in packed
+    assert "NEW_RATES" in packed  # the new text is read and used in the same request
+    assert "legacy.py" not in packer.index.files and packer.index.definitions_of("apply_discount_legacy") == []

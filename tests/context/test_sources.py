@@ -95,3 +95,38 @@ def test_lexical_sources_rank_the_defining_chunk_high(shop, index):
     jac = src.jaccard_chunks(index, q, ["app/models.py", "web/format.ts"], top_k=5)
     assert jac and all(index.chunks[c].path == "app/models.py" for c, _ in jac)  # format.ts shares no identifier
     assert all(0 < s <= 1 for _, s in jac)
+
+
+def _write(root, files: dict[str, str]) -> None:
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+
+
+def test_typescript_esm_imports_name_the_emitted_js_file(tmp_path):
+    # Under "module": "node16"/"bundler", TypeScript source imports `./lib/helper.js` for `lib/helper.ts`.
+    _write(tmp_path, {
+        "src/lib/helper.ts": "export function helper(a: number): number { return a + 1; }\n",
+        "src/view.tsx": "export const View = () => null;\n",
+        "src/esm.mts": "export const esm = 1;\n",
+        "src/main.ts": 'import { helper } from "./lib/helper.js";\nimport { View } from "./view.jsx";\n'
+                       'import { esm } from "./esm.mjs";\nexport const y = helper(1);\n',
+    })
+    index = ProjectIndex(tmp_path, CONFIG)
+    assert src.imported_files(index, _query(index, "src/main.ts"), n=10) == ["src/lib/helper.ts", "src/view.tsx", "src/esm.mts"]
+
+
+def test_java_wildcard_imports_resolve_to_files(tmp_path):
+    java = "src/main/java/com/x"
+    _write(tmp_path, {
+        f"{java}/model/User.java": "package com.x.model;\npublic class User {}\n",
+        f"{java}/model/model.java": "package com.x.model;\nclass model {}\n",  # a file named after its folder
+        f"{java}/util/Consts.java": "package com.x.util;\npublic class Consts { public static int MAX = 3; }\n",
+        f"{java}/notmodel/Other.java": "package com.x.notmodel;\nclass Other {}\n",
+        f"{java}/App.java": "package com.x;\nimport com.x.model.*;\nimport static com.x.util.Consts.*;\nclass App {}\n",
+    })
+    index = ProjectIndex(tmp_path, CONFIG)
+    found = src.imported_files(index, _query(index, f"{java}/App.java"), n=10)
+    # Files only (the old lookup returned the folder's path when a file was named after it), and the class of a
+    # static wildcard import.
+    assert found == [f"{java}/model/User.java", f"{java}/model/model.java", f"{java}/util/Consts.java"]

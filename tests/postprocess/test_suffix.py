@@ -63,3 +63,21 @@ def test_closing_quote_and_bracket_dropped_inside_a_string(at):
     assert drop_suffix_overlap("a')]", at("x = [f('█')]\n")) == "a"
     # Inserted before the suffix's `")`, this gives `print("hello world", end="")`.
     assert drop_suffix_overlap('world", end="")', at('print("hello █")\n')) == 'world", end="'
+
+
+def test_completion_running_past_the_suffix_closer_ends_before_it(at):
+    # `def f(x:█)` with the `)` auto-closed: the model writes the rest of the signature through its own `)`.
+    # Kept, the suffix's `)` would dangle after it (`def f(x: int) -> int:)`); no overlap can be dropped.
+    assert drop_suffix_overlap(" int) -> int:", at("def f(x:█)\n")) == " int"
+    assert drop_suffix_overlap("a, b))", at("foo(█)\n")) == "a, b"  # one closer too many
+    assert drop_suffix_overlap('hi") + str(x)', at('print("█")\n')) == "hi"  # through the closing quote too
+    # Legal results stay: the suffix's `)]` closes what the completion leaves open.
+    assert drop_suffix_overlap("a), g(b", at("x = [f(█)]\n")) == "a), g(b"
+    assert drop_suffix_overlap("a, b).then(x", at("call(█);\n", path="a.js")) == "a, b).then(x"
+
+
+def test_signature_completed_through_the_auto_closed_paren_end_to_end(at):
+    from mellum.postprocess import pipeline
+
+    cur = at("def f(x:█)\n")
+    assert pipeline()(" int) -> int:\n    return x", cur) == " int"
