@@ -48,6 +48,15 @@ def test_servers_refuse_impossible_engine_options_before_loading(command, option
     assert err.startswith(f"mellum: error: {option[0]} must be") and "loading" not in err
 
 
+@pytest.mark.parametrize("argv", [["serve", "--max-body-bytes", "0"], ["serve", "--max-tokens-limit", "-1"],
+                                  ["lsp", "--debounce-ms", "-5"], ["lsp", "--debounce-ms", "nan"]])
+def test_server_limits_that_refuse_every_request_are_refused_up_front(argv, capsys):
+    """They were accepted: a server whose every request fails with 413 (or asks for no tokens), a negative wait."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mellum: error: {argv[1]} must be") and "loading" not in err
+
+
 def test_closed_pipe_ends_quietly():
     read_end, write_end = os.pipe()
     os.close(read_end)  # every write of the child fails with EPIPE, as when `| head` has exited

@@ -21,6 +21,8 @@ def run(args) -> int:
     from mellum.serve.lsp import LspConfig, create_server
 
     check_model_arguments(args)
+    if args.debounce_ms is not None and not 0 <= args.debounce_ms <= 10_000:
+        raise ValueError(f"--debounce-ms must be 0-10000 (milliseconds), got {args.debounce_ms}")
     host = port = None
     if args.tcp:
         host, _, port_text = args.tcp.rpartition(":")

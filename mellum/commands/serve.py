@@ -129,6 +129,10 @@ def run(args) -> int:
             raise NotADirectoryError(f"--workspace {w} is not a directory")
     if args.port < 0 or args.port > 65535:
         raise ValueError(f"--port must be 0-65535, got {args.port}")
+    if args.max_body_bytes < 1024:  # a completion request with any code in it is larger
+        raise ValueError(f"--max-body-bytes must be at least 1024, got {args.max_body_bytes}")
+    if args.max_tokens_limit < 1:
+        raise ValueError(f"--max-tokens-limit must be at least 1, got {args.max_tokens_limit}")
     path = model_dir(args)
     print(f"mellum: loading {path}", file=sys.stderr, flush=True)
     service = load_service(path, args)

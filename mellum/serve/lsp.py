@@ -210,6 +210,10 @@ def create_server(model_dir=None, telemetry=None, config: LspConfig | None = Non
     # ---- lifecycle and configuration -------------------------------------------------------------------
     @server.feature(types.INITIALIZE)
     def on_initialize(ls, params: types.InitializeParams):
+        # The encoding pygls negotiated, in force before any document arrives (not at `initialized`, a notification
+        # handled on its own: a didOpen could come first).
+        encoding = ls.workspace.position_encoding
+        state.documents.encoding = str(getattr(encoding, "value", encoding or "utf-16"))
         state.config = state.config.merged(params.initialization_options)
         options = params.initialization_options
         if isinstance(options, dict) and options.get("model") and str(options["model"]) != str(state.model_dir):
@@ -221,8 +225,6 @@ def create_server(model_dir=None, telemetry=None, config: LspConfig | None = Non
 
     @server.feature(types.INITIALIZED)
     async def on_initialized(ls, params):
-        state.documents.encoding = str(getattr(ls.server_capabilities.position_encoding, "value",
-                                               ls.server_capabilities.position_encoding or "utf-16"))
         state.start_loading()
         await _pull_configuration(ls)
 
@@ -354,7 +356,6 @@ class _State:
         self.telemetry = telemetry
         self.documents = DocumentStore()
         self.metrics = Metrics()
-        self.cache = SuggestionCache(config.cache_entries, config.cache_tail_chars)
         self.inflight: dict[str, _Pending] = {}  # per document: the engine work for its latest cursor
         self.runner: Runner | None = Runner(service, self.metrics, telemetry, workers) if service else None
         self._load_service = load_service
@@ -365,6 +366,19 @@ class _State:
         self.served = 0
         self.last_latency_ms: float | None = None
         self.last: dict | None = None  # the latest engine completion: id, timings, token counts
+
+    @property
+    def config(self) -> LspConfig:
+        return self._config
+
+    @config.setter
+    def config(self, config: LspConfig) -> None:
+        """New settings (at initialize, from workspace/configuration, on a change) start an empty suggestion cache of
+        their size: suggestions cached under other settings (another maxNewTokens, multiline, temperature) are not
+        what these would give."""
+        if config != getattr(self, "_config", None):
+            self._config = config
+            self.cache = SuggestionCache(config.cache_entries, config.cache_tail_chars)
 
     # ---- model ---------------------------------------------------------------------------------------
     def preload(self) -> None:

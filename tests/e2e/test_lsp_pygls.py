@@ -292,3 +292,38 @@ def test_changes_to_documents_never_opened_raise_no_error_in_the_editor(tiny_mod
     assert len(unknown.items) == 0 and len(closed.items) == 0
     assert status.served == 1 and status.documents == 0  # the whole-text change was served, then closed
     assert isinstance(known, types.InlineCompletionList)
+
+
+def test_settings_given_later_shape_the_suggestion_cache(tiny_model_dir, workspace, tmp_path):
+    """The suggestion cache was sized from the command line once: cacheEntries from initializationOptions was never
+    applied, and after a settings change (another maxNewTokens) the cache kept answering with suggestions made
+    under the old settings."""
+    from lsprotocol import types
+
+    path = workspace / "shop" / "pricing.py"
+    text = path.read_text()
+    uri = path.as_uri()
+    line = text.splitlines().index("def cart_total(cart: Cart) -> Decimal:") + 1
+
+    async def session():
+        client, _ = await _start(tiny_model_dir, tmp_path / "telemetry.db", workspace,
+                                 {"maxNewTokens": 4, "cacheEntries": 1})
+        client.text_document_did_open(types.DidOpenTextDocumentParams(
+            text_document=types.TextDocumentItem(uri=uri, language_id="python", version=1, text=text)))
+
+        async def served_after(line_, character):
+            await client.text_document_inline_completion_async(_inline(uri, line_, character))
+            return (await client.protocol.send_request_async("mellum/status", {})).served
+
+        counts = [await served_after(line, 4)]
+        counts.append(await served_after(line, 4))  # the same cursor: from the cache
+        counts.append(await served_after(line + 3, 0))  # another cursor takes the one cache entry...
+        counts.append(await served_after(line, 4))  # ...so the first is computed again
+        client.workspace_did_change_configuration(types.DidChangeConfigurationParams(
+            settings={"mellum": {"maxNewTokens": 8, "cacheEntries": 1}}))
+        counts.append(await served_after(line, 4))  # other settings: not the old suggestion
+        counts.append(await served_after(line, 4))
+        await _stop(client)
+        return counts
+
+    assert _run(session()) == [1, 1, 2, 3, 4, 4]
