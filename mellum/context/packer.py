@@ -92,6 +92,7 @@ class ContextPacker:
         self._memo: dict[str, int] = {}  # counts of joined prefix/suffix texts within one request
         self._additive = _counts_add_up(self.format, count_tokens) if self.config.verify_total is None else not self.config.verify_total
         self._overhead: dict[str, int] = {}
+        self._buffers: set[str] = set()  # files indexed from the last request's editor buffers
 
     # ---- the request -----------------------------------------------------------------------------
     def pack(
@@ -131,10 +132,10 @@ class ContextPacker:
         return rel if rel is not None else str(path)
 
     def _sync_open_files(self, open_files, current: str) -> list[str]:
-        if not open_files or self.index is None:
+        if self.index is None:
             return []
-        paths = []
-        items = open_files.items() if isinstance(open_files, Mapping) else ((p, None) for p in open_files)
+        paths, buffers = [], set()
+        items = open_files.items() if isinstance(open_files, Mapping) else ((p, None) for p in open_files or ())
         for path, text in items:
             rel = self.index.relative(path)
             if rel is None:
@@ -142,7 +143,14 @@ class ContextPacker:
             # The current file's buffer changes on every keystroke and is never its own context: not re-indexed.
             if text is not None and rel != current:
                 self.index.update(rel, text)  # no-op when the buffer equals what the index holds
+                buffers.add(rel)
             paths.append(rel)
+        # A buffer the editor no longer sends was closed, perhaps unsaved: the disk's text is the project again.
+        for rel in self._buffers - buffers - {current}:
+            entry = self.index.files.get(rel)
+            if entry is not None and entry.from_buffer:
+                self.index.update(rel)
+        self._buffers = buffers
         return paths
 
     def _pinned(self, extra: Sequence[ContextFile]) -> list[Candidate]:

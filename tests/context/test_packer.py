@@ -299,3 +299,22 @@ def test_files_changed_or_deleted_on_disk_after_indexing_never_reach_the_prompt(
     assert "OLD_RATES" not in packed and "OLD_LEGACY" not in packed
     assert "NEW_RATES" in packed  # the new text is read and used in the same request
     assert "legacy.py" not in packer.index.files and packer.index.definitions_of("apply_discount_legacy") == []
+
+
+def test_a_closed_unsaved_buffer_gives_way_to_the_disk(tmp_path, count):
+    """An unsaved buffer stayed in the index after the editor closed it (buffers are trusted over the disk), so
+    text that exists nowhere any more kept reaching prompts."""
+    (tmp_path / "rates.py").write_text("def apply_discount(amount, rate):\n    return amount * (1 - rate)  # ON_DISK\n")
+    (tmp_path / "main.py").write_text("x = 1\n")
+    packer = ContextPacker(ProjectIndex(tmp_path, CONFIG), count, CONFIG)
+    prefix = "from rates import apply_discount\n\ntotal = apply_discount("
+    unsaved = "def apply_discount(amount, rate):\n    return 0  # UNSAVED_EDIT\n"
+
+    def packed(open_files):
+        return "".join(p.text for p in packer.pack("main.py", prefix, ")\n", 600, open_files=open_files).pieces)
+
+    assert "UNSAVED_EDIT" in packed({"rates.py": unsaved, "main.py": prefix})  # the buffer wins while open
+    assert "UNSAVED_EDIT" in packed({"rates.py": unsaved})
+    after = packed({"main.py": prefix})  # rates.py closed without saving
+    assert "UNSAVED_EDIT" not in after and "ON_DISK" in after
+    assert "ON_DISK" in packed(None)
