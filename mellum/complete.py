@@ -400,14 +400,17 @@ class CompletionService:
         return self._result(request, prompt, result.tokens, raw, text, reason, result, t0, t_context, multiline)
 
     # ---- context -----------------------------------------------------------------------------------------
-    def packer(self, project_root: str | None):
+    def packer(self, project_root: str | None, create: bool = True):
         """The context packer of a project (its `ProjectIndex` built on first use, then kept), and its lock; for
         `None`, a packer without an index (client-sent context only). Servers update buffers through
-        `packer.index.update(path, text)` under the lock. None when `mellum.context` cannot be imported."""
+        `packer.index.update(path, text)` under the lock. None when `mellum.context` cannot be imported, or when
+        `create` is False and the project has no packer yet."""
         key = None if project_root is None else str(Path(project_root).resolve())
         with self._packers_lock:
             if key in self._packers:
                 return self._packers[key]
+        if not create:
+            return None, threading.Lock()
         try:
             from mellum.context import ContextConfig, ContextPacker, ProjectIndex
         except ImportError:  # the context module is optional for the service: fall back to client context

@@ -226,7 +226,32 @@ def create_server(model_dir=None, telemetry=None, config: LspConfig | None = Non
     @server.feature(types.INITIALIZED)
     async def on_initialized(ls, params):
         state.start_loading()
+        await _watch_files(ls)
         await _pull_configuration(ls)
+
+    async def _watch_files(ls):
+        """Ask the client to report files created, changed or deleted on disk (a `git checkout`, a generator, a
+        new file from the terminal): the project index learns of them at once, not at the server's next start."""
+        caps = ls.client_capabilities.workspace
+        watched = caps.did_change_watched_files if caps else None
+        if not (watched and watched.dynamic_registration):
+            return
+        options = types.DidChangeWatchedFilesRegistrationOptions(
+            watchers=[types.FileSystemWatcher(glob_pattern="**/*")])
+        try:
+            await asyncio.wait_for(ls.client_register_capability_async(types.RegistrationParams(registrations=[
+                types.Registration(id="mellum-files", method=types.WORKSPACE_DID_CHANGE_WATCHED_FILES,
+                                   register_options=options)])), timeout=5)
+        except Exception as exc:  # the index still notices changed and deleted files when it uses them
+            log.warning("could not register a file watcher: %s", exc)
+
+    @server.feature(types.WORKSPACE_DID_CHANGE_WATCHED_FILES)
+    async def on_watched_files(ls, params: types.DidChangeWatchedFilesParams):
+        from mellum.serve.documents import uri_to_path
+
+        paths = [uri_to_path(change.uri) for change in params.changes]
+        # Off the event loop: re-reading files waits for the project's lock, which a completion may hold.
+        await asyncio.get_running_loop().run_in_executor(None, state.files_changed, ls, paths)
 
     async def _pull_configuration(ls):
         caps = ls.client_capabilities.workspace
@@ -465,6 +490,22 @@ class _State:
             if (target == root or root in target.parents) and (best is None or len(str(root)) > len(str(best))):
                 best = root
         return str(best) if best else None
+
+    def files_changed(self, ls, paths: list[str]) -> None:
+        """Files changed on disk: each project index that exists re-reads them (created ones join, deleted ones
+        leave). An open buffer stays as the editor has it."""
+        service = self.runner.service if self.runner is not None else None
+        if service is None or not hasattr(service, "packer"):
+            return
+        open_paths = set(self.documents.snapshot())
+        for path in paths:
+            root = self._workspace_root(ls, path)
+            if root is None or path in open_paths:
+                continue
+            packer, lock = service.packer(root, create=False)
+            if packer is not None and packer.index is not None:
+                with lock:
+                    packer.index.update(path)
 
     def _open_files(self, root: str | None, skip: str) -> dict[str, str]:
         if root is None:

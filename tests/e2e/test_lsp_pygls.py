@@ -19,7 +19,7 @@ def _run(coro):
     return asyncio.run(asyncio.wait_for(coro, 75))
 
 
-async def _start(model_dir, db, root, options=None, log=None, pulled=None):
+async def _start(model_dir, db, root, options=None, log=None, pulled=None, registrations=None):
     from lsprotocol import types
     from pygls.lsp.client import LanguageClient
 
@@ -30,12 +30,20 @@ async def _start(model_dir, db, root, options=None, log=None, pulled=None):
         assert params.items[0].section == "mellum"
         return [pulled or {}]
 
+    if registrations is not None:  # a client that watches files for the server when asked (VS Code does)
+        @client.feature(types.CLIENT_REGISTER_CAPABILITY)
+        def register(ls, params):
+            registrations.extend(params.registrations)
+
     args = ["-m", "mellum.cli", "lsp", "--model", str(model_dir), "--telemetry", str(db)]
     if log:
         args += ["--log-file", str(log)]
     await client.start_io(PYTHON, *args, env=server_env())
+    watched = types.DidChangeWatchedFilesClientCapabilities(dynamic_registration=True) if registrations is not None \
+        else None
     caps = types.ClientCapabilities(
-        workspace=types.WorkspaceClientCapabilities(configuration=True, workspace_folders=True),
+        workspace=types.WorkspaceClientCapabilities(configuration=True, workspace_folders=True,
+                                                    did_change_watched_files=watched),
     )
     result = await client.initialize_async(types.InitializeParams(
         capabilities=caps, process_id=None, root_uri=root.as_uri(),
@@ -327,3 +335,44 @@ def test_settings_given_later_shape_the_suggestion_cache(tiny_model_dir, workspa
         return counts
 
     assert _run(session()) == [1, 1, 2, 3, 4, 4]
+
+
+def test_files_created_or_deleted_on_disk_reach_the_index_through_the_file_watcher(tiny_model_dir, tmp_path):
+    """A running server never learned of files created outside the editor (a `git pull`, a new module written in
+    the terminal): its project index was built once. Now it asks the client to watch files and re-reads them."""
+    import shutil
+
+    from lsprotocol import types
+
+    from .conftest import SAMPLE_PROJECT
+
+    root = tmp_path / "project"
+    shutil.copytree(SAMPLE_PROJECT, root)
+    db = tmp_path / "telemetry.db"
+    main = root / "shop" / "report.py"
+    uri = main.as_uri()
+    head = "from shop.taxes_extra import surcharge_for_region\n\n\ndef report(region):\n    return "
+    new_module = root / "shop" / "taxes_extra.py"
+
+    async def session():
+        registrations = []
+        client, _ = await _start(tiny_model_dir, db, root, {"maxNewTokens": 2, "debounceMs": 0},
+                                 registrations=registrations)
+        client.text_document_did_open(types.DidOpenTextDocumentParams(
+            text_document=types.TextDocumentItem(uri=uri, language_id="python", version=1, text=head)))
+        await client.text_document_inline_completion_async(_inline(uri, 4, 11))  # the project is indexed now
+        new_module.write_text("def surcharge_for_region(region):\n    return 0.07  # WATCHED_NEW_FILE\n")
+        client.workspace_did_change_watched_files(types.DidChangeWatchedFilesParams(changes=[
+            types.FileEvent(uri=new_module.as_uri(), type=types.FileChangeType.Created)]))
+        client.text_document_did_change(types.DidChangeTextDocumentParams(
+            text_document=types.VersionedTextDocumentIdentifier(uri=uri, version=2),
+            content_changes=[types.TextDocumentContentChangeWholeDocument(text=head + "surcharge_for_region(")]))
+        await client.text_document_inline_completion_async(_inline(uri, 4, 32))
+        await _stop(client)
+        return registrations
+
+    registrations = _run(session())
+    assert [r.method for r in registrations] == [types.WORKSPACE_DID_CHANGE_WATCHED_FILES]
+    prompts = [row[0] for row in sqlite3.connect(db).execute("SELECT prompt FROM completions ORDER BY rowid")]
+    assert len(prompts) == 2
+    assert "WATCHED_NEW_FILE" not in prompts[0] and "WATCHED_NEW_FILE" in prompts[1]
