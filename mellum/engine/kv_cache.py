@@ -95,6 +95,18 @@ class KVCache:
             raise ValueError(f"sequence of {kv_len} tokens exceeds the cache length {self.max_len}")
         return CacheView(self, rows, kv_len, fresh, padded)
 
+    def held_from(self, layer_idx: int, row: int, end: int) -> int:
+        """The lowest position s such that one row of a layer holds every position in [s, end) (end when it lacks
+        end - 1). A sliding layer holds less than its size after a reset or a prefix-cache load (only the blocks
+        before the reuse point), and a ring slot keeps only the last position written to it."""
+        layer = self.layers[layer_idx]
+        pos = layer.pos[row]
+        back = end - 1 - pos  # [S] how far each stored position lies before end - 1
+        back = back[(pos >= 0) & (back >= 0) & (back < layer.size)]
+        have = torch.zeros(layer.size + 1, dtype=torch.bool, device=self.device)
+        have[back] = True
+        return end - int(torch.argmin(have.to(torch.uint8)))  # the first offset missing (have[size] always is)
+
     # ---- copying spans in and out (prefix cache) -------------------------------------------------------
     def read(self, layer_idx: int, row: int, start: int, end: int) -> torch.Tensor:
         """KV of positions [start, end) of one row and layer as one tensor [2, Hkv, end-start, D] (a copy)."""
@@ -177,8 +189,10 @@ class CacheView:
             # masked attention over the cache, and is_causal SDPA skips the upper triangle (about 2x faster on CPU
             # at 4k tokens than an explicit boolean mask).
             return k.to(layer.k.dtype), v.to(layer.v.dtype), None
-        if B == 1 and not (layer.ring or self.padded) and layer_idx not in self.cache.separate_layers:
-            # One row on a full-attention layer: slots 0..kv_len-1 hold exactly positions 0..kv_len-1 of this
+        if (B == 1 and layer.window is None and not self.padded
+                and layer_idx not in self.cache.separate_layers):
+            # One row on a full-attention layer (a sliding layer keeps every position when max_len <= window + slack,
+            # but its window still masks them): slots 0..kv_len-1 hold exactly positions 0..kv_len-1 of this
             # sequence (prefix-cache copy, kept row prefix, prefill and decode fill them in order; entries of
             # rejected drafts lie at or beyond kv_len), and the new tokens are the last T of them. So no mask:
             if T == 1:  # every key is visible (2-3x faster at 4k keys on CPU than the boolean mask)

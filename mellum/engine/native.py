@@ -20,9 +20,10 @@ from mellum.engine.api import GenerationResult
 from mellum.engine.kernels import KernelChooser, fuse_projections, fuse_state_dict, split_linears
 from mellum.engine.kv_cache import KVCache
 from mellum.engine.prefix_cache import PrefixCache
-from mellum.engine.sampling import SamplingParams, constrain, make_generator, probabilities, sample, token_ids
+from mellum.engine.sampling import (PositionNoise, SamplingParams, constrain, draw, make_generator, probabilities,
+                                    sample, token_ids)
 from mellum.engine.scheduler import Scheduler, Sequence
-from mellum.engine.speculative import DraftLength, NgramDrafter, accept_greedy, accept_sampled
+from mellum.engine.speculative import DraftLength, NgramDrafter, accept_coupled, accept_greedy
 
 SPECULATIVE_MODES = (None, "lookup", "mtp")
 _EAGER_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -365,8 +366,8 @@ class NativeEngine:
         logits, out = self.model.mtp(hidden, ids, positions, view, return_hidden=True)
         return logits[0, -1].float(), out[:, -1:]
 
-    def _mtp_draft(self, seq: Sequence, k: int) -> tuple[list[int], torch.Tensor | None]:
-        """Up to k draft tokens from the MTP layer and, when sampling, their distributions [k, V].
+    def _mtp_draft(self, seq: Sequence, k: int) -> list[int]:
+        """Up to k draft tokens from the MTP layer (sampled ones drawn with the noise of their positions).
 
         The first comes from the MTP logits of the last verified position (main hidden state h_p and token p+1
         predict token p+2, DeepSeek-V3 §2.2). Each further one runs the same layer again one position on, with its
@@ -374,18 +375,23 @@ class NativeEngine:
         recursive use of one MTP module for longer drafts). Verification decides; the layer's cache entries written
         here are recomputed from the main model's hidden states once the draft is verified."""
         logits, hidden = seq.state["mtp_logits"], seq.state["mtp_hidden"]
-        draft, probs = [], []
+        noise = None if seq.params.greedy else seq.state["noise"].take(len(seq.generated), k)  # [k, V]
+        draft = []
         for i in range(k):
-            if seq.params.greedy:
+            if noise is None:
                 token = int(torch.argmax(logits))
             else:
-                q = probabilities(logits[None], seq.params)[0]  # [V]
-                token = int(torch.multinomial(q, 1, generator=seq.generator))
-                probs.append(q)
+                token = int(draw(probabilities(logits[None], seq.params)[0], noise[i]))
             draft.append(token)
             if i + 1 < k:  # MTP at position filled + i: the draft token just made is its "next token" input
                 logits, hidden = self._mtp(hidden, [token], seq.filled + i, seq.row)
-        return draft, (torch.stack(probs) if probs else None)
+        return draft
+
+    @staticmethod
+    def _noise(seq: Sequence, n: int = 1) -> torch.Tensor | None:
+        """The Gumbel noise [n, V] of a sampled request's next n positions; None when greedy."""
+        noise = seq.state.get("noise")
+        return None if noise is None else noise.take(len(seq.generated), n)
 
     def _tensor(self, rows: list[list[int]]) -> torch.Tensor:
         return torch.tensor(rows, dtype=torch.long, device=self.device)
@@ -395,6 +401,8 @@ class NativeEngine:
         """Claim the row: keep the KV its previous request left for a shared prefix, or reset it and copy the
         longest cached prompt prefix into it, whichever covers more of the prompt."""
         seq.generator = make_generator(seq.params, self.device)
+        if seq.generator is not None:
+            seq.state["noise"] = PositionNoise(seq.generator, self.vocab_size, self.device)
         # The last prompt token is always recomputed: its logits start the generation.
         match = self.prefix_cache.match(seq.prompt, len(seq.prompt) - 1)
         resident = self._resident_prefix(seq)
@@ -423,13 +431,16 @@ class NativeEngine:
         if (prev is None or prev.error is not None or self.options.speculative == "mtp"
                 or self.prefix_cache.budget_bytes <= 0):  # a zero budget turns every reuse across requests off
             return 0
-        limit = min(prev.filled, len(seq.prompt) - 1)
+        # Accepted drafts after a stop (a stop id, the last line) have KV but are not among the tokens.
+        limit = min(prev.filled, len(prev.tokens), len(seq.prompt) - 1)
         common = 0
         old, new = prev.tokens, seq.prompt
         while common < limit and old[common] == new[common]:
             common += 1
-        for layer in self.cache.layers:
-            if layer.ring and max(0, common - layer.window + 1) < max(0, prev.filled - layer.size):
+        # A sliding layer must hold the window before the reuse point: a ring overwrote older positions, and a load
+        # from the prefix cache brought in only the window before its own reuse point.
+        for i, layer in enumerate(self.cache.layers):
+            if layer.window and self.cache.held_from(i, seq.row, common) > max(0, common - layer.window + 1):
                 return 0
         return common
 
@@ -453,7 +464,7 @@ class NativeEngine:
             self.prefix_cache.insert(seq.prompt, b, self.cache, seq.row, b)
             seq.prefill_s += time.perf_counter() - t0
             return
-        token = int(sample(logits[:, -1], seq.params, seq.generator, seq.allowed_ids())[0])
+        token = int(sample(logits[:, -1], seq.params, None, seq.allowed_ids(), self._noise(seq))[0])
         if seq.state["mtp"]:
             seq.state["mtp_logits"], seq.state["mtp_hidden"] = self._mtp(hidden, seq.prompt[a + 1:] + [token], a,
                                                                          seq.row)
@@ -466,7 +477,7 @@ class NativeEngine:
     def decode_step(self, seqs: list[Sequence]) -> None:
         """One token for every sequence in the batch (the last token of each gets its KV)."""
         if len(seqs) == 1 and seqs[0].state.get("mtp"):
-            self._verify(seqs[0], [], None)
+            self._verify(seqs[0], [])
             return
         rows = [s.row for s in seqs]
         ids = self._tensor([[s.tokens[-1]] for s in seqs])  # [B, 1]
@@ -477,19 +488,20 @@ class NativeEngine:
             seq.state["mtp"] = False  # batched steps do not run the MTP layer; its cache would have gaps
             seq.filled += 1
             try:
-                seq.emit(int(sample(logits[i:i + 1, -1], seq.params, seq.generator, seq.allowed_ids())[0]))
+                seq.emit(int(sample(logits[i:i + 1, -1], seq.params, None, seq.allowed_ids(), self._noise(seq))[0]))
             except Exception as exc:  # noqa: BLE001 - the request's own callbacks (on_token, allowed_next) failed:
                 seq.error, seq.stop_reason = exc, "error"  # it ends alone, not the batch it shares the step with
 
     def speculative_step(self, seq: Sequence) -> None:
-        """Draft, verify in one forward, accept (exactly for greedy, by rejection sampling otherwise)."""
+        """Draft, verify in one forward, accept the draft tokens that equal the target's (argmax, or the draw with
+        the position's noise when sampling)."""
         room = min(seq.params.max_new_tokens - len(seq.generated), self.max_len - seq.filled - 1) - 1
         if seq.allowed_ids() is not None:  # a constrained token (token healing) is never drafted
             self.decode_step([seq])
             return
         if seq.state.get("mtp"):
             k = min(seq.state["draft_len"].current, room) if room >= 1 else 0
-            self._verify(seq, *self._mtp_draft(seq, k))
+            self._verify(seq, self._mtp_draft(seq, k))
             return
         drafter: NgramDrafter = seq.state.get("drafter")
         if drafter is None:
@@ -500,9 +512,9 @@ class NativeEngine:
         if not draft:
             self.decode_step([seq])
             return
-        self._verify(seq, draft, None)
+        self._verify(seq, draft)
 
-    def _verify(self, seq: Sequence, draft: list[int], draft_probs: torch.Tensor | None) -> None:
+    def _verify(self, seq: Sequence, draft: list[int]) -> None:
         """Run [last token, *draft] at positions filled.., accept a prefix, emit it plus one target token."""
         k, start = len(draft), seq.filled
         ids = self._tensor([[seq.tokens[-1]] + draft])  # [1, k+1]
@@ -514,7 +526,7 @@ class NativeEngine:
         if seq.params.greedy:
             n, token = accept_greedy(draft, logits)
         else:
-            n, token = accept_sampled(draft, probabilities(logits, seq.params), draft_probs, seq.generator)
+            n, token = accept_coupled(draft, probabilities(logits, seq.params), self._noise(seq, k + 1))
         seq.filled = start + n + 1  # KV of the last token and the accepted drafts is valid; the rest is masked
         if k:
             seq.draft_tokens += k

@@ -127,8 +127,9 @@ class PrefixCache:
         if self.budget_bytes <= 0:
             return
         bt = self.block_tokens
-        # Sliding-layer KV is still in the ring only for the last `ring size` positions.
-        ring_start = max((filled - cache.layers[i].size for i in self.sliding_layers), default=0)
+        # Sliding-layer KV is still in the ring at most for the last `ring size` positions, and after a load from
+        # this cache only from the blocks it copied in: the row's stored positions say which it holds.
+        ring_start = max((cache.held_from(i, row, filled) for i in self.sliding_layers), default=0)
         now = next(self._clock)
         node, chain, new = self.root, [], []
         for j, key in enumerate(self._chunks(tokens, limit)):

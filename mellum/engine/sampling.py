@@ -146,11 +146,52 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return probs
 
 
+def gumbel_noise(shape: tuple[int, ...], generator: torch.Generator | None,
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+    """Standard Gumbel noise of `shape`: argmax(log p + noise) is a draw from p (the Gumbel-max trick)."""
+    u = torch.rand(shape, generator=generator, device=device)
+    return -torch.log(-torch.log(u))  # u = 0 gives -inf: never the argmax
+
+
+def draw(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The token ids [...] that Gumbel noise [..., V] picks from distributions probs [..., V] (zero mass never)."""
+    return torch.argmax(torch.log(probs) + noise, dim=-1)
+
+
+class PositionNoise:
+    """A request's sampling randomness, one Gumbel vector [V] per generated position, drawn from its seeded RNG in
+    position order whoever asks first: a batched decode step, a speculative draft or its verification. A sampled
+    token is then a function of its distribution and its position alone, so a seed gives the same tokens whether the
+    request ran alone (speculating) or batched with others (plain steps), as reruns of a seeded evaluation expect."""
+
+    def __init__(self, generator: torch.Generator, vocab: int, device: torch.device | str):
+        self.generator, self.vocab, self.device = generator, vocab, device
+        self._noise: dict[int, torch.Tensor] = {}
+        self._next = 0
+
+    def take(self, start: int, n: int = 1) -> torch.Tensor:
+        """Noise [n, V] of positions [start, start + n); positions before `start` are done with and dropped."""
+        for i in [i for i in self._noise if i < start]:
+            del self._noise[i]
+        while self._next < start + n:
+            if self._next >= start:
+                self._noise[self._next] = gumbel_noise((self.vocab,), self.generator, self.device)
+            else:  # a position nobody sampled (cannot happen in the engine): keep the stream in step all the same
+                gumbel_noise((self.vocab,), self.generator, self.device)
+            self._next += 1
+        if n == 0:
+            return torch.empty(0, self.vocab, device=self.device)
+        return torch.stack([self._noise[i] for i in range(start, start + n)])
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
-           allowed_ids: tuple[int, ...] | None = None) -> torch.Tensor:
-    """Next token ids [B] from logits [B, V]: argmax when greedy, else a draw from `probabilities`."""
+           allowed_ids: tuple[int, ...] | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Next token ids [B] from logits [B, V]: argmax when greedy, else a draw from `probabilities` with `noise`
+    [B, V] (`PositionNoise`), or noise from `generator` when none is given."""
     logits = constrain(logits, allowed_ids)
     if params.greedy:
         return torch.argmax(logits, dim=-1)
     probs = probabilities(logits, params)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if noise is None:
+        noise = gumbel_noise(tuple(probs.shape), generator, probs.device)
+    return draw(probs, noise)

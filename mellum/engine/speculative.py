@@ -2,10 +2,14 @@
 decoding, and the adaptive draft length. The engine supplies the drafts from MTP or lookup and the target logits.
 
 Greedy verification accepts a draft token exactly when it equals the target's argmax, so the output is identical
-to plain greedy decoding. Sampled verification is the rejection rule of Leviathan et al. 2023 ("Fast Inference from
-Transformers via Speculative Decoding", Alg. 1) and Chen et al. 2023: accept draft x with probability
-min(1, p(x)/q(x)), else draw from normalize(max(p - q, 0)); the emitted tokens are distributed exactly as p.
-A deterministic draft (prompt lookup) is the special case q = one-hot(x).
+to plain greedy decoding. Sampled verification does the same with the request's Gumbel noise of each position
+(`mellum.engine.sampling.PositionNoise`): the target's token there is argmax(log p + g), a draft token is accepted
+when it equals it, so the output is token for token what plain sampling with the same seed gives, batched or not.
+A deterministic draft x (prompt lookup) is accepted with probability p(x), as under the rejection rule of Leviathan
+et al. 2023 (Alg. 1) with q = one-hot(x). An MTP draft is drawn with the same noise from its own distribution q
+(argmax(log q + g)): the Gumbel coupling of p and q, which agrees at least (1 - TV) / (1 + TV) of the time against
+1 - TV for the rejection rule (Daliri et al. 2024, "Coupling without Communication and Drafter-Invariant Speculative
+Decoding"), whose tokens depend on the path taken (its rejection draws), and so on the batching.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from mellum.engine.sampling import draw
 
 
 class NgramDrafter:
@@ -80,27 +86,11 @@ def accept_greedy(draft: list[int], logits: torch.Tensor) -> tuple[int, int]:
     return n, target[n]
 
 
-def accept_sampled(draft: list[int], target_probs: torch.Tensor, draft_probs: torch.Tensor | None,
-                   generator: torch.Generator | None) -> tuple[int, int]:
-    """Rejection-sample a draft: target_probs [k+1, V]; draft_probs [k, V], or None for a deterministic draft.
-
-    Returns (number accepted, next token): the next token comes from the residual distribution at the first
-    rejection, or from the target at position k when every draft token was accepted.
-    """
-    device = target_probs.device
-    uniforms = torch.rand(len(draft), generator=generator, device=device).tolist()
-    for i, x in enumerate(draft):
-        p = target_probs[i]
-        q_x = 1.0 if draft_probs is None else float(draft_probs[i, x])
-        p_x = float(p[x])
-        if q_x > 0 and uniforms[i] < min(1.0, p_x / q_x):
-            continue
-        if draft_probs is None:
-            residual = p.clone()
-            residual[x] = 0.0
-        else:
-            residual = torch.clamp(p - draft_probs[i], min=0.0)
-        total = float(residual.sum())
-        residual = residual / total if total > 0 else p  # p == q: rejection has probability 0 anyway
-        return i, int(torch.multinomial(residual, 1, generator=generator))
-    return len(draft), int(torch.multinomial(target_probs[len(draft)], 1, generator=generator))
+def accept_coupled(draft: list[int], target_probs: torch.Tensor, noise: torch.Tensor) -> tuple[int, int]:
+    """Verify a sampled draft: target_probs [k+1, V], the noise [k+1, V] of the k+1 positions (drafts drawn with
+    the same noise). Returns (number accepted, next token): exactly the tokens plain sampling draws with this noise."""
+    target = draw(target_probs, noise).tolist()  # [k+1]
+    n = 0
+    while n < len(draft) and draft[n] == target[n]:
+        n += 1
+    return n, target[n]

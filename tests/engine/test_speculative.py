@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from mellum.engine import NativeEngine, SamplingParams
-from mellum.engine.speculative import DraftLength, NgramDrafter, accept_greedy, accept_sampled
+from mellum.engine.sampling import draw, gumbel_noise
+from mellum.engine.speculative import DraftLength, NgramDrafter, accept_coupled, accept_greedy
 from tests.engine.helpers import StubModel, reference_greedy, repetitive_prompt, stub_config, tiny_model
 
 
@@ -120,16 +121,24 @@ def _chi_square_ok(counts: torch.Tensor, probs: torch.Tensor) -> bool:
     return stat < 16.27  # chi2.ppf(0.999, 3)
 
 
-def test_rejection_rule_preserves_the_target_distribution():
+def test_coupled_rule_preserves_the_target_distribution_and_equals_plain_sampling():
+    """Drafts drawn from q with each position's Gumbel noise: the emitted token follows p, is the one plain sampling
+    draws with the same noise, and the draft agrees with it at least (1 - TV) / (1 + TV) of the time."""
     p = torch.tensor([0.1, 0.2, 0.3, 0.4])
     q = torch.tensor([0.4, 0.3, 0.2, 0.1])
     g = torch.Generator().manual_seed(0)
-    firsts = torch.zeros(4)
+    firsts, accepted = torch.zeros(4), 0
     for _ in range(4000):
-        x = int(torch.multinomial(q, 1, generator=g))
-        n, token = accept_sampled([x], torch.stack([p, p]), q[None], g)
-        firsts[x if n == 1 else token] += 1
+        noise = gumbel_noise((2, 4), g)
+        x = int(draw(q, noise[0]))
+        n, token = accept_coupled([x], torch.stack([p, p]), noise)
+        first = x if n == 1 else token
+        assert first == int(draw(p, noise[0]))  # what a plain (batched, undrafted) step samples
+        firsts[first] += 1
+        accepted += n
     assert _chi_square_ok(firsts, p)
+    tv = 0.4
+    assert accepted / 4000 > (1 - tv) / (1 + tv) - 0.03
 
 
 @pytest.mark.parametrize("mode", ["mtp", "lookup"])
