@@ -47,12 +47,25 @@ class GRPOConfig:
             raise ValueError(f"icepop_k must be >= 1 (the kept band is [1/k, k]), got {self.icepop_k}")
         if not (0 <= self.clip_low < 1 and self.clip_high >= 0):
             raise ValueError("clip bounds must satisfy 0 <= clip_low < 1 and clip_high >= 0")
+        # DAPO's L_max is the generation limit: with another value the soft overlong penalty would hit completions
+        # that were never near the limit (shaping 64, sampling 256: every answer past 48 tokens loses up to 1).
+        if self.shaping.max_new_tokens != self.sampling.max_new_tokens:
+            raise ValueError(f"shaping.max_new_tokens ({self.shaping.max_new_tokens}) must equal "
+                             f"sampling.max_new_tokens ({self.sampling.max_new_tokens}): the overlong penalty's L_max "
+                             "is the generation limit")
+        if not 0 <= self.shaping.overlong_buffer <= self.shaping.max_new_tokens:
+            raise ValueError(f"overlong_buffer must be in [0, max_new_tokens], got {self.shaping.overlong_buffer}")
 
 
 # ---- the math, as pure functions ------------------------------------------------------------------------------
 def group_advantages(rewards: torch.Tensor, scale_by_std: bool = True, epsilon: float = 1e-6) -> torch.Tensor:
-    """rewards [N, G] → advantages [N, G]: centred on the group mean, divided by the group std (population)."""
-    centred = rewards - rewards.mean(dim=-1, keepdim=True)  # [N, G]
+    """rewards [N, G] → advantages [N, G]: centred on the group mean, divided by the group std (population).
+
+    A group whose rewards are all equal carries no signal: its advantages are exactly 0. (Computed naively, the
+    mean of G equal values like 0.3 is off by an ulp, and that ulp divided by std + ε ≈ ε came out as ±0.03–0.1
+    on every token of the group.)"""
+    constant = rewards.amax(dim=-1, keepdim=True) == rewards.amin(dim=-1, keepdim=True)  # [N, 1]
+    centred = (rewards - rewards.mean(dim=-1, keepdim=True)).masked_fill(constant, 0.0)  # [N, G]
     if not scale_by_std:
         return centred
     return centred / (rewards.std(dim=-1, unbiased=False, keepdim=True) + epsilon)

@@ -5,11 +5,19 @@ Completions are untrusted model output, so every program runs in `mellum.eval.sa
 limits, no network, private temporary directory): one that loops, exhausts memory, forks or opens a socket is
 stopped, scores 0, and training goes on. Verification is decoupled from generation (its own thread pool), and a
 completion already verified for a task is not run again (tests are deterministic).
+
+A clean exit is not a pass: a completion that calls `sys.exit(0)` or `os._exit(0)` (or registers an exit hook that
+does) ends the program with status 0 before or after a failing assertion, the classic reward hack of RL on unit
+tests. A pass is a program that runs its tests *to their end*: after the test code the program writes a random
+per-run token to stderr, and only a run that exits 0 having written it scores 1. (The token is in the program's
+source, so code that reads its own file could still forge it; nothing short of verifying outside the process can
+stop that.)
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,7 +29,8 @@ from mellum.train.records import read_jsonl
 @dataclass(frozen=True)
 class UnitTestTask:
     """A function to complete: the model fills the middle between `prefix` and `suffix`; the program
-    `prefix + completion + suffix + "\\n" + test` must exit cleanly (e.g. `assert` statements)."""
+    `prefix + completion + suffix + "\\n" + test` must run to the end of `test` (e.g. `assert` statements; a test
+    that exits itself, such as `unittest.main()`, needs `exit=False`) and exit cleanly."""
 
     task_id: str
     prefix: str
@@ -29,14 +38,15 @@ class UnitTestTask:
     test: str
     path: str = "solution.py"
 
-    def program(self, completion: str) -> str:
-        return self.prefix + completion + self.suffix + "\n" + self.test + "\n"
+    def program(self, completion: str, finish: str = "") -> str:
+        """The program to run; `finish` is code appended after the tests (the verifier's end-of-tests mark)."""
+        return self.prefix + completion + self.suffix + "\n" + self.test + "\n" + finish
 
 
 @dataclass(frozen=True)
 class Verdict:
     reward: float
-    status: str  # sandbox status: ok, error, timeout, memory, killed
+    status: str  # sandbox status (ok, error, timeout, memory, killed), or "exited": exit 0 before the tests ended
     reason: str = ""
 
 
@@ -71,8 +81,15 @@ class UnitTestReward:
             with self._lock:
                 if key in self._cache:
                     return self._cache[key]
-        result = self.sandbox.run_python(task.program(completion))
-        verdict = Verdict(1.0 if result.ok else 0.0, result.status, "" if result.ok else result.reason(200))
+        # A fresh token per run, written to file descriptor 2 (tests that flood stdout cannot push it out of the
+        # captured part, and code that swaps `sys.stderr` does not hide it).
+        mark = f"mellum-reward: tests ended {secrets.token_hex(16)}"
+        finish = f"__import__('os').write(2, {mark.encode()!r})\n"
+        result = self.sandbox.run_python(task.program(completion, finish))
+        if result.ok and mark not in result.stderr:
+            verdict = Verdict(0.0, "exited", "exited with status 0 before the tests ended")
+        else:
+            verdict = Verdict(1.0 if result.ok else 0.0, result.status, "" if result.ok else result.reason(200))
         with self._lock:
             self.executions += 1
             if self.config.cache:

@@ -60,7 +60,7 @@ class FimSFTConfig:
     # imports, lexical and definition sources, reciprocal-rank fusion) over the project, the whole prompt within
     # `prompt_tokens` — samples then look exactly like the prompts the model is served.
     context: str = "path"
-    prompt_tokens: int = 1024
+    prompt_tokens: int = 1024  # the whole example (prompt, middle, end-of-text), either context: the CLI's --max-len
 
     def __post_init__(self):
         if self.context not in ("path", "retrieval"):
@@ -70,6 +70,8 @@ class FimSFTConfig:
 def _trim_prefix(prefix: str, chars: int) -> str:
     if len(prefix) <= chars:
         return prefix
+    if chars <= 0:  # not prefix[-0:], the whole prefix
+        return ""
     cut = prefix.find("\n", len(prefix) - chars)
     return prefix[cut + 1:] if cut >= 0 else prefix[-chars:]
 
@@ -106,17 +108,54 @@ def fim_examples(project: Sequence[tuple[str, str]], tokenizer, rng: np.random.G
             for i in sorted(int(c) for c in chosen):
                 start, end = spans[i]
                 if packer is None:
-                    prefix = _trim_prefix(text[:start], config.prefix_chars)
-                    suffix = _trim_suffix(text[end:], config.suffix_chars)
+                    # The whole example fits `prompt_tokens` (the CLI's --max-len): otherwise `collate` would cut
+                    # its beginning, leaving a prompt that starts inside a context file, often without the current
+                    # file's header or <fim_suffix> — a layout the model is never served.
+                    middle = encoder.encode([("text", text[start:end]), ("literal", fmt.eos)])
+                    prefix, suffix, kept = _fit_prompt(
+                        fmt, encoder, path, _trim_prefix(text[:start], config.prefix_chars),
+                        _trim_suffix(text[end:], config.suffix_chars), context, config.prompt_tokens - len(middle))
+                    segments = render_segments(fmt, path, prefix, suffix, kept)
                 else:  # the middle's tokens and the end-of-text come out of the prompt budget
                     budget = config.prompt_tokens - tokenizer.count(text[start:end]) - 1
                     packed = packer.pack(path, text[:start], text[end:], budget)
-                    prefix, suffix, context = packed.prefix, packed.suffix, packed.context
-                segments = render_segments(fmt, path, prefix, suffix, context)
+                    segments = render_segments(fmt, path, packed.prefix, packed.suffix, packed.context)
                 target_from = len(segments)
                 segments = segments + [("text", text[start:end]), ("literal", fmt.eos)]
                 samples.append(Sample(segments, "sft", target_from))
     return [(ids, mask) for ids, mask in encode_samples(encoder, samples)] if samples else []
+
+
+def _fit_prompt(fmt, encoder, path: str, prefix: str, suffix: str, context: Sequence[ContextFile],
+                budget: int) -> tuple[str, str, list[ContextFile]]:
+    """Prefix, suffix and context files whose rendered prompt fits `budget` tokens: the current file's prefix and
+    suffix shrink first (by at least a quarter at a time, cut at lines) until the FIM section alone fits, then
+    context files are added nearest first while they fit, the first one that does not cut at a line end to what is
+    left (the order of importance of the serving packer: the cursor's own file, then the nearest files)."""
+    from mellum.data.samples import render_segments
+
+    def count(p: str, s: str, files: Sequence[ContextFile]) -> int:
+        return len(encoder.encode(render_segments(fmt, path, p, s, files)))
+
+    # Each cut keeps at most 3/4, and less when the token count says more must go (tokens ~ characters).
+    used = count(prefix, suffix, [])
+    while (prefix or suffix) and used > budget:
+        keep = min(0.75, max(budget, 0) / used)
+        prefix, suffix = _trim_prefix(prefix, int(len(prefix) * keep)), _trim_suffix(suffix, int(len(suffix) * keep))
+        used = count(prefix, suffix, [])
+    kept: list[ContextFile] = []  # farthest first, nearest last, as `project_context` returns them
+    for f in reversed(context):
+        piece, base = f.text, used
+        used = count(prefix, suffix, [ContextFile(f.path, piece)] + kept)
+        while piece.strip() and used > budget:
+            piece = _trim_suffix(piece, int(len(piece) * min(0.75, max(budget - base, 0) / (used - base))))
+            used = count(prefix, suffix, [ContextFile(f.path, piece)] + kept)
+        if not piece.strip():
+            break
+        kept.insert(0, ContextFile(f.path, piece))
+        if piece != f.text:
+            break
+    return prefix, suffix, kept
 
 
 @contextlib.contextmanager

@@ -30,6 +30,10 @@ def test_group_advantages_by_hand():
     std = math.sqrt((2.25 ** 2 + 3 * 0.75 ** 2) / 4)
     assert adv[2].tolist() == pytest.approx([2.25 / std, -0.75 / std, -0.75 / std, -0.75 / std])
     assert group_advantages(rewards, scale_by_std=False)[2].tolist() == pytest.approx([2.25, -0.75, -0.75, -0.75])
+    # Equal shaped rewards that are not exact in binary (a penalty of 0.7, a concision share) are still no signal.
+    equal = torch.tensor([[0.3] * 8, [0.9] * 8, [1.0 - 0.7] * 8])
+    assert group_advantages(equal).abs().max().item() == 0.0
+    assert group_advantages(equal, scale_by_std=False).abs().max().item() == 0.0
 
 
 def test_clipped_objective_by_hand():
@@ -83,6 +87,12 @@ def test_overlong_and_concision_penalties_by_hand():
     shaping = RewardShaping(max_new_tokens=20, overlong_buffer=4, concision_coef=0.2)
     shaped = shaped_rewards([1, 1, 0, 0], [10, 18, 12, 20], [False, False, False, True], shaping)
     assert shaped == pytest.approx([1.0, 1.0 - 0.2 - 0.5, 0.0, -1.0])  # the truncated one gets the full penalty
+    # L_max is the generation limit: a shaping limit other than the sampling one is refused, not silently used.
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        GRPOConfig(sampling=SamplingConfig(max_new_tokens=256))
+    with pytest.raises(ValueError, match="overlong_buffer"):
+        GRPOConfig(sampling=SamplingConfig(max_new_tokens=8),
+                   shaping=RewardShaping(max_new_tokens=8, overlong_buffer=9))
 
 
 # ---- sandboxed rewards ---------------------------------------------------------------------------------------
@@ -130,6 +140,27 @@ def test_sandbox_stops_hostile_completions_and_training_goes_on(tiny_tokenizer):
     record = grpo_update(tuner, policy, [group], GRPOConfig(), tiny_tokenizer.eos_id, micro_batch=8)
     assert tuner.step_count == 1 and math.isfinite(record["loss"]) and record["icepop_masked"] == 0
     assert any(not torch.equal(a, b) for a, b in zip(before, policy.parameters()))
+
+
+def test_a_clean_exit_before_the_tests_end_is_not_a_pass():
+    """Exit status 0 is not enough: a completion that exits (sys.exit, os._exit, an exit hook) before or after a
+    failing assertion scores 0; tests that flood stdout still pass when they run to their end."""
+    task = UnitTestTask("inc", prefix="def inc(n):\n    return ", suffix="\n",
+                        test="assert inc(1) == 2\nassert inc(5) == 6")
+    flood = UnitTestTask("flood", prefix="def inc(n):\n    return ", suffix="\n",
+                         test="print('x' * (3 << 20))\nassert inc(1) == 2")  # 3 MB: past the captured 1 MB
+    completions = {"right": "n + 1", "wrong": "0", "sys.exit": "__import__('sys').exit(0)",
+                   "os._exit": "__import__('os')._exit(0)", "raise": "0\nraise SystemExit",
+                   "atexit": "0\nimport atexit, os\natexit.register(lambda: os._exit(0))"}
+    reward = UnitTestReward(RewardConfig(timeout_s=4.0, workers=2))
+    try:
+        verdicts = reward.score_many([(task, c) for c in completions.values()] + [(flood, "n + 1")])
+    finally:
+        reward.close()
+    got = {name: (v.reward, v.status) for name, v in zip(list(completions) + ["flood"], verdicts)}
+    assert got == {"right": (1.0, "ok"), "wrong": (0.0, "error"), "sys.exit": (0.0, "exited"),
+                   "os._exit": (0.0, "exited"), "raise": (0.0, "exited"), "atexit": (0.0, "exited"),
+                   "flood": (1.0, "ok")}
 
 
 def test_inference_logps_align_with_the_trainer_and_icepop_drops_stale_tokens(tiny_tokenizer):

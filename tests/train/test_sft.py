@@ -112,6 +112,34 @@ def test_fim_examples_train_the_syntactic_middle_only(tiny_tokenizer):
         assert "<filename>lib/textwrap.py\n<fim_suffix>" in prompt and prompt.endswith("<fim_middle>")
 
 
+def test_fim_examples_with_nearby_files_fit_the_budget_whole(tiny_tokenizer):
+    """Path context at the default character budgets makes prompts of thousands of tokens; the example is fitted to
+    `prompt_tokens` (the CLI's --max-len) by shrinking context and the file's prefix and suffix at lines, so it
+    keeps the served layout (never `collate` cutting its beginning: a prompt starting inside a context file)."""
+    project = [(f"lib/{name}", (STDLIB / name).read_text(encoding="utf-8"))
+               for name in ["textwrap.py", "shlex.py", "fnmatch.py"]]
+    text = project[0][1]
+    for budget, middle_chars in ((480, 700), (160, 120)):  # room for the middle and the FIM skeleton
+        config = FimSFTConfig(prompt_tokens=budget, max_middle_chars=middle_chars, samples_per_file=4)
+        examples = fim_examples(project, tiny_tokenizer, np.random.default_rng(0), config, paths=["lib/textwrap.py"])
+        assert len(examples) == 4
+        for ids, mask in examples:
+            assert len(ids) <= budget
+            first = mask.index(1)
+            assert all(mask[first:]) and not any(mask[:first])
+            middle = tiny_tokenizer.decode(ids[first:])[: -len("<|endoftext|>")]
+            prompt = tiny_tokenizer.decode(ids[:first])
+            assert prompt.startswith("<filename>lib/")  # a whole header first, never the inside of a file
+            assert prompt.count("<fim_suffix>") == prompt.count("<fim_prefix>") == 1
+            head, fim = prompt.split("<filename>lib/textwrap.py\n<fim_suffix>")
+            suffix, prefix = fim[: -len("<fim_middle>")].split("<fim_prefix>")
+            at = text.index(prefix + middle + suffix)  # the file's own text around the middle, cut at lines
+            assert (at == 0 or text[at - 1] == "\n") and (not suffix or suffix.endswith("\n"))
+            assert len(prefix) + len(suffix) > 0
+            if head:  # the nearest other file (by name at equal distance) is the one kept, last
+                assert head.rsplit("<filename>", 1)[-1].startswith("lib/fnmatch.py\n")
+
+
 def test_fim_examples_with_retrieved_context_fit_the_budget_and_find_the_definition(tiny_tokenizer):
     helpers = "\n\n".join(f"def unrelated_{i}(x):\n    return x + {i}\n" for i in range(40))
     shapes = helpers + "\n\ndef rectangle_area(width, height):\n    return width * height\n"
