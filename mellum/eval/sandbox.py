@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -62,7 +63,8 @@ class SandboxConfig:
 
 @dataclass
 class Execution:
-    """What happened: status is 'ok', 'error' (non-zero exit), 'timeout', 'memory' or 'killed' (by a signal)."""
+    """What happened: status is 'ok', 'error' (non-zero exit), 'timeout', 'memory', 'killed' (by a signal) or, from
+    `Sandbox.run_tests`, 'exited' (status 0 before the tests ended)."""
 
     status: str
     returncode: int | None
@@ -79,6 +81,8 @@ class Execution:
         """A short human-readable reason for a failure (last lines of stderr)."""
         if self.status == "timeout":
             return "timed out"
+        if self.status == "exited":
+            return "exited with status 0 before the tests ended"
         if self.denied:
             return "denied: " + ", ".join(sorted(set(self.denied)))
         tail = self.stderr.strip().splitlines()[-3:]
@@ -119,6 +123,25 @@ class Sandbox:
                 (work / name).write_text(text, encoding="utf-8")
             (work / "main.py").write_text(source, encoding="utf-8")
             return self._launch({"mode": "python", "file": str(work / "main.py")}, work, uid, stdin, config)
+
+    def run_tests(self, source: str, config: SandboxConfig | None = None,
+                  files: dict[str, str] | None = None) -> Execution:
+        """`run_python` for a program whose last lines are its tests: ok only when it ran them *to their end*.
+
+        An exit with status 0 is not enough: a completion that calls `sys.exit(0)` or `os._exit(0)` (or registers an
+        exit hook that does) ends the program cleanly before, or after, a failing assertion — the classic hack of
+        RL on unit tests, and a false pass in an evaluation. After the tests the program writes a fresh random mark
+        to file descriptor 2 (not pushed out by a test flooding stdout, not hidden by swapping `sys.stderr`); a run
+        that exits 0 without it has status "exited". (The mark is in the program's own source, so code that reads
+        its file could still forge it; nothing short of verifying outside the process stops that.)"""
+        mark = f"mellum: tests ended {secrets.token_hex(16)}"
+        result = self.run_python(f"{source}\n__import__('os').write(2, {mark.encode()!r})\n", config=config,
+                                 files=files)
+        if result.ok:
+            if mark not in result.stderr:
+                result.status = "exited"
+            result.stderr = result.stderr.replace(mark, "")
+        return result
 
     def run_python_file(
         self, file: Path, work: Path, uid: int | None, stdin: str = "", config: SandboxConfig | None = None

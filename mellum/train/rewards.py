@@ -6,18 +6,13 @@ limits, no network, private temporary directory): one that loops, exhausts memor
 stopped, scores 0, and training goes on. Verification is decoupled from generation (its own thread pool), and a
 completion already verified for a task is not run again (tests are deterministic).
 
-A clean exit is not a pass: a completion that calls `sys.exit(0)` or `os._exit(0)` (or registers an exit hook that
-does) ends the program with status 0 before or after a failing assertion, the classic reward hack of RL on unit
-tests. A pass is a program that runs its tests *to their end*: after the test code the program writes a random
-per-run token to stderr, and only a run that exits 0 having written it scores 1. (The token is in the program's
-source, so code that reads its own file could still forge it; nothing short of verifying outside the process can
-stop that.)
+A clean exit is not a pass: `Sandbox.run_tests` scores only a program that ran its tests to their end, so a
+completion that calls `sys.exit(0)` or `os._exit(0)` (the classic reward hack of RL on unit tests) gets 0.
 """
 
 from __future__ import annotations
 
 import os
-import secrets
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -38,9 +33,8 @@ class UnitTestTask:
     test: str
     path: str = "solution.py"
 
-    def program(self, completion: str, finish: str = "") -> str:
-        """The program to run; `finish` is code appended after the tests (the verifier's end-of-tests mark)."""
-        return self.prefix + completion + self.suffix + "\n" + self.test + "\n" + finish
+    def program(self, completion: str) -> str:
+        return self.prefix + completion + self.suffix + "\n" + self.test + "\n"
 
 
 @dataclass(frozen=True)
@@ -81,15 +75,8 @@ class UnitTestReward:
             with self._lock:
                 if key in self._cache:
                     return self._cache[key]
-        # A fresh token per run, written to file descriptor 2 (tests that flood stdout cannot push it out of the
-        # captured part, and code that swaps `sys.stderr` does not hide it).
-        mark = f"mellum-reward: tests ended {secrets.token_hex(16)}"
-        finish = f"__import__('os').write(2, {mark.encode()!r})\n"
-        result = self.sandbox.run_python(task.program(completion, finish))
-        if result.ok and mark not in result.stderr:
-            verdict = Verdict(0.0, "exited", "exited with status 0 before the tests ended")
-        else:
-            verdict = Verdict(1.0 if result.ok else 0.0, result.status, "" if result.ok else result.reason(200))
+        result = self.sandbox.run_tests(task.program(completion))  # a pass runs its tests to their end
+        verdict = Verdict(1.0 if result.ok else 0.0, result.status, "" if result.ok else result.reason(200))
         with self._lock:
             self.executions += 1
             if self.config.cache:

@@ -47,6 +47,18 @@ def test_humaneval_infilling_empty_and_wrong_fail(shared_benchmarks, sandbox):
     assert all(s.reason for s in wrong)  # every failure says why
 
 
+@pytest.mark.parametrize("name, split", [("humaneval-infilling", "single-line"), ("humaneval", None)])
+def test_a_completion_that_exits_cleanly_before_the_tests_is_no_pass(shared_benchmarks, sandbox, name, split):
+    """Exit status 0 was a pass: `sys.exit(0)` or `os._exit(0)` in a completion skipped the checker and scored."""
+    bench = get_benchmark(name, shared_benchmarks, split)
+    problem = next(p for p in bench.load() if not p.reference.rstrip().endswith(":"))  # a line opening no block
+    assert bench.score(problem, problem.reference, sandbox).passed
+    indent = problem.reference[:len(problem.reference) - len(problem.reference.lstrip(" \t"))]  # the hole's own
+    for hack in ("__import__('sys').exit(0)\n", "__import__('os')._exit(0)\n"):
+        score = bench.score(problem, indent + hack, sandbox)
+        assert not score.passed and "before the tests ended" in score.reason
+
+
 def test_single_line_postprocess_keeps_one_line(shared_benchmarks):
     bench = get_benchmark("humaneval-infilling", shared_benchmarks, "single-line")
     problem = bench.load()[0]

@@ -52,7 +52,7 @@ class HumanEval(Benchmark):
 
     def score(self, problem: Problem, completion: str, sandbox) -> Score:
         source = f"{problem.prefix}{completion}\n\n{problem.meta['test']}\n\ncheck({problem.meta['entry_point']})\n"
-        result = sandbox.run_python(source, config=replace(sandbox.config, timeout_s=self.timeout_s))
+        result = sandbox.run_tests(source, config=replace(sandbox.config, timeout_s=self.timeout_s))
         return Score(passed=result.ok, reason="" if result.ok else result.reason())
 
 

@@ -57,7 +57,7 @@ class HumanEvalInfilling(Benchmark):
 
     def score(self, problem: Problem, completion: str, sandbox) -> Score:
         source = program(problem.prefix, completion, problem.suffix, problem.meta["test"], problem.meta["entry_point"])
-        result = sandbox.run_python(source, config=_config(sandbox, self.timeout_s))
+        result = sandbox.run_tests(source, config=_config(sandbox, self.timeout_s))
         return Score(passed=result.ok, reason="" if result.ok else result.reason())
 
 
