@@ -163,11 +163,12 @@ def load_checkpoint(
 def refuse_changed_settings(saved: dict | None, now: dict, run_dir, may_change: tuple[str, ...] = ()) -> None:
     """Refuse to resume when a setting (dotted path into nested dicts) differs between a checkpoint's settings and
     the resuming run's, except those whose top-level key is in `may_change`; the error names the first few as
-    "key: old → new". `saved` None: a checkpoint written before checkpoints carried their settings."""
+    "key: old → new". `saved` None: a checkpoint written before checkpoints carried their settings; a setting the
+    checkpoint does not record (added to the settings since it was written) is not compared either."""
     if saved is None:
         return
     saved, now = _flatten(saved), _flatten(now)
-    keys = sorted(k for k in saved.keys() | now.keys() if k.split(".")[0] not in may_change)
+    keys = sorted(k for k in saved if k.split(".")[0] not in may_change)
     changed = [f"{k}: {saved.get(k)!r} → {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
     if changed:
         raise ValueError(f"the checkpoint in {run_dir} was written with other settings ({', '.join(changed[:6])}): "

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from mellum.train.losses import IGNORE
 from mellum.train.records import read_jsonl
 from mellum.train.sft import (FinetuneConfig, Finetuner, batch_indices, data_fingerprint, seed_everything,
-                              token_logprobs)
+                              token_logprobs, weights_fingerprint)
 
 
 @dataclass(frozen=True)
@@ -167,6 +167,7 @@ def train_dpo(policy, tokenizer, train_pairs: Sequence[dict], heldout_pairs: Seq
     if reference is None:
         reference = copy.deepcopy(policy)
     reference.to(device).eval().requires_grad_(False)
+    reference_id = weights_fingerprint(reference)  # another reference changes the loss: a resume must keep it
     ref_train = ref_heldout = None
     if dpo.precompute_reference:
         ref_train = reference_logps(reference, train, pad, config.micro_batch)
@@ -178,7 +179,7 @@ def train_dpo(policy, tokenizer, train_pairs: Sequence[dict], heldout_pairs: Seq
     # Held-out metrics of the starting policy, before a resumed run restores its checkpoint.
     before = evaluate_pairs(policy, heldout, ref_heldout, dpo.beta, pad, config.micro_batch) if heldout else None
     tuner = Finetuner(policy, config, out_dir, "dpo", bar=bar, resume=resume,
-                      settings={"beta": dpo.beta, "train_data": data_fingerprint(
+                      settings={"beta": dpo.beta, "reference": reference_id, "train_data": data_fingerprint(
                           [(p.prompt, p.chosen, p.rejected) for p in train])})
     if before is not None and tuner.step_count == 0:
         tuner.log(**{f"eval_{k}": v for k, v in before.items()})

@@ -526,6 +526,18 @@ def data_fingerprint(items: Sequence) -> str:
     return f"{len(items)} items, sha256 {digest.hexdigest()[:16]}"
 
 
+def weights_fingerprint(model) -> str:
+    """"sha256 …" of a model's weights, sampled (each tensor's name, shape and its first and last 512 values): two
+    different models differ there, and hashing every byte of a 4B model would take as long as a training step."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        sample = torch.cat([flat[:512], flat[-512:]]).to("cpu", torch.float32)
+        digest.update(f"{name}{tuple(tensor.shape)}".encode())
+        digest.update(sample.numpy().tobytes())
+    return f"sha256 {digest.hexdigest()[:16]}"
+
+
 def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
     """Example indices of optimizer step `step`: epochs of seeded permutations, so a resumed run sees the same data."""
     out = []

@@ -214,3 +214,7 @@ def test_resumed_dpo_reports_the_starting_policy_and_refuses_another_beta(tiny_t
     with pytest.raises(ValueError, match="beta: 0.1 → 0.5"):
         train_dpo(_model(), tiny_tokenizer, pairs[:4], pairs[4:], longer, DPOConfig(beta=0.5), out_dir=tmp_path,
                   bar=False, resume=True)
+    # Another reference model changes the loss: it was resumed silently (`--reference` is not in the checkpoint).
+    with pytest.raises(ValueError, match="reference: 'sha256"):
+        train_dpo(_model(), tiny_tokenizer, pairs[:4], pairs[4:], longer, reference=_model(seed=7),
+                  out_dir=tmp_path, bar=False, resume=True)

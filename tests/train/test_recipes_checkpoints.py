@@ -96,3 +96,14 @@ def test_time_budget_must_be_positive():
         with pytest.raises(ValueError, match="max_minutes must be positive"):
             get_recipe("tiny-cpu", [f"max_minutes={minutes}"])
     assert get_recipe("tiny-cpu", ["max_minutes=0.5"]).max_minutes == 0.5
+
+
+def test_a_setting_added_since_a_checkpoint_was_written_does_not_block_its_resume():
+    """A DPO checkpoint from before the reference was recorded must still resume; a recorded one must match."""
+    from mellum.train.checkpointing import refuse_changed_settings
+
+    refuse_changed_settings({"beta": 0.1}, {"beta": 0.1, "reference": "sha256 ab"}, "run")
+    with pytest.raises(ValueError, match="reference: 'sha256 ab' → 'sha256 cd'"):
+        refuse_changed_settings({"beta": 0.1, "reference": "sha256 ab"}, {"beta": 0.1, "reference": "sha256 cd"}, "run")
+    with pytest.raises(ValueError, match="beta: 0.1 → None"):  # a recorded setting the run no longer has
+        refuse_changed_settings({"beta": 0.1}, {}, "run")
