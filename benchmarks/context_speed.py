@@ -56,6 +56,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.requests < 1:
         parser.error(f"--requests must be at least 1: {args.requests}")
+    if args.budget < 1:  # checked here: the packer would refuse it only after the whole project is indexed
+        parser.error(f"--budget must be at least 1: {args.budget}")
+    if not Path(args.root).is_dir():
+        parser.error(f"--root {args.root} is not a directory")
 
     from mellum.context import ContextConfig, ContextPacker, ProjectIndex
 

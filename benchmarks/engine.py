@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import mellum  # noqa: E402,F401  (before torch: its OpenMP wait policy, mellum/__init__.py)
 import torch  # noqa: E402
 
-from mellum.config import ModelConfig, get_config  # noqa: E402
+from mellum.config import PRESETS, ModelConfig, get_config  # noqa: E402
 from mellum.engine import NativeEngine, SamplingParams, cpu_kernels  # noqa: E402
 from mellum.engine.quant import weight_bytes  # noqa: E402
 from mellum.model import Transformer  # noqa: E402
@@ -299,10 +299,10 @@ def decode_rows(model, args, prompts, table, bw, prompt, n, label, quant=None, k
                 torch_best = min(torch_best, r.timings_ms["decode"] / (len(r.tokens) - 1))
         read, copy = bandwidths(engine.device, (2 << 30) if engine.device.type == "cuda" else (256 << 20))
         bw = max(bw, read, copy)
-        floor = decode_bytes(engine, len(prompt) + n) / bw * 1e3
-        read_floor = decode_bytes(engine, len(prompt) + n) / read * 1e3
+        nbytes = decode_bytes(engine, len(prompt) + n // 2)  # a step's reads at the run's mean context
+        floor, read_floor = nbytes / bw * 1e3, nbytes / read * 1e3
         table.add(f"decode ms/token, batch 1, {label}, context {len(prompt)}", f"{best:.2f} ms",
-                  f"floor {floor:.2f} ms ({decode_bytes(engine, len(prompt)) / 1e6:.0f} MB / {bw / 1e9:.1f} GB/s; "
+                  f"floor {floor:.2f} ms ({nbytes / 1e6:.0f} MB / {bw / 1e9:.1f} GB/s; "
                   f"read-only {read / 1e9:.1f} GB/s: {read_floor / best:.0%})",
                   f"{floor / best:.0%} of floor", "≥ 75%")
         if ab:
@@ -612,6 +612,18 @@ def parse_args(argv=None):
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
         p.error("--device cuda but torch sees no CUDA device")
+    if args.device != "cpu" and not cuda:
+        p.error(f"--device is cpu or cuda (cuda:N): {args.device!r}")
+    # Checked before anything is built or measured: a bad value would otherwise fail minutes into the run, or
+    # (0 for an option whose default is computed) quietly run the default.
+    if not args.model and (bad := [s for s in args.shape or [] if s not in CPU_SHAPES and s not in PRESETS]):
+        p.error(f"unknown --shape {', '.join(bad)}; choose from {', '.join([*CPU_SHAPES, *PRESETS])}")
+    for option in ("threads", "fim_tokens", "decode_context", "spec_context", "typist_tokens", "max_seq_len",
+                   "cold_keystrokes"):
+        if getattr(args, option) is not None and getattr(args, option) < 1:
+            p.error(f"--{option.replace('_', '-')} must be at least 1: {getattr(args, option)}")
+    if args.prefix_cache_mb is not None and args.prefix_cache_mb < 0:
+        p.error(f"--prefix-cache-mb must be 0 (no cache) or more: {args.prefix_cache_mb}")
     args.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, None: None}[args.dtype]
     args.dtype = args.dtype or (torch.bfloat16 if cuda else torch.float32)
     args.shape = args.shape or (["mellum-4b", "mellum2-12b-a2.5b"] if cuda else ["mellum-4b-cpu"])

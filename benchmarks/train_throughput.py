@@ -7,10 +7,11 @@
     python benchmarks/train_throughput.py --device cuda --model mellum-4b --accum 1,8   # one row per accumulation
 
 MFU = achieved model FLOP/s ÷ peak FLOP/s, where model FLOPs per token = 6·N (parameters in matmuls, embedding
-excluded, an MoE layer's experts at top-k of E: the active ones) + 12·L·T·C (attention scores and values, PaLM
-appendix B; causal attention counted in full as is conventional; `mfu_causal` counts it at half, the work a causal
-kernel does) and the peak is a large square matmul timed right before, in the run's precision (fp32 on CPU,
-bf16 on GPU). The step is the real training step of mellum.train.pretrain (forward, losses, backward, Muon +
+excluded, an MoE layer's experts at top-k of E: the active ones; the MTP layer and a second output-head pass when
+the MTP loss runs) + 12·L·T·C (attention scores and values, PaLM appendix B, T capped at the window in
+sliding-window layers; causal attention counted in full as is conventional; `mfu_causal` counts it at half, the
+work a causal kernel does) and the peak is a large square matmul timed right before, in the run's precision (fp32
+on CPU, bf16 on GPU). The step is the real training step of mellum.train.pretrain (forward, losses, backward, Muon +
 AdamW), on random tokens. One optimizer step takes `--accum` micro-batches (gradient accumulation): the recipes'
 global batch is thousands of 8k-token sequences, so on any real number of GPUs the optimizer step (Muon's
 Newton–Schulz iterations on every hidden matrix) is shared by many forward/backward passes; the GPU default of 8
@@ -59,17 +60,34 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, seconds: float
     return best
 
 
-def model_flops_per_token(model: Transformer, seq_len: int, causal: bool = False) -> float:
-    """6·N + 12·L·T·C (PaLM appendix B); `causal` counts the attention at half, the work a causal kernel does.
+def model_flops_per_token(model: Transformer, seq_len: int, causal: bool = False, mtp: bool = False) -> float:
+    """6·N + 12·H·D·Σ_layers K (PaLM appendix B), K the keys one query attends to: `seq_len` in a full-attention
+    layer, at most the window in a sliding-window one (Mellum 2: 3 of 4 layers, where counting the whole sequence
+    would overstate the work several times over at 8k tokens); `causal` counts only the keys at or before the query
+    (half of them in a full layer), the work a causal kernel does.
 
-    N counts a token's active matmul parameters: an MoE layer's experts at top-k of E, the ones a token runs through.
+    N counts a token's active matmul parameters: an MoE layer's experts at top-k of E, the ones a token runs through,
+    and the output head even when it is tied to the embedding. With `mtp` (the MTP loss runs) the MTP layer and its
+    second pass through the shared output head count too; without it the MTP weights sit idle and are not counted.
     """
     config = model.config
     active = config.num_experts_per_tok / config.num_experts if config.num_experts else 1.0
-    matmul_params = sum(p.numel() * (active if ".experts." in n else 1.0) for n, p in model.named_parameters()
-                        if p.ndim >= 2 and "embed_tokens" not in n)
-    attention = 12 * config.num_layers * seq_len * config.num_heads * config.head_dim
-    return 6 * matmul_params + (attention / 2 if causal else attention)
+
+    def matmul_params(prefix: str) -> float:  # 2-D weights under `prefix`, experts at top-k of E
+        return sum(p.numel() * (active if ".experts." in n else 1.0) for n, p in model.named_parameters()
+                   if p.ndim >= 2 and n.startswith(prefix))
+
+    head = model.lm_head.weight.numel()  # [V, C], once per pass through it
+    params = matmul_params("layers.") + head
+    layers = list(range(config.num_layers))
+    if mtp and config.num_mtp_layers:
+        params += matmul_params("mtp.") + head
+        layers.append(config.num_layers)  # the MTP layer's attention (layer index num_layers)
+    keys = 0.0
+    for i in layers:
+        span = min(seq_len, config.window(i) or seq_len)  # keys a query can see
+        keys += span - span * span / (2 * seq_len) if causal else span  # causal: the mean over queries (T/2 if full)
+    return 6 * params + 12 * keys * config.num_heads * config.head_dim
 
 
 def _sync(device: torch.device) -> None:
@@ -93,6 +111,7 @@ def bench(name: str, model_config, seq_len: int, batch: int, steps: int, device:
             block.compile()
     optimizers = build_optimizers(model, OptimConfig(lr=1e-3))
     weights = LossWeights.from_config(model_config)
+    mtp = bool(weights.mtp)  # the MTP layer runs only when its loss has a weight
     bf16 = device.type == "cuda"
     ids = torch.randint(0, model_config.vocab_size, (batch, seq_len + 1), device=device)
     data = {"input_ids": ids[:, :-1], "targets": ids[:, 1:]}
@@ -120,8 +139,8 @@ def bench(name: str, model_config, seq_len: int, batch: int, steps: int, device:
         a, b = step()
         fwd_bwd, optimizer = fwd_bwd + a, optimizer + b
     tokens_per_s = steps * accum * batch * seq_len / (fwd_bwd + optimizer)
-    flops = model_flops_per_token(model, seq_len) * tokens_per_s
-    causal_flops = model_flops_per_token(model, seq_len, causal=True) * tokens_per_s
+    flops = model_flops_per_token(model, seq_len, mtp=mtp) * tokens_per_s
+    causal_flops = model_flops_per_token(model, seq_len, causal=True, mtp=mtp) * tokens_per_s
     params = sum(p.numel() for p in model.parameters())
     precision = "fp8" if fp8 else ("bf16" if bf16 else "fp32")
     return {"model": name, "precision": precision, "params_M": round(params / 1e6, 1), "seq_len": seq_len,

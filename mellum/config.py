@@ -219,9 +219,11 @@ class ModelConfig:
         if architecture == "llama":
             params = hf.get("rope_parameters")
             if params is None:  # transformers 4 layout: rope_theta + rope_scaling
-                params = dict(hf.get("rope_scaling") or {}, rope_theta=hf.get("rope_theta", 10000.0))
+                params = dict(hf.get("rope_scaling") or {})
                 params.setdefault("rope_type", params.pop("type", "default"))
-            kw["rope_theta"] = params.get("rope_theta", 10000.0)
+            # A top-level rope_theta fills in for one rope_parameters leaves out, as transformers'
+            # standardize_rope_params does (modeling_rope_utils.py).
+            kw["rope_theta"] = params.get("rope_theta") or hf.get("rope_theta") or 10000.0
             kw["rope_scaling"] = _yarn_from_hf(params, "rope_parameters")
             kw["num_mtp_layers"] = hf.get("num_nextn_predict_layers") or 0
             return cls(**kw)
@@ -231,6 +233,20 @@ class ModelConfig:
             "full_attention": {"rope_type": "default", "rope_theta": 500000.0},
             "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
         }
+        # MellumRotaryEmbedding reads rope_parameters[layer type]["rope_theta"] for every layer type in use, rotating
+        # the whole head: a flat dict, a missing base or a partial rotation is refused, never replaced by a default.
+        if not isinstance(rope, dict) or set(rope) - set(LAYER_TYPES):
+            raise ValueError(f"unsupported config: Mellum rope_parameters must be keyed by layer type {LAYER_TYPES}, "
+                             f"got {sorted(rope) if isinstance(rope, dict) else rope!r}")
+        used = set(layer_types) | set(hf.get("mtp_layer_types") or ())
+        for layer_type, params in rope.items():
+            if params is None:
+                continue
+            if layer_type in used and params.get("rope_theta") is None:
+                raise ValueError(f"config.json: rope_parameters.{layer_type} has no rope_theta")
+            if params.get("partial_rotary_factor", 1.0) != 1.0:
+                raise ValueError(f"unsupported config: rope_parameters.{layer_type}.partial_rotary_factor="
+                                 f"{params['partial_rotary_factor']} (only whole-head rotation is implemented)")
         full = rope.get("full_attention") or {"rope_type": "default", "rope_theta": 500000.0}
         sliding = rope.get("sliding_attention") or {"rope_type": "default", "rope_theta": 10000.0}
         if _yarn_from_hf(sliding, "rope_parameters.sliding_attention") is not None:

@@ -112,6 +112,37 @@ def vocabulary(tokenizer_json: dict, vocab_size: int) -> tuple[list[str], list[i
     return tokens, types, merges
 
 
+_CONTROL = r"(<[^<>{}\s]+>)"  # a control token in a prompt template, e.g. <fim_prefix> or <|file_sep|>
+
+
+def fim_token_ids(prompt_format: str, tokens: list[str]) -> dict[str, int]:
+    """GGUF key -> token id of the FIM tokens, read from the model's prompt format (`ModelConfig.prompt_format`): the
+    tokens before `{prefix}` and `{suffix}`, the one that ends the FIM section (middle), the one that opens each
+    context file (llama.cpp's file separator), the repository header's, and the pad token named like the prefix one.
+
+    llama.cpp ends generation at the pad, repository and file-separator tokens and builds /infill's project context
+    from the last two; of Mellum's tokens it recognises `<reponame>` by its text but not `<filename>`, so without
+    this entry a llama.cpp server would write a completion on into the next file (REFERENCE.md §1: stop there).
+    """
+    from gguf import Keys
+
+    from mellum.prompt import get_format
+
+    fmt = get_format(prompt_format)
+    found = {
+        Keys.Tokenizer.FIM_PRE_ID: re.search(_CONTROL + r"\{prefix\}", fmt.fim),
+        Keys.Tokenizer.FIM_SUF_ID: re.search(_CONTROL + r"\{suffix\}", fmt.fim),
+        Keys.Tokenizer.FIM_MID_ID: re.search(_CONTROL + "$", fmt.fim),
+        Keys.Tokenizer.FIM_SEP_ID: re.match(_CONTROL, fmt.context_file),
+        Keys.Tokenizer.FIM_REP_ID: re.match(_CONTROL, fmt.repo),
+    }
+    names = {key: m.group(1) for key, m in found.items() if m}
+    if Keys.Tokenizer.FIM_PRE_ID in names:  # <fim_prefix> -> <fim_pad>, <|fim_prefix|> -> <|fim_pad|>
+        names[Keys.Tokenizer.FIM_PAD_ID] = names[Keys.Tokenizer.FIM_PRE_ID].replace("prefix", "pad")
+    ids = {t: i for i, t in enumerate(tokens)}
+    return {key: ids[name] for key, name in names.items() if name in ids}
+
+
 def _encode(w: torch.Tensor, kind: str):
     """(numpy data, GGML type) for one tensor. 1-D tensors stay F32; Q8_0 applies to rows whose length divides
     into its 32-value blocks, the others fall back to F16."""
@@ -195,12 +226,8 @@ def export_gguf(model: str | os.PathLike, out: str | os.PathLike, kind: str = "f
     if config.bos_token_id is not None:
         writer.add_bos_token_id(config.bos_token_id)
     writer.add_add_bos_token(False)  # Mellum prompts start with their own tokens, never a BOS
-    ids = {t: i for i, t in enumerate(tokens)}
-    keys = gguf.Keys.Tokenizer
-    for key, token in ((keys.FIM_PRE_ID, "<fim_prefix>"), (keys.FIM_SUF_ID, "<fim_suffix>"),
-                       (keys.FIM_MID_ID, "<fim_middle>"), (keys.FIM_PAD_ID, "<fim_pad>")):
-        if token in ids:
-            writer.add_uint32(key, ids[token])
+    for key, token_id in fim_token_ids(config.prompt_format, tokens).items():
+        writer.add_uint32(key, token_id)
 
     skipped, count = [], 0
     files = weight_files(root)
@@ -208,7 +235,9 @@ def export_gguf(model: str | os.PathLike, out: str | os.PathLike, kind: str = "f
         with open_weights(file) as f:
             for key in sorted(f.keys()):
                 name = gguf_name(key)
-                if name is None:
+                # A tied head that an export stored anyway is the embedding (load_pretrained skips it too); writing
+                # it would also make llama.cpp read an untied model.
+                if name is None or key == "lm_head.weight" and config.tie_word_embeddings:
                     skipped.append(key)
                     continue
                 shape = tuple(f.get_slice(key).get_shape())

@@ -61,6 +61,12 @@ def test_f32_export_holds_the_checkpoint(tmp_path):
     assert len(tokens) == config.vocab_size
     vocab = json.loads((BUNDLED / "tokenizer.json").read_text())
     assert tokens[0] == "<|endoftext|>" and tokens[field(reader, "tokenizer.ggml.fim_pre_token_id")] == "<fim_prefix>"
+    fim = {key: tokens[field(reader, f"tokenizer.ggml.fim_{key}_token_id")]
+           for key in ("suf", "mid", "pad", "sep", "rep")}
+    # The file separator and repository header of Mellum's prompt format: llama.cpp stops at them and builds its
+    # /infill project context with them.
+    assert fim == {"suf": "<fim_suffix>", "mid": "<fim_middle>", "pad": "<fim_pad>", "sep": "<filename>",
+                   "rep": "<reponame>"}
     assert len(field(reader, "tokenizer.ggml.merges")) == len(vocab["model"]["merges"])
     # Every weight, exactly (bf16 checkpoint values are exact in fp32), q and k back in rotate-half order.
     for key, w in checkpoint_tensors(BUNDLED).items():
@@ -134,6 +140,14 @@ def test_tied_embeddings_export_without_an_output_matrix(tiny_model_dir, tmp_pat
     _, tensors = read_back(tmp_path / "tied.gguf")
     assert summary["tensors"] == len(tensors) == 2 + 9 * 2
     assert "output.weight" not in tensors and "token_embd.weight" in tensors
+    # Some exports store the tied head anyway (load_pretrained skips it): it is left out, not refused.
+    weights = load_file(str(tied / "model.safetensors"))
+    weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
+    save_file(weights, str(tied / "model.safetensors"))
+    mellum.load_pretrained(tied)
+    summary = export_gguf(tied, tmp_path / "tied2.gguf", progress=False)
+    assert summary["skipped"] == ["lm_head.weight"] and summary["tensors"] == 2 + 9 * 2
+    assert "output.weight" not in read_back(tmp_path / "tied2.gguf")[1]
 
 
 def test_errors_name_the_problem(tiny_model_dir, tmp_path):
@@ -234,6 +248,19 @@ def test_llama_cpp_tokenizes_like_us(llama):
     assert llama.tokenize(text.encode(), add_bos=False, special=False) == tokenizer.encode(text)
     fim = "<fim_suffix>\n    return x\n<fim_prefix>def f(x):\n    x = x + 1\n<fim_middle>"
     assert llama.tokenize(fim.encode(), add_bos=False, special=True) == tokenizer.encode(fim, allow_special=True)
+
+
+def test_llama_cpp_stops_at_mellums_stop_tokens(llama):
+    """REFERENCE.md §1: stop on <|endoftext|>, <filename> and the FIM tokens llama.cpp treats as ends (pad, repo,
+    file separator); without the file separator in the metadata llama.cpp would complete on into the next file."""
+    import llama_cpp
+
+    vocab = llama_cpp.llama_model_get_vocab(llama.model)
+    names = ["<|endoftext|>", "<filename>", "<reponame>", "<fim_pad>"]
+    ids = {n: llama.tokenize(n.encode(), add_bos=False, special=True) for n in names}
+    assert all(len(i) == 1 for i in ids.values()), ids
+    assert {n: bool(llama_cpp.llama_vocab_is_eog(vocab, i[0])) for n, i in ids.items()} == dict.fromkeys(names, True)
+    assert llama_cpp.llama_vocab_fim_sep(vocab) == ids["<filename>"][0]
 
 
 def last_logits(llama) -> torch.Tensor:

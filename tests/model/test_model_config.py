@@ -126,3 +126,26 @@ def test_layer_patterns_have_one_entry_per_layer():
     assert get_config("tiny-dense").replace(num_layers=5).layer_types == ("full_attention",) * 5
     with pytest.raises(ValueError, match="cannot be extended"):
         tiny.replace(num_layers=6)
+
+
+def test_rope_fields_are_honoured_or_refused():
+    """config.json RoPE fields transformers acts on are never replaced by a default in silence."""
+    transformers = pytest.importorskip("transformers")
+    # Llama: a top-level rope_theta fills in for one rope_parameters leaves out (transformers'
+    # standardize_rope_params); the default base 10000 would rotate every position differently.
+    llama = {**get_config("tiny-dense").to_hf_config(), "rope_parameters": {"rope_type": "default"},
+             "rope_theta": 1234.0}
+    ours = ModelConfig.from_hf_config(json.loads(json.dumps(llama)))  # transformers fills the dict in place
+    expected = transformers.LlamaConfig(**{k: v for k, v in llama.items() if k != "architectures"})
+    assert ours.rope_theta == expected.rope_parameters["rope_theta"] == 1234.0
+    # Mellum: rope parameters are keyed by layer type; transformers' MellumForCausalLM cannot run the others, and
+    # reading them as the default bases (or a whole-head rotation) would make another model.
+    mellum = get_config("tiny-moe").to_hf_config()
+    for rope, message in [
+        ({"rope_type": "default", "rope_theta": 1000.0}, "keyed by layer type"),
+        ({**mellum["rope_parameters"], "full_attention": {"rope_type": "default"}}, "full_attention has no rope_theta"),
+        ({**mellum["rope_parameters"], "sliding_attention": {"rope_type": "default", "rope_theta": 1e4,
+                                                             "partial_rotary_factor": 0.5}}, "partial_rotary_factor"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            ModelConfig.from_hf_config({**mellum, "rope_parameters": rope})
