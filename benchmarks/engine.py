@@ -582,9 +582,12 @@ def parse_args(argv=None):
                    help="float32 or bfloat16 (default: fp32 on CPU, bf16 on CUDA)")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {', '.join(SECTIONS)}")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
-    p.add_argument("--fim-tokens", type=int, default=None, help="FIM prompt tokens (default 4096 CPU, 8192 CUDA)")
-    p.add_argument("--decode-context", type=int, default=512, help="prompt tokens before the decode measurement")
-    p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--fim-tokens", type=int, default=None,
+                   help="FIM prompt tokens (default 4096 CPU, 8192 CUDA); at least the current file's own tokens "
+                        "(about 1,000-1,400): a smaller value gives that, and the rows print the real size")
+    p.add_argument("--decode-context", type=int, default=512,
+                   help="prompt tokens before the decode measurement (at least the current file's, as --fim-tokens)")
+    p.add_argument("--decode-tokens", type=int, default=64, help="tokens decoded per measurement (default 64)")
     p.add_argument("--no-int8", dest="int8", action="store_false", help="skip the int8 decode row (CPU)")
     p.add_argument("--keystrokes", type=int, default=20)
     p.add_argument("--cold-keystrokes", type=int, default=None, help="requests run without the cache (default 5 CPU)")
