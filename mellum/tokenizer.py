@@ -48,6 +48,11 @@ class Tokenizer:
         data["added_tokens"] = []
         self._plain = HFTokenizer.from_str(json.dumps(data))
         self.config = dict(config or {})
+        # transformers also writes special tokens as serialised AddedTokens ({"__type": "AddedToken", "content": ...})
+        # and reads both forms; keep the string, which is what every lookup here needs.
+        for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+            if isinstance(self.config.get(key), dict) and "content" in self.config[key]:
+                self.config[key] = self.config[key]["content"]
 
     # ---- loading and saving -------------------------------------------------------------------------
     @classmethod

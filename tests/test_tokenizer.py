@@ -76,3 +76,17 @@ def test_encode_segments_keeps_special_strings_in_code_as_text(tiny_tokenizer):
     # With no special strings in the code, segment encoding equals encoding the rendered prompt.
     plain = fmt.segments("a.py", "x = 1\n", "y = 2\n", [])
     assert tiny_tokenizer.encode_segments(plain) == tiny_tokenizer.encode(fmt.render("a.py", "x = 1\n", "y = 2\n"), allow_special=True)
+
+
+def test_special_tokens_written_as_added_token_dicts_load(tiny_tokenizer, tmp_path):
+    # transformers reads `"eos_token": {"__type": "AddedToken", "content": ...}` (older tokenizer_config.json files
+    # hold it); eos_id raised a TypeError on it, so `mellum data shards` could not use such a tokenizer.
+    import json
+
+    tiny_tokenizer.save(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["eos_token"] = {"__type": "AddedToken", "content": "<|endoftext|>", "lstrip": False, "normalized": False,
+                           "rstrip": False, "single_word": False, "special": True}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    loaded = Tokenizer.from_pretrained(tmp_path)
+    assert loaded.eos_id == 0 and loaded.config["eos_token"] == "<|endoftext|>"

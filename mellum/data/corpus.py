@@ -165,12 +165,11 @@ def build_corpus(
                 if "skip" in result:
                     report.skip(entry, result["skip"])
                     continue
-                file_license = project.license
-                if result["spdx"]:
-                    file_license = normalize(result["spdx"])
-                    if not policy.allows(file_license):
-                        report.skip(entry, f"file license {file_license}")
-                        continue
+                # The file's own SPDX header, else the license file of the folder it sits in, else the project's.
+                file_license = normalize(result["spdx"]) if result["spdx"] else project.license_of(result["rel"])
+                if file_license != project.license and not policy.allows(file_license):
+                    report.skip(entry, f"file license {file_license}")
+                    continue
                 key = f"{project.name}/{result['rel']}"
                 dup = dedup.check(key, result["hash"], result["signature"])
                 if dup is not None:

@@ -118,6 +118,9 @@ def build_shards(
                unit_scale=bool(quotas), desc="data shards", disable=not progress, smoothing=0.1)
     with writer:
         pending: list[tuple[Sample, str]] = []
+        # With quotas: an upper bound on the tokens of the pending samples (their UTF-8 bytes; a byte-level BPE never
+        # spends more than one token per byte), so the quota check knows when it must write before it adds more.
+        pending_bound = [0]
 
         def flush() -> None:
             nonlocal verified
@@ -133,12 +136,15 @@ def build_shards(
                 if quotas:
                     bar.update(writer.num_tokens - before)
             pending.clear()
+            pending_bound[0] = 0
             bar.set_postfix_str(f"{writer.num_tokens / max(1e-9, time.perf_counter() - started):,.0f} tok/s")
 
         def add(sample: Sample, record: dict) -> None:
             if sample.fim is not None and sample.fim.text != record["text"]:
                 raise AssertionError(f"FIM split of {record['path']} does not rebuild the file")
             pending.append((sample, record.get("source", "code")))
+            if quotas:
+                pending_bound[0] += sum(len(s.encode("utf-8")) for _, s in sample.segments)
             if len(pending) >= config.batch_docs:
                 flush()
 
@@ -149,7 +155,8 @@ def build_shards(
                     add(sample, record)
                 bar.update(len(records))
         else:
-            short = _fill_quotas(corpus, config, builder, quotas, max_repeat, add, flush, per_source)
+            short = _fill_quotas(corpus, config, builder, quotas, max_repeat, add, flush, per_source,
+                                 lambda: pending_bound[0])
         flush()
         if writer.num_docs == 0:
             raise ValueError(f"no documents to write from {corpus} (check --source / --languages filters)")
@@ -171,8 +178,13 @@ def build_shards(
 
 
 def _fill_quotas(corpus, config: DatasetConfig, builder: SampleBuilder, quotas: dict[str, int], max_repeat: float,
-                 add, flush, per_source: Counter) -> dict[str, int]:
-    """Stream each source, repeated up to ceil(max_repeat) times, until its quota is written; → unmet tokens."""
+                 add, flush, per_source: Counter, pending_bound) -> dict[str, int]:
+    """Stream each source, repeated up to ceil(max_repeat) times, until its quota is written; → unmet tokens.
+
+    `per_source` counts written tokens only, so samples are written as soon as the pending ones might reach the
+    quota: checking it only at batch boundaries overshot by up to `batch_docs - 1` documents (64 by default — many
+    times a small quota).
+    """
     import math
 
     short = {}
@@ -187,6 +199,8 @@ def _fill_quotas(corpus, config: DatasetConfig, builder: SampleBuilder, quotas: 
             for project, records in _projects(corpus, sub):
                 for sample, record in _samples(project, records, builder, sub):
                     add(sample, record)
+                    if per_source[source] + pending_bound() >= quota:
+                        flush()
                     if per_source[source] >= quota:
                         break
                 flush()

@@ -100,6 +100,8 @@ _TEXT_RULES: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
     ("Apache-2.0", ("apache license", "version 2.0"), ()),
     ("PSF-2.0", ("python software foundation license",), ()),
     ("PSF-2.0", ("psf license agreement",), ()),
+    # NCSA reuses MIT's grant sentence without its notice clause, which made it MIT-0 (numpy/random's LICENSE.md).
+    ("NCSA", ("ncsa open source license",), ()),
     ("MIT", ("permission is hereby granted, free of charge, to any person obtaining a copy",
              "the above copyright notice and this permission notice shall be included"), ()),
     ("MIT-0", ("permission is hereby granted, free of charge, to any person obtaining a copy",), ()),

@@ -15,8 +15,14 @@ from dataclasses import dataclass
 
 # kind → (pattern, literal hints of which at least one must occur in the text for the pattern to be tried)
 _PATTERNS: dict[str, tuple[str, tuple[str, ...]]] = {
+    # The body may hold only what a key written into code holds (base64, headers such as `Proc-Type: 4,ENCRYPTED`,
+    # `\n` escapes, quotes of concatenated string lines) and never `-----`: a lazy "anything up to END" ran from a
+    # BEGIN marker constant to the END constant and deleted the code between them (cryptography's
+    # `_SK_START = b"-----BEGIN OPENSSH PRIVATE KEY-----"` / `_SK_END = ...`), and from a marker mentioned in code
+    # across a second BEGIN to the END of a real key. `_private_key` then asks the body for real key material.
     "PRIVATE_KEY": (
-        r"-----BEGIN (?:[A-Z]+ )*PRIVATE KEY(?: BLOCK)?-----[\s\S]*?-----END (?:[A-Z]+ )*PRIVATE KEY(?: BLOCK)?-----",
+        r"-----BEGIN (?:[A-Z]+ )*PRIVATE KEY(?: BLOCK)?-----(?P<body>(?:[A-Za-z0-9+/=\s\"'\\,:()]|-(?!----))*)"
+        r"(?:-----END (?:[A-Z]+ )*PRIVATE KEY(?: BLOCK)?-----)?",
         ("PRIVATE KEY",),
     ),
     "AWS_ACCESS_KEY": (r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b", ("AKIA", "ASIA")),
@@ -24,10 +30,12 @@ _PATTERNS: dict[str, tuple[str, tuple[str, ...]]] = {
     "SLACK_TOKEN": (r"\bxox[abposr]-[A-Za-z0-9-]{10,72}\b", ("xox",)),
     "GOOGLE_API_KEY": (r"\bAIza[0-9A-Za-z_\-]{35}\b", ("AIza",)),
     "OPENAI_KEY": (r"\bsk-(?:proj-)?[A-Za-z0-9_\-]{20,}T3BlbkFJ[A-Za-z0-9_\-]{20,}\b|\bsk-[A-Za-z0-9]{48}\b", ("sk-",)),
-    "HF_TOKEN": (r"\bhf_[A-Za-z]{34}\b", ("hf_",)),
+    "HF_TOKEN": (r"\bhf_[A-Za-z0-9]{34}\b", ("hf_",)),  # letters and digits: `hf_[A-Za-z]{34}` missed most real tokens
     "STRIPE_KEY": (r"\b[sr]k_live_[0-9A-Za-z]{20,99}\b", ("_live_",)),
     "JWT": (r"\beyJ[A-Za-z0-9_-]{10,}\.eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\b", ("eyJ",)),
 }
+_KEY_MATERIAL = re.compile(r"[A-Za-z0-9+/=]+")
+_KEY_GAP = re.compile(r"(?:\s|\\|[\"'])*")  # between two key lines: a newline, its `\n` escape, string quotes
 # name = "value" / name: 'value' / NAME=value (config files), where name says it is a secret. Found in two steps
 # (keyword, then the assignment after it) because one pattern with a leading name class is ~50x slower.
 _KEYWORD = re.compile(
@@ -70,10 +78,32 @@ class SecretRedactor:
         for kind, (pattern, hints) in self._compiled.items():
             if not any(h in text for h in hints):
                 continue
+            if kind == "PRIVATE_KEY":
+                text = pattern.sub(lambda m: self._private_key(m, found), text)
+                continue
             text, n = pattern.subn(self._placeholder(kind), text)
             if n:
                 found[kind] += n
         return self._redact_assignments(text, found), found
+
+    def _private_key(self, m: re.Match, found: Counter) -> str:
+        """A PEM block with key material → placeholder; markers that only mention a key (docs, parsers) stay."""
+        body = m.group("body")
+        runs = list(_KEY_MATERIAL.finditer(body))
+        if not any(len(r.group()) >= 32 for r in runs):  # real key lines are 64 base64 characters
+            return m.group(0)
+        found["PRIVATE_KEY"] += 1
+        if m.end() > m.end("body"):  # the whole block, END marker included
+            return self._placeholder("PRIVATE_KEY")
+        # No END marker (a truncated key): redact the key lines — the first long run and the runs that continue
+        # it after a full line — and keep the code that follows.
+        start = next(i for i, r in enumerate(runs) if len(r.group()) >= 32)
+        end = runs[start].end()
+        for prev, run in zip(runs[start:], runs[start + 1 :]):
+            if len(prev.group()) < 60 or not _KEY_GAP.fullmatch(body, prev.end(), run.start()):
+                break
+            end = run.end()
+        return self._placeholder("PRIVATE_KEY") + body[end:]
 
     def _redact_assignments(self, text: str, found: Counter) -> str:
         lowered = text.lower()
@@ -107,6 +137,12 @@ class SecretRedactor:
         value = m.group("value")
         if not m.group("quote") and not re.search(r"[0-9]", value):
             return None  # unquoted words are identifiers (password=password_input), not secrets
+        if not m.group("quote") and value.isidentifier() and m.string[m.end() : m.end() + 1] in ("(", "[", ",", ")"):
+            return None  # a name used in code: `private_key: PKCS7PrivateKeyTypes,`, `self.to_token = Sam2Attention(c)`
+        if "public" in name.lower():
+            return None  # publicKeyToken, public_token: published by design
+        if re.fullmatch(r"[a-z]+(?:[-_][a-z]+)+", value):
+            return None  # lower-case words are placeholders and messages: "your-api-key", "no-password-required"
         if _entropy(value) < self.config.min_entropy or value.isidentifier() and value.islower():
             return None
         mixed = re.search(r"[A-Za-z]", value) and re.search(r"[0-9!@#$%^&*+/=~]", value)

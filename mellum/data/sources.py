@@ -5,7 +5,8 @@ A directory holding `*.dist-info` folders (a site-packages) yields one project p
 with the files its RECORD lists. A directory with `os.py` and `abc.py` at the top is the Python standard library
 (PSF-2.0), walked without its `site-packages`. A directory with `.git` is a repository (files from
 `git ls-files` when git is available). Anything else is one project. Symlinks are not followed: links to files
-are read if they resolve inside the source, and broken links or loops are reported as skipped.
+are read if they resolve inside the source, and broken links or loops are reported as skipped. A folder with a
+license file of its own (code copied in) licenses its files (`Project.license_of`).
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import os
 import shutil
 import subprocess
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Iterator
 
+from mellum.data.filters import language_of
 from mellum.data.license import detect_text, from_metadata, normalize
 
 # Directories never walked (caches, VCS metadata, environments).
@@ -39,6 +41,17 @@ class Project:
     license: str | None = None
     license_source: str = "none"
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (relative path, reason) found while walking
+    # A folder inside the project with a license file of its own (code copied in from elsewhere) → that license.
+    folder_licenses: dict[str, str] = field(default_factory=dict)
+
+    def license_of(self, rel: str) -> str | None:
+        """The license of a file: the nearest enclosing folder's own license file's, else the project's."""
+        parts = PurePosixPath(rel).parent.parts
+        for depth in range(len(parts), 0, -1):
+            found = self.folder_licenses.get("/".join(parts[:depth]))
+            if found:
+                return found
+        return self.license
 
 
 def discover(path: str | os.PathLike, label: str = "code") -> list[Project]:
@@ -63,6 +76,8 @@ def discover(path: str | os.PathLike, label: str = "code") -> list[Project]:
         projects = [_directory(root, label)]
     if not projects or not any(p.files for p in projects):
         raise ValueError(f"source {path} contains no files to read")
+    for project in projects:
+        project.folder_licenses = _folder_licenses(project)
     return projects
 
 
@@ -172,8 +187,30 @@ def _add_file(root: Path, path: Path, project: Project) -> None:
     project.files.append((path, rel))
 
 
+def _is_license_file(rel: str) -> bool:
+    # LICENSE, COPYING.txt, LICENSE-MIT, NOTICE.md; not source files that happen to be named so (license.py holds
+    # the phrases of every license it detects).
+    name = PurePosixPath(rel).name
+    return name.lower().startswith(LICENSE_NAMES) and language_of(name) in (None, "markdown", "restructuredtext")
+
+
+def _folder_licenses(project: Project) -> dict[str, str]:
+    """Folders below the project root holding a license file that names a license: a permissive repository that
+    vendors a GPL library under `libs/gplthing/` (with its COPYING) must not pass that code off under its own
+    license. License files that name no known license leave the folder's license as is, and so do NOTICE files:
+    they credit single files ("`extra_validations.py` ... licensed under MPL-2.0" in setuptools/config), not the
+    folder."""
+    by_folder: dict[str, list[Path]] = {}
+    for path, rel in project.files:
+        folder = PurePosixPath(rel).parent.as_posix()
+        if folder != "." and _is_license_file(rel) and not PurePosixPath(rel).name.lower().startswith("notice"):
+            by_folder.setdefault(folder, []).append(path)
+    found = {folder: _first_license_text(sorted(paths)) for folder, paths in sorted(by_folder.items())}
+    return {folder: spdx for folder, spdx in found.items() if spdx}
+
+
 def _license_from_files(root: Path, rels: list[str]) -> tuple[str | None, str]:
-    top = sorted(r for r in rels if "/" not in r and r.lower().startswith(LICENSE_NAMES))
+    top = sorted(r for r in rels if "/" not in r and _is_license_file(r))
     found = _first_license_text([root / r for r in top])
     if found:
         return found, "license file"

@@ -220,3 +220,53 @@ def test_record_entries_outside_site_packages_are_not_read(tmp_path):
     (site / "foo" / "__init__.py").write_text("def inside():\n    return 1\n")
     build_corpus([str(site)], tmp_path / "corpus", BuildConfig(workers=1), progress=False)
     assert [r["path"] for r in read_corpus(tmp_path / "corpus")] == ["foo/__init__.py"]
+
+
+def test_a_folder_with_its_own_license_file_takes_that_license(tmp_path):
+    # A permissive project that copies a GPL library in (not under a vendor/ name) with its COPYING: the library's
+    # files were kept under the project's MIT. A NOTICE only credits single files; license.py is code, not a license.
+    gpl_text = (FIXTURES / "gpl_project" / "COPYING").read_text()
+    project = tmp_path / "proj"
+    (project / "src" / "libs" / "gplthing" / "sub").mkdir(parents=True)
+    (project / "src" / "libs" / "bsdthing").mkdir(parents=True)
+    (project / "src" / "config").mkdir(parents=True)
+    shutil.copy(FIXTURES / "mit_project" / "LICENSE", project / "LICENSE")
+    (project / "src" / "app.py").write_text("def double(x):\n    return 2 * x\n")
+    (project / "src" / "libs" / "gplthing" / "COPYING").write_text(gpl_text)
+    (project / "src" / "libs" / "gplthing" / "core.py").write_text("def gpl_core(a, b):\n    return a * b - 3\n")
+    (project / "src" / "libs" / "gplthing" / "sub" / "deep.py").write_text("def gpl_deep(a):\n    return a ** 5\n")
+    (project / "src" / "libs" / "gplthing" / "relicensed.py").write_text(
+        "# SPDX-License-Identifier: MIT\ndef mit_inside(a):\n    return a + 11\n")
+    (project / "src" / "libs" / "bsdthing" / "LICENSE.txt").write_text(BSD3_TEXT)
+    (project / "src" / "libs" / "bsdthing" / "bsd.py").write_text("def bsd_part(q):\n    return q - 1\n")
+    (project / "src" / "config" / "NOTICE").write_text("`schema.json` is from validate-pyproject, licensed under "
+                                                       "the Mozilla Public License 2.0\n")
+    (project / "src" / "config" / "setup_cfg.py").write_text("def read_cfg(path):\n    return open(path).read()\n")
+    (project / "src" / "license.py").write_text('RULES = ["gnu general public license", "version 3"]\n')
+    report = build_corpus([str(project)], tmp_path / "corpus", BuildConfig(workers=1), progress=False)
+    kept = {r["path"]: r["license"] for r in read_corpus(tmp_path / "corpus")}
+    assert kept == {"src/app.py": "MIT", "src/libs/gplthing/relicensed.py": "MIT", "src/license.py": "MIT",
+                    "src/libs/bsdthing/bsd.py": "BSD-3-Clause", "src/config/setup_cfg.py": "MIT"}
+    assert report["skipped_by_reason"]["file license GPL-3.0-or-later"] == 2
+
+
+BSD3_TEXT = """Copyright (c) 2020, Someone. All rights reserved.
+
+Redistribution and use in source and binary forms, with or without modification, are permitted provided that the
+following conditions are met: ... Neither the name of the copyright holder nor the names of its contributors may be
+used to endorse or promote products derived from this software without specific prior written permission.
+"""
+
+
+def test_a_distribution_folder_with_its_own_license_file_takes_that_license(tmp_path):
+    site = tmp_path / "site"
+    (site / "foo-1.0.dist-info").mkdir(parents=True)
+    (site / "foo" / "copied").mkdir(parents=True)
+    (site / "foo-1.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: foo\nLicense-Expression: MIT\n")
+    (site / "foo-1.0.dist-info" / "RECORD").write_text(
+        "foo/__init__.py,,\nfoo/copied/__init__.py,,\nfoo/copied/COPYING,,\nfoo-1.0.dist-info/METADATA,,\n")
+    (site / "foo" / "__init__.py").write_text("def inside():\n    return 1\n")
+    (site / "foo" / "copied" / "__init__.py").write_text("def copied_gpl_code(z):\n    return z * 9\n")
+    (site / "foo" / "copied" / "COPYING").write_text((FIXTURES / "gpl_project" / "COPYING").read_text())
+    build_corpus([str(site)], tmp_path / "corpus", BuildConfig(workers=1), progress=False)
+    assert [r["path"] for r in read_corpus(tmp_path / "corpus")] == ["foo/__init__.py"]

@@ -67,3 +67,20 @@ def test_shards_follow_quotas_with_repeats_and_code_only_fim(tmp_path, tiny_toke
     plain = [t for t in texts if "<fim_middle>" not in t]
     assert fim and plain  # "lib" is FIM'd at rate 1.0, "web" (not code) never is
     assert all("greet" in t or "permissive_function" in t for t in plain)  # apache_project's files only
+
+
+def test_quotas_overshoot_by_one_document_at_most_with_the_default_batching(tmp_path, tiny_tokenizer):
+    # Written tokens were compared with the quota only when a batch of 64 samples was flushed, so a small quota
+    # got every file of the project (many times the quota) instead of stopping at the document that reaches it.
+    corpus = tmp_path / "corpus"
+    build_corpus([f"lib={FIXTURES / 'mit_project'}", f"web={FIXTURES / 'apache_project'}"], corpus,
+                 BuildConfig(workers=1), progress=False)
+    quotas = {"lib": 40, "web": 40}
+    config = DatasetConfig(samples=SampleConfig(fim_rate=0.5))
+    assert config.batch_docs > 1
+    stats = build_shards(corpus, tiny_tokenizer, tmp_path / "shards", config, progress=False, quotas=quotas)
+    shards = ShardSet(tmp_path / "shards")
+    lengths = [len(shards.document(i)) for i in range(shards.num_docs)]
+    split = next(i for i in range(len(lengths) + 1) if sum(lengths[:i]) == stats["tokens_by_source"]["lib"])
+    for source, docs in (("lib", lengths[:split]), ("web", lengths[split:])):
+        assert docs and sum(docs) >= quotas[source] > sum(docs[:-1]), (source, docs)
