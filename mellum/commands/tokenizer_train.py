@@ -36,7 +36,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mellum.data.corpus import read_corpus
-    from mellum.data.outputs import check_output_dir, refuse_inside
+    from mellum.data.outputs import check_output_dir, refuse_inside, replace_dir
     from mellum.tokenizer import compression_report, train_bpe
 
     out = Path(args.out)
@@ -92,9 +92,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         tokenizer.save(tmp)
         (tmp / "compression.json").write_text(json.dumps(report, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        replace_dir(tmp, out)  # the earlier tokenizer is deleted only once the new one is in place
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -24,7 +24,7 @@ from typing import Iterable, Iterator
 from mellum.data.dedup import DedupConfig, Deduplicator, MinHasher, exact_key
 from mellum.data.filters import FilterConfig, content_reason, language_of, path_reason
 from mellum.data.license import PERMISSIVE, LicensePolicy, normalize, spdx_header
-from mellum.data.outputs import check_output_dir, refuse_inside
+from mellum.data.outputs import check_output_dir, refuse_inside, replace_dir
 from mellum.data.secrets import SecretRedactor, SecretsConfig
 from mellum.data.sources import Project, discover
 
@@ -190,7 +190,7 @@ def build_corpus(
         data = report.as_dict()
         (tmp / "report.json").write_text(json.dumps(data, indent=2) + "\n")
         (tmp / "report.md").write_text(render_markdown(data))
-        _replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -208,16 +208,6 @@ def _results(tasks: list[tuple[str, str]], config: BuildConfig) -> Iterator[dict
     with ctx.Pool(config.workers, initializer=_init_worker, initargs=(config,)) as pool:
         for chunk in pool.imap(_process_chunk, _chunks(tasks, config.chunk_files)):
             yield from chunk
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    if out.exists():
-        backup = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(backup)
-        tmp.rename(out)
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
-        tmp.rename(out)
 
 
 def _unique_names(projects: list[Project]) -> None:

@@ -4,6 +4,7 @@ whole at the end, so a wrong path there would lose data)."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 
@@ -21,3 +22,15 @@ def refuse_inside(out: str | os.PathLike, source: str | os.PathLike, what: str) 
     out, source = Path(out).resolve(), Path(source).resolve()
     if out == source or out in source.parents:
         raise ValueError(f"--out {out} is or contains the {what} {source}; write the output somewhere else")
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Put the finished output `tmp` at `out`: an earlier output there is renamed aside first and deleted only once
+    the new one is in place, so a crash in between leaves one of the two, never neither."""
+    if out.exists():
+        backup = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(backup)
+        tmp.rename(out)
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        tmp.rename(out)

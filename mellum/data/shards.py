@@ -28,7 +28,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from mellum.data.outputs import check_output_dir
+from mellum.data.outputs import check_output_dir, replace_dir
 
 IGNORE_INDEX = -100
 FORMAT_VERSION = 1
@@ -146,13 +146,7 @@ class ShardWriter:
             **self.extra_meta,
         }
         (self.tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        if self.out.exists():  # only reachable with force=True
-            backup = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
-            self.out.rename(backup)
-            self.tmp.rename(self.out)
-            shutil.rmtree(backup)
-        else:
-            self.tmp.rename(self.out)
+        replace_dir(self.tmp, self.out)  # an earlier output is there only with force=True
         return self.out
 
     def abort(self) -> None:
