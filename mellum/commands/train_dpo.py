@@ -43,7 +43,8 @@ def run(args) -> int:
         train = [p for i, p in enumerate(pairs) if str(i) in keep]
         heldout = [p for i, p in enumerate(pairs) if str(i) in held]
     reference_dir = model_directory(args.reference) if args.reference else None  # before the run directory is made
-    out = prepare_out(args)
+    inputs = {"reference model": reference_dir, **{f"--pairs {path}": path for path in args.pairs}}
+    out = prepare_out(args, inputs)
     config = finetune_config(args)
     model, tokenizer = load_model_and_tokenizer(args.model_dir)
     reference = load_model_and_tokenizer(reference_dir)[0] if reference_dir else None

@@ -54,7 +54,7 @@ def run(args) -> int:
     eval_tasks = read_tasks(args.eval_tasks) if args.eval_tasks else None
     if args.resume:
         raise ValueError("grpo runs do not resume yet: start a new run from the exported model (--model OUT/model)")
-    out = prepare_out(args)
+    out = prepare_out(args, {"--tasks": args.tasks, "--eval-tasks": args.eval_tasks})
     config = finetune_config(args)
     config.micro_batch = max(config.micro_batch, 1)
     model, tokenizer = load_model_and_tokenizer(args.model_dir)

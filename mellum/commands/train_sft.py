@@ -60,9 +60,10 @@ def finetune_config(args):
         eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, device=device)
 
 
-def prepare_out(args) -> Path:
+def prepare_out(args, inputs: dict[str, object] | None = None) -> Path:
     """The run directory, checked before anything loads; also sets `args.model_dir`, the local directory of
-    `--model` (a hub id's snapshot)."""
+    `--model` (a hub id's snapshot). The export may replace neither the base model nor the run's other `inputs`
+    (what each is called → its path)."""
     from mellum.checkpoint import check_export_dir, model_directory
     from mellum.train import checkpointing
 
@@ -70,7 +71,7 @@ def prepare_out(args) -> Path:
     if not args.resume and (checkpointing.latest_checkpoint(out) is not None or (out / "summary.json").exists()):
         raise FileExistsError(f"{out} already holds a run: pass --resume to continue, or choose another --out")
     args.model_dir = model_directory(args.model)
-    check_export_dir(export_dir(args, out), {"base model": args.model_dir})  # before training, not after it
+    check_export_dir(export_dir(args, out), {"base model": args.model_dir, **(inputs or {})})  # before training
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -154,7 +155,10 @@ def run(args) -> int:
 
     if not args.source and not args.chat and not args.corpus:
         raise ValueError("nothing to train on: give --source DIR (project code), --corpus DIR and/or --chat FILE.jsonl")
-    out = prepare_out(args)
+    inputs = {f"--{kind} {path}": path for kind in ("source", "corpus", "chat") for path in getattr(args, kind)}
+    if args.heldout_corpus:
+        inputs["--heldout-corpus"] = args.heldout_corpus
+    out = prepare_out(args, inputs)
     config = finetune_config(args)
     model, tokenizer = load_model_and_tokenizer(args.model_dir)
     fim_config = FimSFTConfig(samples_per_file=args.samples_per_file, max_middle_chars=args.max_middle_chars,

@@ -164,6 +164,14 @@ def test_train_dpo_command(tiny_tokenizer, tmp_path):
     assert [r["step"] for r in logged if "loss" in r] == [1, 2]
     args = json.loads(exported["dpo_args.json"].read_text())
     assert args["beta"] == 0.2 and args["max_steps"] == 2 and args["model"] == str(base)
+    # An export onto the reference model (a model directory too) replaced it; now refused before training.
+    reference = tmp_path / "reference"
+    save_pretrained(_model(4), reference)
+    tiny_tokenizer.save(reference)
+    written = (reference / "model.safetensors").read_bytes()
+    assert main(["train", "dpo", "--model", str(base), "--reference", str(reference), "--export", str(reference),
+                 "--pairs", str(pairs), "--out", str(tmp_path / "run-ref"), "--max-steps", "1", "--no-bar"]) == 2
+    assert (reference / "model.safetensors").read_bytes() == written and not (tmp_path / "run-ref").exists()
 
 
 def test_post_training_starts_from_a_hub_id(tiny_tokenizer, tmp_path):
