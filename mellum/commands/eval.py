@@ -60,7 +60,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
             sub.add_argument("--repo", required=True, action="append", metavar="DIR",
                              help="repository to build tasks from (repeatable: each is scored, then all pooled)")
             sub.add_argument("--tasks", type=int, default=100, metavar="N", help="tasks to build (default 100)")
-            sub.add_argument("--budget", type=int, default=1024, metavar="T", help="context budget in tokens")
+            sub.add_argument("--budget", type=int, default=1024, metavar="T",
+                             help="context budget in tokens (default 1024)")
             sub.add_argument("--setting", choices=["none", "path", "retrieval", "all"], default="all",
                              help="context setting: none, path-distance files, full retrieval + packing (default: all)")
 
@@ -107,10 +108,12 @@ def _common_arguments(sub: argparse.ArgumentParser) -> None:
 def _latency_arguments(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--url", required=True, metavar="URL", help="server base URL (POST URL/v1/completions)")
     sub.add_argument("--served-model", default="", metavar="NAME", help="the `model` field to send")
-    sub.add_argument("--concurrency", default="1,2,4", metavar="C,C,...", help="parallel clients per level")
-    sub.add_argument("--requests", type=int, default=32, metavar="N", help="requests per concurrency level")
-    sub.add_argument("--max-tokens", type=int, default=32, metavar="N", help="max_tokens per request")
-    sub.add_argument("--warmup", type=int, default=2, metavar="N", help="unmeasured requests first")
+    sub.add_argument("--concurrency", default="1,2,4", metavar="C,C,...",
+                     help="parallel clients per level (default 1,2,4)")
+    sub.add_argument("--requests", type=int, default=32, metavar="N",
+                     help="requests per concurrency level (default 32)")
+    sub.add_argument("--max-tokens", type=int, default=32, metavar="N", help="max_tokens per request (default 32)")
+    sub.add_argument("--warmup", type=int, default=2, metavar="N", help="unmeasured requests first (default 2)")
     sub.add_argument("--data", metavar="DIR", help="benchmark data folder (prompts from HumanEval-Infilling)")
     sub.add_argument("--out", default="runs/eval", metavar="DIR", help="results folder (default: runs/eval)")
     sub.add_argument("--json", metavar="FILE", help="also write the summary JSON here")

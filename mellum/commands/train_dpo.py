@@ -22,7 +22,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help='preference pairs as JSONL {"prompt", "chosen", "rejected"} (repeatable)')
     parser.add_argument("--heldout-pairs", metavar="FILE", help="held-out pairs (default: --heldout-fraction of --pairs)")
     parser.add_argument("--heldout-fraction", type=float, default=0.1, help="share of pairs held out (default 0.1)")
-    parser.add_argument("--beta", type=float, default=0.1, help="DPO beta: strength of the anchor to the reference")
+    parser.add_argument("--beta", type=float, default=0.1,
+                        help="DPO beta: strength of the anchor to the reference (default 0.1)")
     parser.add_argument("--reference", help="reference model: a directory or hub id (default: the starting model)")
     parser.add_argument("--reference-on-the-fly", action="store_true",
                         help="keep the reference in memory and score each batch, instead of precomputing log-probs")

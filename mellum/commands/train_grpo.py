@@ -25,15 +25,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
     parser.add_argument("--clip-low", type=float, default=0.2, help="PPO clip below 1 (default 0.2)")
     parser.add_argument("--clip-high", type=float, default=0.28, help="PPO clip above 1 (DAPO clip-higher, 0.28)")
-    parser.add_argument("--icepop-k", type=float, default=2.0, help="IcePop band [1/k, k] of π_train/π_infer")
+    parser.add_argument("--icepop-k", type=float, default=2.0,
+                        help="IcePop band [1/k, k] of π_train/π_infer (default 2)")
     parser.add_argument("--max-staleness", type=int, default=1,
-                        help="rollouts may come from weights this many updates old (0: synchronous)")
-    parser.add_argument("--updates-per-batch", type=int, default=1, help="optimizer steps per rollout batch")
-    parser.add_argument("--overlong-buffer", type=int, default=16, help="soft overlong penalty ramp, in tokens")
+                        help="rollouts may come from weights this many updates old (0: synchronous; default 1)")
+    parser.add_argument("--updates-per-batch", type=int, default=1,
+                        help="optimizer steps per rollout batch (default 1)")
+    parser.add_argument("--overlong-buffer", type=int, default=16,
+                        help="soft overlong penalty ramp, in tokens (default 16)")
     parser.add_argument("--concision", type=float, default=0.1,
-                        help="largest penalty for the longest correct completion of a group (0: off)")
-    parser.add_argument("--test-timeout", type=float, default=5.0, help="seconds per sandboxed test run")
-    parser.add_argument("--test-memory-mb", type=int, default=1024, help="memory limit per sandboxed test run")
+                        help="largest penalty for the longest correct completion of a group (0: off; default 0.1)")
+    parser.add_argument("--test-timeout", type=float, default=5.0, help="seconds per sandboxed test run (default 5)")
+    parser.add_argument("--test-memory-mb", type=int, default=1024,
+                        help="memory limit per sandboxed test run in MB (default 1024)")
     parser.add_argument("--engine-int8", action="store_true", help="sample from int8 weights (CPU speed)")
     add_common_arguments(parser, steps=50, lr=1e-5, batch=4)
     parser.set_defaults(batch_size=4)
