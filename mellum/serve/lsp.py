@@ -34,6 +34,9 @@ MULTILINE = {"auto": None, "always": True, "never": False}
 # any other bad one: a negative maxNewTokens or temperature would make every request fail without a word.
 LOWEST = {"max_new_tokens": 1, "temperature": 0.0, "debounce_ms": 0.0, "max_prefix_chars": 0, "max_suffix_chars": 0,
           "max_open_file_chars": 0, "cache_entries": 1, "cache_tail_chars": 0}
+# And the largest, where one exists: a debounce of minutes would look like a server that never answers (the same
+# bound as `mellum lsp --debounce-ms`).
+HIGHEST = {"debounce_ms": 10_000.0}
 
 
 def _in_range(name: str, value) -> bool:
@@ -41,7 +44,7 @@ def _in_range(name: str, value) -> bool:
         return True
     if name == "deadline_ms":
         return value > 0
-    return math.isfinite(value) and value >= LOWEST.get(name, 0)
+    return math.isfinite(value) and LOWEST.get(name, 0) <= value <= HIGHEST.get(name, math.inf)
 
 
 @dataclass(frozen=True)

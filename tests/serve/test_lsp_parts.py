@@ -51,6 +51,8 @@ def test_settings_out_of_range_are_ignored():
     bad = {"maxNewTokens": -5, "temperature": -1, "maxPrefixChars": -10, "maxSuffixChars": 1e400, "deadlineMs": 0,
            "debounceMs": float("nan"), "projectContext": "false"}
     assert LspConfig().merged(bad) == LspConfig()
+    assert LspConfig().merged({"debounceMs": 600_000}).debounce_ms == 75.0  # ten minutes: as if it never answered
+    assert LspConfig().merged({"debounceMs": 10_000}).debounce_ms == 10_000.0
     good = LspConfig().merged({"maxNewTokens": 1, "temperature": 0.5, "maxPrefixChars": 0, "projectContext": False})
     assert (good.max_new_tokens, good.temperature, good.max_prefix_chars, good.project_context) == (1, 0.5, 0, False)
 
