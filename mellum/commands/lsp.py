@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import sys
 
-from mellum.commands.serve import add_model_arguments, check_model_arguments, load_service, model_dir, open_telemetry
+from mellum.commands.serve import (add_model_arguments, check_model_arguments, load_service, model_dir, model_name,
+                                   open_telemetry)
 
 
 def configure(parser) -> None:
@@ -37,7 +38,7 @@ def run(args) -> int:
     telemetry = open_telemetry(args)
     path = model_dir(args)
     server = create_server(path, telemetry=telemetry, config=config, workers=args.workers,
-                           load_service=lambda p: load_service(p, args))
+                           load_service=lambda p: load_service(p, args), model_name=model_name(args, path))
     try:
         if host:
             print(f"mellum: language server on {host}:{port}", file=sys.stderr, flush=True)

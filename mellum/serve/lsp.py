@@ -151,7 +151,7 @@ def _plain(value):
 
 
 def create_server(model_dir=None, telemetry=None, config: LspConfig | None = None, service=None,
-                  load_service=None, workers: int = 1, preload: bool = True):
+                  load_service=None, workers: int = 1, preload: bool = True, model_name: str | None = None):
     """Build the pygls server. The model loads here, before the server reads its first message (`preload`; on CPU a
     model loaded on a short-lived thread decodes far slower), or on a worker at the first request without `preload`,
     or is given as `service`.
@@ -205,7 +205,7 @@ def create_server(model_dir=None, telemetry=None, config: LspConfig | None = Non
             yield self.fm.features[types.TEXT_DOCUMENT_DID_CHANGE], (params,), None
 
     server = LanguageServer("mellum", __version__, protocol_cls=_Protocol, max_workers=4)
-    state = _State(config or LspConfig(), model_dir, telemetry, service, load_service, workers)
+    state = _State(config or LspConfig(), model_dir, telemetry, service, load_service, workers, model_name)
     server.mellum = state  # for tests and the status request
     if preload:
         state.preload()
@@ -378,14 +378,18 @@ class _Invalid:
 class _State:
     """Everything the handlers share: documents, the runner, in-flight requests, the suggestion cache."""
 
-    def __init__(self, config: LspConfig, model_dir, telemetry, service, load_service, workers: int):
+    def __init__(self, config: LspConfig, model_dir, telemetry, service, load_service, workers: int,
+                 model_name: str | None = None):
         self.config = config
         self.model_dir = model_dir
+        # The name telemetry records (as `mellum serve` does: a hub id as given, else the directory's name).
+        self.model_name = model_name or (Path(str(model_dir)).name if model_dir is not None else "")
         self.telemetry = telemetry
         self.documents = DocumentStore()
         self.metrics = Metrics()
         self.inflight: dict[str, _Pending] = {}  # per document: the engine work for its latest cursor
-        self.runner: Runner | None = Runner(service, self.metrics, telemetry, workers) if service else None
+        self.runner: Runner | None = (Runner(service, self.metrics, telemetry, workers, model_name=self.model_name)
+                                      if service else None)
         self._load_service = load_service
         self._workers = workers
         self._loading: asyncio.Future | None = None
@@ -426,7 +430,7 @@ class _State:
             if close is not None:
                 close()
         self.runner, self._loading, self.load_error = None, None, None
-        self.model_dir = model_dir
+        self.model_dir, self.model_name = model_dir, Path(model_dir).name if Path(model_dir).exists() else model_dir
         self._load()
 
     def start_loading(self) -> None:
@@ -455,7 +459,7 @@ class _State:
                 from mellum.complete import CompletionService
 
                 service = CompletionService.from_pretrained(self.model_dir)
-            self.runner = Runner(service, self.metrics, self.telemetry, self._workers, model_name=str(self.model_dir))
+            self.runner = Runner(service, self.metrics, self.telemetry, self._workers, model_name=self.model_name)
         except Exception as exc:
             self.load_error = f"could not load the model from {self.model_dir}: {exc}"
             log.error(self.load_error)

@@ -186,8 +186,9 @@ def test_lsp_session(tiny_model_dir, workspace, tmp_path):
     cid = _run(session())
     rows = sqlite3.connect(db).execute("SELECT event FROM events WHERE completion_id = ? ORDER BY seq", (cid,))
     assert [r[0] for r in rows] == ["shown", "partial", "accepted"]
-    served = sqlite3.connect(db).execute("SELECT path, prompt FROM completions WHERE id = ?", (cid,)).fetchone()
+    served = sqlite3.connect(db).execute("SELECT path, prompt, model FROM completions WHERE id = ?", (cid,)).fetchone()
     assert served[0] == "shop/pricing.py" and "<fim_middle>" in served[1]
+    assert served[2] == tiny_model_dir.name  # the model's name, as `mellum serve` records it (was its full path)
 
 
 def test_requests_after_shutdown_are_answered_with_an_error(tiny_model_dir, workspace, tmp_path):
