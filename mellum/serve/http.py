@@ -14,6 +14,7 @@ import hmac
 import json
 import os
 import re
+import sqlite3
 import threading
 import time
 import uuid
@@ -184,8 +185,9 @@ def _refuse_unsupported(body, unused: dict[str, tuple]) -> None:
 class _Guard:
     """ASGI middleware: bearer-token check and request body limit, before any route parses anything."""
 
-    def __init__(self, app, config: HttpConfig):
+    def __init__(self, app, config: HttpConfig, count=None):
         self.app, self.config = app, config
+        self.count = count or (lambda path, status: None)  # refusals here never reach the app's handlers
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -194,7 +196,11 @@ class _Guard:
         if self.config.api_key and scope.get("path") not in self.config.open_paths:
             token = headers.get("authorization", "")
             scheme, _, value = token.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), self.config.api_key.encode()):
+            # Compared as the bytes the client sent (decoded as latin-1 above) and timing-safe; a key with non-ASCII
+            # characters arrives UTF-8 encoded.
+            sent, key = value.strip().encode("latin-1"), self.config.api_key.encode()
+            if scheme.lower() != "bearer" or not hmac.compare_digest(sent, key):
+                self.count(scope.get("path", ""), 401)
                 return await _send_json(
                     send, 401, _error_body("missing or wrong API key: send 'Authorization: Bearer <key>'",
                                            "authentication_error", "invalid_api_key"),
@@ -204,6 +210,7 @@ class _Guard:
         length = headers.get("content-length")
         if length is not None:
             if not length.isdigit() or int(length) > limit:
+                self.count(scope.get("path", ""), 413)
                 return await _send_json(send, 413, _too_large(limit))
             return await self.app(scope, receive, send)
         if scope.get("method") in ("GET", "HEAD", "DELETE", "OPTIONS"):
@@ -215,6 +222,7 @@ class _Guard:
             messages.append(message)
             size += len(message.get("body", b""))
             if size > limit:
+                self.count(scope.get("path", ""), 413)
                 return await _send_json(send, 413, _too_large(limit))
             if message["type"] != "http.request" or not message.get("more_body"):
                 break
@@ -264,11 +272,24 @@ def create_app(service, config: HttpConfig | None = None, telemetry=None, metric
         description="Code completion with fill-in-the-middle models: OpenAI-compatible and native FIM endpoints.",
     )
     app.state.runner = runner
-    app.add_middleware(_Guard, config=config)
+
+    def _endpoint(path: str) -> str:
+        # The label is the route (`/v1/models/{model:path}`), never the URL a client chose: a label per URL would
+        # let any client grow /metrics (and the server's memory) without bound.
+        for route in app.routes:
+            if getattr(route, "path_regex", None) is not None and route.path_regex.match(path):
+                return route.path
+        return "other"
+
+    def _count(request_or_path, status) -> None:
+        path = request_or_path if isinstance(request_or_path, str) else request_or_path.url.path
+        runner.metrics.record(runner.metrics.requests.inc, endpoint=_endpoint(path), status=str(status))
+
+    app.add_middleware(_Guard, config=config, count=_count)
 
     @app.exception_handler(ApiError)
     async def _api_error(request, exc: ApiError):
-        runner.metrics.record(runner.metrics.requests.inc, endpoint=request.url.path, status=str(exc.status))
+        _count(request, exc.status)
         return JSONResponse(_error_body(exc.message, exc.type, exc.code, exc.param), status_code=exc.status)
 
     @app.exception_handler(RequestValidationError)
@@ -278,7 +299,7 @@ def create_app(service, config: HttpConfig | None = None, telemetry=None, metric
         for e in errors[:5]:
             where = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
             parts.append(f"{where}: {e.get('msg')}")
-        runner.metrics.record(runner.metrics.requests.inc, endpoint=request.url.path, status="422")
+        _count(request, 422)
         # Keep FastAPI's `detail` for schema conformance; NaN and Infinity (which Python's JSON parser accepts
         # in a body) are echoed as strings, since a JSON response cannot hold them.
         detail = json.loads(json.dumps(errors, default=str), parse_constant=str)
@@ -287,11 +308,12 @@ def create_app(service, config: HttpConfig | None = None, telemetry=None, metric
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, exc: StarletteHTTPException):
+        _count(request, exc.status_code)
         return JSONResponse(_error_body(str(exc.detail), "invalid_request_error", None), status_code=exc.status_code)
 
     @app.exception_handler(Exception)
     async def _crash(request, exc: Exception):
-        runner.metrics.record(runner.metrics.requests.inc, endpoint=request.url.path, status="500")
+        _count(request, 500)
         return JSONResponse(_error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error", None),
                             status_code=500)
 
@@ -476,7 +498,8 @@ def create_app(service, config: HttpConfig | None = None, telemetry=None, metric
         request = _request(
             path=scrub(body.path), prefix=scrub(body.prefix), suffix=scrub(body.suffix),
             project_root=_project_root(body.project_root),
-            extra_context=[ContextFile(scrub(p.path), scrub(p.text)) for p in body.extra_context
+            # The API takes pieces most relevant last (the order of the prompt); the service most relevant first.
+            extra_context=[ContextFile(scrub(p.path), scrub(p.text)) for p in reversed(body.extra_context)
                            if not is_secret(p.path, p.text)],
             open_files={scrub(k): scrub(v) for k, v in body.open_files.items() if not is_secret(k, v)},
             max_new_tokens=_max_tokens(o.max_tokens, config.default_max_tokens), temperature=o.temperature,
@@ -520,7 +543,11 @@ def create_app(service, config: HttpConfig | None = None, telemetry=None, metric
         items = body.events if hasattr(body, "events") else [body]
         events = [TelemetryEvent(scrub(e.id), e.event, e.accepted_text, e.replacement, client="http") for e in items]
         # Committed (fsync'd WAL) before we answer: an acknowledged event survives a crash.
-        n = await asyncio.get_running_loop().run_in_executor(None, runner.telemetry.record_events, events)
+        try:
+            n = await asyncio.get_running_loop().run_in_executor(None, runner.telemetry.record_events, events)
+        except sqlite3.OperationalError as exc:  # locked by another process past the busy timeout, disk full, ...
+            raise ApiError(503, f"telemetry not recorded ({exc}); send the events again later", "server_error",
+                           "telemetry_unavailable") from None
         for e in events:
             runner.metrics.record(runner.metrics.telemetry.inc, event=e.event)
         _ok("/v1/telemetry")

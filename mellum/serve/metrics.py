@@ -26,6 +26,11 @@ def _escape(value: str) -> str:
     return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
+def _number(value: float) -> str:
+    # Exact: `{:g}` keeps 6 digits, so a counter past 1e6 would read 1.23457e+06 and rate() would see it stand still.
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
 def _key(labels: dict[str, str]) -> tuple:
     return tuple(sorted(labels.items()))
 
@@ -45,7 +50,8 @@ class Counter:
         return self.values.get(_key(labels), 0.0)
 
     def render(self) -> list[str]:
-        return [f"{self.name}{_labels(dict(k))} {v:g}" for k, v in sorted(self.values.items())] or [f"{self.name} 0"]
+        lines = [f"{self.name}{_labels(dict(k))} {_number(v)}" for k, v in sorted(self.values.items())]
+        return lines or [f"{self.name} 0"]
 
 
 @dataclass
@@ -105,9 +111,10 @@ class Metrics:
         self.cancelled = Counter(f"{n}_cancelled_total", "Requests cancelled or superseded before finishing")
         self.queue_depth = Gauge(f"{n}_queue_depth", "Completion requests waiting for or running on the engine")
         self.telemetry = Counter(f"{n}_telemetry_events_total", "Telemetry events recorded by kind")
+        self.telemetry_errors = Counter(f"{n}_telemetry_errors_total", "Served completions the store could not record")
         self._all = [
             self.requests, self.latency, self.prompt_tokens, self.cached_tokens, self.generated_tokens,
-            self.cache, self.cancelled, self.queue_depth, self.telemetry,
+            self.cache, self.cancelled, self.queue_depth, self.telemetry, self.telemetry_errors,
         ]
         self.cache_hit_rate = Gauge(f"{n}_suggestion_cache_hit_rate", "Fraction of lookups answered by the cache")
 

@@ -10,6 +10,8 @@ and writes served completions to the telemetry store, so both servers record the
 from __future__ import annotations
 
 import asyncio
+import logging
+import sqlite3
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +19,8 @@ from dataclasses import dataclass, replace
 from typing import AsyncIterator
 
 from mellum.serve.metrics import Metrics
+
+log = logging.getLogger(__name__)
 
 
 def is_secret(path: str, text: str | None = None) -> bool:
@@ -86,7 +90,7 @@ class Runner:
         self._observe(completion, endpoint, latency_ms)
         prompt = getattr(completion, "prompt", None)
         if self.telemetry is not None:
-            await loop.run_in_executor(None, self._record, request, completion.id, completion.text, prompt,
+            await loop.run_in_executor(None, self._record_safely, request, completion.id, completion.text, prompt,
                                        completion, source, latency_ms)
         if not wanted and prompt is not None:
             completion = replace(completion, prompt=None)
@@ -103,8 +107,12 @@ class Runner:
             return fn(*args)
 
         self._enter(+1)
+        future = asyncio.get_running_loop().run_in_executor(self._pool, guarded)
+        # A caller cancelled while the call runs (or waits) no longer awaits it: its exception (Cancelled) is
+        # retrieved here, or asyncio logs "Future exception was never retrieved" with a traceback for each one.
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
         try:
-            return await asyncio.shield(asyncio.get_running_loop().run_in_executor(self._pool, guarded))
+            return await asyncio.shield(future)
         except asyncio.CancelledError:
             cancel.set()
             self.metrics.record(self.metrics.cancelled.inc, endpoint=endpoint)
@@ -179,7 +187,8 @@ class Runner:
         if self.telemetry is not None:
             prompt = getattr(completion, "prompt", None)
             await loop.run_in_executor(
-                None, self._record, request, completion_id, "".join(pieces), prompt, completion, source, latency_ms
+                None, self._record_safely, request, completion_id, "".join(pieces), prompt, completion, source,
+                latency_ms,
             )
 
     # ---- bookkeeping ---------------------------------------------------------------------------------
@@ -190,8 +199,18 @@ class Runner:
         m.record(m.cached_tokens.inc, getattr(completion, "cached_tokens", 0) or 0)
         m.record(m.generated_tokens.inc, getattr(completion, "generated_tokens", 0) or 0)
 
+    def _record_safely(self, *args) -> None:
+        """Record a served completion; a store that cannot take it (locked by another process past the busy timeout,
+        disk full) loses this row, not the completion the developer is waiting for."""
+        try:
+            self._record(*args)
+        except sqlite3.Error as exc:
+            self.metrics.record(self.metrics.telemetry_errors.inc)
+            log.warning("telemetry: completion %s not recorded: %s", args[1], exc)
+
     def _record(self, request, cid, text, prompt, completion, source, latency_ms) -> None:
-        context = [{"path": f.path, "text": f.text} for f in (request.extra_context or [])]
+        # Stored in prompt order (most relevant last), as `mellum.prompt` renders a context list.
+        context = [{"path": f.path, "text": f.text} for f in reversed(request.extra_context or [])]
         self.telemetry.record_completion(
             cid,
             path=request.path,
@@ -205,4 +224,5 @@ class Runner:
             prompt_tokens=getattr(completion, "prompt_tokens", None),
             generated_tokens=getattr(completion, "generated_tokens", None),
             latency_ms=latency_ms,
+            healed=getattr(completion, "healed", "") or "",
         )

@@ -44,7 +44,8 @@ CREATE TABLE IF NOT EXISTS completions (
     text TEXT NOT NULL,             -- the completion as served
     prompt_tokens INTEGER,
     generated_tokens INTEGER,
-    latency_ms REAL
+    latency_ms REAL,
+    healed TEXT                     -- prefix text token healing moved from the prompt into the model's output
 );
 CREATE INDEX IF NOT EXISTS completions_context ON completions(context_key);
 CREATE TABLE IF NOT EXISTS events (
@@ -97,18 +98,22 @@ def context_key(path: str, prefix: str, suffix: str, context: Sequence[dict] = (
 class TelemetryStore:
     """Thread-safe writer/reader of the telemetry database (one connection guarded by a lock)."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, busy_timeout_s: float = 30.0):
         self.path = Path(path)
         if self.path.parent and not self.path.parent.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None,
+                                   timeout=busy_timeout_s)  # how long a write waits for another process's lock
         # WAL lets readers (an export) run while the server writes; FULL syncs the WAL on every commit so an
         # acknowledged event is on disk before the reply leaves.
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(completions)")}
+            if "healed" not in columns:  # a database written before the column existed
+                self._db.execute("ALTER TABLE completions ADD COLUMN healed TEXT")
         except sqlite3.DatabaseError as e:
             self._db.close()
             raise ValueError(f"{self.path} is not a usable mellum telemetry database ({e})") from e
@@ -139,19 +144,25 @@ class TelemetryStore:
         prompt_tokens: int | None = None,
         generated_tokens: int | None = None,
         latency_ms: float | None = None,
+        healed: str = "",
     ) -> None:
-        """Record one served completion (committed on return). Re-recording an id keeps the first row."""
+        """Record one served completion (committed on return). Re-recording an id keeps the first row.
+
+        `healed` is the end of the prefix that token healing took off `prompt` (the model re-typed it before `text`):
+        `prompt` + `healed` + `text` is what the model produced."""
         context = [{"path": c["path"], "text": c["text"]} for c in context]
         row = (
             completion_id, time.time(), source, model, path, prefix, suffix,
             json.dumps(context, ensure_ascii=False), prompt, context_key(path, prefix, suffix, context), text,
-            prompt_tokens, generated_tokens, latency_ms,
+            prompt_tokens, generated_tokens, latency_ms, healed,
         )
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._db.execute(
-                    "INSERT OR IGNORE INTO completions VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", _clean(row)
+                    "INSERT OR IGNORE INTO completions (id, created, source, model, path, prefix, suffix, context, "
+                    "prompt, context_key, text, prompt_tokens, generated_tokens, latency_ms, healed) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", _clean(row)
                 )
                 self._db.execute("COMMIT")
             except BaseException:
@@ -322,10 +333,13 @@ def _pairs(group: list[dict], config: PreferenceExportConfig) -> Iterable[dict]:
         if not ctext.strip() or ctext == rtext or (ctext, rtext) in seen:
             continue
         seen.add((ctext, rtext))
+        # A recorded prompt may end before the prefix does (token healing backed off its last token, often an
+        # indent): both middles start with that text again, or DPO would learn to leave it out.
+        healed = (cc.get("healed") or "") if cc["prompt"] else ""
         yield {
             "prompt": cc["prompt"] or _render(cc),
-            "chosen": ctext,
-            "rejected": rtext,
+            "chosen": healed + ctext,
+            "rejected": healed + rtext,
             "path": cc["path"],
             "prefix": cc["prefix"],
             "suffix": cc["suffix"],

@@ -47,6 +47,17 @@ def test_health_is_open_and_everything_else_needs_the_key(client):
     assert client.get("/openapi.json").json()["paths"].keys() >= {"/v1/completions", "/v1/fim", "/v1/telemetry"}
 
 
+def test_api_key_check_takes_any_header_case_and_a_non_ascii_key(tiny_service):
+    from fastapi.testclient import TestClient
+
+    from mellum.serve.http import HttpConfig, create_app
+
+    with TestClient(create_app(tiny_service, HttpConfig(api_key="clé-ü", model_name="tiny"))) as c:
+        for header, value in [("Authorization", "Bearer clé-ü"), ("AUTHORIZATION", "bearer clé-ü")]:
+            assert c.get("/v1/models", headers={header: value.encode()}).status_code == 200, header
+        assert c.get("/v1/models", headers={"Authorization": "Bearer cle-u"}).status_code == 401
+
+
 def test_openai_completion_shape(client):
     r = client.post("/v1/completions", json={"prompt": "def add(a, b):\n    return ", "suffix": "\n", "max_tokens": 8})
     assert r.status_code == 200, r.text
@@ -235,3 +246,159 @@ def test_a_backend_that_fails_is_a_502(tiny_model_dir):
             assert 'status="502"' in c.get("/metrics").text
     finally:
         service.close()
+
+
+def _series(text: str) -> dict[str, float]:
+    """Prometheus text format 0.0.4 read strictly: every non-comment line is `name{labels} value`."""
+    import re
+
+    line = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\.)*"'
+                      r'(?:,[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\.)*")*\})? (-?[0-9.]+|\+Inf|NaN)$')
+    out = {}
+    for row in text.splitlines():
+        if not row.startswith("#"):
+            match = line.match(row)
+            assert match, row
+            out[match[1] + (match[2] or "")] = float(match[3])
+    return out
+
+
+def test_metrics_label_routes_not_urls_and_count_refusals(client):
+    """A label per URL a client invents would grow /metrics (and memory) without bound; refusals made before any
+    route runs (401, 413) are requests too."""
+    from fastapi.testclient import TestClient
+
+    before = _series(client.get("/metrics").text)
+    for name in ("gpt-4", "gpt-5", "x/y"):
+        assert client.get(f"/v1/models/{name}").status_code == 404
+    assert client.get("/no/such/route").status_code == 404
+    assert TestClient(client.app).post("/v1/fim", json={}).status_code == 401
+    huge = client.post("/v1/fim", content=b"x" * 70_000, headers={"content-type": "application/json"})
+    assert huge.status_code == 413
+    after = _series(client.get("/metrics").text)
+    assert not [k for k in after if "gpt-" in k or "no/such" in k]
+
+    def grew(labels: str) -> float:
+        key = "mellum_requests_total" + labels
+        return after.get(key, 0) - before.get(key, 0)
+
+    assert grew('{endpoint="/v1/models/{model:path}",status="404"}') == 3
+    assert grew('{endpoint="other",status="404"}') == 1
+    assert grew('{endpoint="/v1/fim",status="401"}') == 1 and grew('{endpoint="/v1/fim",status="413"}') == 1
+
+
+def test_counters_render_exact_values():
+    from mellum.serve.metrics import Metrics
+
+    m = Metrics()
+    m.record(m.prompt_tokens.inc, 1_234_567)
+    m.record(m.latency.observe, 0.25, endpoint="/v1/fim")
+    m.record(m.cache.inc, result="hit")
+    m.record(m.cache.inc, result="miss")
+    series = _series(m.render())
+    assert series["mellum_prompt_tokens_total"] == 1_234_567  # not 1.23457e+06
+    assert series['mellum_request_latency_seconds_bucket{endpoint="/v1/fim",le="0.2"}'] == 0
+    assert series['mellum_request_latency_seconds_bucket{endpoint="/v1/fim",le="0.3"}'] == 1
+    assert series['mellum_request_latency_seconds_bucket{endpoint="/v1/fim",le="+Inf"}'] == 1
+    assert series["mellum_suggestion_cache_hit_rate"] == 0.5
+
+
+def test_fim_extra_context_is_most_relevant_last(client, app_and_store):
+    """As documented: the last piece is the most relevant, so it is the one nearest the cursor, and the one kept
+    when only one fits (the tiny model's window is 512 tokens)."""
+    pieces = [{"path": "far.py", "text": "FAR = 1\n"}, {"path": "near.py", "text": "NEAR = 2\n"}]
+    r = client.post("/v1/fim", json={"path": "m.py", "prefix": "x = ", "extra_context": pieces,
+                                     "options": {"max_tokens": 2, "return_prompt": True}})
+    prompt = r.json()["prompt"]
+    assert prompt.index("<filename>far.py") < prompt.index("<filename>near.py") < prompt.index("<filename>m.py")
+    # Telemetry keeps them in the client's (the prompt's) order.
+    assert json.loads(app_and_store[1].completion(r.json()["id"])["context"]) == pieces
+    big = [{"path": f"{name}.py", "text": f"{name.upper()} = [\n" + "    1,\n" * 100 + "]\n"}
+           for name in ("far", "near")]
+    prompt = client.post("/v1/fim", json={"path": "m.py", "prefix": "x = ", "extra_context": big,
+                                          "options": {"max_tokens": 2, "return_prompt": True}}).json()["prompt"]
+    assert "NEAR = [" in prompt and "FAR = [" not in prompt
+
+
+def test_a_locked_telemetry_database_fails_no_completion(tiny_service, tmp_path):
+    """Another process holding the database (a second server, a backup) past the busy timeout: the completion is
+    still served (its row is lost and counted), and a telemetry post is a 503 to retry, not a 500."""
+    import sqlite3
+
+    from fastapi.testclient import TestClient
+
+    from mellum.serve.http import HttpConfig, create_app
+    from mellum.serve.telemetry import TelemetryStore
+
+    store = TelemetryStore(tmp_path / "t.db", busy_timeout_s=0.1)
+    other = sqlite3.connect(tmp_path / "t.db", isolation_level=None)
+    try:
+        with TestClient(create_app(tiny_service, HttpConfig(model_name="tiny"), telemetry=store)) as c:
+            other.execute("BEGIN EXCLUSIVE")
+            r = c.post("/v1/fim", json={"path": "a.py", "prefix": "x = ", "options": {"max_tokens": 2}})
+            assert r.status_code == 200, r.text
+            r = c.post("/v1/telemetry", json={"id": r.json()["id"], "event": "shown"})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "telemetry_unavailable", r.text
+            assert "mellum_telemetry_errors_total 1\n" in c.get("/metrics").text
+            other.execute("COMMIT")
+            assert c.post("/v1/telemetry", json={"id": "x", "event": "shown"}).json() == {"recorded": 1}
+    finally:
+        other.close()
+        store.close()
+
+
+def test_a_call_cancelled_in_the_queue_logs_no_traceback(tiny_service, caplog):
+    """Clients hanging up while queued are routine: no "Future exception was never retrieved" for each one."""
+    import asyncio
+    import gc
+    import threading
+    import time
+
+    from mellum.serve.runner import Cancelled, Runner
+
+    def slow(cancel):
+        time.sleep(0.2)
+
+    async def main():
+        runner = Runner(tiny_service)
+        busy, queued = threading.Event(), threading.Event()
+        first = asyncio.ensure_future(runner.call(slow, busy, cancel=busy, endpoint="e"))
+        second = asyncio.ensure_future(runner.call(slow, queued, cancel=queued, endpoint="e"))
+        await asyncio.sleep(0.05)
+        second.cancel()  # waits behind `first`; starts, sees its event set, raises Cancelled on the worker
+        await first
+        with pytest.raises(asyncio.CancelledError):
+            await second
+        await asyncio.sleep(0.3)
+        runner.close()
+        assert runner.queue_depth == 0 and runner.metrics.cancelled.get(endpoint="e") == 1
+
+    with caplog.at_level("ERROR", logger="asyncio"):
+        asyncio.run(main())
+        gc.collect()
+    assert "never retrieved" not in caplog.text and Cancelled.__name__ not in caplog.text
+
+
+def test_preference_pairs_continue_the_recorded_prompt_after_token_healing(client, app_and_store, tmp_path):
+    """Token healing takes the prefix's trailing indent off the prompt and the model types it again: a DPO pair's
+    middles must start with it, or `prompt + chosen` teaches the model to drop the indent."""
+    from mellum.serve.telemetry import export_preferences
+
+    store = app_and_store[1]
+    body = {"path": "shop/heal.py", "prefix": "def total(cart):\n    ", "suffix": "\n"}
+    texts: dict[str, str] = {}
+    for seed in range(40):  # two different non-empty answers for the same context
+        r = client.post("/v1/fim", json={**body, "options": {"max_tokens": 6, "temperature": 1.0, "seed": seed}}).json()
+        if r["completion"].strip() and r["completion"] not in texts.values():
+            texts[r["id"]] = r["completion"]
+        if len(texts) == 2:
+            break
+    (good, bad), row = texts, store.completion(next(iter(texts)))
+    assert row["prompt"].endswith("def total(cart):\n<fim_middle>") and row["healed"] == "    "
+    events = [{"id": good, "event": "accepted"}, {"id": bad, "event": "rejected", "replacement": "return 0"}]
+    assert client.post("/v1/telemetry", json={"events": events}).json() == {"recorded": 2}
+    out = tmp_path / "pairs.jsonl"
+    export_preferences(store.path, out)
+    pairs = [p for p in map(json.loads, out.read_text().splitlines()) if p["chosen_id"] in texts]
+    assert {(p["chosen"], p["rejected"]) for p in pairs} == {("    " + texts[good], "    " + texts[bad]),
+                                                             ("    return 0", "    " + texts[bad])}

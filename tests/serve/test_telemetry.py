@@ -217,3 +217,21 @@ def test_partial_kept_part_needs_three_non_space_characters(tmp_path):
     export_preferences(db, out)
     chosen = {p["chosen"] for p in map(json.loads, out.read_text().splitlines())}
     assert chosen == {"a bc"}
+
+
+def test_a_database_from_before_the_healed_column_still_records_and_exports(tmp_path):
+    import sqlite3
+
+    db, out = tmp_path / "old.db", tmp_path / "pairs.jsonl"
+    with TelemetryStore(db) as store:
+        _served(store, "a", "a + b", prompt="<fim_prefix>def add(a, b):\n    return <fim_middle>")
+    old = sqlite3.connect(db)
+    old.execute("ALTER TABLE completions DROP COLUMN healed")  # the table as an older server wrote it
+    old.commit()
+    old.close()
+    with TelemetryStore(db) as store:
+        _served(store, "r", "0", prompt="<fim_prefix>def add(a, b):\n    return <fim_middle>")
+        store.record_events([TelemetryEvent("a", "accepted"), TelemetryEvent("r", "rejected")])
+        assert store.completion("r")["healed"] == "" and store.completion("a")["healed"] is None
+    assert export_preferences(db, out) == 1
+    assert json.loads(out.read_text())["chosen"] == "a + b"
