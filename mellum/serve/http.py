@@ -27,6 +27,7 @@ from mellum.serve.metrics import Metrics
 from mellum.serve.runner import Cancelled, Runner, is_secret
 
 API_KEY_ENV = "MELLUM_API_KEY"
+MAX_PIECES = 256  # open_files entries, and extra_context pieces, one /v1/fim request may carry
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts: beyond it generation fails
 # OpenAI fields this server cannot honour, each with the values that mean "not used". Anything else is refused
 # with a 400: answering as if the field were absent gives the client something other than what it asked for
@@ -106,8 +107,12 @@ def _models():
         prefix: str
         suffix: str = ""
         project_root: str | None = Field(None, description="A workspace the server was started with (--workspace)")
-        extra_context: list[ContextPiece] = Field(default_factory=list, description="Snippets/files, most relevant last")
-        open_files: dict[str, str] = Field(default_factory=dict, description="Unsaved buffers: path -> text")
+        # Bounded counts (MAX_PIECES): every open buffer is synced into the project index on the engine's worker, so
+        # 200k tiny entries (3.5 MB, under the body limit) held the worker 38 s while other requests waited.
+        extra_context: list[ContextPiece] = Field(default_factory=list, max_length=MAX_PIECES,
+                                                  description="Snippets/files, most relevant last")
+        open_files: dict[str, str] = Field(default_factory=dict, max_length=MAX_PIECES,
+                                           description="Unsaved buffers: path -> text")
         options: FimOptions = Field(default_factory=FimOptions)
 
     class Usage(BaseModel):

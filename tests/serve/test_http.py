@@ -320,6 +320,21 @@ def test_fim_extra_context_is_most_relevant_last(client, app_and_store):
     assert "NEAR = [" in prompt and "FAR = [" not in prompt
 
 
+def test_fim_bounds_how_many_buffers_and_pieces_one_request_carries(client):
+    """200k tiny open_files entries fit the body limit and held the engine's worker for 38 s of index syncing."""
+    from mellum.serve.http import MAX_PIECES
+
+    many = {f"f{i}.py": "x = 1\n" for i in range(MAX_PIECES + 1)}
+    r = client.post("/v1/fim", json={"path": "m.py", "prefix": "x = ", "open_files": many})
+    assert r.status_code == 422 and "open_files" in r.text
+    pieces = [{"path": f"f{i}.py", "text": "x = 1\n"} for i in range(MAX_PIECES + 1)]
+    r = client.post("/v1/fim", json={"path": "m.py", "prefix": "x = ", "extra_context": pieces})
+    assert r.status_code == 422 and "extra_context" in r.text
+    fine = dict(list(many.items())[:MAX_PIECES])
+    r = client.post("/v1/fim", json={"path": "m.py", "prefix": "x = ", "open_files": fine, "options": {"max_tokens": 1}})
+    assert r.status_code == 200
+
+
 def test_a_locked_telemetry_database_fails_no_completion(tiny_service, tmp_path):
     """Another process holding the database (a second server, a backup) past the busy timeout: the completion is
     still served (its row is lost and counted), and a telemetry post is a 503 to retry, not a 500."""
