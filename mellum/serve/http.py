@@ -211,6 +211,12 @@ class _Guard:
                                            "authentication_error", "invalid_api_key"),
                     extra_headers=[(b"www-authenticate", b"Bearer")],
                 )
+        encoding = headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):  # a compressed body would otherwise be "error parsing the body" (400)
+            self.count(scope.get("path", ""), 415)
+            return await _send_json(send, 415, _error_body(
+                f"Content-Encoding {encoding!r} is not supported: send the request body uncompressed",
+                "invalid_request_error", "unsupported_content_encoding"))
         limit = self.config.max_body_bytes
         length = headers.get("content-length")
         if length is not None:

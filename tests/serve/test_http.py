@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import pytest
@@ -119,6 +120,13 @@ def test_clear_4xx_errors(client):
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
     r = client.post("/v1/completions", json={"prompt": ["a", "b"]})
     assert r.status_code == 400
+    # A compressed body was "There was an error parsing the body" (400): say what is unsupported.
+    r = client.post("/v1/completions", content=gzip.compress(b'{"prompt": "x"}'),
+                    headers={"content-type": "application/json", "content-encoding": "gzip"})
+    assert r.status_code == 415 and "send the request body uncompressed" in r.json()["error"]["message"]
+    r = client.post("/v1/completions", content=b'{"prompt": "x", "max_tokens": 1}',
+                    headers={"content-type": "application/json", "content-encoding": "identity"})
+    assert r.status_code == 200
     r = client.post("/v1/fim", json={"path": "a.py", "prefix": "", "options": {"deadline_ms": 5e-324}})
     assert r.status_code in (200, 400), r.text  # found by schemathesis: never a 500
     assert client.post("/v1/completions", json={"prompt": "x", "max_tokens": 0}).status_code == 422
