@@ -64,7 +64,6 @@ def main(argv: list[str] | None = None) -> None:
     from mellum.context import ContextConfig, ContextPacker, ProjectIndex
 
     tok, described = _tokenizer(args.tokenizer, args.vocab)
-    count = lambda text: tok.count(text, allow_special=True)  # noqa: E731
     print(f"tokenizer: {described}")
 
     gc.collect()
@@ -95,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
         col = rng.randrange(0, len(lines[line]) + 1)
         return text[: start + col], text[start + col :]
 
-    packer = ContextPacker(index, count, index.config)
+    packer = ContextPacker.for_tokenizer(index, tok, index.config)  # counted as the service counts
     # Warm up (first tree-sitter parser load, numpy paths), not counted.
     for path in rng.sample(files, min(5, len(files))):
         packer.pack(path, *cursor(path), args.budget)

@@ -392,6 +392,8 @@ class CompletionService:
         if cut is not None:
             visible = visible[:cut]
         text = self.postprocess(visible, cursor) if consistent else ""
+        if cut is not None:
+            text = _keep_space_before_stop(text, visible)
         if not text.startswith(yielded):
             text = yielded  # the filters changed their mind about committed lines: keep what the user saw
         if len(text) > len(yielded):
@@ -418,7 +420,8 @@ class CompletionService:
         base = self.context_config or ContextConfig()
         config = dataclasses.replace(base, prompt_format=self.format.name, window_tokens=self.window)
         index = ProjectIndex(key, config) if key is not None else None  # built outside the lock: can take seconds
-        packer = ContextPacker(index, lambda text: self.tokenizer.count(text, allow_special=True), config)
+        # Counted as `_encode` encodes: special-token strings inside code are text, not control tokens.
+        packer = ContextPacker.for_tokenizer(index, self.tokenizer, config)
         with self._packers_lock:
             return self._packers.setdefault(key, (packer, threading.Lock()))
 
@@ -579,6 +582,22 @@ def _unheal(raw: str, healed: str) -> tuple[str, bool]:
 def _first_stop(text: str, stops: Sequence[str]) -> int | None:
     hits = [i for i in (text.find(s) for s in stops) if i >= 0]
     return min(hits) if hits else None
+
+
+def _keep_space_before_stop(text: str, visible: str) -> str:
+    """The filtered text with the spaces or tabs that stood right before a client's stop string put back.
+
+    OpenAI-compatible servers return the text before a stop string as it is: with `stop=["+ b"]`, `a + b` gives
+    `a `, which the client joins to what it stopped at (`a` + `+ b` would read `a+ b`). The whitespace filter must
+    not take that space; it still drops blank lines before the stop, and cuts the filters made elsewhere (block
+    end, the line's rest, a bracket) stand: the space is restored only when the text still ends where it did.
+    """
+    stripped = visible.rstrip(" \t")
+    space, last = visible[len(stripped):], stripped.rsplit("\n", 1)[-1]
+    if not space or not last.strip() or text.count("\n") != stripped.count("\n"):
+        return text
+    # The last line may be re-indented by the filters, never otherwise changed when they kept it whole.
+    return text + space if text.rsplit("\n", 1)[-1].lstrip() == last.lstrip() else text
 
 
 def _tail_text(tokenizer, ids: list[int], keep: int) -> str:

@@ -67,6 +67,10 @@ class PromptFormat:
     def render_context(self, files: Iterable[ContextFile]) -> str:
         return "".join(_render(self.context_file, path=f.path, text=f.text) for f in files)
 
+    def context_segments(self, files: Iterable[ContextFile]) -> list[tuple[str, str]]:
+        """`render_context` as the ("literal", ...) / ("text", ...) pieces of `segments`."""
+        return [piece for f in files for piece in _segments(self.context_file, path=f.path, text=f.text) if piece[1]]
+
     def render(
         self,
         path: str,
@@ -94,8 +98,7 @@ class PromptFormat:
         out: list[tuple[str, str]] = []
         if self.repo and repo:
             out += _segments(self.repo, repo=repo)
-        for f in context:
-            out += _segments(self.context_file, path=f.path, text=f.text)
+        out += self.context_segments(context)
         out += _segments(self.current_file, path=path)
         out += _segments(self.fim, prefix=prefix, suffix=suffix if self.supports_suffix else "")
         return [piece for piece in out if piece[1]]

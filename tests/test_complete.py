@@ -264,10 +264,36 @@ def test_stop_strings_and_single_line(tiny_tokenizer):
     svc, _ = scripted(tiny_tokenizer, "total = 1  # STOP now\nnext_line()")
     try:
         c = svc.complete(CompletionRequest("a.py", "def f():\n    ", "\n", stop=["# STOP"], max_new_tokens=32))
-        assert c.text == "total = 1" and c.stop_reason == "stop_string"
+        assert c.text == "total = 1  " and c.stop_reason == "stop_string"  # up to the stop string, as it is
         c = svc.complete(CompletionRequest("a.py", "x = 1\ny = ", "\n", max_new_tokens=32))
         assert not c.multiline and c.text == "total = 1  # STOP now"
         assert c.stop_reason == "lines"  # the engine stopped at the first newline token
+    finally:
+        svc.close()
+
+
+def test_space_before_a_stop_string_is_kept(tiny_tokenizer):
+    # OpenAI-compatible servers return the text before the stop string as it is; the client joins its own text on.
+    svc, _ = scripted(tiny_tokenizer, "a + b\n")
+    try:
+        for suffix in (" + b\n", "\n"):  # mid-line, end of line
+            req = CompletionRequest("a.py", "total = ", suffix, stop=["+ b"], max_new_tokens=16)
+            c = svc.complete(req)
+            assert c.text == "a " and c.stop_reason == "stop_string"
+            assert "".join(svc.stream(req)) == c.text
+    finally:
+        svc.close()
+    # Blank lines before the stop still go; and a filter's cut (the block ended) is not undone.
+    svc, _ = scripted(tiny_tokenizer, "\n    return x\n\n    \n# END")
+    try:
+        c = svc.complete(CompletionRequest("a.py", "def f(x):", "\n", stop=["# END"], max_new_tokens=32))
+        assert c.text == "\n    return x" and c.stop_reason == "stop_string"
+    finally:
+        svc.close()
+    svc, _ = scripted(tiny_tokenizer, "\n    return x\ny = 2 # END")
+    try:
+        c = svc.complete(CompletionRequest("a.py", "def f(x):", "\n", stop=["# END"], max_new_tokens=32))
+        assert c.text == "\n    return x"
     finally:
         svc.close()
 
@@ -572,3 +598,24 @@ def test_complete_command_takes_a_hub_id_from_the_hub_cache(model_dir, tmp_path,
     snapshot = repo / "snapshots" / "abc123"
     assert model_name(argparse.Namespace(model="someone/tiny"), snapshot) == "someone/tiny"
     assert model_name(argparse.Namespace(model=str(model_dir)), model_dir) == model_dir.name
+
+
+def test_special_token_strings_in_project_code_are_counted_as_text(service, tiny_tokenizer, tmp_path):
+    # ML code spells control tokens out; the prompt encodes them as characters (only the templates' tokens are
+    # control tokens), so the packer must count them that way or its prompt overflows and loses its context.
+    lines = [f'MARKERS_{i} = ("<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<filename>")\n' for i in range(60)]
+    (tmp_path / "markers.py").write_text("".join(lines))
+    prefix = "from markers import MARKERS_1\n\nstop = MARKERS_"
+    (tmp_path / "main.py").write_text(prefix + "\n")
+    req = CompletionRequest(str(tmp_path / "main.py"), prefix, "\n", project_root=str(tmp_path), max_new_tokens=8)
+    c = service.complete(req)
+    assert "markers.py" in c.context_paths
+    assert not c.truncated and c.prompt_tokens <= service.window - 8
+    packer, lock = service.packer(str(tmp_path))
+    with lock:
+        packed = packer.pack("main.py", prefix, "\n", service.window - 8)
+    fmt = get_format("mellum")
+    encoded = tiny_tokenizer.encode_segments(fmt.segments("main.py", packed.prefix, packed.suffix, packed.pieces))
+    assert packed.pieces and packed.tokens_used == len(encoded) <= packed.budget
+    for piece in packed.pieces:
+        assert piece.tokens == len(tiny_tokenizer.encode_segments(fmt.context_segments([piece])))

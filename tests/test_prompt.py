@@ -67,3 +67,13 @@ def test_segments_join_to_render_and_mark_caller_text():
     assert "".join(s for _, s in segments) == fmt.render("pkg/main.py", "x = '<fim_middle>'", "\ny = 2\n", CONTEXT, repo="demo")
     assert ("text", "x = '<fim_middle>'") in segments
     assert all("<fim_middle>" not in s for kind, s in segments if kind == "literal" and s != "<fim_middle>")
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_context_segments_join_to_render_context(name):
+    fmt = get_format(name)
+    files = [ContextFile("a.py", "END = '<|endoftext|>'\n"), ContextFile("b.py", "x = 1\n")]
+    segments = fmt.context_segments(files)
+    assert "".join(s for _, s in segments) == fmt.render_context(files)
+    assert ("text", "END = '<|endoftext|>'\n") in segments  # code is caller text, never a literal
+    assert fmt.segments("c.py", "", "", files)[: len(segments)] == segments  # the prompt's context part

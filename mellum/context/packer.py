@@ -23,6 +23,7 @@ from mellum.context.rank import Candidate, fuse, line_set, redundant
 from mellum.prompt import ContextFile, PromptFormat, get_format
 
 CountTokens = Callable[[str], int]
+CountSegments = Callable[[Sequence[tuple[str, str]]], int]  # a prompt's `PromptFormat.segments`, encoded
 
 
 @dataclass(frozen=True)
@@ -57,8 +58,8 @@ class PackResult:
 class _TokenCache:
     """Token counts of rendered context blocks, remembered across requests (chunks rarely change)."""
 
-    def __init__(self, count: CountTokens, size: int = 50_000):
-        self.count = count
+    def __init__(self, count: CountSegments, size: int = 50_000):
+        self.count = count  # over the block's segments: code in it is text, whatever control tokens it spells
         self.size = size
         self.chars_per_token = 3.0  # running estimate, to skip counting chunks that cannot fit
         self._cache: OrderedDict[tuple[str, str], int] = OrderedDict()
@@ -70,29 +71,49 @@ class _TokenCache:
         key = (path, text)
         n = self._cache.get(key)
         if n is None:
-            rendered = fmt.render_context([ContextFile(path, text)])
-            n = self._cache[key] = self.count(rendered)
-            self.chars_per_token = 0.9 * self.chars_per_token + 0.1 * len(rendered) / max(n, 1)
+            segments = fmt.context_segments([ContextFile(path, text)])
+            n = self._cache[key] = self.count(segments)
+            self.chars_per_token = 0.9 * self.chars_per_token + 0.1 * sum(len(s) for _, s in segments) / max(n, 1)
             if len(self._cache) > self.size:
                 self._cache.popitem(last=False)
         return n
 
 
 class ContextPacker:
-    """Builds the context of a completion request from a project index under a token budget."""
+    """Builds the context of a completion request from a project index under a token budget.
 
-    def __init__(self, index: ProjectIndex | None, count_tokens: CountTokens, config: ContextConfig | None = None):
+    `count_tokens` counts caller text (prefix, suffix, lines) as the prompt encodes it; `count_segments` counts
+    rendered prompt parts given as `PromptFormat.segments`, where only template literals hold control tokens. A
+    prompt is encoded that way (`Tokenizer.encode_segments`), so code that contains `<fim_prefix>` costs the tokens
+    of its characters; `for_tokenizer` pairs the two. Without `count_segments`, rendered text goes through
+    `count_tokens` whole (a counter reading special strings as single tokens is then exact only for code that holds
+    none).
+    """
+
+    def __init__(self, index: ProjectIndex | None, count_tokens: CountTokens, config: ContextConfig | None = None,
+                 count_segments: CountSegments | None = None):
         self.index = index
         self.config = config or (index.config if index is not None else ContextConfig())
         self.count = count_tokens
+        self.count_segments = count_segments or (lambda segments: count_tokens("".join(s for _, s in segments)))
         self.format = get_format(self.config.prompt_format)
-        self._tokens = _TokenCache(count_tokens)
+        self._tokens = _TokenCache(self.count_segments)
         self._last_order: dict[str, list[tuple[str, str]]] = {}  # current path → piece keys of its last prompt
         self._lines = LineCosts(count_tokens)
         self._memo: dict[str, int] = {}  # counts of joined prefix/suffix texts within one request
-        self._additive = _counts_add_up(self.format, count_tokens) if self.config.verify_total is None else not self.config.verify_total
+        self._additive = (_counts_add_up(self.format, self.count_segments) if self.config.verify_total is None
+                          else not self.config.verify_total)
         self._overhead: dict[str, int] = {}
         self._buffers: set[str] = set()  # files indexed from the last request's editor buffers
+
+    @classmethod
+    def for_tokenizer(cls, index: ProjectIndex | None, tokenizer, config: ContextConfig | None = None) -> ContextPacker:
+        """A packer counting exactly as `tokenizer.encode_segments` encodes the prompt: caller text as plain text,
+        control tokens only where the format's templates put them."""
+        return cls(index, tokenizer.count, config, lambda segments: len(tokenizer.encode_segments(segments)))
+
+    def _count_prompt(self, rel: str, prefix: str, suffix: str, pieces: Sequence[ContextFile]) -> int:
+        return self.count_segments(self.format.segments(rel, prefix, suffix, pieces))
 
     # ---- the request -----------------------------------------------------------------------------
     def pack(
@@ -234,7 +255,7 @@ class ContextPacker:
         budget = cfg.prompt_budget if budget is None else int(budget)
         overhead = self._overhead.get(rel)
         if overhead is None:
-            overhead = self._overhead[rel] = self.count(fmt.render(rel, "", "", []))
+            overhead = self._overhead[rel] = self._count_prompt(rel, "", "", [])
         avail = budget - overhead
         if avail <= 0:
             raise ValueError(f"token budget {budget} is too small: the prompt's fixed parts alone take {overhead}")
@@ -259,7 +280,7 @@ class ContextPacker:
         if self._additive:  # every part sits between special tokens: the parts' counts are the prompt's
             total = overhead + n_prefix + n_suffix + sum(p.tokens for p in pieces)
         else:
-            total = self.count(fmt.render(rel, prefix_t, suffix_t, pieces))
+            total = self._count_prompt(rel, prefix_t, suffix_t, pieces)
         # Token counts of parts need not add up exactly (merges across part boundaries): enforce the budget on the
         # rendered whole, dropping the least relevant piece, then prefix lines, until it fits.
         while total > budget:
@@ -272,7 +293,7 @@ class ContextPacker:
                 suffix_t, n_suffix = trim_suffix(suffix_t, max(0, n_suffix - excess), self.count, self._lines)
             else:
                 raise ValueError(f"token budget {budget} is too small for this prompt format and path")
-            total = self.count(fmt.render(rel, prefix_t, suffix_t, pieces))
+            total = self._count_prompt(rel, prefix_t, suffix_t, pieces)
         self._memo.clear()
         self._last_order[rel] = [(p.path, p.text) for p in pieces]
         return PackResult(pieces, prefix_t, suffix_t, total, budget, n_prefix, n_suffix, sum(p.tokens for p in pieces))
@@ -314,11 +335,11 @@ class ContextPacker:
 _SPECIAL = re.compile(r"<\|?[a-z_]+\|?>")
 
 
-def _counts_add_up(fmt: PromptFormat, count: CountTokens) -> bool:
+def _counts_add_up(fmt: PromptFormat, count_segments: CountSegments) -> bool:
     """Do a prompt's token counts add up over its parts? True when each template starts with a control token, the
-    FIM template separates prefix and suffix by one, and the counter reads each control token as one token (as a
-    tokenizer that splits off special tokens before anything else does): then no token spans two parts and the
-    packer can skip counting the whole prompt again."""
+    FIM template separates prefix and suffix by one, and the counter reads each template's control token as one
+    token (as a tokenizer that splits off special tokens before anything else does): then no token spans two parts
+    and the packer can skip counting the whole prompt again."""
     if fmt.order == "plain":
         return False
     templates = (fmt.context_file, fmt.current_file, fmt.fim)
@@ -328,7 +349,7 @@ def _counts_add_up(fmt: PromptFormat, count: CountTokens) -> bool:
     if not _SPECIAL.search(between) or not fmt.fim.rstrip().endswith(">"):
         return False
     specials = {m for t in templates for m in _SPECIAL.findall(t)}
-    return all(count(token) == 1 for token in specials)
+    return all(count_segments([("literal", token)]) == 1 for token in specials)
 
 
 # ---- trimming ------------------------------------------------------------------------------------
@@ -434,8 +455,12 @@ def pack_chunks(
     cursor_window: str = "",
     prompt_format: str | PromptFormat = "mellum",
     config: ContextConfig | None = None,
+    count_segments: CountSegments | None = None,
 ) -> list[ContextPiece]:
     """Pack an already ranked chunk list (best first) under `budget` tokens of rendered context blocks.
+
+    Blocks are counted as `ContextPacker` counts them: by `count_segments` over their segments when given, else
+    by `count_tokens` over the rendered text.
 
     Each chunk is a mapping with `retrieved_chunk` or `text`, `filename` or `path`, and optional `score`
     (CrossCodeEval's `crossfile_context.list`), or a `ContextFile`. Exact and near duplicates and chunks
@@ -467,7 +492,8 @@ def pack_chunks(
             break
         if redundant(cand, kept, cursor_lines, cfg.duplicate_jaccard, cfg.cursor_overlap):
             continue
-        tokens = count_tokens(fmt.render_context([ContextFile(cand.path, cand.text)]))
+        block = fmt.context_segments([ContextFile(cand.path, cand.text)])
+        tokens = count_segments(block) if count_segments else count_tokens("".join(s for _, s in block))
         if used + tokens > budget:
             continue
         kept.append(cand)

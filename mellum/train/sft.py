@@ -175,7 +175,7 @@ def _packer(project: Sequence[tuple[str, str]], tokenizer, config: FimSFTConfig)
         index = ProjectIndex(root, settings)
         for path, text in project:
             index.update(path, text)
-        yield ContextPacker(index, lambda t: tokenizer.count(t, allow_special=True), settings)
+        yield ContextPacker.for_tokenizer(index, tokenizer, settings)  # counted as the prompt is encoded
 
 
 def project_context(path: str, project: Sequence[tuple[str, str]], budget_chars: int,

@@ -131,6 +131,29 @@ def test_unused_context_room_goes_back_to_the_prefix(tmp_path, count):
     assert result.prefix_tokens > 0.2 * 800 and result.tokens_used > 760  # nearly all the budget used
 
 
+
+@pytest.mark.parametrize("fmt", ["mellum", "qwen2.5-coder", "plain"])
+def test_special_token_strings_in_code_counted_as_the_prompt_encodes_them(tmp_path, tiny_tokenizer, fmt):
+    # Only the templates' control tokens are tokens; `<fim_prefix>` in code is its characters (encode_segments).
+    marks = '"<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<filename>", "<|fim_prefix|>", "<|file_sep|>"'
+    (tmp_path / "tokens.py").write_text("".join(f"SPECIAL_{i} = ({marks})\n" for i in range(80)))
+    (tmp_path / "main.py").write_text("x = 1\n")
+    config = ContextConfig(prompt_format=fmt)
+    packer = ContextPacker.for_tokenizer(ProjectIndex(tmp_path, config), tiny_tokenizer, config)
+    prefix = "".join(f"seen_{i} = ({marks})\n" for i in range(40)) + "from tokens import SPECIAL_1\nend = SPECIAL_"
+    suffix = "".join(f"after_{i} = ({marks})\n" for i in range(40))
+    result = packer.pack("main.py", prefix, suffix, 3000)
+    segments = packer.format.segments("main.py", result.prefix, result.suffix, result.pieces)
+    assert result.pieces and len(result.prefix) < len(prefix)  # context and trimming both at work
+    assert result.tokens_used == len(tiny_tokenizer.encode_segments(segments)) <= 3000
+    for piece in result.pieces:
+        assert piece.tokens == len(tiny_tokenizer.encode_segments(packer.format.context_segments([piece])))
+    assert packer._additive == (fmt == "mellum")  # the shortcut survives where control tokens bound every part
+    given = pack_chunks(result.pieces, tiny_tokenizer.count, 10_000, prompt_format=fmt,
+                        count_segments=lambda segs: len(tiny_tokenizer.encode_segments(segs)))
+    assert sorted(p.tokens for p in given) == sorted(p.tokens for p in result.pieces)
+
+
 # ---- what never gets in ------------------------------------------------------------------------
 def test_forbidden_files_never_packed_even_when_offered(shop, count):
     packer = _packer(shop, count)
