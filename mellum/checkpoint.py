@@ -138,6 +138,14 @@ def model_directory(path: str | os.PathLike) -> Path:
     return root
 
 
+def model_label(given: str | None, path: str | os.PathLike) -> str:
+    """How clients, telemetry and a remote backend know a model: a hub id as given, else its directory's name (a hub
+    id's directory is a snapshot named by its commit hash)."""
+    if given and not Path(given).expanduser().exists():
+        return str(given)
+    return Path(path).name
+
+
 def check_export_dir(export: str | os.PathLike, sources: dict[str, str | os.PathLike | None]) -> None:
     """Refuse, before a run starts, an export directory that writing the model would damage: one that exists and is
     not a model directory (its files would end up mixed with the model's), or one that is or contains a source of the

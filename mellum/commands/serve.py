@@ -45,11 +45,10 @@ def add_backend_arguments(parser) -> None:
 
 
 def model_name(args, path: Path) -> str:
-    """How clients (and a --backend-url server, by default) know the model: a hub id as given, else the directory's
-    name (a hub id's directory is a snapshot named by its commit hash)."""
-    if args.model and not Path(args.model).expanduser().exists():
-        return args.model
-    return path.name
+    """How clients (and a --backend-url server, by default) know the model: `checkpoint.model_label`."""
+    from mellum.checkpoint import model_label
+
+    return model_label(args.model, path)
 
 
 def remote_service(path, args):

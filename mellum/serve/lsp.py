@@ -424,13 +424,15 @@ class _State:
 
     def switch_model(self, model_dir: str) -> None:
         """`initializationOptions.model` names another model: load that one instead (on the server's thread)."""
+        from mellum.checkpoint import model_label
+
         if self.runner is not None:
             self.runner.close()
             close = getattr(self.runner.service, "close", None)
             if close is not None:
                 close()
         self.runner, self._loading, self.load_error = None, None, None
-        self.model_dir, self.model_name = model_dir, Path(model_dir).name if Path(model_dir).exists() else model_dir
+        self.model_dir, self.model_name = model_dir, model_label(model_dir, model_dir)
         self._load()
 
     def start_loading(self) -> None:
