@@ -85,6 +85,17 @@ def fused_keys(model: torch.nn.Module) -> dict[str, str]:
             if n.endswith(("experts.gate_up_proj", "experts.down_proj"))}
 
 
+def expected_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """Checkpoint key -> the shape its tensor must have in a model of this config (per-expert and fused keys).
+
+    Built from a model on the meta device, this is what a checkpoint is checked against before any tensor is read.
+    """
+    params = model.state_dict(keep_vars=True)
+    shapes = {key: tuple(_piece_view(params[piece.name], piece).shape) for key, piece in key_table(model).items()}
+    shapes.update({key: tuple(params[name].shape) for key, name in fused_keys(model).items()})
+    return shapes
+
+
 def _piece_view(full: torch.Tensor, piece: Piece) -> torch.Tensor:
     """The slice of a fused expert tensor that a per-expert checkpoint tensor fills."""
     if piece.expert is None:
@@ -221,7 +232,7 @@ def load_pretrained(path: str | os.PathLike, dtype=None, device=None):
     with torch.device("meta"):
         model = Transformer(config)
     table, fused = key_table(model), fused_keys(model)
-    expected = model.state_dict(keep_vars=True)
+    expected, shapes = model.state_dict(keep_vars=True), expected_shapes(model)
     state: dict[str, torch.Tensor] = {}  # our name -> tensor on the target device (fused experts filled in place)
     seen: set[str] = set()
     for file in weight_files(root):
@@ -236,11 +247,7 @@ def load_pretrained(path: str | os.PathLike, dtype=None, device=None):
                 if piece is None:
                     raise ValueError(f"{file.name}: unexpected tensor {key!r} (no such parameter in a "
                                      f"{config.architecture} model with this config.json)")
-                want = tuple(_piece_view(expected[piece.name], piece).shape)
-                shape = tuple(f.get_slice(key).get_shape())
-                if shape != want:
-                    raise ValueError(f"{file.name}: tensor {key!r} has shape {list(shape)}, "
-                                     f"the config.json implies {list(want)}")
+                check_shape(file, key, tuple(f.get_slice(key).get_shape()), shapes[key])
                 tensor = f.get_tensor(key)
                 if piece.expert is None and piece.name not in state:
                     state[piece.name] = tensor.to(device=device, dtype=dtype)
@@ -266,6 +273,11 @@ def load_pretrained(path: str | os.PathLike, dtype=None, device=None):
         model.lm_head.weight = model.embed_tokens.weight  # assign=True replaced the shared Parameter: re-tie
     model.to(device)  # rotary tables (non-persistent buffers) follow the weights
     return model.eval()
+
+
+def check_shape(file: Path, key: str, shape: tuple[int, ...], want: tuple[int, ...]) -> None:
+    if shape != want:
+        raise ValueError(f"{file.name}: tensor {key!r} has shape {list(shape)}, the config.json implies {list(want)}")
 
 
 def _fused_present(piece: Piece, seen: set[str]) -> bool:

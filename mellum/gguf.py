@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from mellum.checkpoint import key_table, load_config, open_weights, resolve_path, weight_files
+from mellum.checkpoint import check_shape, expected_shapes, load_config, open_weights, resolve_path, weight_files
 
 # Output tensor types by name. Norms (1-D) are always F32, as llama.cpp requires.
 TYPES = ("f32", "f16", "bf16", "q8_0")
@@ -193,9 +193,7 @@ def export_gguf(model: str | os.PathLike, out: str | os.PathLike, kind: str = "f
     # The metadata below comes from config.json; every tensor must have the shape it implies, or llama.cpp would
     # refuse the file (or, for q/k with another head count, reorder rows into a different model).
     with torch.device("meta"):
-        meta = Transformer(config)
-    params = meta.state_dict()
-    shapes = {key: tuple(params[piece.name].shape) for key, piece in key_table(meta).items()}
+        shapes = expected_shapes(Transformer(config))
 
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
@@ -240,13 +238,10 @@ def export_gguf(model: str | os.PathLike, out: str | os.PathLike, kind: str = "f
                 if name is None or key == "lm_head.weight" and config.tie_word_embeddings:
                     skipped.append(key)
                     continue
-                shape = tuple(f.get_slice(key).get_shape())
                 if key not in shapes:
                     raise ValueError(f"{file.name}: unexpected tensor {key!r} (no such weight in a model with this "
                                      "config.json)")
-                if shape != shapes[key]:
-                    raise ValueError(f"{file.name}: tensor {key!r} has shape {list(shape)}, the config.json implies "
-                                     f"{list(shapes[key])}")
+                check_shape(file, key, tuple(f.get_slice(key).get_shape()), shapes[key])
                 w = f.get_tensor(key)
                 if name.endswith("attn_q.weight"):
                     w = pairs_from_halves(w, config.num_heads)
