@@ -493,7 +493,10 @@ def section_speculative(model, args, prompts, table):
     fim = [prompts.fim(args.spec_context, file_index=i, cursor_frac=0.3 + 0.5 * i / max(1, args.spec_prompts),
                        fit=True)[0] for i in range(args.spec_prompts)]
     fim_params = SamplingParams(max_new_tokens=64, stop_ids=prompts.stop_ids)
-    results, fim_results = {}, {}
+    # Sampled too: coupled verification (one noise draw per position) makes speculative output equal plain
+    # sampling's token for token under the same seed, so "identical" is checked as for greedy.
+    sampled_params = [dataclasses.replace(fim_params, temperature=0.8, top_p=0.95, seed=i) for i in range(len(fim))]
+    results, fim_results, sampled_results = {}, {}, {}
     for mode in [None] + modes:
         engine = make_engine(model, args, prompts, speculative=mode, prefix_cache_mb=0, max_batch=1)
         try:
@@ -505,6 +508,7 @@ def section_speculative(model, args, prompts, table):
                     best = r
             results[mode] = best
             fim_results[mode] = [engine.generate(p, fim_params) for p in fim]
+            sampled_results[mode] = [engine.generate(p, sp) for p, sp in zip(fim, sampled_params)]
         finally:
             engine.close()
     plain = results[None]
@@ -519,17 +523,18 @@ def section_speculative(model, args, prompts, table):
     # Tokens after the first (the prefill's) over decode time, summed over the completions.
     rate = lambda rs: (sum(max(0, len(r.tokens) - 1) for r in rs)  # noqa: E731
                        / max(1e-6, sum(r.timings_ms["decode"] for r in rs) / 1e3))
-    base = fim_results[None]
-    table.add(f"plain decoding, FIM completions of {prompts.source} code ({len(fim)} prompts of "
-              f"~{sum(map(len, fim)) // len(fim)} tokens, {sum(len(r.tokens) for r in base)} tokens)",
-              f"{rate(base):.1f} tokens/s")
-    for mode in modes:
-        rs = fim_results[mode]
-        drafted, accepted = sum(r.draft_tokens for r in rs), sum(r.accepted_tokens for r in rs)
-        same = sum(a.tokens == b.tokens for a, b in zip(rs, base))
-        table.add(f"speculative ({mode}), FIM completions", f"{rate(rs):.1f} tokens/s",
-                  f"acceptance {accepted / max(1, drafted):.0%} of {drafted} drafted; identical: {same}/{len(rs)}",
-                  f"{rate(rs) / rate(base):.2f}×")
+    for label, runs in (("", fim_results), (", sampled (T 0.8, top-p 0.95)", sampled_results)):
+        base = runs[None]
+        table.add(f"plain decoding, FIM completions of {prompts.source} code{label} ({len(fim)} prompts of "
+                  f"~{sum(map(len, fim)) // len(fim)} tokens, {sum(len(r.tokens) for r in base)} tokens)",
+                  f"{rate(base):.1f} tokens/s")
+        for mode in modes:
+            rs = runs[mode]
+            drafted, accepted = sum(r.draft_tokens for r in rs), sum(r.accepted_tokens for r in rs)
+            same = sum(a.tokens == b.tokens for a, b in zip(rs, base))
+            table.add(f"speculative ({mode}), FIM completions{label}", f"{rate(rs):.1f} tokens/s",
+                      f"acceptance {accepted / max(1, drafted):.0%} of {drafted} drafted; identical: "
+                      f"{same}/{len(rs)}", f"{rate(rs) / rate(base):.2f}×")
     if not model.config.num_mtp_layers:
         table.add("MTP acceptance", "n/a: this model has no MTP layer (try --shape mellum2-cpu, or a --model with one)")
 
