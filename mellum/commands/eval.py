@@ -163,8 +163,8 @@ def _run_benchmarks(args, completer, config, sandbox, out: Path, ks: list[int]) 
         names = [Path(repo).resolve().name for repo in args.repo]
         if len(set(names)) < len(names):
             raise ValueError(f"--repo folders must have different names (results are filed by name): {names}")
-        count = _counter(completer)
-        benches = [RepoBench(repo, s, tasks=args.tasks, budget=args.budget, count_tokens=count)
+        counting = _counting(completer)
+        benches = [RepoBench(repo, s, tasks=args.tasks, budget=args.budget, **counting)
                    for repo in args.repo for s in settings]
     else:
         data = benchmarks_dir(args.data)
@@ -255,12 +255,20 @@ def _make(name: str, data: Path, split, completer, languages=()):
         if len(languages) > 1:
             raise ValueError("cceval takes one --lang at a time (python or csharp)")
         language = languages[0] if languages else "python"
-        return CrossCodeEval(data, split, language=language, count_tokens=_counter(completer))
+        return CrossCodeEval(data, split, language=language, **_counting(completer))
     return get_benchmark(name, data, split)
 
 
-def _counter(completer):
-    return completer.count_tokens if completer.count_tokens("x") is not None else None
+def _counting(completer) -> dict:
+    """How a benchmark packing context for `completer` counts tokens: as its prompt is encoded when it has a
+    tokenizer (code as plain text, control tokens only from the format's literals), in its prompt format when it
+    has one; the benchmark's approximations otherwise."""
+    out = {}
+    if completer.count_tokens("x") is not None:
+        out.update(count_tokens=completer.count_tokens, count_segments=completer.count_segments)
+    if completer.prompt_format is not None:
+        out["prompt_format"] = completer.prompt_format
+    return out
 
 
 def _budget_curve(summaries: list[dict], out: Path) -> None:

@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 
 from mellum.context.config import ContextConfig
 from mellum.context.index import IDENTIFIER, STOPWORDS, ProjectIndex
-from mellum.context.packer import ContextPacker, PackResult
+from mellum.context.packer import ContextPacker, CountSegments, PackResult
 
 SETTINGS: tuple[str, ...] = ("none", "path", "retrieval")
 # Sources of each setting; "none" packs no context at all.
@@ -107,9 +107,13 @@ def build_tasks(
     languages: Sequence[str] = ("python",),
     max_per_file: int = 2,
     settings: Sequence[str] = SETTINGS,
+    count_segments: CountSegments | None = None,
 ) -> list[RepoTask]:
     """Sample `n_tasks` line-completion tasks from the project at `root` (the same ones for the same seed and
-    files) and pack each setting's context under `budget_tokens` (default: the config's prompt budget)."""
+    files) and pack each setting's context under `budget_tokens` (default: the config's prompt budget).
+
+    Counted as `ContextPacker` counts: `count_tokens` over code, `count_segments` over rendered prompt parts (give
+    both from a tokenizer, as `ContextPacker.for_tokenizer` does, for budgets exact to the encoded prompt)."""
     unknown = set(settings) - set(SETTING_SOURCES)
     if unknown:
         raise ValueError(f"unknown settings {sorted(unknown)}; known: {', '.join(SETTINGS)}")
@@ -131,7 +135,8 @@ def build_tasks(
             break
     picked = sorted(picked[:n_tasks])
     packers = {
-        name: ContextPacker(index if SETTING_SOURCES[name] else None, count_tokens, replace(config, sources=SETTING_SOURCES[name], stable_order=False))
+        name: ContextPacker(index if SETTING_SOURCES[name] else None, count_tokens,
+                            replace(config, sources=SETTING_SOURCES[name], stable_order=False), count_segments)
         for name in settings
     }
     tasks = []

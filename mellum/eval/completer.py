@@ -11,6 +11,7 @@ import urllib.error
 import urllib.request
 import zlib
 from dataclasses import dataclass
+from typing import Sequence
 
 from mellum.eval.tasks import Benchmark, Problem
 
@@ -33,6 +34,7 @@ class Completer:
 
     name = "completer"
     postprocess = True
+    prompt_format: str | None = None  # the `PromptFormat` its prompts are laid out in, when it lays them out
 
     def prepare(self, problems: list[Problem]) -> None:
         """Called once with the problems of the run (in order) before any `complete`."""
@@ -41,7 +43,13 @@ class Completer:
         raise NotImplementedError
 
     def count_tokens(self, text: str) -> int | None:
-        """Tokens of `text` for the model, when known (context packing budgets)."""
+        """Tokens of caller text (code, a prefix) as this completer's prompt encodes it, when known: special-token
+        strings in it are plain text. Context packing budgets count with it and `count_segments`."""
+        return None
+
+    def count_segments(self, segments: Sequence[tuple[str, str]]) -> int | None:
+        """Tokens of rendered prompt parts (`PromptFormat.segments`) as this completer's prompt encodes them, when
+        known: control tokens only where the format's literals put them, code in "text" parts as plain text."""
         return None
 
     def reference_nll(self, problem: Problem, bench: Benchmark) -> tuple[float, int] | None:
@@ -133,8 +141,17 @@ class NativeCompleter(Completer):
             stop=list(bench.stop),
         )
 
+    @property
+    def prompt_format(self) -> str:
+        return self.service.format.name
+
+    # Counted as `CompletionService._encode` encodes a prompt (`Tokenizer.encode_segments`): a `<|endoftext|>` typed
+    # in code is the tokens of its characters, as for `ContextPacker.for_tokenizer` in the service itself.
     def count_tokens(self, text: str) -> int:
-        return self.service.tokenizer.count(text, allow_special=True)
+        return self.service.tokenizer.count(text)
+
+    def count_segments(self, segments: Sequence[tuple[str, str]]) -> int:
+        return len(self.service.tokenizer.encode_segments(segments))
 
     def describe(self) -> dict:
         return {"completer": self.name, "model": self.model_dir, "quantize": self.quantize}
@@ -162,6 +179,7 @@ class OpenAICompleter(Completer):
             self.url += "/v1/completions"
         self.model = model
         self.format = get_format(prompt_format) if prompt_format else None
+        self.prompt_format = self.format.name if self.format else None
         self.timeout_s = timeout_s
         self.api_key = api_key
 

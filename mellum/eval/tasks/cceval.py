@@ -26,13 +26,18 @@ class CrossCodeEval(Benchmark):
     context_tokens = 512  # CrossCodeEval's cross-file budget (cfc_seq_length)
     result_settings = ("context_tokens",)
 
-    def __init__(self, data_dir, split=None, language: str = "python", count_tokens=None):
+    def __init__(self, data_dir, split=None, language: str = "python", count_tokens=None, count_segments=None,
+                 prompt_format: str = "mellum"):
         super().__init__(data_dir, split)
         if language not in FILES:
             raise ValueError(f"cceval: unknown language {language!r}; choose one of {', '.join(FILES)}")
         self.language = language
-        # Token counter for the packer: the model's tokenizer when there is one (see `completer.count_tokens`).
+        # How the packer counts a context block: as the completer's prompt encodes it when it has a tokenizer
+        # (`Completer.count_tokens` / `count_segments`: code is plain text, only the format's literals are control
+        # tokens), else about four characters a token.
         self.count_tokens = count_tokens or (lambda text: (len(text) + 3) // 4)
+        self.count_segments = count_segments
+        self.prompt_format = prompt_format
 
     @property
     def title(self) -> str:
@@ -66,7 +71,8 @@ class CrossCodeEval(Benchmark):
         from mellum.context import pack_chunks
 
         window = "\n".join(prefix.splitlines()[-10:])
-        pieces = pack_chunks(chunks, self.count_tokens, self.context_tokens, cursor_window=window)
+        pieces = pack_chunks(chunks, self.count_tokens, self.context_tokens, cursor_window=window,
+                             prompt_format=self.prompt_format, count_segments=self.count_segments)
         return [ContextFile(p.path, p.text) for p in pieces]
 
     def postprocess(self, problem: Problem, completion: str) -> str:

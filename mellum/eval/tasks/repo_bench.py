@@ -23,7 +23,8 @@ class RepoBench(Benchmark):
     splits = SETTINGS
     result_settings = ("budget",)
 
-    def __init__(self, repo, split="retrieval", tasks: int = 100, budget: int = 1024, count_tokens=None, seed: int = 0):
+    def __init__(self, repo, split="retrieval", tasks: int = 100, budget: int = 1024, count_tokens=None, seed: int = 0,
+                 count_segments=None, prompt_format: str = "mellum"):
         self.repo = Path(repo).resolve()
         if not self.repo.is_dir():
             raise FileNotFoundError(f"--repo {repo} is not a directory")
@@ -31,7 +32,11 @@ class RepoBench(Benchmark):
         if tasks < 1:
             raise ValueError(f"--tasks must be at least 1, got {tasks}")
         self.tasks, self.budget, self.seed = tasks, budget, seed
+        # Counted as the completer's prompt encodes it when it has a tokenizer (see `CrossCodeEval`), else about
+        # four characters a token.
         self.count_tokens = count_tokens or _approximate_tokens
+        self.count_segments = count_segments
+        self.prompt_format = prompt_format
 
     @property
     def title(self) -> str:
@@ -39,7 +44,8 @@ class RepoBench(Benchmark):
 
     def load(self) -> list[Problem]:
         problems = []
-        for task in _tasks(self.repo, self.count_tokens, self.tasks, self.seed, self.budget):
+        counting = (self.count_tokens, self.count_segments, self.prompt_format)
+        for task in _tasks(self.repo, counting, self.tasks, self.seed, self.budget):
             packed = task.contexts[self.split]
             problems.append(
                 Problem(
@@ -67,11 +73,15 @@ def _approximate_tokens(text: str) -> int:
 
 
 @lru_cache(maxsize=4)
-def _tasks(repo: Path, count_tokens, n_tasks: int, seed: int, budget: int):
-    """Tasks with all three settings packed, built once and shared by the three splits."""
+def _tasks(repo: Path, counting: tuple, n_tasks: int, seed: int, budget: int):
+    """Tasks with all three settings packed, built once and shared by the three splits; `counting` is
+    (count_tokens, count_segments, prompt format)."""
+    from mellum.context import ContextConfig
     from mellum.context.repobench import build_tasks
 
+    count_tokens, count_segments, prompt_format = counting
     try:
-        return build_tasks(repo, count_tokens, n_tasks=n_tasks, seed=seed, budget_tokens=budget)
+        return build_tasks(repo, count_tokens, n_tasks=n_tasks, seed=seed, budget_tokens=budget,
+                           config=ContextConfig(prompt_format=prompt_format), count_segments=count_segments)
     except ValueError as exc:
         raise ValueError(f"cannot build repo-bench tasks from {repo}: {exc}") from None
