@@ -127,7 +127,18 @@ class KVCache:
             layer.v[row, :, start:start + n] = kv[1]
             layer.pos[row, start:start + n] = torch.arange(start, start + n, device=self.device)
             return
-        positions = torch.arange(start, start + n, device=self.device)
+        self.write_at(layer_idx, row, torch.arange(start, start + n, device=self.device), kv)
+
+    def read_at(self, layer_idx: int, row: int, positions: torch.Tensor) -> torch.Tensor:
+        """KV of the given positions [n] (each held by the row) of one row and layer: [2, Hkv, n, D] (a copy)."""
+        layer = self.layers[layer_idx]
+        slots = positions.to(self.device) % layer.size  # a full layer's slot is its position
+        return torch.stack([layer.k[row, :, slots], layer.v[row, :, slots]])
+
+    def write_at(self, layer_idx: int, row: int, positions: torch.Tensor, kv: torch.Tensor) -> None:
+        """Store kv [2, Hkv, n, D] at the given positions [n] of one row and layer."""
+        layer = self.layers[layer_idx]
+        positions = positions.to(self.device)
         slots = positions % layer.size
         layer.k[row, :, slots] = kv[0].to(layer.k.dtype)
         layer.v[row, :, slots] = kv[1].to(layer.v.dtype)

@@ -139,7 +139,8 @@ class NativeEngine:
                              num_kv_heads=config.num_kv_heads, head_dim=config.head_dim, dtype=self.kv_dtype,
                              device=self.device, slack=slack,
                              separate_layers=tuple(range(config.num_layers, n_layers)))
-        self.prefix_cache = PrefixCache(int(opts.prefix_cache_mb * 2**20), opts.block_tokens, self.windows)
+        self.prefix_cache = PrefixCache(int(opts.prefix_cache_mb * 2**20), opts.block_tokens, self.windows,
+                                        mtp_layer=config.num_layers if opts.speculative == "mtp" else None)
         self._resident: dict[int, Sequence] = {}  # row → the last request that ran there (its KV stays until reused)
         self._layered = hasattr(self.model, "layers") and hasattr(self.model, "layer_inputs")
         self._forward_layers = self._layers_forward
@@ -414,7 +415,9 @@ class NativeEngine:
         else:
             self.cache.reset(seq.row)
             self.prefix_cache.load(match, self.cache, seq.row)
-            seq.filled = seq.cached = match.tokens
+            # The MTP layer's entry at the last matched position reads the token after it, which the blocks do not
+            # fix (mellum.engine.prefix_cache): prefill from that position, one token more, to recompute it.
+            seq.filled = seq.cached = match.tokens - (1 if match.tokens and self.options.speculative == "mtp" else 0)
         self._resident[seq.row] = seq
         if self.options.speculative == "lookup":
             seq.state["drafter"] = NgramDrafter(seq.prompt, self.options.min_ngram, self.options.max_ngram)

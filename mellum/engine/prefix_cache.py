@@ -9,6 +9,12 @@ so two prompts that differ in one early token share nothing after it, as attenti
 Full-attention layers store KV for every block. Sliding-window layers need only the `window` keys before the
 reuse point, so a block keeps sliding-layer KV only when it lay in the ring of its prompt's last `window + slack`
 tokens (REFERENCE.md §4); a match is usable up to the deepest block whose preceding `window` tokens all kept it.
+
+The MTP layer's entry at position t reads token t + 1 too (mellum.model.mtp), so the entry at a block's last
+position depends on the token after the block, which the block's key does not fix: the block's KV holds it as
+computed with the next token of the prompt that stored the block. Each block therefore also keeps its `mtp_head`,
+the MTP entry at its parent's last position (computed with this block's first token), and `load` writes the heads
+over the interior block ends. The last matched position's MTP entry stays unknown: the engine recomputes it.
 """
 
 from __future__ import annotations
@@ -32,12 +38,13 @@ class Block:
     depth: int  # number of blocks from the root to this one, inclusive
     full_kv: torch.Tensor | None = None
     sliding_kv: torch.Tensor | None = None
+    mtp_head: torch.Tensor | None = None  # [2, Hkv, 1, D]: the MTP layer's KV at the position before this block
     last_used: int = 0
     children: dict[tuple[int, ...], "Block"] = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in (self.full_kv, self.sliding_kv) if t is not None)
+        return sum(t.nbytes for t in (self.full_kv, self.sliding_kv, self.mtp_head) if t is not None)
 
 
 @dataclass
@@ -49,12 +56,14 @@ class PrefixMatch:
 
 
 class PrefixCache:
-    """Token-block tree with KV per block; `match` → `load` before prefill, `insert` after it."""
+    """Token-block tree with KV per block; `match` → `load` before prefill, `insert` after it. `mtp_layer`: the
+    cache layer of the MTP layer, whose entries also depend on the next token (None: no MTP layer cached)."""
 
-    def __init__(self, budget_bytes: int, block_tokens: int, windows: list[int | None]):
+    def __init__(self, budget_bytes: int, block_tokens: int, windows: list[int | None], mtp_layer: int | None = None):
         if block_tokens < 1:
             raise ValueError(f"block_tokens must be >= 1, got {block_tokens}")
         self.budget_bytes, self.block_tokens = int(budget_bytes), block_tokens
+        self.mtp_layer = mtp_layer
         self.full_layers = [i for i, w in enumerate(windows) if w is None]
         self.sliding_layers = [i for i, w in enumerate(windows) if w is not None]
         window = max((w for w in windows if w is not None), default=0)
@@ -111,15 +120,26 @@ class PrefixCache:
         """Copy the matched blocks' KV into a cache row (positions 0 .. match.tokens - 1), one write per layer."""
         if not match.blocks:
             return
+        first = max(0, len(match.blocks) - self.blocks_needed) if self.sliding_layers else 0
         if self.full_layers:
             full = torch.cat([b.full_kv for b in match.blocks], dim=3)  # [L, 2, Hkv, m, D]
             for i, layer_idx in enumerate(self.full_layers):
                 cache.write(layer_idx, row, 0, full[i])
         if self.sliding_layers:
-            first = max(0, len(match.blocks) - self.blocks_needed)
             sliding = torch.cat([b.sliding_kv for b in match.blocks[first:]], dim=3)  # [L, 2, Hkv, n, D]
             for i, layer_idx in enumerate(self.sliding_layers):
                 cache.write(layer_idx, row, first * self.block_tokens, sliding[i])
+        if self.mtp_layer is not None:
+            # The MTP entries at the ends of the blocks loaded before another matched block: their children's heads
+            # (a sliding MTP layer loaded blocks from `first` on).
+            heads = match.blocks[1 if self.mtp_layer in self.full_layers else first + 1:]
+            if heads:
+                kv = torch.cat([b.mtp_head for b in heads], dim=2)  # [2, Hkv, n, D]
+                cache.write_at(self.mtp_layer, row, self._head_positions(heads), kv)
+
+    def _head_positions(self, blocks: list[Block]) -> torch.Tensor:
+        """The positions of the blocks' MTP heads: the last position of each one's parent."""
+        return torch.tensor([(b.depth - 1) * self.block_tokens - 1 for b in blocks])
 
     # ---- insertion and eviction -------------------------------------------------------------------------
     def insert(self, tokens: list[int], limit: int, cache: KVCache, row: int, filled: int) -> None:
@@ -129,7 +149,10 @@ class PrefixCache:
         bt = self.block_tokens
         # Sliding-layer KV is still in the ring at most for the last `ring size` positions, and after a load from
         # this cache only from the blocks it copied in: the row's stored positions say which it holds.
-        ring_start = max((cache.held_from(i, row, filled) for i in self.sliding_layers), default=0)
+        held = {i: cache.held_from(i, row, filled) for i in self.sliding_layers}
+        ring_start = max(held.values(), default=0)
+        # A sliding MTP layer's block also needs its head, one position before it (none before the first block).
+        head_from = held.get(self.mtp_layer, 0) + 1
         now = next(self._clock)
         node, chain, new = self.root, [], []
         for j, key in enumerate(self._chunks(tokens, limit)):
@@ -148,14 +171,30 @@ class PrefixCache:
             for block in new:
                 block.full_kv = span[:, :, :, (block.depth - 1) * bt - start:block.depth * bt - start].clone()
                 self.nbytes += block.full_kv.nbytes
-        want = [b for b in chain if b.sliding_kv is None and (b.depth - 1) * bt >= ring_start]
+        want = [b for b in chain if b.sliding_kv is None and (b.depth - 1) * bt >= ring_start
+                and (b.depth == 1 or (b.depth - 1) * bt >= head_from)]
         if want and self.sliding_layers:
             start, end = (want[0].depth - 1) * bt, want[-1].depth * bt
             span = torch.stack([cache.read(i, row, start, end) for i in self.sliding_layers])
             for block in want:
                 block.sliding_kv = span[:, :, :, (block.depth - 1) * bt - start:block.depth * bt - start].clone()
                 self.nbytes += block.sliding_kv.nbytes
+        if self.mtp_layer is not None:
+            # Heads go with the MTP layer's KV: every new block (full layer), or every block given sliding KV now.
+            self._store_heads(new if self.mtp_layer in self.full_layers else want, cache, row)
         self._evict()
+
+    def _store_heads(self, blocks: list[Block], cache: KVCache, row: int) -> None:
+        """Copy the MTP layer's entry at the position before each block (past the first) out of the row, where it
+        was computed with the block's own first token as the next token (after a load, the engine prefilled again
+        from the last matched position, the one entry `load` cannot know)."""
+        blocks = [b for b in blocks if b.depth > 1 and b.mtp_head is None]
+        if not blocks:
+            return
+        heads = cache.read_at(self.mtp_layer, row, self._head_positions(blocks))  # [2, Hkv, n, D]
+        for i, block in enumerate(blocks):
+            block.mtp_head = heads[:, :, i:i + 1].clone()
+            self.nbytes += block.mtp_head.nbytes
 
     def _evict(self) -> None:
         """Drop least-recently-used leaves until the budget holds (the blocks just inserted go last)."""

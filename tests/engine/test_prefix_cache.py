@@ -1,6 +1,11 @@
+import dataclasses
+
+import pytest
 import torch
 
+from mellum.config import get_config
 from mellum.engine import NativeEngine, SamplingParams
+from mellum.model import Transformer
 from tests.engine.helpers import tiny_model
 
 
@@ -141,3 +146,54 @@ def test_row_reuse_stays_exact_under_concurrency_cancellation_and_speculation():
         finally:
             warm.close()
             cold.close()
+
+
+@pytest.mark.parametrize("mtp_layer_type, block_tokens", [("full_attention", 16), ("sliding_attention", 16),
+                                                           ("sliding_attention", 4)])
+def test_mtp_kv_after_a_prefix_hit_equals_an_uncached_prefill(mtp_layer_type, block_tokens):
+    """The MTP layer's entry at position t reads token t + 1, which a block's key does not fix. Three prompts share
+    two blocks; the second diverges right after them, the third follows the second one block further and then
+    diverges. Each one's MTP cache entries and first MTP draft logits must equal those of a cold engine: the entry
+    at the last matched position was the first prompt's (computed with its next token), and with a full-attention
+    MTP layer so was the third prompt's at the end of the second block (stored by the first prompt, followed in
+    the tree by the second prompt's block)."""
+    config = dataclasses.replace(get_config("tiny-moe"), mtp_layer_type=mtp_layer_type)  # window 16
+    torch.manual_seed(0)
+    model = Transformer(config).eval()
+    g = torch.Generator().manual_seed(1)
+    bt, mtp = block_tokens, config.num_layers
+
+    def rand(n: int) -> list[int]:
+        return torch.randint(0, config.vocab_size, (n,), generator=g).tolist()
+
+    first = rand(3 * bt + 12)
+    second = first[:2 * bt] + [(first[2 * bt] + 1) % config.vocab_size] + rand(bt + 11)
+    third = second[:3 * bt] + [(second[3 * bt] + 1) % config.vocab_size] + rand(7)
+    warm = NativeEngine(model, speculative="mtp", prefix_cache_mb=16, block_tokens=bt, max_batch=1)
+    cold = NativeEngine(model, speculative="mtp", prefix_cache_mb=0, block_tokens=bt, max_batch=1)
+
+    def run(engine, prompt):
+        seq = engine.submit(prompt, SamplingParams(max_new_tokens=1))  # prefill only: the row holds the prompt
+        result = engine.wait(seq)
+        held = engine.cache.held_from(mtp, seq.row, len(prompt))
+        return result, held, engine.cache.read(mtp, seq.row, held, len(prompt)), seq.state["mtp_logits"]
+
+    try:
+        for prompt, matched in ((first, 0), (second, 2 * bt), (third, 3 * bt)):
+            hit, held, kv, logits = run(warm, prompt)
+            ref, ref_held, ref_kv, ref_logits = run(cold, prompt)
+            assert hit.tokens == ref.tokens and ref_held == 0
+            # The row holds the MTP layer's whole window from the cache (its prefix in full), ends of blocks included.
+            assert held <= (0 if mtp_layer_type == "full_attention" else max(0, matched - config.sliding_window))
+            torch.testing.assert_close(kv, ref_kv[:, :, held:], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+            assert hit.cached_tokens == max(0, matched - 1)  # the last matched position is prefilled again
+        cache = warm.prefix_cache
+        assert cache.nbytes == sum(b.nbytes for b in cache._walk())
+        # Every block past the first that can be loaded for the MTP layer carries the MTP entry before it.
+        kept = [b for b in cache._walk() if b.depth > 1 and (b.full_kv if mtp in cache.full_layers else b.sliding_kv)
+                is not None]
+        assert kept and all(b.mtp_head is not None for b in kept)
+    finally:
+        warm.close()
+        cold.close()
