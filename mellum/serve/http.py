@@ -157,6 +157,8 @@ def _models():
         event: Literal["shown", "accepted", "partial", "rejected", "ignored"]
         accepted_text: str | None = Field(None, description="For 'partial': the part that was kept")
         replacement: str | None = Field(None, description="What the developer wrote instead, if known")
+        event_id: str | None = Field(None, min_length=1, max_length=256,
+                                     description="The client's id for this event, the same when it sends it again")
 
     class TelemetryBody(Lenient):
         events: list[TelemetryEventBody] = Field(..., min_length=1, max_length=1000)
@@ -269,7 +271,7 @@ def create_app(service, config: HttpConfig | None = None, telemetry=None, metric
     from mellum import __version__
     from mellum.complete import CompletionRequest
     from mellum.prompt import ContextFile
-    from mellum.serve.telemetry import TelemetryEvent
+    from mellum.serve.telemetry import TelemetryEvent, recorded_reply
 
     config = config or HttpConfig()
     m = _models()
@@ -552,17 +554,18 @@ def create_app(service, config: HttpConfig | None = None, telemetry=None, metric
             raise ApiError(404, "telemetry is disabled on this server (started with --no-telemetry)",
                            "not_found", "telemetry_disabled")
         items = body.events if hasattr(body, "events") else [body]
-        events = [TelemetryEvent(scrub(e.id), e.event, e.accepted_text, e.replacement, client="http") for e in items]
+        events = [TelemetryEvent(scrub(e.id), e.event, e.accepted_text, e.replacement, client="http",
+                                 event_id=e.event_id) for e in items]
         # Committed (fsync'd WAL) before we answer: an acknowledged event survives a crash.
         try:
-            n = await asyncio.get_running_loop().run_in_executor(None, runner.telemetry.record_events, events)
+            stored = await asyncio.get_running_loop().run_in_executor(None, runner.telemetry.record_events, events)
         except sqlite3.OperationalError as exc:  # locked by another process past the busy timeout, disk full, ...
             raise ApiError(503, f"telemetry not recorded ({exc}); send the events again later", "server_error",
                            "telemetry_unavailable") from None
-        for e in events:
+        for e in stored:
             runner.metrics.record(runner.metrics.telemetry.inc, event=e.event)
         _ok("/v1/telemetry")
-        return {"recorded": n}
+        return recorded_reply(events, stored)
 
     return app
 

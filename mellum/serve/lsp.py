@@ -167,7 +167,7 @@ def create_server(model_dir=None, telemetry=None, config: LspConfig | None = Non
     from pygls.protocol.json_rpc import RPCRequest
 
     from mellum import __version__
-    from mellum.serve.telemetry import EVENTS, TelemetryEvent
+    from mellum.serve.telemetry import EVENTS, TelemetryEvent, recorded_reply
 
     class _Protocol(LanguageServerProtocol):
         """Answers requests whose params do not validate (negative positions, wrong types) with an error.
@@ -341,9 +341,14 @@ def create_server(model_dir=None, telemetry=None, config: LspConfig | None = Non
         for e in items if isinstance(items, list) else []:
             if not isinstance(e, dict) or e.get("event") not in EVENTS or not isinstance(e.get("id"), str):
                 raise JsonRpcInvalidParams(f"telemetry event needs 'id' and 'event' in {EVENTS}: {e!r}")
+            event_id = e.get("eventId", e.get("event_id"))
+            if event_id is not None and (not isinstance(event_id, str) or not event_id):
+                raise JsonRpcInvalidParams(f"a telemetry 'eventId' is a non-empty string: {e!r}")
             events.append(TelemetryEvent(e["id"], e["event"], e.get("acceptedText", e.get("accepted_text")),
-                                         e.get("replacement"), client="lsp"))
-        return {"recorded": state.record(events)}
+                                         e.get("replacement"), client="lsp", event_id=event_id))
+        if state.telemetry is None:  # started with --no-telemetry: nothing is on record
+            return {"recorded": 0}
+        return recorded_reply(events, state.record(events))
 
     @server.command("mellum.accepted")
     def on_accepted(ls, *args):
@@ -608,13 +613,14 @@ class _State:
         return completion.id, completion.text
 
     # ---- telemetry and status ------------------------------------------------------------------------
-    def record(self, events) -> int:
+    def record(self, events) -> list:
+        """Store the events; returns those stored now (an event already on record, a client's retry, is not)."""
         if self.telemetry is None or not events:
-            return 0
-        n = self.telemetry.record_events(events)
-        for e in events:
+            return []
+        stored = self.telemetry.record_events(events)
+        for e in stored:
             self.metrics.record(self.metrics.telemetry.inc, event=e.event)
-        return n
+        return stored
 
     def status(self) -> dict:
         m = self.metrics

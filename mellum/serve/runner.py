@@ -14,7 +14,7 @@ import logging
 import sqlite3
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import AsyncIterator
 
@@ -67,6 +67,19 @@ class Runner:
             self._depth += delta
             self.metrics.record(self.metrics.queue_depth.set, self._depth)
 
+    def _submit(self, fn) -> Future:
+        """Queue `fn` on the workers, counted in the queue depth until a worker lets go of it (it returned or raised,
+        however long after its caller stopped waiting) or it leaves the queue unstarted (cancelled)."""
+        self._enter(+1)
+        try:
+            work = self._pool.submit(fn)
+        except BaseException:  # the pool is shut down
+            self._enter(-1)
+            raise
+        # Runs on the worker as `fn` ends (or where the work is cancelled), before anyone awaiting it wakes up.
+        work.add_done_callback(lambda _: self._enter(-1))
+        return work
+
     # ---- one completion ------------------------------------------------------------------------------
     def complete_sync(self, request, cancel: threading.Event) -> object:
         """Run the service on the calling thread (a worker); raises Cancelled when cancelled."""
@@ -99,15 +112,18 @@ class Runner:
     async def call(self, fn, *args, cancel: threading.Event, endpoint: str):
         """Run a blocking engine call (`fn(*args)`, which watches `cancel`) on the workers, counted in the queue
         depth; cancelling the caller sets `cancel` (the engine stops at its next token, the worker frees itself), a
-        call cancelled while queued never starts, and either way the cancellation is counted."""
+        call cancelled while queued never starts, and either way the cancellation is counted.
+
+        The queue depth counts the call until the worker is done with it: a caller that stops waiting does not free
+        the engine, which may take a while to reach its next token. A call cancelled while queued leaves at once."""
 
         def guarded():
             if cancel.is_set():
                 raise Cancelled()
             return fn(*args)
 
-        self._enter(+1)
-        future = asyncio.get_running_loop().run_in_executor(self._pool, guarded)
+        work = self._submit(guarded)
+        future = asyncio.wrap_future(work, loop=asyncio.get_running_loop())
         # A caller cancelled while the call runs (or waits) no longer awaits it: its exception (Cancelled) is
         # retrieved here, or asyncio logs "Future exception was never retrieved" with a traceback for each one.
         future.add_done_callback(lambda f: f.cancelled() or f.exception())
@@ -115,13 +131,12 @@ class Runner:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
             cancel.set()
+            work.cancel()  # only a call still queued can be: it leaves the queue now instead of when a worker is free
             self.metrics.record(self.metrics.cancelled.inc, endpoint=endpoint)
             raise
         except Cancelled:
             self.metrics.record(self.metrics.cancelled.inc, endpoint=endpoint)
             raise
-        finally:
-            self._enter(-1)
 
     # ---- streaming -----------------------------------------------------------------------------------
     async def stream(
@@ -162,12 +177,14 @@ class Runner:
             except BaseException as exc:  # handed to the consumer, raised there
                 loop.call_soon_threadsafe(queue.put_nowait, exc)
 
-        self._enter(+1)
         pieces: list[str] = []
+        work = self._submit(produce)  # counted in the queue depth until `produce` returns, as in `call`
         try:
-            loop.run_in_executor(self._pool, produce)
             while True:
                 item = await queue.get()
+                if item is done or isinstance(item, BaseException):
+                    # That was produce's last item: wait until it returns, so the stream ends with the worker free.
+                    await asyncio.wrap_future(work, loop=loop)
                 if item is done:
                     break
                 if isinstance(item, BaseException):
@@ -176,10 +193,9 @@ class Runner:
                 yield item
         except (asyncio.CancelledError, GeneratorExit):
             cancel.set()
+            work.cancel()  # still queued: it leaves the queue now; running: the engine stops at its next token
             self.metrics.record(self.metrics.cancelled.inc, endpoint=endpoint)
             raise
-        finally:
-            self._enter(-1)
         latency_ms = (time.perf_counter() - start) * 1000
         completion = final.get("completion")
         if completion is not None:

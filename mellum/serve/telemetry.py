@@ -2,8 +2,9 @@
 
 Each completion is recorded with the context needed to rebuild a training pair later (path, prefix, suffix,
 context files, the exact prompt), and every editor event about it (shown, accepted, partially accepted,
-rejected) is appended as a row. `record_*` returns only after the transaction is committed with
-`synchronous=FULL`, so an event the server has acknowledged survives a crash or `kill -9` of the server.
+rejected) is appended as a row, once: a client that sends an event again (a retry after a timeout) finds it
+already on record. `record_*` returns only after the transaction is committed with `synchronous=FULL`, so an
+event the server has acknowledged survives a crash or `kill -9` of the server.
 
 `export_preferences` turns the log into DPO pairs (Mellum paper: DPO on real-world feedback): for one context
 (same file, prefix and suffix), a completion the developer accepted (or the code they typed instead) is
@@ -55,10 +56,15 @@ CREATE TABLE IF NOT EXISTS events (
     at REAL NOT NULL,
     accepted_text TEXT,             -- the kept part for "partial" (or the whole text for "accepted")
     replacement TEXT,               -- what the developer wrote instead, when the client knows it
-    client TEXT
+    client TEXT,
+    event_key TEXT                  -- TelemetryEvent.key(): one row per key and completion (NULL: an older row)
 );
 CREATE INDEX IF NOT EXISTS events_completion ON events(completion_id);
 """
+# Columns added since the first release, created on older databases when they are opened: (table, column, type).
+_ADDED_COLUMNS = (("completions", "healed", "TEXT"), ("events", "event_key", "TEXT"))
+# Made after the columns it covers exist. NULL keys (rows stored before event_key) never conflict.
+_EVENTS_ONCE = "CREATE UNIQUE INDEX IF NOT EXISTS events_once ON events(completion_id, event_key)"
 
 
 def default_path() -> Path:
@@ -71,19 +77,34 @@ def default_path() -> Path:
 
 @dataclass(frozen=True)
 class TelemetryEvent:
-    """One editor event about a served completion."""
+    """One editor event about a served completion.
+
+    `event_id` is the client's name for this one event (a UUID, say), sent again unchanged when the client retries:
+    with it, two events that read the same (the same suggestion shown twice) are both kept. Without it, the event is
+    known by what it says, and an event identical to one already on record for the completion is that event again.
+    """
 
     completion_id: str
     event: str
     accepted_text: str | None = None
     replacement: str | None = None
     client: str | None = None
+    event_id: str | None = None
 
     def __post_init__(self):
         if self.event not in EVENTS:
             raise ValueError(f"unknown telemetry event {self.event!r}; expected one of {', '.join(EVENTS)}")
         if not self.completion_id or not isinstance(self.completion_id, str):
             raise ValueError("a telemetry event needs the completion id it refers to")
+        if self.event_id is not None and (not self.event_id or not isinstance(self.event_id, str)):
+            raise ValueError("a telemetry event id, when given, is a non-empty string")
+
+    def key(self) -> str:
+        """What recognises this event when it comes again (per completion id): the client's id, else its content."""
+        if self.event_id is not None:
+            return "id:" + _clean((self.event_id,))[0]
+        content = _clean((self.event, self.accepted_text, self.replacement, self.client))
+        return "sha256:" + hashlib.sha256(json.dumps(content, ensure_ascii=False).encode()).hexdigest()
 
 
 def context_key(path: str, prefix: str, suffix: str, context: Sequence[dict] = ()) -> str:
@@ -111,12 +132,24 @@ class TelemetryStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
-            columns = {row[1] for row in self._db.execute("PRAGMA table_info(completions)")}
-            if "healed" not in columns:  # a database written before the column existed
-                self._db.execute("ALTER TABLE completions ADD COLUMN healed TEXT")
+            self._migrate()
         except sqlite3.DatabaseError as e:
             self._db.close()
             raise ValueError(f"{self.path} is not a usable mellum telemetry database ({e})") from e
+
+    def _migrate(self) -> None:
+        """Bring a database written by an older server up to this schema (in one write transaction, so two servers
+        opening it at once do not both add a column)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            for table, column, type_ in _ADDED_COLUMNS:
+                if column not in {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {type_}")
+            self._db.execute(_EVENTS_ONCE)
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
 
     def close(self) -> None:
         with self._lock:
@@ -169,33 +202,38 @@ class TelemetryStore:
                 self._db.execute("ROLLBACK")
                 raise
 
-    def record_events(self, events: Iterable[TelemetryEvent]) -> int:
-        """Append events in one transaction; returns how many were stored once they are durable.
+    def record_events(self, events: Iterable[TelemetryEvent]) -> list[TelemetryEvent]:
+        """Append events in one transaction; returns, once they are durable, those stored by this call.
 
-        Events may refer to completions this database has not seen (e.g. another server instance); they are
-        kept and simply pair with nothing at export time.
+        An event already on record (`TelemetryEvent.key()`: a client's retry, or the same event twice in one batch)
+        is left out: it is neither stored nor returned again. Events may refer to completions this database has not
+        seen (e.g. another server instance); they are kept and simply pair with nothing at export time.
         """
-        rows = [
-            _clean((e.completion_id, e.event, time.time(), e.accepted_text, e.replacement, e.client)) for e in events
-        ]
-        if not rows:
-            return 0
+        events = list(events)
+        if not events:
+            return []
+        stored = []
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.executemany(
-                    "INSERT INTO events (completion_id, event, at, accepted_text, replacement, client) "
-                    "VALUES (?,?,?,?,?,?)",
-                    rows,
-                )
+                for e in events:
+                    row = _clean((e.completion_id, e.event, time.time(), e.accepted_text, e.replacement, e.client))
+                    cur = self._db.execute(
+                        "INSERT INTO events (completion_id, event, at, accepted_text, replacement, client, event_key) "
+                        "VALUES (?,?,?,?,?,?,?) ON CONFLICT (completion_id, event_key) DO NOTHING",
+                        (*row, e.key()),
+                    )
+                    if cur.rowcount:
+                        stored.append(e)
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-        return len(rows)
+        return stored
 
-    def record_event(self, event: TelemetryEvent) -> int:
-        return self.record_events([event])
+    def record_event(self, event: TelemetryEvent) -> bool:
+        """Store one event; False when it was already on record."""
+        return bool(self.record_events([event]))
 
     # ---- reading -------------------------------------------------------------------------------------
     def counts(self) -> dict[str, int]:
@@ -218,6 +256,16 @@ class TelemetryStore:
             cur = self._db.execute("SELECT * FROM events WHERE completion_id = ? ORDER BY seq", (completion_id,))
             names = [d[0] for d in cur.description]
             return [dict(zip(names, r)) for r in cur.fetchall()]
+
+
+def recorded_reply(sent: Sequence[TelemetryEvent], stored: Sequence[TelemetryEvent]) -> dict:
+    """The answer to a client that sent events (HTTP and LSP alike): all of them are on record, so a retry gets the
+    answer its first try would have had; `duplicates`, when there are any, counts those that already were (stored
+    and counted once, by the earlier try)."""
+    reply = {"recorded": len(sent)}
+    if len(stored) < len(sent):
+        reply["duplicates"] = len(sent) - len(stored)
+    return reply
 
 
 def _clean(row: tuple) -> tuple:

@@ -187,6 +187,32 @@ def test_telemetry_round_trip_and_metrics(client, app_and_store):
     assert "mellum_queue_depth 0" in text and 'mellum_telemetry_events_total{event="accepted"} 1' in text
 
 
+def test_a_resent_telemetry_batch_is_accepted_and_not_counted_again(tiny_service, tmp_path):
+    """Clients resend a batch whose reply they did not get: the answer is the first one's (with how many were
+    duplicates), and neither the database nor /metrics counts the events twice."""
+    from fastapi.testclient import TestClient
+
+    from mellum.serve.http import HttpConfig, create_app
+    from mellum.serve.telemetry import TelemetryStore
+
+    with TelemetryStore(tmp_path / "t.db") as store, \
+            TestClient(create_app(tiny_service, HttpConfig(model_name="tiny"), telemetry=store)) as c:
+        batch = {"events": [{"id": "c1", "event": "shown"}, {"id": "c1", "event": "accepted"}]}
+        assert c.post("/v1/telemetry", json=batch).json() == {"recorded": 2}
+        r = c.post("/v1/telemetry", json=batch)
+        assert r.status_code == 200 and r.json() == {"recorded": 2, "duplicates": 2}
+        assert c.post("/v1/telemetry", json={"id": "c1", "event": "shown"}).json() == {"recorded": 1, "duplicates": 1}
+        # With the client's event ids, the same suggestion shown again is a new event; its retry is not.
+        shown = [{"id": "c2", "event": "shown", "event_id": f"e{i}"} for i in range(2)]
+        assert c.post("/v1/telemetry", json={"events": shown}).json() == {"recorded": 2}
+        assert c.post("/v1/telemetry", json=shown[1]).json() == {"recorded": 1, "duplicates": 1}
+        assert c.post("/v1/telemetry", json={"id": "c2", "event": "shown", "event_id": ""}).status_code == 422
+        assert store.counts() == {"completions": 0, "shown": 3, "accepted": 1}
+        text = c.get("/metrics").text
+        assert 'mellum_telemetry_events_total{event="shown"} 3\n' in text
+        assert 'mellum_telemetry_events_total{event="accepted"} 1\n' in text
+
+
 def test_chat_uses_the_tokenizer_template(client):
     r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
     assert r.status_code == 200, r.text

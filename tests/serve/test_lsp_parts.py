@@ -96,3 +96,140 @@ def test_runner_task_cancellation_sets_the_engine_event(tiny_service):
     served = asyncio.run(go())
     assert served.completion.generated_tokens <= 2
     runner.close()
+
+
+def test_lsp_telemetry_sent_again_is_recorded_once(tiny_service, tmp_path):
+    """`mellum/telemetry` sent again (a client retrying a request that timed out) and `mellum.accepted` run twice
+    for one completion store and count each event once; the reply says how many were already on record."""
+    from mellum.serve.lsp import create_server
+    from mellum.serve.telemetry import TelemetryStore
+
+    with TelemetryStore(tmp_path / "t.db") as store:
+        server = create_server(service=tiny_service, telemetry=store)
+        telemetry = server.protocol.fm.features["mellum/telemetry"]
+        accepted = server.protocol.fm.commands["mellum.accepted"]
+        batch = {"events": [{"id": "c1", "event": "shown"}, {"id": "c1", "event": "partial", "acceptedText": "a +"}]}
+        assert telemetry(batch) == {"recorded": 2}
+        assert telemetry(batch) == {"recorded": 2, "duplicates": 2}
+        accepted("c1")
+        accepted("c1")
+        shown = [{"id": "c2", "event": "shown", "eventId": "e1"}, {"id": "c2", "event": "shown", "eventId": "e2"}]
+        assert telemetry({"events": shown}) == {"recorded": 2}
+        assert telemetry(shown[0]) == {"recorded": 1, "duplicates": 1}
+        with pytest.raises(Exception, match="eventId"):
+            telemetry({"id": "c2", "event": "shown", "eventId": 7})
+        assert store.counts() == {"completions": 0, "shown": 3, "partial": 1, "accepted": 1}
+        assert server.mellum.metrics.telemetry.get(event="shown") == 3
+        assert server.mellum.metrics.telemetry.get(event="accepted") == 1
+        server.mellum.runner.close()
+
+
+def test_lsp_telemetry_without_a_store_records_nothing(tiny_service):
+    """With telemetry off (`--no-telemetry`) events are answered as not recorded, not as duplicates."""
+    from mellum.serve.lsp import create_server
+
+    server = create_server(service=tiny_service, telemetry=None)
+    telemetry = server.protocol.fm.features["mellum/telemetry"]
+    assert telemetry({"id": "c1", "event": "shown"}) == {"recorded": 0}
+    server.mellum.runner.close()
+
+
+class _Release:
+    """An engine call that ignores its cancel event until the test releases it (a long prefill has no token
+    boundary to stop at), and says when it started."""
+
+    def __init__(self):
+        self.started, self.release, self.ran = threading.Event(), threading.Event(), 0
+
+    def __call__(self, cancel):
+        self.ran += 1
+        self.started.set()
+        assert self.release.wait(10)
+        return "done"
+
+
+async def _until(check, timeout_s=5.0):
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.005)
+
+
+def test_queue_depth_counts_a_cancelled_call_until_the_worker_lets_go():
+    """A caller that stops waiting does not free the engine: the queue depth (and its gauge) counts the call until
+    the worker is done with it. A call cancelled while it waits in the queue leaves it at once."""
+
+    async def main():
+        runner = Runner(service=None)
+        running, queued = _Release(), _Release()
+        cancel_running, cancel_queued = threading.Event(), threading.Event()
+        first = asyncio.ensure_future(runner.call(running, cancel_running, cancel=cancel_running, endpoint="e"))
+        second = asyncio.ensure_future(runner.call(queued, cancel_queued, cancel=cancel_queued, endpoint="e"))
+        await asyncio.get_running_loop().run_in_executor(None, running.started.wait, 5)
+        assert runner.queue_depth == 2
+        second.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await second
+        assert runner.queue_depth == 1  # left the queue without waiting for the worker
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        assert cancel_running.is_set()
+        assert runner.queue_depth == 1 and runner.metrics.queue_depth.get() == 1  # still on the worker
+        running.release.set()
+        await _until(lambda: runner.queue_depth == 0)
+        assert runner.metrics.queue_depth.get() == 0 and runner.metrics.cancelled.get(endpoint="e") == 2
+        assert queued.ran == 0  # never reached the engine
+        # An ordinary call is out of the count by the time its caller has the answer.
+        free = _Release()
+        free.release.set()
+        assert await runner.call(free, threading.Event(), cancel=threading.Event(), endpoint="e") == "done"
+        assert runner.queue_depth == 0
+        runner.close()
+
+    asyncio.run(main())
+
+
+def test_queue_depth_counts_a_closed_stream_until_the_worker_lets_go():
+    from types import SimpleNamespace
+
+    release = threading.Event()
+
+    class Service:
+        def stream(self, request, cancel):
+            yield "a"
+            assert release.wait(10)  # deaf to `cancel` for a while
+            yield "b"
+            return SimpleNamespace(text="ab", prompt_tokens=1, cached_tokens=0, generated_tokens=2)
+
+    async def main():
+        runner = Runner(Service())
+        request = SimpleNamespace(return_prompt=False)
+        release.set()
+        whole = [p async for p in runner.stream(request, threading.Event(), "e", "test", "c0")]
+        assert whole == ["a", "b"] and runner.queue_depth == 0  # a finished stream: the worker is free
+        release.clear()
+        cancel = threading.Event()
+        pieces = runner.stream(request, cancel, "e", "test", "c1")
+        assert await pieces.__anext__() == "a"
+        await pieces.aclose()  # the client went away
+        assert cancel.is_set() and runner.queue_depth == 1  # the worker is still in the engine
+        release.set()
+        await _until(lambda: runner.queue_depth == 0)
+        # A stream closed while it waits behind another never starts, and leaves the queue at once.
+        release.clear()
+        busy = asyncio.ensure_future(runner.call(lambda: release.wait(10), cancel=threading.Event(), endpoint="e"))
+        await _until(lambda: runner.queue_depth == 1)
+        waiting = runner.stream(request, threading.Event(), "e", "test", "c2")
+        first = asyncio.ensure_future(waiting.__anext__())
+        await _until(lambda: runner.queue_depth == 2)
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        assert runner.queue_depth == 1
+        release.set()
+        await busy
+        assert runner.queue_depth == 0
+        runner.close()
+
+    asyncio.run(main())

@@ -31,7 +31,7 @@ def _served(store, cid, text, prefix="def add(a, b):\n    return ", suffix="\n",
 def test_events_are_stored_and_counted(tmp_path):
     with TelemetryStore(tmp_path / "t.db") as store:
         _served(store, "c1", "a + b")
-        assert store.record_events([TelemetryEvent("c1", "shown"), TelemetryEvent("c1", "accepted")]) == 2
+        assert len(store.record_events([TelemetryEvent("c1", "shown"), TelemetryEvent("c1", "accepted")])) == 2
         assert store.counts() == {"completions": 1, "shown": 1, "accepted": 1}
         assert [e["event"] for e in store.events("c1")] == ["shown", "accepted"]
         assert store.completion("c1")["text"] == "a + b"
@@ -235,3 +235,78 @@ def test_a_database_from_before_the_healed_column_still_records_and_exports(tmp_
         assert store.completion("r")["healed"] == "" and store.completion("a")["healed"] is None
     assert export_preferences(db, out) == 1
     assert json.loads(out.read_text())["chosen"] == "a + b"
+
+
+def test_a_retried_batch_is_stored_and_counted_once(tmp_path):
+    """A client that resends a batch (its request timed out after the commit) must not double the events."""
+    batch = [TelemetryEvent("c1", "shown", client="http"), TelemetryEvent("c1", "partial", accepted_text="a + b"),
+             TelemetryEvent("c2", "rejected", replacement="a * b")]
+    with TelemetryStore(tmp_path / "t.db") as store:
+        _served(store, "c1", "a + b\n    print(a)")
+        assert store.record_events(batch) == batch
+        assert store.record_events(batch) == []  # the retry: all on record already
+        assert store.record_events([batch[1], TelemetryEvent("c1", "accepted")]) == [TelemetryEvent("c1", "accepted")]
+        assert store.record_event(batch[0]) is False
+        assert store.counts() == {"completions": 1, "shown": 1, "partial": 1, "rejected": 1, "accepted": 1}
+        assert [e["event"] for e in store.events("c1")] == ["shown", "partial", "accepted"]
+        # Different content is a different event: another kept part, another client, another completion.
+        more = [TelemetryEvent("c1", "partial", accepted_text="a + b\n"), TelemetryEvent("c1", "shown", client="lsp"),
+                TelemetryEvent("c3", "shown", client="http")]
+        assert store.record_events(more) == more
+        # The same event twice in one batch is stored once.
+        assert store.record_events([TelemetryEvent("c4", "shown")] * 2) == [TelemetryEvent("c4", "shown")]
+        assert store.counts()["shown"] == 4
+
+
+def test_client_event_ids_tell_retries_from_repeated_events(tmp_path):
+    """With an id per event, the same suggestion shown twice is two events; the retry of either is neither."""
+    first, second = TelemetryEvent("c1", "shown", event_id="e1"), TelemetryEvent("c1", "shown", event_id="e2")
+    with TelemetryStore(tmp_path / "t.db") as store:
+        assert store.record_events([first, second]) == [first, second]
+        assert store.record_events([second, first]) == []
+        # A client reusing its ids across completions: the id names an event of one completion.
+        assert store.record_events([TelemetryEvent("c2", "shown", event_id="e1")]) != []
+        assert store.counts() == {"completions": 0, "shown": 3}
+    with pytest.raises(ValueError, match="event id"):
+        TelemetryEvent("c1", "shown", event_id="")
+
+
+def test_a_late_retry_does_not_undo_a_newer_event_in_the_export(tmp_path):
+    """The export takes a completion's latest kept part: a retry of an older batch that arrives after a newer one
+    (stored again, as the newest row) made the stale part the chosen text."""
+    db, out = tmp_path / "t.db", tmp_path / "pairs.jsonl"
+    with TelemetryStore(db) as store:
+        _served(store, "p", "a + b\n    print(a)")
+        _served(store, "r", "0")
+        older = [TelemetryEvent("p", "partial", accepted_text="a + b"), TelemetryEvent("r", "rejected")]
+        store.record_events(older)
+        store.record_events([TelemetryEvent("p", "partial", accepted_text="a + b\n    print")])
+        store.record_events(older)  # the first request timed out on the client's side: sent again
+    export_preferences(db, out)
+    chosen = {(p["chosen"], p["rejected"]) for p in map(json.loads, out.read_text().splitlines())}
+    assert chosen == {("a + b\n    print", "a + b\n    print(a)"), ("a + b\n    print", "0")}
+
+
+def test_a_database_from_before_event_keys_is_migrated(tmp_path):
+    """Rows stored before events had keys stay as they were (retries among them included); new ones are once."""
+    import sqlite3
+
+    db, out = tmp_path / "old.db", tmp_path / "pairs.jsonl"
+    with TelemetryStore(db) as store:
+        _served(store, "a", "a + b")
+        _served(store, "r", "0")
+    old = sqlite3.connect(db)  # the events table as an older server wrote it, with a retry already in it
+    old.execute("DROP INDEX events_once")
+    old.execute("ALTER TABLE events DROP COLUMN event_key")
+    old.executemany("INSERT INTO events (completion_id, event, at) VALUES (?, ?, 0)",
+                    [("a", "shown"), ("a", "shown"), ("r", "rejected")])
+    old.commit()
+    old.close()
+    with TelemetryStore(db) as store:
+        assert store.counts() == {"completions": 2, "shown": 2, "rejected": 1}
+        assert store.record_events([TelemetryEvent("a", "accepted")] * 2) == [TelemetryEvent("a", "accepted")]
+        assert store.record_events([TelemetryEvent("a", "accepted")]) == []
+        assert [e["event_key"] is None for e in store.events("a")] == [True, True, False]
+    with TelemetryStore(db) as store:  # opening it again changes nothing
+        assert store.counts() == {"completions": 2, "shown": 2, "rejected": 1, "accepted": 1}
+    assert export_preferences(db, out) == 1
