@@ -23,7 +23,7 @@ from typing import Iterable, Iterator
 
 from mellum.data.dedup import DedupConfig, Deduplicator, MinHasher, exact_key
 from mellum.data.filters import FilterConfig, content_reason, language_of, path_reason
-from mellum.data.license import PERMISSIVE, LicensePolicy, normalize, spdx_header
+from mellum.data.license import PERMISSIVE, LicensePolicy, conjoin, normalize, notice_header, spdx_header
 from mellum.data.outputs import check_output_dir, refuse_inside, replace_dir
 from mellum.data.secrets import SecretRedactor, SecretsConfig
 from mellum.data.sources import Project, discover
@@ -76,6 +76,7 @@ def _process(task: tuple[str, str]) -> dict:
         result["skip"] = reason
         return result
     result["spdx"] = spdx_header(text)
+    result["notice"] = notice_header(text) if result["spdx"] is None else None
     text, found = _WORKER["redactor"].redact(text)
     result["secrets"] = dict(found)
     result["text"] = text
@@ -165,8 +166,7 @@ def build_corpus(
                 if "skip" in result:
                     report.skip(entry, result["skip"])
                     continue
-                # The file's own SPDX header, else the license file of the folder it sits in, else the project's.
-                file_license = normalize(result["spdx"]) if result["spdx"] else project.license_of(result["rel"])
+                file_license = _file_license(project, result, policy)
                 if file_license != project.license and not policy.allows(file_license):
                     report.skip(entry, f"file license {file_license}")
                     continue
@@ -195,6 +195,20 @@ def build_corpus(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return data
+
+
+def _file_license(project: Project, result: dict, policy: LicensePolicy) -> str | None:
+    """A file's license. Its SPDX tags decide (with a NOTICE's credit of it, if any: both apply); else a license
+    notice in its head names it (setuptools' vendored MPL-2.0 files in an MIT project), but never lets in a file
+    that its folder's or project's license keeps out ("ported from X, licensed under the Apache License" in a
+    GPL folder); else the NOTICE credit, the folder's license file or the project's (`Project.license_of`)."""
+    inherited = project.license_of(result["rel"])
+    if result["spdx"]:
+        return conjoin([normalize(result["spdx"]), project.credits.get(result["rel"])])
+    notice = result.get("notice")
+    if notice and (not policy.allows(notice) or policy.allows(inherited)):
+        return notice
+    return inherited
 
 
 def _results(tasks: list[tuple[str, str]], config: BuildConfig) -> Iterator[dict]:

@@ -3,7 +3,10 @@
 The Mellum papers train on "permissively licensed code only". A project is kept when its license expression is
 satisfied by the allowlist: an OR needs one allowed alternative, an AND needs all parts allowed. Unknown
 licenses are excluded. Several license classifiers on one distribution are combined with AND (conservative:
-projects listing e.g. "BSD" and "GPL" often ship parts under each).
+projects listing e.g. "BSD" and "GPL" often ship parts under each). A REUSE project (https://reuse.software) is
+licensed by the SPDX ids of its `LICENSES/` files, each text checked against its name, and of its REUSE.toml or
+.reuse/dep5 declarations, combined with AND. A file's own head decides its license: `SPDX-License-Identifier`
+tags, else a license notice (MPL's Exhibit A, the GNU licenses' boilerplate), and a NOTICE file may credit files.
 """
 
 from __future__ import annotations
@@ -83,6 +86,16 @@ SHORT_NAMES: dict[str, str] = {
 _SPDX_HEADER = re.compile(r"SPDX-License-Identifier:[ \t]*([A-Za-z0-9.+\-():]+(?:[ \t]+[A-Za-z0-9.+\-():]+)*)")
 
 
+# License tags and notices are read from a file's head only: a notice is about the file it opens, while the same
+# words further down are code or prose (a license detector's phrase tables, a docstring quoting the GPL).
+HEAD_LINES = 30
+HEAD_CHARS = 8_000
+
+
+def _head(text: str) -> str:
+    return "\n".join(text[:HEAD_CHARS].split("\n", HEAD_LINES)[:HEAD_LINES])
+
+
 def _norm(text: str) -> str:
     return re.sub(r"\s+", " ", re.sub(r"[*#/\"'`]|^\s*//", " ", text.lower())).strip()
 
@@ -137,12 +150,207 @@ def detect_text(text: str) -> str | None:
 
 
 def spdx_header(text: str) -> str | None:
-    """The `SPDX-License-Identifier:` expression in the first 30 lines of a source file, if any."""
-    head = "\n".join(text.split("\n", 30)[:30])
-    m = _SPDX_HEADER.search(head)
-    if m is None:
-        return None
-    return m.group(1).rstrip("-").strip() or None  # the dashes of an HTML `-->` closer are not part of it
+    """The `SPDX-License-Identifier:` expression in the first HEAD_LINES lines of a source file, if any. Several
+    tags (REUSE writes one per license) are combined with AND: taking the first let `MIT` hide a `GPL-3.0-only`."""
+    found: list[str] = []
+    for m in _SPDX_HEADER.finditer(_head(text)):
+        expression = m.group(1).rstrip("-").strip()  # the dashes of an HTML `-->` closer are not part of it
+        if expression and expression not in found:
+            found.append(expression)
+    return conjoin(found)
+
+
+def conjoin(expressions: list[str | None]) -> str | None:
+    """Expressions that all apply, as one, each term once: [`MIT`, `MIT AND (CC0-1.0 OR X11)`] → `MIT AND (CC0-1.0
+    OR X11)`; None for none. A single expression is returned as written."""
+    given = list(dict.fromkeys(e.strip() for e in expressions if e and e.strip()))
+    if len(given) <= 1:
+        return given[0] if given else None
+    terms = list(dict.fromkeys(term for e in given for term in _and_terms(e)))
+    return " AND ".join(f"({t})" if " " in t else t for t in terms) if len(terms) > 1 else terms[0]
+
+
+def _and_terms(expression: str) -> list[str]:
+    from license_expression import AND
+
+    try:
+        node = _licensing().parse(expression, validate=False)
+    except Exception:
+        return [expression]
+    return [str(arg) for arg in node.args] if isinstance(node, AND) else [str(node)]
+
+
+# ---- license notices: prose in a file's head, or a NOTICE file crediting files -------------------------------
+
+# A notice names the license after its own verb: "licensed under", "released under", "under the terms of", "subject
+# to". A bare name is not a notice (`RULES = ["gnu general public license"]`, "see the GNU GPL for details").
+_NOTICE_VERB = (r"(?:(?:licen[sc]ed|released|distributed|made available|available|provided)\s+under"
+                r"|under\s+the\s+terms\s+of|subject\s+to)\s+"
+                r"(?:the\s+)?(?:terms\s+(?:and\s+conditions\s+)?of\s+(?:the\s+)?)?")
+# License names in prose, the more specific first; the id is completed by the version that follows.
+_NOTICE_NAMES: tuple[tuple[str, str], ...] = (
+    ("AGPL", r"gnu\s+affero\s+general\s+public\s+licen[sc]e|agpl"),
+    ("LGPL", r"gnu\s+lesser\s+general\s+public\s+licen[sc]e|lgpl"),
+    ("LGPL-2.0", r"gnu\s+library\s+general\s+public\s+licen[sc]e"),
+    ("GPL", r"gnu\s+general\s+public\s+licen[sc]e|gnu\s+gpl|gpl"),
+    ("MPL", r"mozilla\s+public\s+licen[sc]e|mpl"),
+    ("EPL", r"eclipse\s+public\s+licen[sc]e|epl"),
+    ("CDDL", r"common\s+development\s+and\s+distribution\s+licen[sc]e|cddl"),
+    ("EUPL", r"european\s+union\s+public\s+licen[sc]e|eupl"),
+    ("Apache", r"apache\s+licen[sc]e|apache"),
+    ("MIT", r"mit\s+licen[sc]e|mit"),
+)
+_NAME = "|".join(f"(?P<n{i}>{pattern})" for i, (_, pattern) in enumerate(_NOTICE_NAMES))
+_NOTICE = re.compile(rf"\b{_NOTICE_VERB}(?:{_NAME})(?![a-uw-z0-9])", re.IGNORECASE)
+# The version right after the name ("GPLv2", "MPL-2.0", "License, v. 2.0", "License, Version 2.0") or, for the GNU
+# licenses, anywhere in the notice's sentence ("... as published by the FSF; either version 3 of the License").
+_VERSION_AFTER = re.compile(r"[\s,]*(?:v(?:ersion)?\.?\s*|-)?(\d+(?:\.\d+)?)(\+)?", re.IGNORECASE)
+_VERSION_IN = re.compile(r"\bversion\s+(\d+(?:\.\d+)?)\b", re.IGNORECASE)
+_LATER = re.compile(r"any\s+later\s+version|or\s+later", re.IGNORECASE)
+_DEFAULT_VERSION = {"AGPL": "3.0", "LGPL": "2.1", "LGPL-2.0": "2.0", "GPL": "3.0", "MPL": "2.0", "EPL": "2.0",
+                    "CDDL": "1.0", "EUPL": "1.2", "Apache": "2.0"}
+
+
+def _notice_id(family: str, after: str) -> str:
+    """The SPDX id of a license named in a notice, from its family and the text after the name."""
+    if family == "MIT":
+        return "MIT"
+    sentence = re.split(r"\.(?:\s|$)", after, maxsplit=1)[0]
+    m = _VERSION_AFTER.match(after)
+    gnu = family in ("AGPL", "LGPL", "LGPL-2.0", "GPL")
+    if m is None and gnu:
+        m = _VERSION_IN.search(sentence)
+    version = m.group(1) if m else _DEFAULT_VERSION[family]
+    version = version if "." in version else f"{version}.0"
+    if not gnu:
+        return f"{family}-{version}"
+    later = m is None or bool(_LATER.search(sentence)) or bool(m.re is _VERSION_AFTER and m.group(2))
+    return f"{family.split('-')[0]}-{version}-{'or-later' if later else 'only'}"
+
+
+def _notices(text: str) -> list[str]:
+    found = []
+    for m in _NOTICE.finditer(text):
+        if re.search(r"\brest\s+of\b[^.]*$", text[max(0, m.start() - 80) : m.start()], re.IGNORECASE):
+            continue  # about the other files: "The rest of Valgrind is licensed under the GPL" (valgrind.h is BSD)
+        family = next(_NOTICE_NAMES[i][0] for i in range(len(_NOTICE_NAMES)) if m.group(f"n{i}"))
+        found.append(_notice_id(family, text[m.end() : m.end() + 200]))
+    return found
+
+
+def notice_header(text: str) -> str | None:
+    """The license a prose notice in a file's first HEAD_LINES lines puts the file under (MPL's Exhibit A, the GNU
+    "either version 2 of the License, or (at your option) any later version", Apache's "Licensed under the Apache
+    License, Version 2.0"), several combined with AND; None when the head has no notice."""
+    head = re.sub(r"\s+", " ", re.sub(r"^[ \t]*(?:#+|//+|/?\*+/?|--+|;+|%+|!|rem\b)", " ", _head(text), flags=re.M))
+    return conjoin(list(dict.fromkeys(_notices(head))))
+
+
+_CREDITED = re.compile(r"`([\w./-]+\.\w+)`")
+
+
+def notice_credits(text: str) -> dict[str, str]:
+    """Files a NOTICE file credits to another license, by the name it writes in backquotes: setuptools'
+
+        - `extra_validations.py` and `format.py`, `error_reporting.py`:
+            - project: `validate-pyproject` - licensed under MPL-2.0
+
+    A credit runs from a line naming files to the next such line or blank line; a license it names but this module
+    cannot tell is LicenseRef-Unknown-Notice (the file is kept out, not passed off as the project's)."""
+    credits: dict[str, str] = {}
+    block: list[str] = []
+    for line in text.split("\n") + [""]:
+        if (block and _CREDITED.search(line)) or not line.strip():
+            _credit(block, credits)
+            block = []
+        if line.strip() and (block or _CREDITED.search(line)):
+            block.append(line)
+    return credits
+
+
+def _credit(block: list[str], credits: dict[str, str]) -> None:
+    if not block:
+        return
+    names = [n for n in _CREDITED.findall(block[0]) if not n.startswith("/") and ".." not in n.split("/")]
+    joined = re.sub(r"\s+", " ", " ".join(block))
+    m = re.search(r"(?:licen[sc]ed|released|distributed|available)\s+under\s+(?:the\s+)?(?P<rest>.*)", joined, re.I)
+    if m is None or not names:
+        return
+    token = re.match(r"[A-Za-z0-9.+-]+(?: (?:WITH|OR|AND) [A-Za-z0-9.+-]+)*", m.group("rest"))
+    spdx = normalize(token.group(0).rstrip(".")) if token and is_spdx(token.group(0).rstrip(".")) else None
+    if spdx is None:
+        named = _notices(m.group(0))
+        spdx = named[0] if named else SHORT_NAMES.get(m.group("rest").split(",")[0].split("(")[0].strip(" .").lower())
+    for name in names:
+        credits[name] = spdx or "LicenseRef-Unknown-Notice"
+
+
+# ---- REUSE (https://reuse.software): LICENSES/<SPDX id>.<ext>, REUSE.toml, .reuse/dep5 -------------------------
+
+_TEXT_EXTENSIONS = (".txt", ".md", ".rst", ".markdown", ".html", ".htm")
+UNVERIFIED = "LicenseRef-Unverified-{}"  # a LICENSES/ file whose text is not the license its name says
+
+
+def _family(spdx: str) -> str:
+    # License texts do not say "only" or "or later" (the notice in each file does), so text detection cannot.
+    return re.sub(r"(?:-only|-or-later|\+)$", "", spdx)
+
+
+_LICENSE_REF = re.compile(r"LicenseRef-[A-Za-z0-9.-]+")
+
+
+def _reuse_name(name: str) -> str:
+    for extension in _TEXT_EXTENSIONS:
+        if name.lower().endswith(extension):
+            return name[: -len(extension)]
+    return name
+
+
+def spdx_named(name: str) -> bool:
+    """Whether a file name is an SPDX id (`MIT.txt`, `LLVM-exception.txt`, `LicenseRef-Corp.txt`): a `LICENSES/`
+    folder holding one is REUSE's. Other projects keep bundled licenses there (pandas: `NUMPY_LICENSE`, `OTHER`)."""
+    spdx = _reuse_name(name)
+    return spdx.lower() in _licensing().known_symbols_lowercase or bool(_LICENSE_REF.fullmatch(spdx))
+
+
+def reuse_ids(name: str, text: str) -> list[str]:
+    """The licenses a file of a REUSE `LICENSES/` folder stands for: its SPDX id, by its name, checked against its
+    text where this module recognises texts. A text that is another license adds that license; a text that is no
+    license this module knows, under the name of one it does, adds an unverified marker (unknown: excluded). An
+    exception (`LLVM-exception.txt`) adds nothing: it only applies `WITH` a license. A name that is no SPDX id
+    stands for an unknown license."""
+    spdx = _reuse_name(name)
+    symbol = _licensing().known_symbols_lowercase.get(spdx.lower())
+    if symbol is not None and symbol.is_exception:
+        return []
+    if symbol is None:
+        return [spdx if _LICENSE_REF.fullmatch(spdx) else
+                "LicenseRef-Unknown-" + (re.sub(r"[^A-Za-z0-9.-]+", "-", spdx).strip("-.") or "Name")]
+    spdx = normalize(spdx)
+    found = detect_text(text)
+    if found is not None and _family(found) != _family(spdx):
+        return [spdx, found]
+    if found is None and _family(spdx) in {_family(rule[0]) for rule in _TEXT_RULES}:
+        return [spdx, UNVERIFIED.format(spdx)]
+    return [spdx]
+
+
+def reuse_declared(text: str, dep5: bool = False) -> list[str]:
+    """The license expressions a REUSE.toml (`SPDX-License-Identifier` of its annotations) or a .reuse/dep5
+    (`License:` fields) assigns to files; an unreadable REUSE.toml stands for an unknown license."""
+    if dep5:
+        return [m.group(1).strip() for m in re.finditer(r"^License:[ \t]*(\S.*)$", text, re.M)]
+    import tomllib
+
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        return ["LicenseRef-Unreadable-REUSE.toml"]
+    found = []
+    for annotation in data.get("annotations", []) if isinstance(data.get("annotations"), list) else []:
+        value = annotation.get("SPDX-License-Identifier") if isinstance(annotation, dict) else None
+        found += [value] if isinstance(value, str) else [v for v in value or [] if isinstance(v, str)]
+    return found
 
 
 def from_metadata(meta: Message) -> tuple[str | None, str]:

@@ -242,6 +242,7 @@ def test_a_folder_with_its_own_license_file_takes_that_license(tmp_path):
     (project / "src" / "config" / "NOTICE").write_text("`schema.json` is from validate-pyproject, licensed under "
                                                        "the Mozilla Public License 2.0\n")
     (project / "src" / "config" / "setup_cfg.py").write_text("def read_cfg(path):\n    return open(path).read()\n")
+    (project / "src" / "config" / "schema.json").write_text('{"type": "object"}\n')  # the file the NOTICE credits
     (project / "src" / "license.py").write_text('RULES = ["gnu general public license", "version 3"]\n')
     report = build_corpus([str(project)], tmp_path / "corpus", BuildConfig(workers=1), progress=False)
     kept = {r["path"]: r["license"] for r in read_corpus(tmp_path / "corpus")}
