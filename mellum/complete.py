@@ -24,9 +24,6 @@ from typing import Callable, Iterator, Sequence
 from mellum.postprocess import Cursor, Pipeline, is_multiline, pipeline
 from mellum.prompt import ContextFile, PromptFormat, get_format
 
-# Splits a rendered prompt around the prefix (a string no code contains: NUL bytes and a private-use character).
-_PREFIX_MARK = "\x00\ue000prefix\ue000\x00"
-
 
 @dataclass
 class CompletionRequest:
@@ -487,10 +484,9 @@ class CompletionService:
 
     def _encode(self, path: str, prefix: str, suffix: str, context: list[ContextFile], truncated: bool) -> Prompt:
         # Control tokens come only from the format's templates: code holding `<fim_prefix>` stays text.
-        segments = self.format.segments(path, _PREFIX_MARK, suffix, context)
-        cut = segments.index(("text", _PREFIX_MARK))
+        before, after = self.format.around_prefix(path, suffix, context)
         tok = self.tokenizer
-        return Prompt(tok.encode_segments(segments[:cut]), tok.encode(prefix), tok.encode_segments(segments[cut + 1:]),
+        return Prompt(tok.encode_segments(before), tok.encode(prefix), tok.encode_segments(after),
                       prefix, suffix, list(context), truncated)
 
     def _trim_file(self, prompt: Prompt, excess: int) -> tuple[str, str]:

@@ -103,6 +103,16 @@ class PromptFormat:
         out += _segments(self.fim, prefix=prefix, suffix=suffix if self.supports_suffix else "")
         return [piece for piece in out if piece[1]]
 
+    def around_prefix(
+        self, path: str, suffix: str = "", context: Sequence[ContextFile] = ()
+    ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+        """The `segments` of a prompt before and after its prefix. A completion prompt encodes the prefix on its
+        own, so that its last tokens end at the cursor (token healing backs them off) whatever text precedes it;
+        counting the prompt (context budgets) follows the same cut."""
+        segments = self.segments(path, _PREFIX_MARK, suffix, context)
+        cut = segments.index(("text", _PREFIX_MARK))
+        return segments[:cut], segments[cut + 1:]
+
     def training_text(
         self,
         path: str,
@@ -115,6 +125,8 @@ class PromptFormat:
         """(prompt, target) of a FIM training sample: the target is the middle followed by `eos`."""
         return self.render(path, prefix, suffix, context, repo), middle + self.eos
 
+
+_PREFIX_MARK = "\x00\ue000prefix\ue000\x00"  # stands for the prefix in `around_prefix`: text no code holds
 
 _MELLUM_STOP = ("<|endoftext|>", "<filename>", "<reponame>", "<fim_prefix>", "<fim_suffix>", "<fim_middle>", "<fim_pad>")
 

@@ -85,9 +85,9 @@ class ContextPacker:
     `count_tokens` counts caller text (prefix, suffix, lines) as the prompt encodes it; `count_segments` counts
     rendered prompt parts given as `PromptFormat.segments`, where only template literals hold control tokens. A
     prompt is encoded that way (`Tokenizer.encode_segments`), so code that contains `<fim_prefix>` costs the tokens
-    of its characters; `for_tokenizer` pairs the two. Without `count_segments`, rendered text goes through
-    `count_tokens` whole (a counter reading special strings as single tokens is then exact only for code that holds
-    none).
+    of its characters, and the prefix is encoded on its own; `for_tokenizer` pairs the two. Without
+    `count_segments`, the rendered prompt goes through `count_tokens` whole (a counter reading special strings as
+    single tokens is then exact only for code that holds none).
     """
 
     def __init__(self, index: ProjectIndex | None, count_tokens: CountTokens, config: ContextConfig | None = None,
@@ -96,6 +96,7 @@ class ContextPacker:
         self.config = config or (index.config if index is not None else ContextConfig())
         self.count = count_tokens
         self.count_segments = count_segments or (lambda segments: count_tokens("".join(s for _, s in segments)))
+        self._prefix_alone = count_segments is not None  # counting as a prompt is encoded (see `_count_prompt`)
         self.format = get_format(self.config.prompt_format)
         self._tokens = _TokenCache(self.count_segments)
         self._last_order: dict[str, list[tuple[str, str]]] = {}  # current path → piece keys of its last prompt
@@ -113,7 +114,12 @@ class ContextPacker:
         return cls(index, tokenizer.count, config, lambda segments: len(tokenizer.encode_segments(segments)))
 
     def _count_prompt(self, rel: str, prefix: str, suffix: str, pieces: Sequence[ContextFile]) -> int:
-        return self.count_segments(self.format.segments(rel, prefix, suffix, pieces))
+        if not self._prefix_alone:
+            return self.count_segments(self.format.segments(rel, prefix, suffix, pieces))
+        # As `CompletionService` encodes it: the prefix on its own (`PromptFormat.around_prefix`). In a format with
+        # no control token before the prefix ("plain"), counting it joined to the file header merged tokens across.
+        before, after = self.format.around_prefix(rel, suffix, pieces)
+        return self.count_segments(before) + (self.count(prefix) if prefix else 0) + self.count_segments(after)
 
     # ---- the request -----------------------------------------------------------------------------
     def pack(

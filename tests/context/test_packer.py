@@ -143,15 +143,32 @@ def test_special_token_strings_in_code_counted_as_the_prompt_encodes_them(tmp_pa
     prefix = "".join(f"seen_{i} = ({marks})\n" for i in range(40)) + "from tokens import SPECIAL_1\nend = SPECIAL_"
     suffix = "".join(f"after_{i} = ({marks})\n" for i in range(40))
     result = packer.pack("main.py", prefix, suffix, 3000)
-    segments = packer.format.segments("main.py", result.prefix, result.suffix, result.pieces)
+    # Encoded as the completion service does: the prefix on its own (`PromptFormat.around_prefix`).
+    before, after = packer.format.around_prefix("main.py", result.suffix, result.pieces)
+    encoded = (tiny_tokenizer.encode_segments(before) + tiny_tokenizer.encode(result.prefix)
+               + tiny_tokenizer.encode_segments(after))
     assert result.pieces and len(result.prefix) < len(prefix)  # context and trimming both at work
-    assert result.tokens_used == len(tiny_tokenizer.encode_segments(segments)) <= 3000
+    assert result.tokens_used == len(encoded) <= 3000
     for piece in result.pieces:
         assert piece.tokens == len(tiny_tokenizer.encode_segments(packer.format.context_segments([piece])))
     assert packer._additive == (fmt == "mellum")  # the shortcut survives where control tokens bound every part
     given = pack_chunks(result.pieces, tiny_tokenizer.count, 10_000, prompt_format=fmt,
                         count_segments=lambda segs: len(tiny_tokenizer.encode_segments(segs)))
     assert sorted(p.tokens for p in given) == sorted(p.tokens for p in result.pieces)
+
+
+def test_plain_prompt_counted_with_the_prefix_on_its_own(tmp_path, tiny_tokenizer):
+    # "plain" has no control token between the file header and the prefix: joined, "...\n" and the prefix's leading
+    # spaces merge into other tokens than the service, which encodes the prefix alone, produces.
+    (tmp_path / "main.py").write_text("x = 1\n")
+    config = ContextConfig(prompt_format="plain")
+    packer = ContextPacker.for_tokenizer(ProjectIndex(tmp_path, config), tiny_tokenizer, config)
+    for prefix in ["    return value\n", "\n\n    def f(self):\n        ", " x", "\t\tpass"]:
+        result = packer.pack("main.py", prefix, "", 500)
+        before, after = packer.format.around_prefix("main.py", "", result.pieces)
+        encoded = (tiny_tokenizer.encode_segments(before) + tiny_tokenizer.encode(result.prefix)
+                   + tiny_tokenizer.encode_segments(after))
+        assert result.tokens_used == len(encoded), prefix
 
 
 # ---- what never gets in ------------------------------------------------------------------------
