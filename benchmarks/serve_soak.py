@@ -8,7 +8,8 @@ Soak: each typist picks a spot in a file of the sample project and types the fil
 every 20-120 ms in bursts of 1-8 keys, then pauses 0.2-1 s to read the suggestion. Every keystroke asks for
 a completion and the previous one is abandoned (HTTP: the connection is closed, so the server cancels; LSP:
 the keystroke supersedes it, and 10% are cancelled explicitly with $/cancelRequest). Reported: requests,
-answered, cancelled, errors (any 5xx, transport error, or JSON-RPC error other than RequestCancelled),
+answered, cancelled, shed (HTTP 429: the server's queue was full, `--max-queue`; the LSP answers those empty),
+errors (any other 4xx or 5xx, transport error, or JSON-RPC error other than RequestCancelled),
 p50/p90/p99 latency of answered requests, and the server's RSS sampled every second (first vs last 10 s).
 
 Fuzz: malformed JSON-RPC (not JSON, not an object, invalid UTF-8, unknown methods, wrong types), bad
@@ -90,7 +91,7 @@ def files() -> list[tuple[str, str]]:
 
 class Stats:
     def __init__(self):
-        self.requests = self.answered = self.cancelled = self.errors = 0
+        self.requests = self.answered = self.cancelled = self.shed = self.errors = 0
         self.latencies: list[float] = []
         self.error_samples: list[str] = []
         self.rss: list[tuple[float, int]] = []
@@ -112,7 +113,8 @@ class Stats:
         mb = 1024 * 1024
         out = {
             "mode": name, "seconds": round(seconds, 1), "requests": self.requests, "answered": self.answered,
-            "cancelled": self.cancelled, "errors": self.errors, "p50_ms": q(0.5), "p90_ms": q(0.9), "p99_ms": q(0.99),
+            "cancelled": self.cancelled, "shed": self.shed, "errors": self.errors,
+            "p50_ms": q(0.5), "p90_ms": q(0.9), "p99_ms": q(0.99),
             "rss_first10s_mb": round(statistics.median(first) / mb, 1) if first else None,
             "rss_middle10s_mb": round(statistics.median(middle) / mb, 1) if middle else None,
             "rss_last10s_mb": round(statistics.median(last) / mb, 1) if last else None,
@@ -185,6 +187,9 @@ async def http_typist(i: int, client, stats: Stats, stop: float, max_new: int) -
             raise
         except httpx.HTTPError as exc:
             stats.error(f"transport: {exc!r}")
+            return
+        if r.status_code == 429:  # load shed: the server's queue was full, the editor asks again on the next key
+            stats.shed += 1
             return
         if r.status_code >= 500 or (r.status_code >= 400 and r.status_code != 499):
             stats.error(f"{r.status_code}: {r.text}")

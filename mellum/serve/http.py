@@ -5,7 +5,8 @@ SSE streaming), `POST /v1/fim` (native: file path, prefix, suffix, project root,
 Tabby's segments, options; returns the completion id, timings and optionally the exact prompt),
 `POST /v1/chat/completions` (chat template from the tokenizer config), `POST /v1/telemetry`, `GET /health`,
 `GET /metrics` (Prometheus). Handlers stay thin: they validate, build a `CompletionRequest`, and hand it to
-the `Runner`. Errors are JSON in the OpenAI shape `{"error": {"message", "type", "code"}}`.
+the `Runner`. Errors are JSON in the OpenAI shape `{"error": {"message", "type", "code"}}`. With the engine's
+queue full (`HttpConfig.max_queue`) the completion routes answer 429 with a `Retry-After` header at once.
 """
 
 
@@ -24,7 +25,7 @@ from typing import Literal, Union
 
 from mellum.serve.documents import scrub
 from mellum.serve.metrics import Metrics
-from mellum.serve.runner import Cancelled, Runner, is_secret
+from mellum.serve.runner import Cancelled, Overloaded, Runner, is_secret
 
 API_KEY_ENV = "MELLUM_API_KEY"
 MAX_PIECES = 256  # open_files entries, and extra_context pieces, one /v1/fim request may carry
@@ -53,6 +54,9 @@ class HttpConfig:
     model_name: str = "mellum"
     disconnect_poll_s: float = 0.05
     open_paths: tuple[str, ...] = field(default=("/health",))  # reachable without the key
+    # Completion requests queued or running on the engine beyond which more are refused with 429 (load shedding);
+    # None: runner.QUEUE_PER_WORKER per engine worker; 0: no limit.
+    max_queue: int | None = None
 
 
 # ---- request and response bodies ------------------------------------------------------------------------
@@ -171,9 +175,10 @@ def _models():
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None):
+                 param: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
+        self.headers = headers
 
 
 def _error_body(message: str, type_: str, code: str | None, param: str | None = None, **extra) -> dict:
@@ -275,7 +280,8 @@ def create_app(service, config: HttpConfig | None = None, telemetry=None, metric
 
     config = config or HttpConfig()
     m = _models()
-    runner = Runner(service, metrics, telemetry, workers=workers, model_name=config.model_name)
+    runner = Runner(service, metrics, telemetry, workers=workers, model_name=config.model_name,
+                    max_queue=config.max_queue)
     workspaces = [Path(w).resolve() for w in config.workspaces]
     started = time.time()
 
@@ -303,7 +309,8 @@ def create_app(service, config: HttpConfig | None = None, telemetry=None, metric
     @app.exception_handler(ApiError)
     async def _api_error(request, exc: ApiError):
         _count(request, exc.status)
-        return JSONResponse(_error_body(exc.message, exc.type, exc.code, exc.param), status_code=exc.status)
+        return JSONResponse(_error_body(exc.message, exc.type, exc.code, exc.param), status_code=exc.status,
+                            headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc: RequestValidationError):
@@ -382,6 +389,9 @@ def create_app(service, config: HttpConfig | None = None, telemetry=None, metric
                     raise ApiError(499, "client closed the request", "cancelled", "client_closed")
         except Cancelled:
             raise ApiError(499, "request cancelled", "cancelled", "cancelled") from None
+        except Overloaded as exc:  # refused before queueing: OpenAI's clients retry a 429 after Retry-After
+            raise ApiError(429, str(exc), "server_error", "server_overloaded",
+                           headers={"Retry-After": str(exc.retry_after_s)}) from None
         except ValueError as exc:  # the service's user-facing errors (bad path, too long, ...)
             raise ApiError(400, str(exc)) from None
         except ConnectionError as exc:  # --backend-url: the server generating for us is unreachable or failed
@@ -401,7 +411,8 @@ def create_app(service, config: HttpConfig | None = None, telemetry=None, metric
     @app.get("/health", summary="Liveness and the loaded model")
     async def health():
         return {"status": "ok", "model": config.model_name, "version": __version__,
-                "uptime_s": round(time.time() - started, 3), "queue_depth": runner.queue_depth}
+                "uptime_s": round(time.time() - started, 3), "queue_depth": runner.queue_depth,
+                "max_queue": runner.max_queue}
 
     def _model_card():
         return {"id": config.model_name, "object": "model", "created": int(started), "owned_by": "mellum"}

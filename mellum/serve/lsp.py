@@ -25,7 +25,7 @@ from urllib.parse import unquote
 
 from mellum.serve.documents import DocumentStore
 from mellum.serve.metrics import Metrics
-from mellum.serve.runner import Cancelled, Runner, is_secret
+from mellum.serve.runner import Cancelled, Overloaded, Runner, is_secret
 
 log = logging.getLogger("mellum.lsp")
 
@@ -151,10 +151,12 @@ def _plain(value):
 
 
 def create_server(model_dir=None, telemetry=None, config: LspConfig | None = None, service=None,
-                  load_service=None, workers: int = 1, preload: bool = True, model_name: str | None = None):
+                  load_service=None, workers: int = 1, preload: bool = True, model_name: str | None = None,
+                  max_queue: int | None = None):
     """Build the pygls server. The model loads here, before the server reads its first message (`preload`; on CPU a
     model loaded on a short-lived thread decodes far slower), or on a worker at the first request without `preload`,
-    or is given as `service`.
+    or is given as `service`. `max_queue` bounds the engine calls queued or running (`Runner`): a completion request
+    beyond it gets an empty answer at once.
 
     `load_service(model_dir)` builds the completion service (default: `CompletionService.from_pretrained`);
     `initializationOptions.model` may name another model directory than `model_dir`.
@@ -205,7 +207,7 @@ def create_server(model_dir=None, telemetry=None, config: LspConfig | None = Non
             yield self.fm.features[types.TEXT_DOCUMENT_DID_CHANGE], (params,), None
 
     server = LanguageServer("mellum", __version__, protocol_cls=_Protocol, max_workers=4)
-    state = _State(config or LspConfig(), model_dir, telemetry, service, load_service, workers, model_name)
+    state = _State(config or LspConfig(), model_dir, telemetry, service, load_service, workers, model_name, max_queue)
     server.mellum = state  # for tests and the status request
     if preload:
         state.preload()
@@ -384,7 +386,7 @@ class _State:
     """Everything the handlers share: documents, the runner, in-flight requests, the suggestion cache."""
 
     def __init__(self, config: LspConfig, model_dir, telemetry, service, load_service, workers: int,
-                 model_name: str | None = None):
+                 model_name: str | None = None, max_queue: int | None = None):
         self.config = config
         self.model_dir = model_dir
         # The name telemetry records (as `mellum serve` does: a hub id as given, else the directory's name).
@@ -393,10 +395,9 @@ class _State:
         self.documents = DocumentStore()
         self.metrics = Metrics()
         self.inflight: dict[str, _Pending] = {}  # per document: the engine work for its latest cursor
-        self.runner: Runner | None = (Runner(service, self.metrics, telemetry, workers, model_name=self.model_name)
-                                      if service else None)
+        self._workers, self._max_queue = workers, max_queue
+        self.runner: Runner | None = self._runner(service) if service else None
         self._load_service = load_service
-        self._workers = workers
         self._loading: asyncio.Future | None = None
         self.load_error: str | None = None
         self.started = time.time()
@@ -466,10 +467,14 @@ class _State:
                 from mellum.complete import CompletionService
 
                 service = CompletionService.from_pretrained(self.model_dir)
-            self.runner = Runner(service, self.metrics, self.telemetry, self._workers, model_name=self.model_name)
+            self.runner = self._runner(service)
         except Exception as exc:
             self.load_error = f"could not load the model from {self.model_dir}: {exc}"
             log.error(self.load_error)
+
+    def _runner(self, service) -> Runner:
+        return Runner(service, self.metrics, self.telemetry, self._workers, model_name=self.model_name,
+                      max_queue=self._max_queue)
 
     async def ready(self) -> Runner:
         if self.runner is None:
@@ -593,6 +598,9 @@ class _State:
             served = await runner.complete(request, cancel, endpoint, source="lsp")
         except Cancelled:
             return None
+        except Overloaded as exc:  # an empty answer, not an error popup per keystroke; the next keystroke asks again
+            log.info("completion refused: %s", exc)
+            return None
         except ValueError as exc:  # the service's user-facing errors: no suggestion, keep serving
             log.warning("completion failed: %s", exc)
             return None
@@ -633,6 +641,8 @@ class _State:
             "served": self.served,
             "inflight": len(self.inflight),
             "queueDepth": self.runner.queue_depth if self.runner else 0,
+            "maxQueue": self.runner.max_queue if self.runner else None,
+            "overloaded": int(sum(m.overloaded.values.values())),
             "lastLatencyMs": self.last_latency_ms,
             "last": self.last,
             "cacheHits": int(m.cache.get(result="hit")),

@@ -110,11 +110,16 @@ class Metrics:
         self.cache = Counter(f"{n}_suggestion_cache_total", "Suggestion cache lookups by result (hit/miss)")
         self.cancelled = Counter(f"{n}_cancelled_total", "Requests cancelled or superseded before finishing")
         self.queue_depth = Gauge(f"{n}_queue_depth", "Completion requests waiting for or running on the engine")
+        self.queue_limit = Gauge(f"{n}_queue_limit", "The most completion requests queued or running before more "
+                                                    "are refused (--max-queue; 0: no limit)")
+        self.overloaded = Counter(f"{n}_overloaded_total", "Requests refused by endpoint because the engine's queue "
+                                                           "was full (HTTP 429, an empty LSP answer)")
         self.telemetry = Counter(f"{n}_telemetry_events_total", "Telemetry events recorded by kind")
         self.telemetry_errors = Counter(f"{n}_telemetry_errors_total", "Served completions the store could not record")
         self._all = [
             self.requests, self.latency, self.prompt_tokens, self.cached_tokens, self.generated_tokens,
-            self.cache, self.cancelled, self.queue_depth, self.telemetry, self.telemetry_errors,
+            self.cache, self.cancelled, self.queue_depth, self.queue_limit, self.overloaded, self.telemetry,
+            self.telemetry_errors,
         ]
         self.cache_hit_rate = Gauge(f"{n}_suggestion_cache_hit_rate", "Fraction of lookups answered by the cache")
 
