@@ -32,6 +32,23 @@ class BackendError(ConnectionError):
     (the CLI prints it without a traceback, `mellum serve` answers 502)."""
 
 
+class BackendBusy(BackendError):
+    """The remote server refused the request for load (429, or 503 with a Retry-After): no failure, a request to
+    come back later, which `mellum serve` passes on to its own client as a 429 with the same Retry-After."""
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+def _retry_after(value: str | None) -> int:
+    """Seconds from a Retry-After header (a number of seconds; an HTTP date or nothing reads as 1)."""
+    try:
+        return max(1, min(3600, int(float(value))))
+    except (TypeError, ValueError, OverflowError):
+        return 1
+
+
 # OpenAI's logit_bias accepts values in [-100, 100]; +100 makes the listed tokens the only likely ones.
 _FORCE_BIAS = 100
 
@@ -164,6 +181,10 @@ class OpenAIEngine:
                     sockets.append(sock)
                     if done.is_set():  # the caller stopped before the socket was known
                         _hang_up(sockets)
+                busy = response.status_code == 429 or response.status_code == 503 and "retry-after" in response.headers
+                if busy:
+                    raise BackendBusy(f"{self.url} is busy (it answered {response.status_code}): "
+                                      f"{response.read()[:300]!r}", _retry_after(response.headers.get("retry-after")))
                 if response.status_code != 200:
                     raise BackendError(f"{self.url} answered {response.status_code}: {response.read()[:500]!r}")
                 for line in response.iter_lines():

@@ -275,6 +275,7 @@ def create_app(service, config: HttpConfig | None = None, telemetry=None, metric
 
     from mellum import __version__
     from mellum.complete import CompletionRequest
+    from mellum.engine.openai import BackendBusy
     from mellum.prompt import ContextFile
     from mellum.serve.telemetry import TelemetryEvent, recorded_reply
 
@@ -394,6 +395,9 @@ def create_app(service, config: HttpConfig | None = None, telemetry=None, metric
                            headers={"Retry-After": str(exc.retry_after_s)}) from None
         except ValueError as exc:  # the service's user-facing errors (bad path, too long, ...)
             raise ApiError(400, str(exc)) from None
+        except BackendBusy as exc:  # --backend-url: the server generating for us is full; our client may come back
+            raise ApiError(429, str(exc), "server_error", "backend_overloaded",
+                           headers={"Retry-After": str(exc.retry_after_s)}) from None
         except ConnectionError as exc:  # --backend-url: the server generating for us is unreachable or failed
             raise ApiError(502, str(exc), "server_error", "backend_error") from None
         finally:

@@ -177,6 +177,14 @@ def misbehaving():
             mode = self.path.split("/")[1]
             if mode == "stall-before-headers":
                 release.wait(15)
+            if mode in ("busy", "busy-503", "busy-no-header"):  # a server shedding load (mellum serve --max-queue)
+                self.send_response({"busy": 429, "busy-503": 503, "busy-no-header": 429}[mode])
+                if mode != "busy-no-header":
+                    self.send_header("Retry-After", "7")
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(b'{"error": {"message": "overloaded"}}')
+                return
             self.send_response(500 if mode == "status" else 200)
             self.send_header("Content-Type", "text/event-stream")
             self.end_headers()
@@ -214,6 +222,40 @@ def test_a_failing_server_raises_with_what_it_said(misbehaving, mode, message):
             remote.generate([1, 2, 3], SamplingParams(max_new_tokens=4))
     finally:
         remote.close()
+
+
+@pytest.mark.parametrize("mode, retry_after", [("busy", 7), ("busy-503", 7), ("busy-no-header", 1)])
+def test_a_busy_server_says_when_to_come_back(misbehaving, mode, retry_after):
+    """A 429 (or a 503 with Retry-After) is load shedding, not a failure: `mellum serve` passes it on as a 429."""
+    from mellum.engine.openai import BackendBusy, OpenAIEngine
+
+    remote = OpenAIEngine(f"{misbehaving}/{mode}/v1", model="tiny", vocab_size=1024)
+    try:
+        with pytest.raises(BackendBusy, match="busy") as caught:
+            remote.generate([1, 2, 3], SamplingParams(max_new_tokens=4))
+        assert caught.value.retry_after_s == retry_after
+    finally:
+        remote.close()
+
+
+def test_serve_passes_a_busy_backend_on_as_429(misbehaving, tiny_model_dir):
+    import argparse
+
+    from fastapi.testclient import TestClient
+
+    from mellum.commands.serve import add_model_arguments, load_service
+    from mellum.serve.http import HttpConfig, create_app
+
+    parser = argparse.ArgumentParser()
+    add_model_arguments(parser)
+    service = load_service(tiny_model_dir, parser.parse_args(["--backend-url", f"{misbehaving}/busy/v1"]))
+    app = create_app(service, HttpConfig())
+    with TestClient(app) as client:
+        r = client.post("/v1/fim", json={"path": "a.py", "prefix": "x = ", "options": {"max_tokens": 4}})
+        assert r.status_code == 429 and r.headers["retry-after"] == "7"
+        assert r.json()["error"]["code"] == "backend_overloaded"
+        r = client.post("/v1/completions", json={"prompt": "x = ", "max_tokens": 4, "stream": True})
+        assert r.status_code == 429 and r.headers["retry-after"] == "7"
 
 
 @pytest.mark.parametrize("mode", ["stall", "stall-before-headers"])
