@@ -137,7 +137,7 @@ def build_corpus(
     tasks: list[tuple[str, str]] = []
     owners: list[Project] = []
     for project in projects:
-        entry = report.add_project(project, policy.allows(project.license))
+        entry = report.add_project(project, _admitted(project, policy))
         for rel, reason in project.skipped:
             report.skip(entry, reason)
         if not entry["kept"]:
@@ -167,8 +167,8 @@ def build_corpus(
                     report.skip(entry, result["skip"])
                     continue
                 file_license = _file_license(project, result, policy)
-                if file_license != project.license and not policy.allows(file_license):
-                    report.skip(entry, f"file license {file_license}")
+                if not policy.allows(file_license):  # a REUSE project's license need not be allowed: its files'
+                    report.skip(entry, f"file license {file_license or 'unknown'}")
                     continue
                 key = f"{project.name}/{result['rel']}"
                 dup = dedup.check(key, result["hash"], result["signature"])
@@ -197,18 +197,27 @@ def build_corpus(
     return data
 
 
+def _admitted(project: Project, policy: LicensePolicy) -> bool:
+    """Whether a project's files are read: its license is allowed or, for a REUSE project (licensed file by file),
+    one of the licenses a file of it can get is."""
+    reuse = project.reuse.get(".")
+    return policy.allows(project.license) or (reuse is not None and any(map(policy.allows, reuse.possible())))
+
+
 def _file_license(project: Project, result: dict, policy: LicensePolicy) -> str | None:
-    """A file's license. Its SPDX tags decide (with a NOTICE's credit of it, if any: both apply); else a license
-    notice in its head names it (setuptools' vendored MPL-2.0 files in an MIT project), but never lets in a file
-    that its folder's or project's license keeps out ("ported from X, licensed under the Apache License" in a
-    GPL folder); else the NOTICE credit, the folder's license file or the project's (`Project.license_of`)."""
-    inherited = project.license_of(result["rel"])
-    if result["spdx"]:
-        return conjoin([normalize(result["spdx"]), project.credits.get(result["rel"])])
+    """A file's license, from the SPDX tags of its head (`Project.license_of`: with a NOTICE's credit of the file,
+    folder license files and REUSE's rules). Tags that are not allowed keep the file out even where REUSE ignores
+    them (an `override` table, a `.license` companion): the file says so itself. Without tags, a license notice in
+    its head names it (setuptools' vendored MPL-2.0 files in an MIT project), but never lets in a file that its
+    folder's or project's license keeps out ("ported from X, licensed under the Apache License" in a GPL folder)."""
+    tags = normalize(result["spdx"]) if result["spdx"] else None
+    found = project.license_of(result["rel"], tags)
+    if tags and not policy.allows(tags):
+        return conjoin([found, tags])
     notice = result.get("notice")
-    if notice and (not policy.allows(notice) or policy.allows(inherited)):
+    if not tags and notice and (not policy.allows(notice) or policy.allows(found)):
         return notice
-    return inherited
+    return found
 
 
 def _results(tasks: list[tuple[str, str]], config: BuildConfig) -> Iterator[dict]:

@@ -3,10 +3,11 @@
 The Mellum papers train on "permissively licensed code only". A project is kept when its license expression is
 satisfied by the allowlist: an OR needs one allowed alternative, an AND needs all parts allowed. Unknown
 licenses are excluded. Several license classifiers on one distribution are combined with AND (conservative:
-projects listing e.g. "BSD" and "GPL" often ship parts under each). A REUSE project (https://reuse.software) is
-licensed by the SPDX ids of its `LICENSES/` files, each text checked against its name, and of its REUSE.toml or
-.reuse/dep5 declarations, combined with AND. A file's own head decides its license: `SPDX-License-Identifier`
-tags, else a license notice (MPL's Exhibit A, the GNU licenses' boilerplate), and a NOTICE file may credit files.
+projects listing e.g. "BSD" and "GPL" often ship parts under each). The files of a REUSE project
+(https://reuse.software) are licensed one by one by the spec's rules (`Reuse`: REUSE.toml, .reuse/dep5, `.license`
+companions, SPDX tags), each `LICENSES/` text checked against its name. A file's own head decides its license:
+`SPDX-License-Identifier` tags, else a license notice (MPL's Exhibit A, the GNU licenses' boilerplate), and a NOTICE
+file may credit files.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from email.message import Message
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 # The default allowlist (SPDX ids); configurable per build.
 PERMISSIVE: frozenset[str] = frozenset(
@@ -335,22 +336,182 @@ def reuse_ids(name: str, text: str) -> list[str]:
     return [spdx]
 
 
-def reuse_declared(text: str, dep5: bool = False) -> list[str]:
-    """The license expressions a REUSE.toml (`SPDX-License-Identifier` of its annotations) or a .reuse/dep5
-    (`License:` fields) assigns to files; an unreadable REUSE.toml stands for an unknown license."""
-    if dep5:
-        return [m.group(1).strip() for m in re.finditer(r"^License:[ \t]*(\S.*)$", text, re.M)]
+# A file's REUSE licensing (spec 3.3, "Order of precedence" and "REUSE.toml"): a `<file>.license` companion stands in
+# for the file's own head; a .reuse/dep5 paragraph is aggregated with it; a REUSE.toml table applies as its
+# precedence says. https://reuse.software/spec-3.3/
+_PRECEDENCE = ("closest", "aggregate", "override")
+
+
+@dataclass(frozen=True)
+class Annotation:
+    """A REUSE.toml `[[annotations]]` table or a .reuse/dep5 `Files` paragraph: the license it gives the files its
+    globs match (paths relative to its file's folder; the AND of its `SPDX-License-Identifier`s, None for none) and
+    its precedence: "closest" (REUSE.toml's default), "aggregate" (every dep5 paragraph) or "override"."""
+
+    paths: re.Pattern
+    license: str | None
+    precedence: str = "closest"
+
+    def matches(self, rel: str) -> bool:
+        return self.paths.fullmatch(rel) is not None
+
+
+def _glob(pattern: str, dep5: bool = False) -> str:
+    # REUSE.toml: `*` is anything but `/`, `**` and `**/` anything (as the reference tool reads them), `\` takes the
+    # next character as is. dep5 (Debian copyright format 1.0): `*` is anything, `/` included, and `?` one character.
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern[i] == "\\" and i + 1 < len(pattern):
+            out.append(re.escape(pattern[i + 1]))
+            i += 2
+            continue
+        if pattern[i] == "*" and not dep5:
+            star = 3 if pattern.startswith("**/", i) else 2 if pattern.startswith("**", i) else 1
+            out.append("[^/]*" if star == 1 else ".*")
+            i += star
+            continue
+        out.append(".*" if pattern[i] == "*" else "." if pattern[i] == "?" and dep5 else re.escape(pattern[i]))
+        i += 1
+    return "".join(out)
+
+
+def _annotation(globs: list[str], licenses: list[str], precedence: str, dep5: bool = False) -> Annotation:
+    paths = re.compile("|".join(f"(?:{_glob(g, dep5)})" for g in globs))
+    return Annotation(paths, conjoin([normalize(e) for e in licenses]), precedence)
+
+
+def reuse_toml(text: str) -> list[Annotation]:
+    """The annotations of a REUSE.toml. One that cannot be read (bad TOML, a table without `path`, an unknown
+    precedence) stands for an unknown license aggregated over every file below it: whatever it meant, it is unknown."""
     import tomllib
 
+    unreadable = [_annotation(["**"], ["LicenseRef-Unreadable-REUSE.toml"], "aggregate")]
     try:
-        data = tomllib.loads(text)
+        tables = tomllib.loads(text).get("annotations", [])
     except tomllib.TOMLDecodeError:
-        return ["LicenseRef-Unreadable-REUSE.toml"]
+        return unreadable
     found = []
-    for annotation in data.get("annotations", []) if isinstance(data.get("annotations"), list) else []:
-        value = annotation.get("SPDX-License-Identifier") if isinstance(annotation, dict) else None
-        found += [value] if isinstance(value, str) else [v for v in value or [] if isinstance(v, str)]
+    for table in tables if isinstance(tables, list) else [None]:
+        if not isinstance(table, dict):
+            return unreadable
+        paths, licenses = _strings(table.get("path")), _strings(table.get("SPDX-License-Identifier"))
+        precedence = table.get("precedence", "closest")
+        if not paths or licenses is None or precedence not in _PRECEDENCE:
+            return unreadable
+        found.append(_annotation(paths, licenses, precedence))
     return found
+
+
+def _strings(value) -> list[str] | None:
+    if value is None or isinstance(value, str):
+        return [value] if value else []
+    return list(value) if isinstance(value, list) and all(isinstance(v, str) for v in value) else None
+
+
+def reuse_dep5(text: str) -> list[Annotation]:
+    """The `Files` paragraphs of a .reuse/dep5, in order: each aggregates its `License` (the field's first line; the
+    lines after it are license text) with what a file says of itself."""
+    found = []
+    for paragraph in re.split(r"\n[ \t]*\n", text.replace("\r\n", "\n")):
+        fields: dict[str, str] = {}
+        name = None
+        for line in paragraph.split("\n"):
+            if line.startswith("#"):
+                continue
+            if line[:1] in (" ", "\t") and name:
+                fields[name] += "\n" + line.strip()
+            elif ":" in line:
+                name, _, value = line.partition(":")
+                name = name.strip().lower()
+                fields[name] = value.strip()
+        if fields.get("files", "").split():
+            synopsis = fields.get("license", "").split("\n")[0].strip()
+            found.append(_annotation(fields["files"].split(), [synopsis], "aggregate", dep5=True))
+    return found
+
+
+@dataclass
+class Reuse:
+    """The licensing of the files of one REUSE project (or of a folder copied into a project with REUSE files of its
+    own), by the spec's rules; paths are relative to its root.
+
+    A file's license is what REUSE declares for it: override tables, aggregate tables and dep5 paragraphs, and its own
+    (its `.license` companion's tags, else its head's tags; neither under an override), else the closest table's.
+    A file REUSE declares nothing for gets `fallback`. Either way, an id whose `LICENSES/` text turned out to be
+    another license, or none this module knows (`reuse_ids`), brings that along."""
+
+    licenses: list[list[str]] = field(default_factory=list)  # `reuse_ids` of each LICENSES/ file
+    tomls: dict[str, list[Annotation]] = field(default_factory=dict)  # REUSE.toml's folder ("." the root) → tables
+    dep5: list[Annotation] = field(default_factory=list)
+    companions: dict[str, str | None] = field(default_factory=dict)  # file with a `<file>.license` → its tags
+    stated: str | None = None  # what the project states besides (its LICENSE file; a distribution's metadata)
+
+    def license_of(self, rel: str, tags: str | None = None) -> str | None:
+        """The license of the file at `rel`, given the SPDX tags of its head."""
+        return self._verified(self.declared(rel, tags) or self.fallback)
+
+    def declared(self, rel: str, tags: str | None = None) -> str | None:
+        """What REUSE declares for a file, given its head's SPDX tags; None for nothing."""
+        override, aggregate, closest = [], [], None
+        dep5 = next((a for a in reversed(self.dep5) if a.matches(rel)), None)
+        aggregate += [dep5.license] if dep5 else []
+        for folder in sorted(self.tomls, key=lambda f: 0 if f == "." else f.count("/") + 1):  # the root's first
+            if folder != "." and not rel.startswith(folder + "/"):
+                continue
+            below = rel if folder == "." else rel[len(folder) + 1 :]
+            table = next((a for a in reversed(self.tomls[folder]) if a.matches(below)), None)  # the last one counts
+            if table is None:
+                continue
+            if table.precedence == "override":  # the outermost override is authoritative: nothing closer counts
+                override.append(table.license)
+                break
+            if table.precedence == "aggregate":
+                aggregate.append(table.license)
+            elif table.license:
+                closest = table.license
+        own = self.companions[rel] if rel in self.companions else tags
+        return conjoin([*override, *aggregate] + ([] if override else [own or closest]))
+
+    @cached_property
+    def fallback(self) -> str | None:
+        """The license of a file REUSE declares nothing for: every license the project ships a `LICENSES/` text of
+        (any may be the file's) with what it states besides; without either, every license its REUSE.toml or dep5
+        declares (the paths they name are not this file's, but nothing else is known)."""
+        shipped = [spdx for ids in self.licenses for spdx in ids]
+        found = conjoin([self.stated, *shipped]) if shipped or self.stated else conjoin(self._declarations())
+        return normalize(found) if found else None
+
+    @cached_property
+    def whole(self) -> str | None:
+        """The project's license as a whole: every license it states, ships or declares, with AND."""
+        found = conjoin([self.stated, *(spdx for ids in self.licenses for spdx in ids), *self._declarations()])
+        return normalize(found) if found else None
+
+    def possible(self) -> list[str]:
+        """Each license a file can get from `license_of`, one declaration at a time (a project none of whose licenses
+        is allowed can be excluded whole)."""
+        found = [ids[0] for ids in self.licenses if ids] + self._declarations() + [self.fallback]
+        return [self._verified(e) for e in dict.fromkeys(e for e in found if e)]
+
+    def _declarations(self) -> list[str]:
+        tables = [a for annotations in self.tomls.values() for a in annotations] + self.dep5
+        found = [a.license for a in tables] + list(self.companions.values())
+        return list(dict.fromkeys(e for e in found if e))
+
+    @cached_property
+    def _extra(self) -> dict[str, list[str]]:
+        return {ids[0]: ids[1:] for ids in self.licenses if len(ids) > 1}
+
+    def _verified(self, expression: str | None) -> str | None:
+        # `MIT` in a project whose LICENSES/MIT.txt is a GPL text → `MIT AND GPL-3.0-or-later`.
+        extra = self._extra
+        if not expression or not extra:
+            return expression
+        try:
+            keys = _licensing().license_keys(expression)
+        except Exception:
+            return expression
+        return conjoin([expression, *(spdx for key in keys for spdx in extra.get(key, []))])
 
 
 def from_metadata(meta: Message) -> tuple[str | None, str]:
@@ -399,11 +560,14 @@ class LicensePolicy:
     """Which licenses may enter the corpus: an allowlist of SPDX ids (exceptions like `WITH` are ignored)."""
 
     allow: frozenset[str] = field(default_factory=lambda: PERMISSIVE)
+    _seen: dict[str, bool] = field(default_factory=dict, init=False, repr=False, compare=False)  # asked per file
 
     def allows(self, expression: str | None) -> bool:
         if not expression:
             return False
-        return self._allows(expression)
+        if expression not in self._seen:
+            self._seen[expression] = self._allows(expression)
+        return self._seen[expression]
 
     def _allows(self, expression: str) -> bool:
         try:
@@ -425,6 +589,7 @@ class LicensePolicy:
         return key in self.allow or key.lower() in {a.lower() for a in self.allow}
 
 
+@lru_cache(maxsize=4096)
 def normalize(expression: str) -> str:
     """Canonical SPDX spelling of an expression (e.g. 'mit or apache-2.0' → 'MIT OR Apache-2.0')."""
     try:

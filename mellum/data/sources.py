@@ -7,8 +7,8 @@ with the files its RECORD lists. A directory with `os.py` and `abc.py` at the to
 `git ls-files` when git is available). Anything else is one project. Symlinks are not followed: links to files
 are read if they resolve inside the source, and broken links or loops are reported as skipped. A folder with a
 license file of its own (code copied in) licenses its files, and a NOTICE file that credits files to a license
-licenses those (`Project.license_of`). A REUSE project (a `LICENSES/` folder of texts named by SPDX id, REUSE.toml,
-.reuse/dep5) is licensed by all the ids it declares, combined with AND.
+licenses those (`Project.license_of`). The files of a REUSE project (a `LICENSES/` folder of texts named by SPDX id,
+REUSE.toml, .reuse/dep5), or of a folder with REUSE files of its own, are licensed one by one (`license.Reuse`).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 from mellum.data.filters import language_of
-from mellum.data.license import (conjoin, detect_text, from_metadata, normalize, notice_credits, reuse_declared,
-                                 reuse_ids, spdx_named)
+from mellum.data.license import (Reuse, conjoin, detect_text, from_metadata, normalize, notice_credits, reuse_dep5,
+                                 reuse_ids, reuse_toml, spdx_header, spdx_named)
 
 # Directories never walked (caches, VCS metadata, environments).
 SKIP_DIRS = frozenset({".git", ".hg", ".svn", "__pycache__", ".mypy_cache", ".pytest_cache", ".tox", ".venv", "venv",
@@ -48,18 +48,24 @@ class Project:
     folder_licenses: dict[str, str] = field(default_factory=dict)
     # A file that a NOTICE file credits to a license ("`formats.py` ... licensed under MPL-2.0") → that license.
     credits: dict[str, str] = field(default_factory=dict)
+    # The project's root (".") or a folder with REUSE files of its own → the REUSE licensing of the files below it.
+    reuse: dict[str, Reuse] = field(default_factory=dict)
 
-    def license_of(self, rel: str) -> str | None:
-        """The license of a file: a NOTICE's credit of it, else the nearest enclosing folder's own license, else the
-        project's. The file's own head (SPDX tags, notices) is read with its text (`mellum.data.corpus`)."""
-        if rel in self.credits:
-            return self.credits[rel]
-        parts = PurePosixPath(rel).parent.parts
-        for depth in range(len(parts), 0, -1):
-            found = self.folder_licenses.get("/".join(parts[:depth]))
-            if found:
-                return found
-        return self.license
+    def license_of(self, rel: str, tags: str | None = None) -> str | None:
+        """The license of a file, given the SPDX tags of its head (read with its text, `mellum.data.corpus`). Below a
+        REUSE root: what REUSE gives it (`Reuse.license_of`), with the license files of folders on the way there
+        (code copied in: REUSE ignores them) and a NOTICE's credit of it. Elsewhere: its tags (with a NOTICE's credit
+        of it: both apply), else the credit, else the nearest enclosing folder's own license, else the project's."""
+        folders = [folder.as_posix() for folder in PurePosixPath(rel).parents]
+        credit = self.credits.get(rel)
+        for depth, folder in enumerate(folders):  # nearest first, "." last
+            if folder in self.reuse:
+                below = rel if folder == "." else rel[len(folder) + 1 :]
+                nearer = [self.folder_licenses[f] for f in folders[: depth + 1] if f in self.folder_licenses]
+                return conjoin([self.reuse[folder].license_of(below, tags), *nearer, credit])
+        if tags:
+            return conjoin([tags, credit])
+        return credit or next((self.folder_licenses[f] for f in folders if f in self.folder_licenses), self.license)
 
 
 def discover(path: str | os.PathLike, label: str = "code") -> list[Project]:
@@ -85,6 +91,8 @@ def discover(path: str | os.PathLike, label: str = "code") -> list[Project]:
     if not projects or not any(p.files for p in projects):
         raise ValueError(f"source {path} contains no files to read")
     for project in projects:
+        if "." in project.reuse and project.license:  # files have their own; the project's is all of them, with AND
+            project.license_source += ", per file"
         project.folder_licenses = _folder_licenses(project)
         project.credits, uncredited = _credits(project)
         for folder, spdx in uncredited.items():
@@ -112,7 +120,13 @@ def _directory(root: Path, label: str) -> Project:
     else:
         for rel in listed:
             _add_file(root, root / rel, project)
-    project.license, project.license_source = _license_from_files(root, [rel for _, rel in project.files])
+    files = {rel: path for path, rel in project.files}
+    stated, where = _license_from_files(root, files)
+    project.reuse = _reuse_roots(files, stated)
+    reuse = project.reuse.get(".")
+    if reuse is not None and reuse.whole:
+        stated, where = reuse.whole, f"{where} + REUSE" if stated else "REUSE"
+    project.license, project.license_source = stated, where
     return project
 
 
@@ -141,16 +155,20 @@ def _distributions(site: Path, label: str) -> list[Project]:
             license_files, reuse_files = license_files + reuse_files, []  # bundled licenses, not REUSE's
         expression, where = from_metadata(meta)
         refined = _first_license_text(license_files)
-        reuse = conjoin([spdx for path in sorted(reuse_files) for spdx in reuse_ids(path.name, _read(path))])
-        if expression is None and (refined or reuse):
-            expression = conjoin([refined, reuse])
-            where = "license file + REUSE" if refined and reuse else "license file" if refined else "REUSE"
+        if expression is None and refined:
+            expression, where = refined, "license file"
         elif expression == "BSD-3-Clause" and where == "classifiers" and refined in ("BSD-2-Clause", "BSD-3-Clause"):
             expression, where = refined, "classifiers + license file"  # the generic BSD classifier, made precise
-        if reuse and where in ("License", "License text", "classifiers", "classifiers + license file"):
-            # A License-Expression covers every license file (PEP 639); a short name or classifiers may not.
-            expression, where = conjoin([expression, reuse]), f"{where} + REUSE"
-        project.license, project.license_source = (normalize(expression) if expression else None), where
+        files = {rel: path for path, rel in project.files}
+        project.reuse = _reuse_roots(files)
+        project.reuse.pop(".", None)  # site-packages is no project's root
+        expression = normalize(expression) if expression else None
+        # A License-Expression covers every license file (PEP 639); a short name or classifiers may not.
+        if reuse_files and where != "License-Expression":
+            licenses = [reuse_ids(path.name, _read(path)) for path in sorted(reuse_files)]
+            project.reuse["."] = _reuse_at(files, ".", set(project.reuse) | {"."}, licenses, stated=expression)
+            expression, where = project.reuse["."].whole, "REUSE" if where == "none" else f"{where} + REUSE"
+        project.license, project.license_source = expression, where
         projects.append(project)
     return projects
 
@@ -219,25 +237,17 @@ def _is_notice(rel: str) -> bool:
 
 
 def _folder_licenses(project: Project) -> dict[str, str]:
-    """Folders below the project root holding a license file that names a license, or REUSE files of their own: a
-    permissive repository that vendors a GPL library under `libs/gplthing/` (with its COPYING) must not pass that
-    code off under its own license. License files that name no known license leave the folder's license as is, and
-    so do NOTICE files: they credit single files (`_credits`), not the folder."""
+    """Folders below the project root holding a license file that names a license: a permissive repository that
+    vendors a GPL library under `libs/gplthing/` (with its COPYING) must not pass that code off under its own license.
+    License files that name no known license leave the folder's license as is, and so do NOTICE files: they credit
+    single files (`_credits`), not the folder. A REUSE root's license file is its `Reuse.stated`."""
     by_folder: dict[str, list[Path]] = {}
     for path, rel in project.files:
         folder = PurePosixPath(rel).parent
-        if folder.as_posix() != "." and _is_license_file(rel) and not _is_notice(rel) and folder.name != "LICENSES":
+        if (folder.as_posix() != "." and folder.as_posix() not in project.reuse and _is_license_file(rel)
+                and not _is_notice(rel) and folder.name != "LICENSES"):
             by_folder.setdefault(folder.as_posix(), []).append(path)
-    files = {rel: path for path, rel in project.files}
-    reuse_roots = set()
-    for rel in files:
-        if PurePosixPath(rel).parent.name == "LICENSES":
-            reuse_roots.add(PurePosixPath(rel).parent.parent.as_posix())
-        elif PurePosixPath(rel).name == "REUSE.toml":
-            reuse_roots.add(PurePosixPath(rel).parent.as_posix())
-    found = {}
-    for folder in sorted((set(by_folder) | reuse_roots) - {"."}):
-        found[folder] = conjoin([_first_license_text(sorted(by_folder.get(folder, []))), _reuse(files, folder)])
+    found = {folder: _first_license_text(sorted(paths)) for folder, paths in sorted(by_folder.items())}
     return {folder: spdx for folder, spdx in found.items() if spdx}
 
 
@@ -263,30 +273,57 @@ def _credits(project: Project) -> tuple[dict[str, str], dict[str, str]]:
     return credited, uncredited
 
 
-def _reuse(files: dict[str, Path], folder: str) -> str | None:
-    """The licenses a REUSE folder declares: its `LICENSES/` texts' ids, REUSE.toml and .reuse/dep5, with AND. A
-    `LICENSES/` folder is REUSE's beside a REUSE.toml or dep5, or when a file in it is named by an SPDX id."""
-    prefix = "" if folder == "." else f"{folder}/"
-    texts = [rel for rel in sorted(files)
-             if rel.startswith(f"{prefix}LICENSES/") and "/" not in rel[len(prefix) + len("LICENSES/"):]]
-    declared = []
-    for name, dep5 in (("REUSE.toml", False), (".reuse/dep5", True)):
-        if prefix + name in files:
-            declared += reuse_declared(_read(files[prefix + name]), dep5)
-    if not declared and not any(spdx_named(PurePosixPath(rel).name) for rel in texts):
-        return None
-    found = [spdx for rel in texts for spdx in reuse_ids(PurePosixPath(rel).name, _read(files[rel]))] + declared
-    return normalize(conjoin(found)) if found else None
+def _reuse_roots(files: dict[str, Path], stated: str | None = None) -> dict[str, Reuse]:
+    """The REUSE projects among a project's files, by root folder ("." the project's, which states `stated` besides):
+    a folder whose `LICENSES/` holds a text named by an SPDX id, or with a `.reuse/dep5`, and a REUSE.toml's folder
+    when no root is above it (a REUSE.toml below a root is that root's). Other `LICENSES/` folders hold bundled
+    licenses (pandas' NUMPY_LICENSE). Below the project's root, a root's license file is what it states."""
+    texts: dict[str, list[str]] = {}
+    for rel in files:
+        if PurePosixPath(rel).parent.name == "LICENSES":
+            texts.setdefault(PurePosixPath(rel).parent.parent.as_posix(), []).append(PurePosixPath(rel).name)
+    roots = {folder for folder, names in texts.items() if any(spdx_named(name) for name in names)}
+    roots |= {PurePosixPath(rel).parent.parent.as_posix() for rel in files if f"/{rel}".endswith("/.reuse/dep5")}
+    for rel in sorted((rel for rel in files if PurePosixPath(rel).name == "REUSE.toml"), key=lambda r: r.count("/")):
+        if _root_of(rel, roots) is None:
+            roots.add(PurePosixPath(rel).parent.as_posix())
+    found = {}
+    for root in sorted(roots):
+        own = sorted(path for rel, path in files.items()
+                     if PurePosixPath(rel).parent.as_posix() == root and _is_license_file(rel) and not _is_notice(rel))
+        found[root] = _reuse_at(files, root, roots, stated=stated if root == "." else _first_license_text(own))
+    return found
 
 
-def _license_from_files(root: Path, rels: list[str]) -> tuple[str | None, str]:
-    top = sorted(r for r in rels if "/" not in r and _is_license_file(r))
-    found = _first_license_text([root / r for r in top])
-    reuse = _reuse({rel: root / rel for rel in rels}, ".")
-    if found and reuse:
-        return normalize(conjoin([found, reuse])), "license file + REUSE"
-    if reuse:
-        return reuse, "REUSE"
+def _root_of(rel: str, roots: set[str]) -> str | None:
+    """The nearest of `roots` above a file."""
+    return next((p.as_posix() for p in PurePosixPath(rel).parents if p.as_posix() in roots), None)
+
+
+def _reuse_at(files: dict[str, Path], root: str, roots: set[str], licenses: list[list[str]] | None = None,
+              stated: str | None = None) -> Reuse:
+    """The REUSE licensing of the files below `root` that no deeper root takes: its `LICENSES/` texts (`licenses`
+    when given: a distribution keeps them in its .dist-info), its REUSE.toml files, .reuse/dep5 and `.license`
+    companions, and what it states besides."""
+    prefix = "" if root == "." else f"{root}/"
+    if licenses is None:
+        licenses = [reuse_ids(PurePosixPath(rel).name, _read(path)) for rel, path in sorted(files.items())
+                    if PurePosixPath(rel).parent.as_posix() == f"{prefix}LICENSES" and not rel.endswith(".license")]
+    mine = sorted(rel for rel in files if _root_of(rel, roots) == root)
+    tomls = {PurePosixPath(rel[len(prefix) :]).parent.as_posix(): reuse_toml(_read(files[rel]))
+             for rel in mine if PurePosixPath(rel).name == "REUSE.toml"}
+    dep5 = reuse_dep5(_read(files[f"{prefix}.reuse/dep5"])) if f"{prefix}.reuse/dep5" in files else []
+    companions = {}
+    for rel in mine:
+        if rel.endswith(".license") and rel.removesuffix(".license") in files:
+            tags = spdx_header(_read(files[rel]))
+            companions[rel[len(prefix) :].removesuffix(".license")] = normalize(tags) if tags else None
+    return Reuse(licenses=licenses, tomls=tomls, dep5=dep5, companions=companions, stated=stated)
+
+
+def _license_from_files(root: Path, files: dict[str, Path]) -> tuple[str | None, str]:
+    top = sorted(path for rel, path in files.items() if "/" not in rel and _is_license_file(rel))
+    found = _first_license_text(top)
     if found:
         return found, "license file"
     # No license file: an sdist's PKG-INFO carries the same headers as an installed distribution's METADATA.

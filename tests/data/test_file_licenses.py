@@ -1,5 +1,6 @@
 """License evidence beside the project's LICENSE, end to end through `build_corpus`: REUSE projects (LICENSES/,
-REUSE.toml, .reuse/dep5), license notices in a file's head, and NOTICE files that credit files to a license."""
+REUSE.toml, .reuse/dep5, `.license` companions: each file licensed by REUSE's rules), license notices in a file's
+head, and NOTICE files that credit files to a license."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ FIXTURES = Path(__file__).parent / "fixtures"
 MIT = (FIXTURES / "mit_project" / "LICENSE").read_text()
 APACHE = (FIXTURES / "apache_project" / "LICENSE").read_text()
 GPL3 = (FIXTURES / "gpl_project" / "COPYING").read_text()
+CC_BY = "Attribution 4.0 International\n\nCreative Commons Corporation (\"Creative Commons\") is not a law firm.\n"
+CC0 = "Creative Commons Legal Code\n\nCC0 1.0 Universal\n\nCREATIVE COMMONS CORPORATION IS NOT A LAW FIRM.\n"
 MPL_NOTICE = ("# This Source Code Form is subject to the terms of the Mozilla Public\n"
               "# License, v. 2.0. If a copy of the MPL was not distributed with this\n"
               "# file, You can obtain one at https://mozilla.org/MPL/2.0/.\n")
@@ -34,6 +37,14 @@ def _code(name: str, header: str = "") -> str:
     return f"{header}def {name}(value):\n    return value * {len(name)} + {sum(map(ord, name))}\n"
 
 
+def _tagged(name: str, spdx: str) -> str:
+    return _code(name, f"# SPDX-FileCopyrightText: 2024 Example\n#\n# SPDX-License-Identifier: {spdx}\n")
+
+
+def _file_skips(entry: dict) -> dict[str, int]:
+    return {reason: n for reason, n in entry["skipped"].items() if reason.startswith("file license")}
+
+
 # ---- REUSE ------------------------------------------------------------------------------------------------------
 
 
@@ -53,7 +64,7 @@ def test_a_reuse_project_is_licensed_by_its_licenses_folder_and_its_files_by_the
     })
     report, kept = _build(tmp_path, project)
     entry = report["projects"][0]
-    assert (entry["kept"], entry["license"], entry["license_source"]) == (True, "Apache-2.0 AND MIT", "REUSE")
+    assert (entry["kept"], entry["license"], entry["license_source"]) == (True, "Apache-2.0 AND MIT", "REUSE, per file")
     assert kept == {"src/mit_file.py": "MIT", "src/apache_file.py": "Apache-2.0",
                     "src/untagged.py": "Apache-2.0 AND MIT"}
     assert report["skipped_by_reason"] == {
@@ -63,39 +74,234 @@ def test_a_reuse_project_is_licensed_by_its_licenses_folder_and_its_files_by_the
     }
 
 
-def test_reuse_projects_are_excluded_for_any_license_they_declare_that_is_not_allowed(tmp_path):
+def test_reuse_licenses_that_are_not_allowed_keep_out_the_files_they_may_cover(tmp_path):
+    # Every case holds `pkg/core.py`, which REUSE declares nothing for, and `gen/gen.py`.
     cases = {
-        # A copyleft id among LICENSES/: any untagged file may be under it.
+        # A copyleft id among LICENSES/: any undeclared file may be under it.
         "copyleft": {"LICENSES/MIT.txt": MIT, "LICENSES/GPL-3.0-or-later.txt": GPL3},
-        # A text that is not the license its name says, or no license text this module knows.
+        # A text that is not the license its name says, or no license text this module knows: no file can be
+        # allowed, so the project is excluded whole.
         "mislabelled": {"LICENSES/MIT.txt": GPL3},
         "unverified": {"LICENSES/MIT.txt": "Copyright 2024 Corp. All rights reserved.\n"},
         # An id that is no SPDX license, and a custom LicenseRef.
         "unknown_name": {"LICENSES/MIT.txt": MIT, "LICENSES/README.md": "Licenses of this project.\n"},
         "licenseref": {"LICENSES/MIT.txt": MIT, "LICENSES/LicenseRef-Corp.txt": "Corp internal use only.\n"},
-        # REUSE.toml and .reuse/dep5 declare licenses too, whether or not LICENSES/ has their text.
+        # REUSE.toml and .reuse/dep5 license the files they name, whether or not LICENSES/ has their text.
         "toml": {"LICENSES/MIT.txt": MIT, "REUSE.toml": 'version = 1\n\n[[annotations]]\npath = "gen/**"\n'
                  'SPDX-FileCopyrightText = "Corp"\nSPDX-License-Identifier = "AGPL-3.0-only"\n'},
         "dep5": {"LICENSES/MIT.txt": MIT, ".reuse/dep5": "Format: https://www.debian.org/doc/packaging-manuals/"
                  "copyright-format/1.0/\n\nFiles: gen/*\nCopyright: Corp\nLicense: LGPL-2.1-or-later\n"},
-        # A LICENSE file beside LICENSES/: both apply (it was the only evidence read, and the project kept as MIT).
+        # A LICENSE file beside LICENSES/: both apply to undeclared files.
         "license_file_too": {"LICENSE": MIT, "LICENSES/MIT.txt": MIT, "LICENSES/GPL-3.0-or-later.txt": GPL3},
+        # Only copyleft texts: no file can be allowed, whatever its header says (REUSE wants its text in LICENSES/).
+        "copyleft_only": {"LICENSES/GPL-3.0-or-later.txt": GPL3, "pkg/mit.py": _tagged("mit_only", "MIT")},
     }
     for name, files in cases.items():
-        _write(tmp_path / "src" / name, {**files, "pkg/core.py": _code(f"core_{name}")})
-    report, kept = _build(tmp_path, *sorted((tmp_path / "src").iterdir()))
-    assert kept == {}
+        code = {"pkg/core.py": _code(f"core_{name}"), "gen/gen.py": _code(f"gen_{name}")}
+        _write(tmp_path / "src" / name, {**files, **code})
+    report, _ = _build(tmp_path, *sorted((tmp_path / "src").iterdir()))
+    kept = {(r["project"], r["path"]): r["license"] for r in read_corpus(tmp_path / "corpus")}
+    assert kept == {("toml", "pkg/core.py"): "MIT", ("dep5", "pkg/core.py"): "MIT"}
     assert report["excluded_by_reason"] == {
-        "license not allowed: MIT AND AGPL-3.0-only": ["toml"],
-        "license not allowed: GPL-3.0-or-later AND MIT": ["copyleft"],
-        "license not allowed: LicenseRef-Corp AND MIT": ["licenseref"],
-        "license not allowed: MIT AND LicenseRef-Unknown-README": ["unknown_name"],
-        "license not allowed: MIT AND GPL-3.0-or-later": ["license_file_too", "mislabelled"],
-        "license not allowed: MIT AND LGPL-2.1-or-later": ["dep5"],
+        "license not allowed: GPL-3.0-or-later": ["copyleft_only"],
+        "license not allowed: MIT AND GPL-3.0-or-later": ["mislabelled"],
         "license not allowed: MIT AND LicenseRef-Unverified-MIT": ["unverified"],
     }
-    sources = {p["name"]: p["license_source"] for p in report["projects"]}
-    assert sources["license_file_too"] == "license file + REUSE" and sources["toml"] == "REUSE"
+    projects = {p["name"]: p for p in report["projects"]}
+    assert {name: _file_skips(p) for name, p in projects.items() if p["kept"]} == {
+        "copyleft": {"file license GPL-3.0-or-later AND MIT": 2},
+        "unknown_name": {"file license MIT AND LicenseRef-Unknown-README": 2},
+        "licenseref": {"file license LicenseRef-Corp AND MIT": 2},
+        "toml": {"file license AGPL-3.0-only": 1},
+        "dep5": {"file license LGPL-2.1-or-later": 1},
+        "license_file_too": {"file license MIT AND GPL-3.0-or-later": 2},
+    }
+    # The project's license is every license it has, for the record; its files are licensed one by one.
+    assert (projects["toml"]["license"], projects["toml"]["license_source"]) == ("MIT AND AGPL-3.0-only",
+                                                                                 "REUSE, per file")
+    assert projects["license_file_too"]["license_source"] == "license file + REUSE, per file"
+
+
+DOCS_TOML = """version = 1
+
+[[annotations]]
+path = "docs/**"
+SPDX-FileCopyrightText = "2024 Example"
+SPDX-License-Identifier = "CC-BY-4.0"
+
+[[annotations]]
+path = ["*.toml", "tools/**"]
+SPDX-FileCopyrightText = "2024 Example"
+SPDX-License-Identifier = "CC0-1.0"
+"""
+
+
+def test_an_mit_reuse_project_with_cc_by_docs_keeps_its_code(tmp_path):
+    # REUSE's usual layout: code MIT, docs CC-BY-4.0, config CC0-1.0. The AND of every id excluded it whole.
+    project = _write(tmp_path / "proj", {
+        "LICENSES/MIT.txt": MIT, "LICENSES/CC-BY-4.0.txt": CC_BY, "LICENSES/CC0-1.0.txt": CC0, "REUSE.toml": DOCS_TOML,
+        "src/app.py": _tagged("app", "MIT"),
+        "src/dual.py": _tagged("dual", "MIT OR Apache-2.0"),
+        "tools/release.py": _code("release"),  # annotated CC0-1.0
+        "docs/conf.py": _code("conf"),  # annotated CC-BY-4.0: not allowed
+        "docs/example.py": _tagged("example", "MIT"),  # "closest" (the default): its own tag decides
+        "src/untagged.py": _code("untagged"),  # nothing declared: any license of LICENSES/ may be its
+    })
+    report, kept = _build(tmp_path, project)
+    entry = report["projects"][0]
+    assert (entry["kept"], entry["license_source"]) == (True, "REUSE, per file")
+    assert entry["license"] == "CC-BY-4.0 AND CC0-1.0 AND MIT"
+    assert report["kept_by_license"] == {"CC-BY-4.0 AND CC0-1.0 AND MIT": 1}
+    assert kept == {"src/app.py": "MIT", "src/dual.py": "MIT OR Apache-2.0", "tools/release.py": "CC0-1.0",
+                    "docs/example.py": "MIT"}
+    assert _file_skips(entry) == {"file license CC-BY-4.0": 1, "file license CC-BY-4.0 AND CC0-1.0 AND MIT": 1}
+
+
+PRECEDENCE_TOML = """version = 1
+
+[[annotations]]
+path = "src/**"
+SPDX-License-Identifier = "MIT"
+
+[[annotations]]
+path = "src/legacy/**"
+precedence = "aggregate"
+SPDX-License-Identifier = "GPL-2.0-only"
+
+[[annotations]]
+path = "upstream/**"
+precedence = "override"
+SPDX-License-Identifier = "Apache-2.0"
+
+[[annotations]]
+path = "gen/**"
+precedence = "override"
+SPDX-License-Identifier = "LGPL-3.0-only"
+
+[[annotations]]
+path = "sub/**"
+SPDX-License-Identifier = "GPL-3.0-only"
+
+[[annotations]]
+path = "sub/locked/**"
+precedence = "override"
+SPDX-License-Identifier = "BSD-3-Clause"
+"""
+
+NESTED_TOML = """version = 1
+
+[[annotations]]
+path = "**"
+SPDX-License-Identifier = "BSD-2-Clause"
+
+[[annotations]]
+path = "locked/**"
+precedence = "override"
+SPDX-License-Identifier = "AGPL-3.0-only"
+"""
+
+
+def test_reuse_toml_precedence_closest_aggregate_override_and_nesting(tmp_path):
+    project = _write(tmp_path / "proj", {
+        "LICENSES/MIT.txt": MIT, "LICENSES/Apache-2.0.txt": APACHE, "REUSE.toml": PRECEDENCE_TOML,
+        "sub/REUSE.toml": NESTED_TOML,
+        "src/plain.py": _code("plain"),  # closest table: MIT
+        "src/own.py": _tagged("own", "Apache-2.0"),  # closest: the file's own tag wins over the table
+        # The last matching table counts (src/legacy/** after src/**), and "aggregate" adds to the file's own tag.
+        "src/legacy/old.py": _tagged("old", "MIT"),
+        "upstream/lib.py": _tagged("lib", "MIT"),  # override: the table alone, the file's tag is not read
+        "upstream/gpl.py": _tagged("gpl", "GPL-3.0-only"),  # ... but a tag that is not allowed still keeps it out
+        "gen/parser.py": _tagged("parser", "MIT"),  # override to a license that is not allowed
+        "sub/x.py": _code("x"),  # sub/REUSE.toml is closer than the root's closest table
+        "sub/locked/y.py": _code("y"),  # the root's override is authoritative over sub/REUSE.toml's
+    })
+    report, kept = _build(tmp_path, project)
+    assert kept == {"src/plain.py": "MIT", "src/own.py": "Apache-2.0", "upstream/lib.py": "Apache-2.0",
+                    "sub/x.py": "BSD-2-Clause", "sub/locked/y.py": "BSD-3-Clause"}
+    assert _file_skips(report["projects"][0]) == {
+        "file license GPL-2.0-only AND MIT": 1, "file license Apache-2.0 AND GPL-3.0-only": 1,
+        "file license LGPL-3.0-only": 1,
+    }
+
+
+DEP5 = """Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/
+Upstream-Name: proj
+
+Files: *
+Copyright: 2024 Example
+License: MIT
+
+Files: docs/*
+Copyright: 2024 Example
+License: CC-BY-4.0
+
+Files: src/old?/*
+ src/legacy/*.py
+Copyright: 2010 Someone
+License: GPL-2.0-or-later
+ This program is free software; you can redistribute it and/or modify it under the terms of the GNU General Public
+ License as published by the Free Software Foundation; either version 2 of the License, or (at your option) any
+ later version.
+
+License: CC-BY-4.0
+ Attribution 4.0 International
+"""
+
+
+def test_reuse_dep5_paragraphs_license_files_with_their_own_tags(tmp_path):
+    project = _write(tmp_path / "proj", {
+        "LICENSES/MIT.txt": MIT, "LICENSES/CC-BY-4.0.txt": CC_BY, ".reuse/dep5": DEP5,
+        "src/app.py": _code("app"),  # `Files: *`: `*` matches `/` in dep5
+        "src/apache.py": _tagged("apache", "Apache-2.0"),  # dep5 is aggregated with the file's own tag
+        "docs/conf.py": _code("conf"),  # the last matching paragraph counts
+        "src/legacy/deep/old.py": _code("old"),  # a pattern continued on the next line
+        "src/old1/x.py": _code("x"),  # `?` is one character
+    })
+    report, kept = _build(tmp_path, project)
+    assert kept == {"src/app.py": "MIT", "src/apache.py": "MIT AND Apache-2.0"}
+    assert report["projects"][0]["license_source"] == "REUSE, per file"
+    assert _file_skips(report["projects"][0]) == {"file license CC-BY-4.0": 1, "file license GPL-2.0-or-later": 2}
+
+
+def test_a_license_companion_stands_in_for_the_files_head(tmp_path):
+    companion = "SPDX-FileCopyrightText: 2024 Example\n\nSPDX-License-Identifier: {}\n"
+    project = _write(tmp_path / "proj", {
+        "LICENSES/MIT.txt": MIT, "LICENSES/CC-BY-4.0.txt": CC_BY,
+        "src/table.py": _code("table"), "src/table.py.license": companion.format("MIT"),
+        "src/relicensed.py": _tagged("relicensed", "Apache-2.0"), "src/relicensed.py.license": companion.format("MIT"),
+        "src/snippet.py": _code("snippet"), "src/snippet.py.license": companion.format("CC-BY-4.0"),
+        # A tag in the file that is not allowed keeps it out, though REUSE reads the companion only.
+        "src/stale.py": _tagged("stale", "GPL-3.0-only"), "src/stale.py.license": companion.format("MIT"),
+        "src/untagged.py": _code("untagged"),
+    })
+    report, kept = _build(tmp_path, project)
+    assert kept == {"src/table.py": "MIT", "src/relicensed.py": "MIT"}
+    assert _file_skips(report["projects"][0]) == {
+        "file license CC-BY-4.0": 1, "file license MIT AND GPL-3.0-only": 1, "file license CC-BY-4.0 AND MIT": 1,
+    }
+
+
+def test_reuse_evidence_that_does_not_hold_keeps_out_what_it_may_cover(tmp_path):
+    project = _write(tmp_path / "proj", {
+        "LICENSES/MIT.txt": MIT, "LICENSES/Apache-2.0.txt": "Copyright Corp. All rights reserved.\n",
+        "LICENSES/CC-BY-4.0.txt": CC_BY, "REUSE.toml": DOCS_TOML,
+        "src/mit.py": _tagged("mit", "MIT"),
+        # LICENSES/Apache-2.0.txt is no Apache license: a file under that id may be under whatever it is.
+        "src/apache.py": _tagged("apache", "Apache-2.0"),
+        "src/either.py": _tagged("either", "MIT OR Apache-2.0"),
+        "src/untagged.py": _code("untagged"),
+        # A REUSE.toml that cannot be read may say anything of the files below it.
+        "broken/REUSE.toml": 'version = 1\n[[annotations]]\npath = "**"\nprecedence = "overide"\n',
+        "broken/tagged.py": _tagged("broken_tagged", "MIT"),
+    })
+    report, kept = _build(tmp_path, project)
+    assert kept == {"src/mit.py": "MIT"}
+    unverified = "LicenseRef-Unverified-Apache-2.0"
+    assert _file_skips(report["projects"][0]) == {
+        f"file license Apache-2.0 AND {unverified}": 1, f"file license (MIT OR Apache-2.0) AND {unverified}": 1,
+        f"file license Apache-2.0 AND {unverified} AND CC-BY-4.0 AND MIT": 1,
+        "file license LicenseRef-Unreadable-REUSE.toml AND MIT": 1,
+    }
 
 
 def test_reuse_exceptions_and_permissive_declarations_keep_the_project(tmp_path):
@@ -145,13 +351,18 @@ def test_a_distribution_licensed_only_by_reuse_license_files(tmp_path):
         "mixed-1.0.dist-info/RECORD": "mixed/__init__.py,,\nmixed-1.0.dist-info/licenses/LICENSES/MIT.txt,,\n"
                                       "mixed-1.0.dist-info/licenses/LICENSES/GPL-3.0-or-later.txt,,\n",
         "mixed/__init__.py": _code("mixed_init"),
+        # A wheel keeps its files' REUSE headers: they license the files one by one, as in the repository.
+        "mixed/tagged.py": _tagged("mixed_tagged", "MIT"),
     })
+    (site / "mixed-1.0.dist-info/RECORD").write_text((site / "mixed-1.0.dist-info/RECORD").read_text()
+                                                     + "mixed/tagged.py,,\n")
     report, kept = _build(tmp_path, site)
     projects = {p["name"]: p for p in report["projects"]}
-    # A short License field may not cover every file: the GPL text in LICENSES/ let `mixed` in as MIT.
-    assert projects["mixed"]["license_source"] == "License + REUSE" and not projects["mixed"]["kept"]
-    assert (projects["ok"]["license"], projects["ok"]["license_source"]) == ("MIT", "REUSE")
-    assert kept == {"ok/__init__.py": "MIT"}
+    # A short License field may not cover every file: the GPL text in LICENSES/ let `mixed/__init__.py` in as MIT.
+    assert projects["mixed"]["license_source"] == "License + REUSE, per file"
+    assert _file_skips(projects["mixed"]) == {"file license MIT AND GPL-3.0-or-later": 1}
+    assert (projects["ok"]["license"], projects["ok"]["license_source"]) == ("MIT", "REUSE, per file")
+    assert kept == {"ok/__init__.py": "MIT", "mixed/tagged.py": "MIT"}
 
 
 # ---- license notices in a file's head -------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import pytest
 from mellum.data.dedup import DedupConfig, Deduplicator, MinHasher, exact_key, jaccard
 from mellum.data.filters import FilterConfig, content_reason, language_of, path_reason
 from mellum.data.license import (LicensePolicy, detect_text, from_metadata, normalize, notice_credits, notice_header,
-                                 reuse_ids, spdx_header)
+                                 reuse_dep5, reuse_ids, reuse_toml, spdx_header)
 from mellum.data.secrets import SecretRedactor
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -191,6 +191,25 @@ def test_reuse_license_files_are_checked_against_their_names():
     assert reuse_ids("LLVM-exception.txt", "LLVM Exceptions") == []
     assert reuse_ids("LicenseRef-Corp.txt", "Internal") == ["LicenseRef-Corp"]
     assert reuse_ids("notes.md", "Licenses of this project") == ["LicenseRef-Unknown-notes"]
+
+
+def test_reuse_globs_match_as_the_spec_says():
+    # REUSE.toml (spec 3.3): `*` stops at `/`, `**` and `**/` do not, `\*` is a star. dep5: `*` crosses `/`, `?`.
+    (table,) = reuse_toml("version = 1\n[[annotations]]\npath = ['src/*.py', 'docs/**', '**/conftest.py', "
+                          "'a\\*b.py']\nSPDX-License-Identifier = ['MIT', 'CC0-1.0']\n")
+    assert (table.license, table.precedence) == ("MIT AND CC0-1.0", "closest")
+    assert [p for p in ("src/x.py", "src/sub/x.py", "docs/a/b.md", "docs", "conftest.py", "t/u/conftest.py",
+                        "a*b.py", "axb.py") if table.matches(p)] == [
+        "src/x.py", "docs/a/b.md", "conftest.py", "t/u/conftest.py", "a*b.py"]
+    (paragraph,) = reuse_dep5("Files: src/*.py lib/?.c\nCopyright: X\nLicense: mit\n text of it\n\nLicense: GPL\n")
+    assert (paragraph.license, paragraph.precedence) == ("MIT", "aggregate")
+    assert [p for p in ("src/a/b.py", "lib/a.c", "lib/ab.c") if paragraph.matches(p)] == ["src/a/b.py", "lib/a.c"]
+    unreadable = "LicenseRef-Unreadable-REUSE.toml"
+    for bad in ("version = [", "[[annotations]]\nSPDX-License-Identifier = 'MIT'\n",
+                "[[annotations]]\npath = 'x'\nprecedence = 'closer'\n", "[[annotations]]\npath = 'x'\n"
+                "SPDX-License-Identifier = 3\n"):
+        assert [(a.license, a.precedence, a.matches("any/file.py")) for a in reuse_toml(bad)] == [
+            (unreadable, "aggregate", True)]
 
 
 def test_an_unmapped_license_classifier_is_not_dropped_beside_a_known_one():
