@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mellum",
         description="Mellum code completion: models, project context, inference, serving and training.",
     )
+    from mellum import __version__
+
+    parser.add_argument("--version", action="version", version=f"mellum {__version__}")
     top = parser.add_subparsers(dest="command", metavar="COMMAND")
     groups: dict[str, argparse._SubParsersAction] = {}
     for path, module in COMMANDS.items():
@@ -125,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
 def _parse_known(parser: argparse.ArgumentParser, argv: list[str]):
     # Parse without letting -h exit before the command's own arguments exist; argparse's complaints (a group
     # without its subcommand) wait for the full parse, which says them once.
-    stripped = [a for a in argv if a not in ("-h", "--help")]
+    stripped = [a for a in argv if a not in ("-h", "--help", "--version")]
     try:
         with contextlib.redirect_stderr(io.StringIO()):
             return parser.parse_known_args(stripped)

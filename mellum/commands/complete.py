@@ -67,6 +67,8 @@ def run(args) -> int:
     from mellum.complete import CompletionRequest, CompletionService
 
     path = Path(args.file)
+    if path.is_dir():
+        raise ValueError(f"--file {path} is a directory; give the file to complete in")
     if not path.is_file():
         raise FileNotFoundError(f"no file {path}")
     try:
@@ -100,6 +102,7 @@ def run(args) -> int:
                                     top_p=args.top_p, top_k=args.top_k, seed=args.seed, multiline=args.multiline,
                                     return_prompt=args.show_prompt)
         completion = service.complete(request)
+        service_window = service.window
     finally:
         service.close()
     if args.json:
@@ -110,7 +113,8 @@ def run(args) -> int:
               file=sys.stderr)
     sys.stdout.write(completion.text + ("\n" if not completion.text.endswith("\n") else ""))
     if completion.truncated:
-        print("mellum: note: the prompt did not fit the model's window; context far from the cursor was cut",
+        print(f"mellum: note: to fit the model's {service_window}-token window, the prompt leaves out some of the "
+              "file far from the cursor or of the project context (--show-prompt shows what the model saw)",
               file=sys.stderr)
     return 0
 

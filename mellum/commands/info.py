@@ -82,8 +82,16 @@ def run(args) -> int:
     if info["sparse_mlp_layers"]:
         print(f"  MLP: {info['dense_mlp_layers']} dense, {info['sparse_mlp_layers']} sparse "
               f"({info['experts_per_token']} of {info['experts']} experts per token)")
-    print(f"  parameters: {info['total_params']:,} total ({info['total_params'] / 1e9:.2f}B), "
-          f"{info['active_params']:,} active per token ({info['active_params'] / 1e9:.2f}B)")
+    print(f"  parameters: {info['total_params']:,} total ({_short(info['total_params'])}), "
+          f"{info['active_params']:,} active per token ({_short(info['active_params'])})")
     if info["mtp_layers"]:
         print(f"  MTP layer: {info['mtp_params']:,} more parameters (output head shared)")
     return 0
+
+
+def _short(count: int) -> str:
+    """4.02B, 23.2M, 205.1K: a model of 23M parameters is not "0.02B"."""
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if count >= scale:
+            return f"{count / scale:.{2 if unit == 'B' else 1}f}{unit}"
+    return str(count)

@@ -19,6 +19,10 @@ def add_model_arguments(parser) -> None:
     parser.add_argument("--no-telemetry", action="store_true", help="record nothing about served completions")
     parser.add_argument("--workers", type=int, default=1,
                         help="engine worker threads (default 1: one request computes at a time, others queue)")
+    parser.add_argument("--max-queue", type=int, default=None, metavar="N",
+                        help="most completion requests queued or running on the engine at once; beyond it a request "
+                             "is refused at once instead of waiting (HTTP 429 with Retry-After, an empty LSP answer) "
+                             "(default: 4 per --workers thread; 0 = no limit)")
     parser.add_argument("--prefix-cache-mb", type=float, default=None,
                         help="memory budget of the engine's cross-request prefix (KV) cache (default 256; 0 = off)")
     parser.add_argument("--quantize", choices=["int8"], default=None, help="int8 weight-only quantization")
@@ -79,10 +83,34 @@ def check_model_arguments(args) -> None:
     or an LSP server whose every request fails, helps nobody)."""
     if args.workers < 1:
         raise ValueError(f"--workers must be at least 1, got {args.workers}")
+    if args.max_queue is not None and args.max_queue != 0 and args.max_queue < args.workers:
+        # Below --workers some workers could never run (and a negative limit means nothing).
+        raise ValueError(f"--max-queue must be 0 (no limit) or at least --workers ({args.workers}), got "
+                         f"{args.max_queue}")
     if args.prefix_cache_mb is not None and not args.prefix_cache_mb >= 0:
         raise ValueError(f"--prefix-cache-mb must be 0 (off) or more, got {args.prefix_cache_mb}")
     if args.kv_cache_mb is not None and not args.kv_cache_mb > 0:
         raise ValueError(f"--kv-cache-mb must be more than 0, got {args.kv_cache_mb}")
+
+
+def check_can_listen(host: str, port: int) -> None:
+    """Refuse an address the server could not listen on (port in use, unknown host, port out of range) before the
+    model loads: the bind itself comes only after a load that takes minutes for a large model."""
+    import socket
+
+    if not 0 <= port <= 65535:
+        raise ValueError(f"cannot listen on {host}:{port}: ports are 0-65535")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise ValueError(f"cannot listen on {host}:{port}: unknown host ({exc.strerror})") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn and asyncio bind
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 def model_dir(args) -> Path:
@@ -132,13 +160,15 @@ def run(args) -> int:
         raise ValueError(f"--max-body-bytes must be at least 1024, got {args.max_body_bytes}")
     if args.max_tokens_limit < 1:
         raise ValueError(f"--max-tokens-limit must be at least 1, got {args.max_tokens_limit}")
+    check_can_listen(args.host, args.port)
     path = model_dir(args)
     print(f"mellum: loading {path}", file=sys.stderr, flush=True)
     service = load_service(path, args)
     telemetry = open_telemetry(args)
     config = HttpConfig(host=args.host, port=args.port, api_key=args.api_key or None,
                         max_body_bytes=args.max_body_bytes, max_tokens_limit=args.max_tokens_limit,
-                        workspaces=tuple(args.workspace), model_name=model_name(args, path))
+                        workspaces=tuple(args.workspace), model_name=model_name(args, path),
+                        max_queue=args.max_queue)
     app = create_app(service, config, telemetry=telemetry, workers=args.workers)
     auth = "bearer key required" if config.api_key else "no auth"
     where = f"telemetry → {telemetry.path}" if telemetry else "telemetry off"

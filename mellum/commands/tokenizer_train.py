@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 HELP = "train a BPE tokenizer on a corpus"
@@ -74,8 +75,10 @@ def run(args: argparse.Namespace) -> int:
             trained_files += 1
             yield record["text"]
 
+    # The tokenizers library draws its progress on stdout: only on a terminal, or it leaves blank lines before the
+    # summary line in a file or pipe.
     tokenizer = train_bpe(training_texts(), args.vocab_size, min_frequency=args.min_frequency,
-                          show_progress=not args.quiet)
+                          show_progress=not args.quiet and sys.stdout.isatty())
     if trained_files == 0:
         raise ValueError(f"no file of {args.corpus} is left to train on after --languages, --held-out and "
                          "--max-train-mb; nothing written")
@@ -98,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         raise
     if tokenizer.vocab_size < args.vocab_size:
         print(f"note: the corpus offered merges for only {tokenizer.vocab_size} of {args.vocab_size} tokens "
-              f"(too little text, or --min-frequency {args.min_frequency} too high)")
+              f"(too little text, or --min-frequency {args.min_frequency} too high)", file=sys.stderr)
     python = held_out["by_language"].get("python", {})
     print(f"{out}: vocab {tokenizer.vocab_size}; held-out {held_out['files']} files, "
           f"{held_out['bytes_per_token']} bytes/token overall, {python.get('bytes_per_token')} on Python; "

@@ -18,6 +18,12 @@ def configure(parser) -> None:
 
 
 def run(args) -> int:
-    from mellum.train.pretrain import run as run_pretrain
+    import sys
 
+    from mellum.train.pretrain import config_from_args, run as run_pretrain
+
+    if not args.no_export and not config_from_args(args).tokenizer:
+        # Said before training, not after: `complete`, `serve` and `eval` cannot load a model without its tokenizer.
+        print("mellum: note: no tokenizer (--tokenizer DIR, the one the shards were made with): the exported model "
+              "will have no tokenizer.json, which `mellum complete`, `serve` and `eval` need", file=sys.stderr)
     return run_pretrain(args)

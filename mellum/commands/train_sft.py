@@ -72,8 +72,7 @@ def prepare_out(args, inputs: dict[str, object] | None = None) -> Path:
         raise FileExistsError(f"{out} already holds a run: pass --resume to continue, or choose another --out")
     args.model_dir = model_directory(args.model)
     check_export_dir(export_dir(args, out), {"base model": args.model_dir, **(inputs or {})})  # before training
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+    return out  # made by the training loop once the model and data have loaded: a failed start leaves nothing
 
 
 def export_dir(args, out: Path) -> Path:
@@ -96,6 +95,7 @@ def finish(args, out: Path, model, tokenizer, summary: dict, stage: str) -> int:
     export = export_dir(args, out)
     export_model(model, export, tokenizer, args.export_dtype, lineage(args.model_dir, out, stage, args))
     summary = {"stage": stage, **summary, "model": str(export)}
+    out.mkdir(parents=True, exist_ok=True)
     tmp = out / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
     tmp.replace(out / "summary.json")
@@ -135,15 +135,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="chat loss: every assistant turn (instruct) or the final turn with its reasoning, "
                              "conversations unfolded (thinking)")
     parser.add_argument("--heldout-fraction", type=float, default=0.1,
-                        help="share of files (and conversations) kept out of training for the held-out loss")
-    parser.add_argument("--samples-per-file", type=int, default=4, help="FIM samples drawn per source file")
-    parser.add_argument("--max-middle-chars", type=int, default=700, help="longest middle (Mellum: ~700 characters)")
+                        help="share of files (and conversations) kept out of training for the held-out loss "
+                             "(default 0.1)")
+    parser.add_argument("--samples-per-file", type=int, default=4, help="FIM samples drawn per source file (default 4)")
+    parser.add_argument("--max-middle-chars", type=int, default=700,
+                        help="longest middle in characters (default 700, as Mellum)")
     parser.add_argument("--context", default="path", choices=["path", "retrieval"],
                         help="project context of FIM samples: the beginnings of the nearest files (path, within "
                              "--context-chars), or what the serving packer retrieves (retrieval: path, imports, "
                              "lexical and definition sources; the whole example within --max-len tokens)")
     parser.add_argument("--context-chars", type=int, default=4000,
-                        help="budget of project context per sample with --context path")
+                        help="budget of project context per sample with --context path, in characters (default 4000)")
     add_common_arguments(parser, steps=200, lr=1e-4, batch=16)
 
 
