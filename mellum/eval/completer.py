@@ -16,6 +16,15 @@ from typing import Sequence
 from mellum.eval.tasks import Benchmark, Problem
 
 
+def completions_url(url: str) -> str:
+    """The `/v1/completions` endpoint of a server given by its root (`http://host:8000`), its OpenAI base URL
+    (`.../v1`, as OpenAI clients and `--backend-url` take it) or the endpoint itself."""
+    url = url.rstrip("/")
+    if url.endswith("/v1/completions"):
+        return url
+    return url + ("/completions" if url.endswith("/v1") else "/v1/completions")
+
+
 @dataclass(frozen=True)
 class Sampling:
     """How completions are drawn: greedy for n=1, sampled (temperature, top_p) for pass@k with n > 1."""
@@ -174,9 +183,7 @@ class OpenAICompleter(Completer):
                  api_key: str | None = None):
         from mellum.prompt import get_format
 
-        self.url = url.rstrip("/")
-        if not self.url.endswith("/v1/completions"):
-            self.url += "/v1/completions"
+        self.url = completions_url(url)
         self.model = model
         self.format = get_format(prompt_format) if prompt_format else None
         self.prompt_format = self.format.name if self.format else None

@@ -85,8 +85,10 @@ def test_openai_compatible_server_and_latency(shared_benchmarks, server, tmp_pat
     assert len(records) == 2 and all(isinstance(r["completions"][0], str) for r in records)
     raw = OpenAICompleter(server, prompt_format="mellum")  # prompt rendered here, sent as plain text
     assert isinstance(raw.complete(bench.load()[0], bench, 0, runner.Sampling()), str)
+    # The OpenAI base URL works too (it asked for .../v1/v1/completions: a 404).
+    assert isinstance(OpenAICompleter(server + "/v1/").complete(bench.load()[0], bench, 0, runner.Sampling()), str)
 
-    summary, samples = measure(LatencyConfig(url=server, concurrency=(1, 2), requests=3, max_tokens=4, warmup=1),
+    summary, samples = measure(LatencyConfig(url=server + "/v1", concurrency=(1, 2), requests=3, max_tokens=4, warmup=1),
                                shared_benchmarks)
     for level in summary["levels"]:
         assert level["errors"] == 0, level["first_error"]
