@@ -41,6 +41,25 @@ class BackendBusy(BackendError):
         self.retry_after_s = retry_after_s
 
 
+def _said(body: bytes) -> str:
+    """What an error response says, in one line: the message of an OpenAI-style `{"error": {"message"}}` (or a
+    FastAPI `detail`), else the body's text, cut at 300 characters."""
+    text = body.decode("utf-8", "replace").strip()
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = None
+    if isinstance(data, dict):
+        error = data.get("error")
+        message = error.get("message") if isinstance(error, dict) else error if isinstance(error, str) else None
+        if message is None and "detail" in data:
+            message = data["detail"] if isinstance(data["detail"], str) else json.dumps(data["detail"])
+        if message:
+            text = str(message)
+    text = " ".join(text.split())
+    return (text[:300] + "…" if len(text) > 300 else text) or "(empty body)"
+
+
 def _retry_after(value: str | None) -> int:
     """Seconds from a Retry-After header (a number of seconds; an HTTP date or nothing reads as 1)."""
     try:
@@ -184,9 +203,9 @@ class OpenAIEngine:
                 busy = response.status_code == 429 or response.status_code == 503 and "retry-after" in response.headers
                 if busy:
                     raise BackendBusy(f"{self.url} is busy (it answered {response.status_code}): "
-                                      f"{response.read()[:300]!r}", _retry_after(response.headers.get("retry-after")))
+                                      f"{_said(response.read())}", _retry_after(response.headers.get("retry-after")))
                 if response.status_code != 200:
-                    raise BackendError(f"{self.url} answered {response.status_code}: {response.read()[:500]!r}")
+                    raise BackendError(f"{self.url} answered {response.status_code}: {_said(response.read())}")
                 for line in response.iter_lines():
                     if done.is_set():
                         return

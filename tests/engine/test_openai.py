@@ -177,6 +177,12 @@ def misbehaving():
             mode = self.path.split("/")[1]
             if mode == "stall-before-headers":
                 release.wait(15)
+            if mode == "refused":  # a server that cannot take token-id prompts (mellum serve: 422)
+                self.send_response(422)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(b'{"error": {"message": "prompt must be\\ntext", "type": "invalid_request_error"}}')
+                return
             if mode in ("busy", "busy-503", "busy-no-header"):  # a server shedding load (mellum serve --max-queue)
                 self.send_response({"busy": 429, "busy-503": 503, "busy-no-header": 429}[mode])
                 if mode != "busy-no-header":
@@ -207,6 +213,7 @@ def misbehaving():
 
 @pytest.mark.parametrize("mode, message", [
     ("status", "answered 500"),
+    ("refused", r"answered 422: prompt must be text$"),  # was the raw body as b'{"error": ...}', 500 bytes of it
     ("malformed", "not JSON"),  # was a bare JSONDecodeError, a ValueError the HTTP server answers as a bad request
     ("cut", "cut off"),  # was a normal "stop" with half a completion
     ("llama-error", "out of memory"),  # error events were skipped: "stop"
