@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 
@@ -58,13 +59,22 @@ def test_complete_file_that_is_a_directory(tmp_path, capsys):
 def test_complete_note_on_a_cut_prompt_is_true_and_says_how_to_look(tiny_model_dir, tmp_path, capsys):
     """The note said the prompt "did not fit the model's window" whenever the packer cut the file, which it does to
     any suffix longer than its share of the budget, even in a file that fits whole (the README's first example)."""
-    code = tmp_path / "long.py"
-    code.write_text("".join(f"value_{i} = {i}\n" for i in range(400)))
-    assert main(["complete", "--model", str(tiny_model_dir), "--file", str(code), "--line", "200", "--column", "1",
-                 "--max-new-tokens", "2"]) == 0
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "util.py").write_text("".join(f"def helper_{i}(x):\n    return x + {i}\n\n" for i in range(30)))
+    short = project / "short.py"
+    short.write_text("".join(f"value_{i} = {i}\n" for i in range(40)))  # fits the window; its suffix exceeds 15%
+    args = ["complete", "--model", str(tiny_model_dir), "--max-new-tokens", "2", "--project", str(project)]
+    assert main(args + ["--file", str(short), "--line", "5", "--column", "1", "--json", "--show-prompt"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert "value_39 = 39" not in out["prompt"] and not out["truncated"]  # trimmed by the shares, not the window
+    assert main(args + ["--file", str(short), "--line", "5", "--column", "1"]) == 0
+    assert "note" not in capsys.readouterr().err
+    long = project / "long.py"
+    long.write_text("".join(f"value_{i} = {i}\n" for i in range(400)))  # far more than the 512-token window
+    assert main(args + ["--file", str(long), "--line", "200", "--column", "1"]) == 0
     err = capsys.readouterr().err
-    assert "did not fit" not in err
-    assert "mellum: note: to fit the model's 512-token window" in err and "--show-prompt" in err
+    assert "mellum: note: the file does not fit the model's 512-token window" in err and "--show-prompt" in err
 
 
 def test_info_counts_small_models_in_millions_or_thousands(capsys):

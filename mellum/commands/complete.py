@@ -113,9 +113,8 @@ def run(args) -> int:
               file=sys.stderr)
     sys.stdout.write(completion.text + ("\n" if not completion.text.endswith("\n") else ""))
     if completion.truncated:
-        print(f"mellum: note: to fit the model's {service_window}-token window, the prompt leaves out some of the "
-              "file far from the cursor or of the project context (--show-prompt shows what the model saw)",
-              file=sys.stderr)
+        print(f"mellum: note: the file does not fit the model's {service_window}-token window: the prompt leaves out "
+              "text far from the cursor (--show-prompt shows what the model saw)", file=sys.stderr)
     return 0
 
 

@@ -152,6 +152,17 @@ class ContextPacker:
         }
         return result
 
+    def file_fits(self, path: str, prefix: str, suffix: str, budget: int) -> bool:
+        """Whether the whole file, prefix and suffix uncut and no context, would fit `budget` tokens (counted line
+        by line, as trimming counts). When it would, a trimmed prefix or suffix is the packer's choice, room made
+        for project context (`prefix_share`, `suffix_share`), not text the window could not hold."""
+        rel = self._relative(path)
+        overhead = self._overhead.get(rel)
+        if overhead is None:
+            overhead = self._overhead[rel] = self._count_prompt(rel, "", "", [])
+        lines = split_lines(prefix) + (split_lines(suffix) if self.format.supports_suffix else [])
+        return overhead + self._lines.join_ratio * sum(map(self._lines, lines)) <= budget
+
     def _relative(self, path: str) -> str:
         if self.index is None:
             return str(path)
