@@ -136,8 +136,33 @@ def resolve_path(path: str | os.PathLike) -> Path:
         ) from exc
     try:
         return Path(snapshot_download(text, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
-    except Exception as exc:  # offline, unknown repo, gated: one user-facing message
-        raise FileNotFoundError(f"{text} is not a local directory and could not be downloaded from the hub: {exc}") from exc
+    except Exception as exc:  # offline, unknown repo, gated: one user-facing line
+        raise FileNotFoundError(f"{text} is not a local directory, and taken as a hub id it could not be downloaded "
+                                f"from the hub: {_hub_failure(exc)}; for a model on disk, give the path of its "
+                                "directory (the one with config.json)") from exc
+
+
+def _hub_failure(exc: Exception) -> str:
+    """Why snapshot_download failed, in one line: huggingface_hub's messages run over several lines."""
+    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, OfflineModeIsEnabled,
+                                        RepositoryNotFoundError)
+
+    if isinstance(exc, GatedRepoError):  # a subclass of RepositoryNotFoundError
+        return "the repository is gated: accept its terms on its hub page, then log in with `hf auth login`"
+    if isinstance(exc, RepositoryNotFoundError):
+        return "the hub has no such repository (a private one needs `hf auth login`)"
+    if isinstance(exc, LocalEntryNotFoundError):  # no answer from the hub, and no copy in the hub cache
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, OfflineModeIsEnabled):
+            return "HF_HUB_OFFLINE is set and the hub cache has no copy"
+        reason = f" ({type(cause).__name__}: {_first_line(cause)})" if cause is not None else ""
+        return f"the hub could not be reached{reason} and the hub cache has no copy: no network, or no such repository"
+    return f"{type(exc).__name__}: {_first_line(exc)}"
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else "no message"
 
 
 def model_directory(path: str | os.PathLike) -> Path:

@@ -14,9 +14,10 @@ from pathlib import Path
 
 
 class Metrics:
-    """Sink for per-step scalars: `log(step, **values)`; `progress(...)` updates the bar; `close()` at the end."""
+    """Sink for per-step scalars: `log(step, **values)`; `progress(...)` updates the bar, labelled with the training
+    `stage` ("pretrain", "sft", ...); `close()` at the end."""
 
-    def __init__(self, run_dir: str | os.PathLike | None, total_steps: int, enabled: bool = True,
+    def __init__(self, run_dir: str | os.PathLike | None, total_steps: int, stage: str, enabled: bool = True,
                  resume_step: int = 0, bar: bool = True):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl" if run_dir is not None else None
@@ -34,7 +35,7 @@ class Metrics:
             from tqdm import tqdm
 
             self._bar = tqdm(total=total_steps, initial=resume_step, unit="step", dynamic_ncols=True,
-                             desc="pretrain", mininterval=1.0)
+                             desc=stage, mininterval=1.0)
 
     def log(self, step: int, **values) -> None:
         if not self.enabled:
@@ -49,13 +50,15 @@ class Metrics:
                 if key not in ("step", "time") and isinstance(value, (int, float)):
                     self._tb.add_scalar(key, value, step)
 
-    def progress(self, step: int, loss: float, tokens_per_s: float, fraction: float, elapsed_s: float) -> None:
-        """Advance the bar to `step`; ETA comes from the run's progress fraction (steps or time budget)."""
+    def progress(self, step: int, loss: float, tokens_per_s: float | None, fraction: float, elapsed_s: float) -> None:
+        """Advance the bar to `step`; ETA comes from the run's progress fraction (steps or time budget). No
+        throughput is shown when `tokens_per_s` is None (a stage that does not count tokens)."""
         if self._bar is None:
             return
         eta = elapsed_s * (1 - fraction) / fraction if fraction > 0 else float("nan")
         self._bar.n = step
-        self._bar.set_postfix_str(f"loss {loss:.3f} · {tokens_per_s:,.0f} tok/s · ETA {_clock(eta)}", refresh=False)
+        speed = f" · {tokens_per_s:,.0f} tok/s" if tokens_per_s is not None else ""
+        self._bar.set_postfix_str(f"loss {loss:.3f}{speed} · ETA {_clock(eta)}", refresh=False)
         self._bar.refresh()
 
     def close(self) -> None:
@@ -68,9 +71,21 @@ class Metrics:
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """All records of a metrics.jsonl file."""
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """All records of a metrics.jsonl file. A last line cut short (the run was killed while writing it) is left
+    out; any other line that is not JSON is a ValueError naming the file and line."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.readlines()
+    records = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if n == len(lines) and not line.endswith("\n"):
+                break
+            raise ValueError(f"{path}:{n}: not a metrics record ({exc.msg})") from None
+    return records
 
 
 def _truncate_after(path: Path, step: int) -> None:

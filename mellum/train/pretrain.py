@@ -139,14 +139,8 @@ class Trainer:
         return len(self.config.phases) - 1
 
     def _open_loader(self, index: int, state: dict | None = None):
-        from mellum.data.shards import PackedLoader
-
-        cfg, env = self.config, self.env
-        loader = PackedLoader(self._phase_data(index), cfg.seq_len, cfg.micro_batch, seed=cfg.seed + 1000 * index,
-                              rank=env.rank, world_size=env.world_size)
-        if loader.shards.vocab_size > cfg.model.vocab_size:
-            raise ValueError(f"shards in {self._phase_data(index)} use a vocabulary of {loader.shards.vocab_size}, "
-                             f"larger than the model's {cfg.model.vocab_size}")
+        cfg = self.config
+        loader = open_shards(cfg, self._phase_data(index), self.env, seed=cfg.seed + 1000 * index)
         if state is not None:
             loader.load_state_dict(state)
         self.phase, self.loader, self._batches = index, loader, iter(loader)
@@ -246,10 +240,7 @@ class Trainer:
         cfg, env = self.config, self.env
         if not cfg.eval_data:
             return None
-        from mellum.data.shards import PackedLoader
-
-        loader = PackedLoader(cfg.eval_data, cfg.seq_len, cfg.micro_batch, seed=0, rank=env.rank,
-                              world_size=env.world_size, epochs=1)
+        loader = open_shards(cfg, cfg.eval_data, env, seed=0, epochs=1)
         self.model.eval()
         sums = torch.zeros(4, device=env.device)  # next-token loss, its targets, MTP loss, its targets
         per_rank = max(1, cfg.eval_batches // env.world_size)  # the same rows in total for any number of ranks
@@ -309,7 +300,7 @@ class Trainer:
         if self.loader is None:
             self._open_loader(self._current_phase())
         start_step = self.progress.step
-        metrics = Metrics(self.out if env.is_main else None, cfg.max_steps, enabled=env.is_main,
+        metrics = Metrics(self.out if env.is_main else None, cfg.max_steps, "pretrain", enabled=env.is_main,
                           resume_step=start_step, bar=self.bar)
         if env.is_main:
             (self.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str) + "\n")
@@ -394,6 +385,40 @@ class Trainer:
                 shutil.copy(self.out / "metrics.jsonl", directory / "training_log.jsonl")
         barrier()
         return directory
+
+
+def open_shards(config: TrainConfig, path: str, env: DistEnv, seed: int, epochs: int | None = None):
+    """This rank's PackedLoader over a shard directory of the run; refuses shards whose token ids the model has no
+    embedding for."""
+    from mellum.data.shards import PackedLoader
+
+    loader = PackedLoader(path, config.seq_len, config.micro_batch, seed=seed, rank=env.rank,
+                          world_size=env.world_size, epochs=epochs)
+    _check_vocab(f"shards in {path} use", loader.shards.vocab_size, config.model.vocab_size)
+    return loader
+
+
+def check_inputs(config: TrainConfig, env: DistEnv) -> None:
+    """Open what the run reads — every phase's shards, the held-out shards, the tokenizer — before the model is
+    built or anything is written: a wrong path or vocabulary fails the start, not a later phase, evaluation or
+    the export at the end."""
+    data = [phase.data for phase in config.phases] if config.phases else [config.data]
+    for path in data:
+        open_shards(config, path, env, seed=config.seed)
+    if config.eval_data:
+        open_shards(config, config.eval_data, env, seed=0, epochs=1)
+    if config.tokenizer:
+        from mellum.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.from_pretrained(config.tokenizer)
+        _check_vocab(f"the tokenizer {config.tokenizer} has", tokenizer.vocab_size, config.model.vocab_size)
+
+
+def _check_vocab(what: str, vocab_size: int, model_vocab_size: int) -> None:
+    # A token id at or past the model's vocabulary indexes past its embedding table: refuse, naming the override.
+    if vocab_size > model_vocab_size:
+        raise ValueError(f"{what} a vocabulary of {vocab_size} tokens, larger than the model's {model_vocab_size}: "
+                         f"give the model that vocabulary with --set model.vocab_size={vocab_size}")
 
 
 def _compiler_works(device: torch.device) -> bool:
@@ -495,7 +520,8 @@ def run(args) -> int:
                        "held-out data": config.eval_data}
             sources.update({f"data of phase {i + 1}": phase.data for i, phase in enumerate(config.phases)})
             check_export_dir(args.export or out / "model", sources)
-        out.mkdir(parents=True, exist_ok=True)
+        check_inputs(config, env)
+        # `out` is made by `fit` once model and data have loaded: a failed start leaves nothing behind.
         trainer = Trainer(config, out, env, bar=not args.no_bar and env.is_main)
         if args.resume and trainer.resume() and env.is_main:
             print(f"resumed from step {trainer.progress.step}", file=sys.stderr)

@@ -319,12 +319,17 @@ def chat_examples(messages: Sequence[dict], tokenizer, masking: str = "instruct"
 def read_chat_file(path: str | os.PathLike) -> list[list[dict]]:
     """Conversations from JSONL: each line {"messages": [...]} (or a bare list of messages)."""
     conversations = []
-    for where, _, record in read_jsonl(path, "no chat data"):
+    for where, _, record in read_jsonl(path, "no chat data", objects=False):
         messages = record.get("messages") if isinstance(record, dict) else record
         if not isinstance(messages, list):
             raise ValueError(f"{where}: expected {{\"messages\": [...]}}")
-        _check_messages(messages)
+        try:
+            _check_messages(messages)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
         conversations.append(messages)
+    if not conversations:
+        raise ValueError(f"{path} holds no conversations")
     return conversations
 
 
@@ -431,9 +436,7 @@ class Finetuner:
         self._saved_step = None  # the step of the newest checkpoint written or restored
         if resume:
             self._restore()
-        self.metrics = Metrics(self.out, config.max_steps, enabled=True, resume_step=self.step_count, bar=bar)
-        if self.metrics._bar is not None:
-            self.metrics._bar.set_description(name)
+        self.metrics = Metrics(self.out, config.max_steps, name, resume_step=self.step_count, bar=bar)
         self._start = time.perf_counter()
 
     def step(self, loss_fn: Callable, micro_batches: Sequence) -> dict:
@@ -456,7 +459,7 @@ class Finetuner:
             self.log(**record)
         main = next(iter(totals.values()), 0.0)
         elapsed = time.perf_counter() - self._start
-        self.metrics.progress(self.step_count, main, 0.0, self.step_count / cfg.max_steps, elapsed)
+        self.metrics.progress(self.step_count, main, None, self.step_count / cfg.max_steps, elapsed)
         if self.out is not None and cfg.checkpoint_every and self.step_count % cfg.checkpoint_every == 0:
             self.save()
         return record

@@ -117,8 +117,40 @@ def test_tied_embeddings_round_trip(tmp_path):
 def test_hub_id_offline_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)  # so "owner/name" is not a local path
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(FileNotFoundError, match="could not be downloaded from the hub"):
+    with pytest.raises(FileNotFoundError, match="could not be downloaded from the hub") as caught:
         load_pretrained("nobody-here/no-such-model")
+    assert "\n" not in str(caught.value) and "hub id" in str(caught.value)
+
+
+def test_hub_failures_are_one_line_with_their_cause(monkeypatch, tmp_path):
+    """`mellum complete --model JetBrains/Mellum-4b-base` without a network printed huggingface_hub's two-line
+    message after "mellum: error:"; now one line: a hub id, why it failed, how to give a directory instead."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def unreachable(repo_id, **kwargs):  # what huggingface_hub 2.x raises when the hub does not answer
+        try:
+            raise ConnectionError("[Errno -2] Name or service not known")
+        except ConnectionError as exc:
+            raise LocalEntryNotFoundError("Got: ConnectError: [Errno -2] Name or service not known\nAn error happened "
+                                          "while trying to locate the files on the Hub ...") from exc
+
+    def broken(repo_id, **kwargs):
+        raise OSError("No space left on device\nwhile writing the blob")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", unreachable)
+    with pytest.raises(FileNotFoundError) as caught:
+        load_pretrained("JetBrains/Mellum-4b-base")
+    assert str(caught.value) == (
+        "JetBrains/Mellum-4b-base is not a local directory, and taken as a hub id it could not be downloaded from "
+        "the hub: the hub could not be reached (ConnectionError: [Errno -2] Name or service not known) and the hub "
+        "cache has no copy: no network, or no such repository; for a model on disk, give the path of its directory "
+        "(the one with config.json)")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", broken)
+    with pytest.raises(FileNotFoundError, match=r"hub: OSError: No space left on device; for a model") as caught:
+        load_pretrained("JetBrains/Mellum-4b-base")
+    assert "\n" not in str(caught.value)
 
 
 def test_loaded_model_has_no_meta_tensors(saved):

@@ -199,6 +199,40 @@ def test_an_export_that_would_overwrite_something_else_is_refused_before_trainin
     assert (tmp_path / "new-model" / "config.json").is_file()
 
 
+def test_a_failed_start_leaves_no_run_directory(tmp_path, code_shards, capsys):
+    """`mellum train pretrain --data /nonexist --out runs/y` made an empty runs/y before the data was read; held-out
+    data and the tokenizer were read only at the first evaluation and at the export after the whole run."""
+    from mellum.cli import main
+
+    train, heldout, tokenizer = code_shards
+    args = ["train", "pretrain", "--recipe", "tiny-cpu", "--device", "cpu", "--no-bar", "--max-steps", "1",
+            "--set", "eval_every=0", "--data", train, "--eval-data", heldout, "--tokenizer", tokenizer]
+    missing = str(tmp_path / "nonexist")
+    for flag, message in (("--data", f"{missing} is not a shard directory"),
+                          ("--eval-data", f"{missing} is not a shard directory"),
+                          ("--tokenizer", f"no tokenizer.json at {missing}")):
+        out = tmp_path / "runs" / flag.strip("-")
+        assert main([*args, flag, missing, "--out", str(out)]) == 2
+        assert message in capsys.readouterr().err and not out.parent.exists(), flag
+
+
+def test_a_vocabulary_mismatch_names_the_setting_that_fixes_it(tmp_path, code_shards, capsys):
+    from mellum.cli import main
+
+    train, heldout, tokenizer = code_shards  # made with a 1,024-token tokenizer
+    args = ["train", "pretrain", "--recipe", "tiny-cpu", "--device", "cpu", "--no-bar", "--max-steps", "1",
+            "--set", "eval_every=0", "--data", train, "--eval-data", heldout, "--tokenizer", tokenizer]
+    out = tmp_path / "small"
+    assert main([*args, "--set", "model.vocab_size=512", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert (f"shards in {train} use a vocabulary of 1024 tokens, larger than the model's 512: give the model that "
+            "vocabulary with --set model.vocab_size=1024") in err, err
+    assert not out.exists()
+    # The option as the message gives it is accepted and the run trains.
+    assert main([*args, "--set", "model.vocab_size=512", "--set", "model.vocab_size=1024", "--out", str(out)]) == 0
+    assert json.loads((out / "summary.json").read_text())["steps"] == 1
+
+
 def test_two_processes_match_one(tmp_path, code_shards):
     args = [f"--set={o}" for o in _data_overrides(code_shards)] + [
         "--max-steps", "4", "--set", "checkpoint_every=2", "--set", "eval_every=4", "--no-export"]

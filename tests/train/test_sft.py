@@ -89,6 +89,19 @@ def test_chat_input_errors(tiny_tokenizer, tmp_path):
         read_chat_file(tmp_path / "missing.jsonl")
 
 
+def test_progress_bar_is_labelled_with_the_stage(capsys):
+    """SFT, DPO and GRPO bars first showed "pretrain" (and "0 tok/s": fine-tuning counts no tokens)."""
+    from mellum.train.sft import Finetuner
+
+    model = torch.nn.Linear(2, 1)
+    for stage in ("sft", "dpo", "grpo"):
+        tuner = Finetuner(model, FinetuneConfig(max_steps=2, optim=OptimConfig(lr=1e-3, muon=False)), None, stage)
+        tuner.step(lambda x: (model(x).square().sum(), {"loss": 1.0}), [torch.ones(1, 2)])
+        tuner.metrics.close()
+        err = capsys.readouterr().err
+        assert f"{stage}:" in err and "pretrain" not in err and "tok/s" not in err, err
+
+
 def test_fim_examples_train_the_syntactic_middle_only(tiny_tokenizer):
     from mellum.data.samples import syntactic_spans
 
