@@ -41,8 +41,8 @@ def run(args: argparse.Namespace) -> int:
     from mellum.tokenizer import compression_report, train_bpe
 
     out = Path(args.out)
-    check_output_dir(out, args.force)
     refuse_inside(out, args.corpus, "corpus")
+    check_output_dir(out, args.force, "tokenizer.json")
     if not 0.0 <= args.held_out < 1.0:
         raise ValueError(f"--held-out must be in [0, 1), got {args.held_out}")
     languages = {name.strip() for name in args.languages.split(",")} if args.languages else None

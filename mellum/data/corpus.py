@@ -23,7 +23,8 @@ from typing import Iterable, Iterator
 
 from mellum.data.dedup import DedupConfig, Deduplicator, MinHasher, exact_key
 from mellum.data.filters import FilterConfig, content_reason, language_of, path_reason
-from mellum.data.license import PERMISSIVE, LicensePolicy, conjoin, normalize, notice_header, spdx_header
+from mellum.data.license import PERMISSIVE, LicensePolicy, conjoin, normalize, spdx_header
+from mellum.data.notices import notice_header
 from mellum.data.outputs import check_output_dir, refuse_inside, replace_dir
 from mellum.data.secrets import SecretRedactor, SecretsConfig
 from mellum.data.sources import Project, discover
@@ -120,7 +121,8 @@ def build_corpus(
 
     config = config or BuildConfig()
     out = Path(out)
-    check_output_dir(out, force)
+    if not force:
+        check_output_dir(out, force, "report.json")  # an existing --out is refused before a long discovery
     sources = list(sources)
     if not sources:
         raise ValueError("no sources given: pass --source DIR (a project, git repository, stdlib or site-packages)")
@@ -130,6 +132,7 @@ def build_corpus(
         label, path = parse_source(spec)
         projects.extend(discover(path, label))  # checks the path first: missing, a file, a symlink loop
         refuse_inside(out, path, "source")  # --force would delete it once the corpus is written
+    check_output_dir(out, force, "report.json")  # with --force: only an earlier corpus (after the source checks)
     _unique_names(projects)
 
     policy = LicensePolicy(frozenset(config.allow))

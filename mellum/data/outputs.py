@@ -8,13 +8,20 @@ import shutil
 from pathlib import Path
 
 
-def check_output_dir(out: str | os.PathLike, force: bool) -> None:
-    """Refuse an existing `out` without `force`, and anything at `out` that is not a directory (an earlier output)."""
+def check_output_dir(out: str | os.PathLike, force: bool, marker: str) -> None:
+    """Refuse an existing `out` without `force`; with it, anything at `out` but an earlier output of this command,
+    known by its `marker` file (report.json, meta.json, tokenizer.json), or an empty directory. `--force` replaces
+    the directory whole: a mistyped `--out` naming a folder of one's own must not delete it."""
     out = Path(out)
-    if out.exists() and not force:
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise NotADirectoryError(f"{out} exists and is not a directory; choose another --out")
+    if not force:
         raise FileExistsError(f"{out} already exists; pass --force to replace it")
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"{out} exists and is not a directory; --force replaces only an earlier output")
+    if not (out / marker).is_file() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not an earlier output of this command (it has no {marker}); --force "
+                              "replaces only such an output, never another directory: choose another --out")
 
 
 def refuse_inside(out: str | os.PathLike, source: str | os.PathLike, what: str) -> None:

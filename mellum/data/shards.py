@@ -64,7 +64,7 @@ class ShardWriter:
         extra_meta: dict | None = None,
     ):
         self.out = Path(out)
-        check_output_dir(self.out, force)
+        check_output_dir(self.out, force, "meta.json")
         self.config = config or ShardWriterConfig()
         self.vocab_size = int(vocab_size)
         self.eos_id = int(eos_id)

@@ -8,7 +8,7 @@ with the files its RECORD lists. A directory with `os.py` and `abc.py` at the to
 are read if they resolve inside the source, and broken links or loops are reported as skipped. A folder with a
 license file of its own (code copied in) licenses its files, and a NOTICE file that credits files to a license
 licenses those (`Project.license_of`). The files of a REUSE project (a `LICENSES/` folder of texts named by SPDX id,
-REUSE.toml, .reuse/dep5), or of a folder with REUSE files of its own, are licensed one by one (`license.Reuse`).
+REUSE.toml, .reuse/dep5), or of a folder with REUSE files of its own, are licensed one by one (`reuse.Reuse`).
 """
 
 from __future__ import annotations
@@ -19,12 +19,14 @@ import os
 import shutil
 import subprocess
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 from mellum.data.filters import language_of
-from mellum.data.license import (Reuse, conjoin, detect_text, from_metadata, normalize, notice_credits, reuse_dep5,
-                                 reuse_ids, reuse_toml, spdx_header, spdx_named)
+from mellum.data.license import conjoin, detect_text, from_metadata, normalize, spdx_header
+from mellum.data.notices import notice_credits
+from mellum.data.reuse import Reuse, reuse_dep5, reuse_ids, reuse_toml, spdx_named
 
 # Directories never walked (caches, VCS metadata, environments).
 SKIP_DIRS = frozenset({".git", ".hg", ".svn", "__pycache__", ".mypy_cache", ".pytest_cache", ".tox", ".venv", "venv",
@@ -56,7 +58,7 @@ class Project:
         REUSE root: what REUSE gives it (`Reuse.license_of`), with the license files of folders on the way there
         (code copied in: REUSE ignores them) and a NOTICE's credit of it. Elsewhere: its tags (with a NOTICE's credit
         of it: both apply), else the credit, else the nearest enclosing folder's own license, else the project's."""
-        folders = [folder.as_posix() for folder in PurePosixPath(rel).parents]
+        folders = _folders(rel.rpartition("/")[0])
         credit = self.credits.get(rel)
         for depth, folder in enumerate(folders):  # nearest first, "." last
             if folder in self.reuse:
@@ -66,6 +68,13 @@ class Project:
         if tags:
             return conjoin([tags, credit])
         return credit or next((self.folder_licenses[f] for f in folders if f in self.folder_licenses), self.license)
+
+
+@lru_cache(maxsize=4096)
+def _folders(parent: str) -> tuple[str, ...]:
+    """The folders a file in `parent` sits in, nearest first, "." last (asked for every file: files share them)."""
+    path = PurePosixPath(parent)
+    return (path.as_posix(), *(folder.as_posix() for folder in path.parents))
 
 
 def discover(path: str | os.PathLike, label: str = "code") -> list[Project]:
@@ -227,13 +236,13 @@ def _add_file(root: Path, path: Path, project: Project) -> None:
 
 def _is_license_file(rel: str) -> bool:
     # LICENSE, COPYING.txt, LICENSE-MIT, NOTICE.md; not source files that happen to be named so (license.py holds
-    # the phrases of every license it detects).
-    name = PurePosixPath(rel).name
+    # the phrases of every license it detects). Asked of every file of every project: string work, no PurePath.
+    name = rel.rpartition("/")[2]
     return name.lower().startswith(LICENSE_NAMES) and language_of(name) in (None, "markdown", "restructuredtext")
 
 
 def _is_notice(rel: str) -> bool:
-    return _is_license_file(rel) and PurePosixPath(rel).name.lower().startswith("notice")
+    return rel.rpartition("/")[2].lower().startswith("notice") and _is_license_file(rel)
 
 
 def _folder_licenses(project: Project) -> dict[str, str]:
@@ -243,9 +252,10 @@ def _folder_licenses(project: Project) -> dict[str, str]:
     single files (`_credits`), not the folder. A REUSE root's license file is its `Reuse.stated`."""
     by_folder: dict[str, list[Path]] = {}
     for path, rel in project.files:
+        if not _is_license_file(rel) or _is_notice(rel):
+            continue
         folder = PurePosixPath(rel).parent
-        if (folder.as_posix() != "." and folder.as_posix() not in project.reuse and _is_license_file(rel)
-                and not _is_notice(rel) and folder.name != "LICENSES"):
+        if folder.as_posix() != "." and folder.as_posix() not in project.reuse and folder.name != "LICENSES":
             by_folder.setdefault(folder.as_posix(), []).append(path)
     found = {folder: _first_license_text(sorted(paths)) for folder, paths in sorted(by_folder.items())}
     return {folder: spdx for folder, spdx in found.items() if spdx}
@@ -280,11 +290,12 @@ def _reuse_roots(files: dict[str, Path], stated: str | None = None) -> dict[str,
     licenses (pandas' NUMPY_LICENSE). Below the project's root, a root's license file is what it states."""
     texts: dict[str, list[str]] = {}
     for rel in files:
-        if PurePosixPath(rel).parent.name == "LICENSES":
+        if "LICENSES/" in rel and PurePosixPath(rel).parent.name == "LICENSES":
             texts.setdefault(PurePosixPath(rel).parent.parent.as_posix(), []).append(PurePosixPath(rel).name)
     roots = {folder for folder, names in texts.items() if any(spdx_named(name) for name in names)}
     roots |= {PurePosixPath(rel).parent.parent.as_posix() for rel in files if f"/{rel}".endswith("/.reuse/dep5")}
-    for rel in sorted((rel for rel in files if PurePosixPath(rel).name == "REUSE.toml"), key=lambda r: r.count("/")):
+    tomls = (rel for rel in files if rel.endswith("REUSE.toml") and PurePosixPath(rel).name == "REUSE.toml")
+    for rel in sorted(tomls, key=lambda r: r.count("/")):
         if _root_of(rel, roots) is None:
             roots.add(PurePosixPath(rel).parent.as_posix())
     found = {}

@@ -112,6 +112,35 @@ def test_force_never_replaces_a_file_or_the_corpus(pipeline, tmp_path, capsys):
     assert next(read_corpus(corpus))  # the corpus is still there
 
 
+def test_force_replaces_only_an_earlier_output(pipeline, tmp_path, capsys):
+    """`--force` with a mistyped --out naming a folder of one's own deleted that folder whole."""
+    corpus, tok = str(pipeline / "corpus"), str(pipeline / "tok")
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("mine\n")
+    commands = {
+        "data build": ["data", "build", "--quiet", "--force", "--source", str(FIXTURES / "mit_project"), "--out"],
+        "data shards": ["data", "shards", "--quiet", "--force", "--corpus", corpus, "--tokenizer", tok, "--out"],
+        "tokenizer train": ["tokenizer", "train", "--quiet", "--force", "--corpus", corpus, "--vocab-size", "300",
+                            "--out"],
+    }
+    for name, args in commands.items():
+        assert main(args + [str(precious)]) == 2, name
+        assert "not an earlier output" in capsys.readouterr().err
+    assert sorted(p.name for p in precious.iterdir()) == ["notes.txt"]
+    # An empty folder (made ahead by the user) is fine, and so is an earlier output of the same command.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(commands["tokenizer train"] + [str(empty)]) == 0
+    assert main(commands["tokenizer train"] + [str(empty)]) == 0
+    assert (empty / "tokenizer.json").is_file()
+    # A file at --out is refused as such, with or without --force (it said "pass --force", which then refused).
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine\n")
+    assert main(["tokenizer", "train", "--quiet", "--corpus", corpus, "--vocab-size", "300", "--out", str(notes)]) == 2
+    assert "is not a directory" in capsys.readouterr().err and notes.read_text() == "mine\n"
+
+
 def test_tokenizer_train_refuses_to_check_or_train_on_nothing(pipeline, tmp_path, capsys):
     base = ["tokenizer", "train", "--quiet", "--corpus", str(pipeline / "corpus"), "--vocab-size", "300",
             "--out", str(tmp_path / "t")]

@@ -402,6 +402,28 @@ def test_a_license_notice_in_a_files_head_decides_its_license(tmp_path):
     assert kept["pkg/mpl_part.py"] == "MPL-2.0"
 
 
+def test_a_notice_offering_a_choice_keeps_the_file(tmp_path):
+    # Dual-licensed files copied into an MIT project were skipped as "file license GPL-2.0-only": the notice's first
+    # license was taken alone, and "NOT licensed under the GPL" was read as the GPL.
+    project = _write(tmp_path / "proj", {
+        "LICENSE": MIT, "app.py": _code("app"),
+        "drivers/openib.c": "/*\n * This software is available to you under a choice of one of two licenses.\n"
+                            " * You may choose to be licensed under the terms of the GNU General Public License\n"
+                            " * (GPL) Version 2, available from the file COPYING in the main directory of this source\n"
+                            " * tree, or the OpenIB.org BSD license below.\n */\nint openib(int x) { return x * 5; }\n",
+        "web/plugin.js": "/* Dual licensed under the GPL (GPL-LICENSE.txt) and MIT (MIT-LICENSE.txt) licenses. */\n"
+                         "function plugin(x) { return x * 7; }\n",
+        "tools/not_gpl.py": "# This file is NOT licensed under the GPLv3, which is the license for the rest of its\n"
+                            "# project.\n" + _code("not_gpl"),
+        "tools/commercial.js": "/* Dual licensed under the GPL Version 2 and a Commercial license. */\n"
+                               "function commercial(x) { return x * 11; }\n",
+    })
+    report, kept = _build(tmp_path, project)
+    assert kept == {"app.py": "MIT", "drivers/openib.c": "GPL-2.0-only OR BSD-3-Clause",
+                    "web/plugin.js": "GPL-3.0-or-later OR MIT", "tools/not_gpl.py": "MIT"}
+    assert _file_skips(report["projects"][0]) == {"file license GPL-2.0-only": 1}
+
+
 # ---- NOTICE files crediting files -----------------------------------------------------------------------------------
 
 SETUPTOOLS_NOTICE = """The code contained in this directory was automatically generated using the

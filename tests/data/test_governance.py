@@ -11,8 +11,9 @@ import pytest
 
 from mellum.data.dedup import DedupConfig, Deduplicator, MinHasher, exact_key, jaccard
 from mellum.data.filters import FilterConfig, content_reason, language_of, path_reason
-from mellum.data.license import (LicensePolicy, detect_text, from_metadata, normalize, notice_credits, notice_header,
-                                 reuse_dep5, reuse_ids, reuse_toml, spdx_header)
+from mellum.data.license import LicensePolicy, detect_text, from_metadata, normalize, spdx_header
+from mellum.data.notices import notice_credits, notice_header
+from mellum.data.reuse import reuse_dep5, reuse_ids, reuse_toml
 from mellum.data.secrets import SecretRedactor
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -143,6 +144,9 @@ GNU_NOTICE = """ * This program is free software; you can redistribute it and/or
         (" * made available under the terms of the Eclipse Public License 2.0 which is available at\n", "EPL-2.0"),
         ('# Licensed under the Apache License, Version 2.0 (the "License");\n', "Apache-2.0"),
         ("# Licensed under the MIT License.\n", "MIT"),
+        ('# Licensed under the BSD-3-clause license (the "License");\n', "BSD-3-Clause"),
+        ("# Licensed under the simplified BSD license.\n", "BSD-2-Clause"),
+        ("# Released under the BSD-style license found in the LICENSE file.\n", None),  # which BSD is not said
         # Not notices: bare names in code and prose, and a notice past the head.
         ('RULES = ["gnu general public license", "version 3", "mozilla public license"]\n', None),
         ('"""Detect GPL and MPL texts; see the GNU General Public License for what it requires."""\n', None),
@@ -153,6 +157,45 @@ GNU_NOTICE = """ * This program is free software; you can redistribute it and/or
     ],
 )
 def test_license_notices_in_a_files_head(head, spdx):
+    assert notice_header(head + "def f():\n    return 1\n") == spdx
+
+
+@pytest.mark.parametrize(
+    "head, spdx",
+    [
+        # A second license in the notice's sentence is a choice: the first name alone kept these files out as GPL.
+        ("/*\n * This software is available to you under a choice of one of two licenses. You may choose to be\n"
+         " * licensed under the terms of the GNU General Public License (GPL) Version 2, available from the file\n"
+         " * COPYING in the main directory of this source tree, or the OpenIB.org BSD license below:\n *\n"
+         " *   Redistribution and use in source and binary forms, with or without modification, ...\n */\n",
+         "GPL-2.0-only OR BSD-3-Clause"),
+        ("/* Dual licensed under the GPL (http://www.gnu.org/licenses/gpl.html)\n"
+         " * and MIT (http://www.opensource.org/licenses/mit-license.php) licenses. */\n", "GPL-3.0-or-later OR MIT"),
+        ("// Dual licensed under the GPL v 3 and the Apache 2.0 License\n", "GPL-3.0-only OR Apache-2.0"),
+        ("# Licensed under the Apache License, Version 2.0 <LICENSE-APACHE> or the MIT license <LICENSE-MIT>, at\n"
+         "# your option.\n", "Apache-2.0 OR MIT"),
+        # "Alternatively": a choice besides the notice, or the license text, before it.
+        ("/*\n * This program is free software; you can redistribute it and/or modify it under the terms of the GNU\n"
+         " * General Public License version 2 as published by the Free Software Foundation.\n *\n"
+         " * Alternatively, this software may be distributed under the terms of BSD license.\n */\n",
+         "GPL-2.0-only OR BSD-3-Clause"),
+        ("/*\n * " + BSD3 + "\n *\n * ALTERNATIVELY, this software may be distributed under the terms of the GNU\n"
+         ' * General Public License ("GPL") version 2 as published by the Free Software Foundation.\n */\n',
+         "BSD-3-Clause OR GPL-2.0-only"),
+        # A choice of nothing this module knows, or besides something unknown, changes nothing.
+        ("/* Dual licensed under the GPL Version 2 and a Commercial license. */\n", "GPL-2.0-only"),
+        ("// Licensees holding valid commercial licenses may use this file under their agreement.\n"
+         "// Alternatively, this file may be used under the terms of the GNU Lesser General Public License\n"
+         "// version 3.\n",
+         "LGPL-3.0-only"),
+        # Negated: no notice at all.
+        ("# This file is NOT licensed under the GPLv3, which is the license for the rest\n# of the project.\n#\n"
+         "# This is free and unencumbered software released into the public domain.\n", None),
+        ("# In order to allow designers to control their designs, this file is not licensed under the GPL but\n"
+         "# may be used in any manner.\n", None),
+    ],
+)
+def test_license_notices_offering_a_choice(head, spdx):
     assert notice_header(head + "def f():\n    return 1\n") == spdx
 
 
@@ -204,6 +247,16 @@ def test_reuse_globs_match_as_the_spec_says():
     (paragraph,) = reuse_dep5("Files: src/*.py lib/?.c\nCopyright: X\nLicense: mit\n text of it\n\nLicense: GPL\n")
     assert (paragraph.license, paragraph.precedence) == ("MIT", "aggregate")
     assert [p for p in ("src/a/b.py", "lib/a.c", "lib/ab.c") if paragraph.matches(p)] == ["src/a/b.py", "lib/a.c"]
+    # Wildcards in a row are one: `**/**/**/**/**/*.py` compiled to five `.*` in a row, and rejecting a path cost
+    # its length to the fifth power (0.8 s per file of 80 characters, asked for every file of the project).
+    (many,), (one,) = (reuse_toml(f"[[annotations]]\npath = '{g}'\nSPDX-License-Identifier = 'MIT'\n")
+                       for g in ("**/**/**/**/**/*.py", "**/*.py"))
+    assert many.paths.pattern == one.paths.pattern
+    assert [p for p in ("a.py", "a/b/c.py", "a/b.txt") if many.matches(p)] == ["a.py", "a/b/c.py"]
+    assert reuse_dep5("Files: src/**.py\nLicense: MIT\n")[0].paths.pattern == r"(?:src/.*\.py)"
+    # A paragraph or table that names no license gives none (a blank expression was normalised to "None").
+    assert reuse_dep5("Files: *\nCopyright: 2024 X\n")[0].license is None
+    assert reuse_toml("[[annotations]]\npath = 'x'\nSPDX-License-Identifier = ['MIT', ' ']\n")[0].license == "MIT"
     unreadable = "LicenseRef-Unreadable-REUSE.toml"
     for bad in ("version = [", "[[annotations]]\nSPDX-License-Identifier = 'MIT'\n",
                 "[[annotations]]\npath = 'x'\nprecedence = 'closer'\n", "[[annotations]]\npath = 'x'\n"
