@@ -398,9 +398,14 @@ def read_corpus(corpus: str | os.PathLike) -> Iterator[dict]:
     with open(file, "rb") as raw, zstandard.ZstdDecompressor().stream_reader(raw) as reader:
         import io
 
-        for line in io.TextIOWrapper(reader, encoding="utf-8"):
-            if line.strip():
-                yield json.loads(line)
+        number = 0
+        try:
+            for number, line in enumerate(io.TextIOWrapper(reader, encoding="utf-8"), 1):
+                if line.strip():
+                    yield json.loads(line)
+        except (ValueError, zstandard.ZstdError) as exc:  # JSON, UTF-8 or zstd: a damaged or cut-short file
+            raise ValueError(f"{file} cannot be read near record {max(number, 1)} ({exc}): the corpus is damaged; "
+                             "build it again with `mellum data build`") from None
 
 
 def read_report(corpus: str | os.PathLike) -> dict:

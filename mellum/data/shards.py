@@ -175,9 +175,14 @@ class ShardSet:
         meta_file = self.dir / "meta.json"
         if not meta_file.is_file():
             raise FileNotFoundError(f"{self.dir} is not a shard directory (no meta.json); run `mellum data shards`")
-        self.meta = json.loads(meta_file.read_text())
-        if self.meta.get("format") != FORMAT_VERSION:
-            raise ValueError(f"{self.dir}: unsupported shard format {self.meta.get('format')!r}")
+        try:
+            self.meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:  # cut short by a full disk, edited by hand
+            raise ValueError(f"{meta_file} is not valid JSON ({exc}); write the shards again with `mellum data "
+                             "shards`") from None
+        if not isinstance(self.meta, dict) or self.meta.get("format") != FORMAT_VERSION:
+            found = self.meta.get("format") if isinstance(self.meta, dict) else type(self.meta).__name__
+            raise ValueError(f"{self.dir}: unsupported shard format {found!r}")
         dtype = np.dtype(self.meta["dtype"])
         self.tokens: list[np.memmap] = []
         self.masks: list[np.memmap | None] = []

@@ -271,3 +271,25 @@ def test_a_distribution_folder_with_its_own_license_file_takes_that_license(tmp_
     (site / "foo" / "copied" / "COPYING").write_text((FIXTURES / "gpl_project" / "COPYING").read_text())
     build_corpus([str(site)], tmp_path / "corpus", BuildConfig(workers=1), progress=False)
     assert [r["path"] for r in read_corpus(tmp_path / "corpus")] == ["foo/__init__.py"]
+
+
+def test_damaged_corpus_and_shard_metadata_are_named(built, tmp_path):
+    """A corpus cut short or a meta.json edited by hand gave a bare JSON error that named no file."""
+    import zstandard
+
+    from mellum.data.shards import ShardSet
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(built[0], damaged)
+    lines = [json.dumps({"text": "x = 1\n"}), "{not json"]
+    (damaged / "files.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress("\n".join(lines).encode()))
+    with pytest.raises(ValueError, match=r"files\.jsonl\.zst cannot be read near record 2 .*build it again"):
+        list(read_corpus(damaged))
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "meta.json").write_text('{"format": 1, "dtype": ')
+    with pytest.raises(ValueError, match=r"meta\.json is not valid JSON"):
+        ShardSet(shards)
+    (shards / "meta.json").write_text("[]")
+    with pytest.raises(ValueError, match="unsupported shard format 'list'"):
+        ShardSet(shards)
