@@ -52,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
     t = report["totals"]
     print(
         f"{args.out}: {t['projects_kept']}/{t['projects']} projects kept, {t['files_kept']} files "
-        f"({t['bytes_kept'] / 1e6:.1f} MB); excluded {t['projects_excluded']} projects; "
+        f"({t['bytes_kept'] / 1e6:.1f} MB); excluded {t['projects_excluded']} "
+        f"project{'' if t['projects_excluded'] == 1 else 's'}; "
         f"{t['exact_duplicates']} exact + {t['near_duplicates']} near duplicates removed; "
         f"{t['secrets_redacted']} secrets redacted; {t['mb_per_s']} MB/s. See {args.out}/report.md"
     )

@@ -24,7 +24,7 @@ def run(args) -> int:
     config = PreferenceExportConfig(include_ignored=not args.no_ignored, include_partial=not args.no_partial,
                                     max_pairs_per_context=args.max_pairs_per_context)
     n = export_preferences(args.telemetry, args.out, config)
-    print(f"wrote {n} preference pairs to {Path(args.out)}", file=sys.stderr)
+    print(f"wrote {n} preference pair{'' if n == 1 else 's'} to {Path(args.out)}", file=sys.stderr)
     if n == 0:
         print("no pairs: a pair needs an accepted (or typed) and a rejected/ignored completion for the same "
               "context", file=sys.stderr)

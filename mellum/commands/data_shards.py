@@ -49,6 +49,9 @@ def run(args: argparse.Namespace) -> int:
     from mellum.data.samples import SampleConfig
     from mellum.tokenizer import Tokenizer
 
+    for name in ("fim_rate", "spm_rate", "repo_rate"):  # said in the flags' names, before the tokenizer loads
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            raise ValueError(f"--{name.replace('_', '-')} must be between 0 and 1, got {getattr(args, name)}")
     tokenizer = Tokenizer.from_pretrained(args.tokenizer)
     samples = SampleConfig(fim_rate=args.fim_rate, spm_rate=args.spm_rate, repo_rate=args.repo_rate,
                            repo_context_chars=args.repo_context_chars, spm_format=args.format, psm_format=args.psm_format)

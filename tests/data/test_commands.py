@@ -94,6 +94,9 @@ def test_bad_inputs(pipeline, tmp_path, capsys):
     assert "must exceed" in capsys.readouterr().err
     assert main(["tokenizer", "train", "--corpus", str(pipeline / "corpus"), "--vocab-size", "400", "--out", str(pipeline / "tok")]) == 2
     assert "already exists" in capsys.readouterr().err
+    assert main(["data", "shards", "--corpus", str(pipeline / "corpus"), "--tokenizer", str(pipeline / "tok"),
+                 "--fim-rate", "1.5", "--out", str(tmp_path / "s")]) == 2
+    assert "--fim-rate must be between 0 and 1, got 1.5" in capsys.readouterr().err  # it named the field fim_rate
     assert not (tmp_path / "s").exists() and not (tmp_path / "t").exists()
 
 
