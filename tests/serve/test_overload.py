@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -235,12 +232,6 @@ def test_max_queue_below_the_workers_is_refused_before_loading(command, argv, ca
         Runner(service=None, max_queue=-1)
 
 
-def _env() -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
 def test_the_servers_take_max_queue_from_the_command_line(tiny_model_dir, tmp_path):
     """`mellum serve --max-queue` reaches the runner (/health, /metrics), its default is 4 per worker, and
     `mellum lsp --max-queue` reaches the language server's (`mellum/status`)."""
@@ -248,30 +239,13 @@ def test_the_servers_take_max_queue_from_the_command_line(tiny_model_dir, tmp_pa
     from lsprotocol import types
     from pygls.lsp.client import LanguageClient
 
+    from tests.e2e.conftest import serve_process, server_env
+
     def health(*args) -> dict:
-        port = free_port()
-        with open(tmp_path / "serve.log", "w") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "mellum.cli", "serve", "--model", str(tiny_model_dir),
-                                     "--no-telemetry", "--port", str(port), *args], env=_env(), stdout=log,
-                                    stderr=subprocess.STDOUT)
-        try:
-            deadline = time.time() + 90
-            while True:
-                assert proc.poll() is None, (tmp_path / "serve.log").read_text()
-                assert time.time() < deadline, "the server did not come up"
-                try:
-                    answer = httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).json()
-                    limit = _series(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text)
-                    return {**answer, "metric": limit["mellum_queue_limit"]}
-                except httpx.HTTPError:
-                    time.sleep(0.2)
-        finally:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        with serve_process(["--model", str(tiny_model_dir), "--no-telemetry", *args], tmp_path / "serve.log",
+                           90) as (_, base):
+            answer = httpx.get(f"{base}/health", timeout=5).json()
+            return {**answer, "metric": _series(httpx.get(f"{base}/metrics", timeout=5).text)["mellum_queue_limit"]}
 
     flagged = health("--max-queue", "3")
     assert flagged["max_queue"] == 3 and flagged["metric"] == 3
@@ -280,7 +254,7 @@ def test_the_servers_take_max_queue_from_the_command_line(tiny_model_dir, tmp_pa
     async def lsp_status():
         client = LanguageClient("max-queue-test", "0")
         await client.start_io(sys.executable, "-m", "mellum.cli", "lsp", "--model", str(tiny_model_dir),
-                              "--no-telemetry", "--max-queue", "0", env=_env())
+                              "--no-telemetry", "--max-queue", "0", env=server_env())
         await client.initialize_async(types.InitializeParams(capabilities=types.ClientCapabilities(), process_id=None))
         client.initialized(types.InitializedParams())
         status = await client.protocol.send_request_async("mellum/status", {})
