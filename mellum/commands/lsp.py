@@ -48,8 +48,7 @@ def run(args) -> int:
                            load_service=lambda p: load_service(p, args), model_name=model_name(args, path))
     try:
         if host:
-            print(f"mellum: language server on {host}:{port}", file=sys.stderr, flush=True)
-            server.start_tcp(host, port)
+            server.start_tcp(host, port)  # says "mellum: language server on HOST:PORT" once it listens
         else:
             server.start_io()
     finally:

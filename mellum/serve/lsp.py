@@ -8,6 +8,7 @@ characters of a suggestion already shown (Tabby and Continue do the same, REFERE
 notification `mellum/telemetry` (shown / accepted / partial / rejected / ignored with the completion id), the
 command `mellum.accepted` (run by clients when an item is accepted) and the request `mellum/status`.
 Configuration comes from `initializationOptions` and `workspace/configuration` (section "mellum").
+One client per server, over stdio or TCP: the server ends when it goes, however it goes (`lsp_io`).
 """
 
 from __future__ import annotations
@@ -206,7 +207,20 @@ def create_server(model_dir=None, telemetry=None, config: LspConfig | None = Non
                     self.workspace.update_text_document(params.text_document, change)
             yield self.fm.features[types.TEXT_DOCUMENT_DID_CHANGE], (params,), None
 
-    server = LanguageServer("mellum", __version__, protocol_cls=_Protocol, max_workers=4)
+    class _Server(LanguageServer):
+        """pygls' server with transports that end it when the client goes, however it goes (`lsp_io`)."""
+
+        def start_io(self, stdin=None, stdout=None):
+            from mellum.serve.lsp_io import run_stdio
+
+            run_stdio(self, stdin, stdout)
+
+        def start_tcp(self, host: str, port: int):
+            from mellum.serve.lsp_io import run_tcp
+
+            run_tcp(self, host, port)
+
+    server = _Server("mellum", __version__, protocol_cls=_Protocol, max_workers=4)
     state = _State(config or LspConfig(), model_dir, telemetry, service, load_service, workers, model_name, max_queue)
     server.mellum = state  # for tests and the status request
     if preload:
