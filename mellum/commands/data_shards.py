@@ -76,10 +76,17 @@ def run(args: argparse.Namespace) -> int:
         fim_sources=fim_sources, verify=args.verify,
     )
     stats = build_shards(args.corpus, tokenizer, args.out, config, force=args.force, progress=not args.quiet,
-                         tokenizer_name=str(args.tokenizer), quotas=quotas, max_repeat=max_repeat)
+                         tokenizer_name=_where(args.tokenizer), quotas=quotas, max_repeat=max_repeat)
     kinds = ", ".join(f"{k} {v}" for k, v in stats["by_kind"].items())
     print(f"{args.out}: {stats['documents']} documents ({kinds}), {stats['tokens']:,} tokens, "
           f"{stats['tokens_per_s']:,.0f} tokens/s" + (f"; {stats['verified']} verified" if args.verify else ""))
     for source, missing in (stats.get("short_sources") or {}).items():
         print(f"warning: source {source!r} ran out {missing:,} tokens short of its quota", file=sys.stderr)
     return 0
+
+
+def _where(tokenizer: str) -> str:
+    """The tokenizer as meta.json records it: a directory as an absolute path, as the corpus is; a hub id as given."""
+    from pathlib import Path
+
+    return str(Path(tokenizer).resolve()) if Path(tokenizer).exists() else str(tokenizer)

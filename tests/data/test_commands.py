@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -52,9 +53,10 @@ def test_tokenizer_train_writes_hf_files_and_report(pipeline):
 def test_shards_with_fim_and_repo_samples_decode_to_corpus_files(pipeline):
     out = pipeline / "shards"
     assert main(["data", "shards", "--quiet", "--verify", "--corpus", str(pipeline / "corpus"), "--tokenizer",
-                 str(pipeline / "tok"), "--out", str(out), "--fim-rate", "0.7", "--spm-rate", "0.5",
+                 os.path.relpath(pipeline / "tok"), "--out", str(out), "--fim-rate", "0.7", "--spm-rate", "0.5",
                  "--repo-samples", "0.5"]) == 0
     meta = json.loads((out / "meta.json").read_text())
+    assert meta["tokenizer"] == str((pipeline / "tok").resolve())  # absolute, as the corpus (it was as typed)
     files = {r["text"] for r in read_corpus(pipeline / "corpus")}
     assert meta["num_docs"] == len(files) and meta["stats"]["verified"] == len(files)
     tok = Tokenizer.from_pretrained(pipeline / "tok")
