@@ -91,3 +91,26 @@ def test_allowed_ids_outside_the_vocabulary_are_refused():
             sample(logits, SamplingParams(max_new_tokens=1), None, allowed_ids=bad)
     with pytest.raises(ValueError, match="integers"):
         SamplingParams(max_new_tokens=1, allowed_next=lambda g: (2.5,)).allowed_ids(())
+
+
+@pytest.mark.parametrize("candidates", [1, 4, 256])
+def test_nucleus_from_the_top_candidates_is_the_whole_vocabulary_sort(monkeypatch, candidates):
+    """top-p sorts only the most likely tokens when their mass reaches top_p (else the whole vocabulary): the
+    distribution must be exactly the one a full sort gives, peaked or flat, batched rows mixing both."""
+    import mellum.engine.sampling as sampling
+
+    def reference(logits, params):  # softmax(logits / T), then the nucleus by a sort of every token
+        probs = torch.softmax((logits - logits.amax(-1, keepdim=True)) / params.temperature, dim=-1)
+        sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+        sorted_p = sorted_p.masked_fill(torch.cumsum(sorted_p, -1) - sorted_p >= params.top_p, 0.0)
+        out = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+        return out / out.sum(-1, keepdim=True)
+
+    monkeypatch.setattr(sampling, "_NUCLEUS_CANDIDATES", candidates)
+    gen = torch.Generator().manual_seed(0)
+    for scale in (0.5, 3.0, 30.0):  # flat (falls back to the full sort), middling, peaked (a handful of tokens)
+        logits = torch.randn(3, 500, generator=gen) * scale
+        logits[1] *= 40  # one peaked row beside flat ones
+        for top_p in (0.5, 0.9, 0.999):
+            params = SamplingParams(max_new_tokens=1, temperature=0.7, top_p=top_p)
+            assert torch.equal(probabilities(logits, params), reference(logits, params))
