@@ -26,6 +26,15 @@ from mellum.engine.api import GenerationResult
 from mellum.engine.sampling import SamplingParams, token_ids
 
 
+def completions_url(url: str) -> str:
+    """The `/v1/completions` endpoint of a server given by its root (`http://host:8000`), its OpenAI base URL
+    (`.../v1`, as OpenAI clients take it) or the endpoint itself."""
+    url = url.rstrip("/")
+    if url.endswith("/v1/completions"):
+        return url
+    return url + ("/completions" if url.endswith("/v1") else "/v1/completions")
+
+
 class BackendError(ConnectionError):
     """The remote server failed the request: an error status or error event, a malformed or cut-off stream. A
     ConnectionError, as an unreachable server is: the backend did not deliver, and the message says what it sent
@@ -94,7 +103,7 @@ class OpenAIEngine:
 
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
-        self.url = base_url.rstrip("/") + ("/completions" if base_url.rstrip("/").endswith("/v1") else "/v1/completions")
+        self.url = completions_url(base_url)
         self.model, self.encode, self.vocab_size = model, encode, vocab_size
         self.newline_ids = frozenset(int(i) for i in newline_ids)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}

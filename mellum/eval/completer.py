@@ -16,15 +16,6 @@ from typing import Sequence
 from mellum.eval.tasks import Benchmark, Problem
 
 
-def completions_url(url: str) -> str:
-    """The `/v1/completions` endpoint of a server given by its root (`http://host:8000`), its OpenAI base URL
-    (`.../v1`, as OpenAI clients and `--backend-url` take it) or the endpoint itself."""
-    url = url.rstrip("/")
-    if url.endswith("/v1/completions"):
-        return url
-    return url + ("/completions" if url.endswith("/v1") else "/v1/completions")
-
-
 @dataclass(frozen=True)
 class Sampling:
     """How completions are drawn: greedy for n=1, sampled (temperature, top_p) for pass@k with n > 1."""
@@ -182,6 +173,8 @@ class OpenAICompleter(Completer):
     def __init__(self, url: str, model: str = "", prompt_format: str | None = None, timeout_s: float = 120.0,
                  api_key: str | None = None):
         from mellum.prompt import get_format
+
+        from mellum.engine.openai import completions_url
 
         self.url = completions_url(url)
         self.model = model

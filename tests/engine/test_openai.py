@@ -357,3 +357,14 @@ def test_a_cancelled_request_hangs_up_at_once():
     finally:
         remote.close()
         server.shutdown()
+
+
+def test_one_completions_url_for_the_backend_and_the_eval_client():
+    from mellum.engine.openai import OpenAIEngine, completions_url
+
+    for given in ("http://h:8000", "http://h:8000/", "http://h:8000/v1", "http://h:8000/v1/",
+                  "http://h:8000/v1/completions"):
+        assert completions_url(given) == "http://h:8000/v1/completions"
+        remote = OpenAIEngine(given, model="tiny")
+        assert remote.url == "http://h:8000/v1/completions"  # the endpoint itself was doubled onto
+        remote.close()

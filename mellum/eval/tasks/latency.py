@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mellum.eval import metrics
-from mellum.eval.completer import completions_url, post_json
+from mellum.eval.completer import post_json
 from mellum.eval.tasks import read_jsonl
 
 PROMPTS_FILE = Path("humaneval-infilling") / "HumanEval-SingleLineInfilling.jsonl.gz"
@@ -35,6 +35,8 @@ class LatencyConfig:
 
 def measure(config: LatencyConfig, data_dir: Path) -> tuple[dict, dict[int, list[float]]]:
     """Run every concurrency level; returns (summary, latencies in ms per level)."""
+    from mellum.engine.openai import completions_url
+
     prompts = [(row["prompt"], row["suffix"]) for row, _ in zip(read_jsonl(Path(data_dir) / PROMPTS_FILE), range(256))]
     url = completions_url(config.url)
 
