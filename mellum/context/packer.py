@@ -157,11 +157,15 @@ class ContextPacker:
         by line, as trimming counts). When it would, a trimmed prefix or suffix is the packer's choice, room made
         for project context (`prefix_share`, `suffix_share`), not text the window could not hold."""
         rel = self._relative(path)
+        lines = split_lines(prefix) + (split_lines(suffix) if self.format.supports_suffix else [])
+        return self._fixed_tokens(rel) + self._lines.join_ratio * sum(map(self._lines, lines)) <= budget
+
+    def _fixed_tokens(self, rel: str) -> int:
+        """Tokens of the prompt's fixed parts for a file at `rel` (markers, its path), counted once per path."""
         overhead = self._overhead.get(rel)
         if overhead is None:
             overhead = self._overhead[rel] = self._count_prompt(rel, "", "", [])
-        lines = split_lines(prefix) + (split_lines(suffix) if self.format.supports_suffix else [])
-        return overhead + self._lines.join_ratio * sum(map(self._lines, lines)) <= budget
+        return overhead
 
     def _relative(self, path: str) -> str:
         if self.index is None:
@@ -270,9 +274,7 @@ class ContextPacker:
         self._memo.clear()
         count = self._count_once
         budget = cfg.prompt_budget if budget is None else int(budget)
-        overhead = self._overhead.get(rel)
-        if overhead is None:
-            overhead = self._overhead[rel] = self._count_prompt(rel, "", "", [])
+        overhead = self._fixed_tokens(rel)
         avail = budget - overhead
         if avail <= 0:
             raise ValueError(f"token budget {budget} is too small: the prompt's fixed parts alone take {overhead}")
