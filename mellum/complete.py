@@ -74,9 +74,9 @@ class Completion:
     `stop_reason` is the engine's ("stop", "length", "lines", "deadline", "cancelled", "context") or "filter"
     (the post-processing filters ended the block) or "stop_string". `truncated` says the window could not hold
     the file and the client's context: some of that context, or of the file far from the cursor, was left out
-    (not set when the file alone would fit and only the packer's shares trimmed it, for project context). `raw_text` is the model's
-    output before post-processing; `healed` the text backed off the prefix for token healing; `tokens` the
-    generated ids.
+    (not set when the file alone would fit and only the packer's shares trimmed it, for project context).
+    `raw_text` is the model's output before post-processing; `healed` the text backed off the prefix for token
+    healing; `tokens` the generated ids.
     """
 
     id: str
@@ -436,11 +436,9 @@ class CompletionService:
             path = packer.index.relative(request.path) or request.path if packer.index is not None else request.path
             packed = packer.pack(request.path, request.prefix, request.suffix, budget,
                                  open_files=request.open_files or None, extra=extra)
-        # Truncated: text the window could not hold, not the packer's trimming to make room for project context.
-        cut = packed.prefix != request.prefix or packed.suffix != request.suffix
-        if cut:
-            with lock:
-                cut = not packer.file_fits(request.path, request.prefix, request.suffix, budget)
+            # Truncated: text the window could not hold, not the packer's trimming to make room for project context.
+            cut = (packed.prefix != request.prefix or packed.suffix != request.suffix) and not packer.file_fits(
+                request.path, request.prefix, request.suffix, budget)
         cut |= bool(extra) and not {(f.path, f.text) for f in extra} <= {(p.path, p.text) for p in packed.pieces}
         return path, packed.prefix, packed.suffix, packed.context, cut
 
